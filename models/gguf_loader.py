@@ -1,0 +1,229 @@
+"""GGUF weights: read with the `gguf` package, checked before anything large is allocated, dequantized to f32.
+
+llama.cpp's converter permutes the rows of Q and K of `llama`-architecture models so that RoPE rotates adjacent
+pairs; we undo it to get HF's half-split layout, which our RoPE (and every other loader) uses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from typing import Any
+
+import numpy as np
+
+from models.config import LlamaConfig, RopeScaling
+from models.llama import param_shapes
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+MAX_TENSORS = 1 << 16
+MAX_KV = 1 << 16
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
+PERMUTED_QK_ARCHS = ("llama", "mistral")  # llama.cpp permutes Q/K only for these
+
+# GGUF tensor name (after "blk.N.") -> our parameter name.
+_LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm",
+    "attn_q.weight": "wq",
+    "attn_k.weight": "wk",
+    "attn_v.weight": "wv",
+    "attn_output.weight": "wo",
+    "ffn_norm.weight": "mlp_norm",
+    "ffn_gate.weight": "w_gate",
+    "ffn_up.weight": "w_up",
+    "ffn_down.weight": "w_down",
+    "attn_q.bias": "bq",
+    "attn_k.bias": "bk",
+    "attn_v.bias": "bv",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final_norm", "output.weight": "lm_head"}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used: malformed, truncated, or inconsistent with its own config."""
+
+
+def _check_header(path: str) -> None:
+    """Cheap checks of the fixed header, before the gguf reader walks (and trusts) the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read: {e.strerror}") from None
+    if len(head) < 24:
+        raise ModelFileError(f"{path}: not a GGUF file: only {size} bytes, shorter than the 24-byte header")
+    if head[:4] != GGUF_MAGIC:
+        raise ModelFileError(f"{path}: not a GGUF file: magic is {head[:4]!r}, expected {GGUF_MAGIC!r}")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in SUPPORTED_VERSIONS:
+        raise ModelFileError(f"{path}: GGUF version {version} is not supported ({SUPPORTED_VERSIONS})")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+        raise ModelFileError(
+            f"{path}: absurd GGUF header: {n_tensors} tensors, {n_kv} metadata entries "
+            f"(limits {MAX_TENSORS}, {MAX_KV})"
+        )
+
+
+class GGUFFile:
+    """A parsed, validated GGUF file: metadata, tensor directory, and lazy dequantization."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf  # imported here: only GGUF users pay for it
+
+        self.path = os.fspath(path)
+        _check_header(self.path)
+        try:
+            self._reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # the reader raises assorted errors on a corrupt file: report them as one kind
+            raise ModelFileError(f"{self.path}: malformed GGUF: {type(e).__name__}: {e}") from None
+        self._gguf = gguf
+        size = os.path.getsize(self.path)
+        self.tensors = {}
+        for t in self._reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size or t.data.nbytes != int(t.n_bytes):
+                raise ModelFileError(
+                    f"{self.path}: truncated GGUF: tensor {t.name!r} needs bytes up to {end}, file has {size}"
+                )
+            self.tensors[t.name] = t
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self._reader.fields.get(key)
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except Exception as e:
+            raise ModelFileError(f"{self.path}: metadata {key!r} is malformed: {e}") from None
+
+    @property
+    def architecture(self) -> str:
+        return str(self.get("general.architecture", ""))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Row-major (numpy/HF) shape of a tensor: GGUF lists dimensions fastest-first."""
+        return tuple(int(x) for x in reversed(self.tensors[name].shape))
+
+    def dequantize(self, name: str) -> np.ndarray:
+        t = self.tensors[name]
+        try:
+            out = self._gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelFileError(f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, not supported") from None
+        return np.asarray(out, dtype=np.float32).reshape(self.shape(name))
+
+    def config(self) -> LlamaConfig:
+        arch = self.architecture
+        if arch not in SUPPORTED_ARCHS:
+            raise ModelFileError(f"{self.path}: architecture {arch!r} is not supported ({SUPPORTED_ARCHS})")
+
+        def need(key):
+            value = self.get(f"{arch}.{key}")
+            if value is None:
+                raise ModelFileError(f"{self.path}: metadata {arch}.{key} is missing")
+            return value
+
+        hidden = int(need("embedding_length"))
+        heads = int(need("attention.head_count"))
+        kv_heads = self.get(f"{arch}.attention.head_count_kv", heads)
+        if "token_embd.weight" not in self.tensors:
+            raise ModelFileError(f"{self.path}: tensor 'token_embd.weight' is missing")
+        vocab = self.get(f"{arch}.vocab_size") or self.shape("token_embd.weight")[0]
+        scaling = None
+        if self.get(f"{arch}.rope.scaling.type") == "linear":
+            scaling = RopeScaling("linear", float(self.get(f"{arch}.rope.scaling.factor", 1.0)))
+        freq_factors = None
+        if "rope_freqs.weight" in self.tensors:
+            freq_factors = tuple(float(x) for x in self.dequantize("rope_freqs.weight").reshape(-1))
+        try:
+            return LlamaConfig(
+                vocab_size=int(vocab),
+                hidden_size=hidden,
+                intermediate_size=int(need("feed_forward_length")),
+                num_layers=int(need("block_count")),
+                num_heads=heads,
+                num_kv_heads=int(kv_heads),
+                head_dim=int(self.get(f"{arch}.attention.key_length", hidden // max(heads, 1))),
+                max_position_embeddings=int(self.get(f"{arch}.context_length", 4096)),
+                rms_norm_eps=float(self.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(self.get(f"{arch}.rope.freq_base", 10000.0)),
+                rope_scaling=scaling,
+                rope_freq_factors=freq_factors,
+                tie_word_embeddings="output.weight" not in self.tensors,
+                attention_bias="blk.0.attn_q.bias" in self.tensors,
+                name=str(self.get("general.name", arch)),
+            )
+        except ValueError as e:
+            raise ModelFileError(f"{self.path}: {e}") from None
+
+    def check_shapes(self, cfg: LlamaConfig) -> None:
+        """Every tensor the model needs is present with the shape the config implies (before dequantizing)."""
+        shapes = param_shapes(cfg)
+        for gguf_name, ours in _GLOBAL_NAMES.items():
+            if ours in shapes:
+                want = shapes[ours] if ours != "lm_head" else shapes[ours][::-1]  # GGUF stores [V, E]
+                self._check_one(gguf_name, want)
+        for i in range(cfg.num_layers):
+            for suffix, ours in _LAYER_NAMES.items():
+                if ours in shapes:
+                    want = shapes[ours] if len(shapes[ours]) == 1 else shapes[ours][::-1]  # GGUF is [out, in]
+                    self._check_one(f"blk.{i}.{suffix}", want)
+        extra = [
+            n for n in self.tensors if (m := _BLOCK_RE.fullmatch(n)) and int(m.group(1)) >= cfg.num_layers
+        ]
+        if extra:
+            raise ModelFileError(f"{self.path}: tensors beyond block_count={cfg.num_layers}: {extra[:3]}")
+
+    def _check_one(self, name: str, want: tuple[int, ...]) -> None:
+        if name not in self.tensors:
+            raise ModelFileError(f"{self.path}: tensor {name!r} is missing")
+        got = self.shape(name)
+        if got != tuple(want):
+            raise ModelFileError(f"{self.path}: tensor {name!r} has shape {got}, the config implies {tuple(want)}")
+
+    def load_arrays(self, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+        """f32 host arrays named as in `models.llama.param_shapes`, layer ones stacked, weights [in, out]."""
+        self.check_shapes(cfg)
+        shapes = param_shapes(cfg)
+        unpermute = self.architecture in PERMUTED_QK_ARCHS
+        arrays: dict[str, np.ndarray] = {}
+        for gguf_name, ours in _GLOBAL_NAMES.items():
+            if ours in shapes:
+                w = self.dequantize(gguf_name)
+                arrays[ours] = np.ascontiguousarray(w.T) if ours == "lm_head" else w
+        for suffix, ours in _LAYER_NAMES.items():
+            if ours not in shapes:
+                continue
+            stacked = np.empty((cfg.num_layers, *shapes[ours]), dtype=np.float32)
+            for i in range(cfg.num_layers):
+                w = self.dequantize(f"blk.{i}.{suffix}")
+                if unpermute and ours in ("wq", "bq"):
+                    w = unpermute_rows(w, cfg.num_heads)
+                elif unpermute and ours in ("wk", "bk"):
+                    w = unpermute_rows(w, cfg.num_kv_heads)
+                stacked[i] = w.T if w.ndim == 2 else w
+            arrays[ours] = stacked
+        return arrays
+
+    def tokenizer_metadata(self) -> dict[str, Any]:
+        keys = (
+            "model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id",
+            "unknown_token_id", "padding_token_id", "add_bos_token", "add_eos_token",
+        )  # fmt: skip
+        meta = {k: self.get(f"tokenizer.ggml.{k}") for k in keys}
+        meta["chat_template"] = self.get("tokenizer.chat_template")
+        return meta
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (rows of each head: interleaved pairs -> two halves)."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ModelFileError(f"cannot unpermute {rows} rows over {n_head} heads")
+    half = rows // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+

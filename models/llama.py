@@ -1,0 +1,171 @@
+"""The Llama family (Llama 2/3, SmolLM2, Qwen2-style qkv bias): parameter pytree and pure forward functions.
+
+Layers are stacked on a leading axis and run under `lax.scan`, so a 30-layer model compiles as one layer.
+Weights are stored [in, out] so every projection is `x @ w`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas.ragged_paged_attention import ragged_paged_attention, write_kv
+from models.cache import AttentionMetadata, KVCache
+from models.config import LlamaConfig
+from models.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerParams:
+    """One decoder layer's weights, stacked over layers (leading axis L)."""
+
+    attn_norm: jax.Array  # [L, E]
+    wq: jax.Array  # [L, E, H * D]
+    wk: jax.Array  # [L, E, K * D]
+    wv: jax.Array  # [L, E, K * D]
+    wo: jax.Array  # [L, H * D, E]
+    mlp_norm: jax.Array  # [L, E]
+    w_gate: jax.Array  # [L, E, F]
+    w_up: jax.Array  # [L, E, F]
+    w_down: jax.Array  # [L, F, E]
+    bq: jax.Array | None = None  # [L, H * D] (qkv bias models only)
+    bk: jax.Array | None = None  # [L, K * D]
+    bv: jax.Array | None = None  # [L, K * D]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LlamaParams:
+    embed: jax.Array  # [V, E]
+    layers: LayerParams
+    final_norm: jax.Array  # [E]
+    lm_head: jax.Array | None = None  # [E, V]; None when tied to embed
+
+
+def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter, by LlamaParams/LayerParams field name (layer fields without L)."""
+    e, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    h, k = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes = {
+        "embed": (cfg.vocab_size, e),
+        "final_norm": (e,),
+        "attn_norm": (e,),
+        "wq": (e, h),
+        "wk": (e, k),
+        "wv": (e, k),
+        "wo": (h, e),
+        "mlp_norm": (e,),
+        "w_gate": (e, f),
+        "w_up": (e, f),
+        "w_down": (f, e),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (e, cfg.vocab_size)
+    if cfg.attention_bias:
+        shapes.update(bq=(h,), bk=(k,), bv=(k,))
+    return shapes
+
+
+LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerParams))
+
+
+def params_from_arrays(cfg: LlamaConfig, arrays: dict[str, np.ndarray], dtype) -> LlamaParams:
+    """Build params from host arrays named as in `param_shapes`, layer ones stacked [L, ...]; checks shapes."""
+    shapes = param_shapes(cfg)
+    missing = sorted(set(shapes) - set(arrays))
+    if missing:
+        raise ValueError(f"weights are missing tensors: {missing}")
+    for name, shape in shapes.items():
+        want = (cfg.num_layers, *shape) if name in LAYER_FIELDS else shape
+        if tuple(arrays[name].shape) != want:
+            raise ValueError(f"weight {name!r} has shape {tuple(arrays[name].shape)}, the config implies {want}")
+
+    def dev(name):
+        return jnp.asarray(arrays[name], dtype=dtype) if name in arrays and name in shapes else None
+
+    layers = LayerParams(**{name: dev(name) for name in LAYER_FIELDS})
+    return LlamaParams(embed=dev("embed"), layers=layers, final_norm=dev("final_norm"), lm_head=dev("lm_head"))
+
+
+def init_params(cfg: LlamaConfig, seed: int = 0, dtype=jnp.float32) -> LlamaParams:
+    """Random weights (for tests and benchmarks of the runtime, not for text)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, shape in param_shapes(cfg).items():
+        full = (cfg.num_layers, *shape) if name in LAYER_FIELDS else shape
+        if name.endswith("norm"):
+            arrays[name] = 1.0 + 0.1 * rng.standard_normal(full, dtype=np.float32)
+        else:
+            fan_in = shape[0] if len(shape) == 2 and name != "embed" else 1
+            arrays[name] = rng.standard_normal(full, dtype=np.float32) / np.sqrt(fan_in)
+    return params_from_arrays(cfg, arrays, dtype)
+
+
+def forward(
+    params: LlamaParams,
+    cfg: LlamaConfig,
+    token_ids: jax.Array,  # i32[T]
+    positions: jax.Array,  # i32[T]
+    cache: KVCache,
+    meta: AttentionMetadata,
+    *,
+    attention_backend: str = "auto",
+) -> tuple[jax.Array, KVCache]:
+    """Run the decoder over a ragged batch of T tokens; returns final hidden states [T, E] and the new cache."""
+    num_tokens = token_ids.shape[0]
+    num_layers, num_pages, page_size = cache.k.shape[:3]
+    h_dim, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cos, sin = rope_cos_sin(positions, jnp.asarray(cfg.rope_inv_freq()))
+
+    # Layers share one flat page axis ([L * N, P, K, D]) so each layer addresses its pages by an offset
+    # instead of slicing (and copying) its part of the cache inside the scan.
+    flat_shape = (num_layers * num_pages, *cache.k.shape[2:])
+    k_all, v_all = cache.k.reshape(flat_shape), cache.v.reshape(flat_shape)
+
+    def layer(carry, xs):
+        h, k_all, v_all = carry
+        p, i = xs
+        with jax.named_scope("attention"):
+            x = rms_norm(h, p.attn_norm, cfg.rms_norm_eps)
+            q, k, v = x @ p.wq, x @ p.wk, x @ p.wv
+            if p.bq is not None:
+                q, k, v = q + p.bq, k + p.bk, v + p.bv
+            q = apply_rope(q.reshape(num_tokens, h_dim, d), cos, sin)
+            k = apply_rope(k.reshape(num_tokens, kv_heads, d), cos, sin)
+            v = v.reshape(num_tokens, kv_heads, d)
+            slots = jnp.where(meta.slot_mapping < 0, -1, meta.slot_mapping + i * num_pages * page_size)
+            k_all, v_all = write_kv(k_all, v_all, k, v, slots)
+            o = ragged_paged_attention(
+                q,
+                k_all,
+                v_all,
+                meta.kv_lens,
+                meta.block_tables + i * num_pages,
+                meta.query_start_loc,
+                meta.num_seqs,
+                sm_scale=d**-0.5,
+                backend=attention_backend,
+            )
+            h = h + o.reshape(num_tokens, h_dim * d) @ p.wo
+        with jax.named_scope("mlp"):
+            h = h + swiglu(rms_norm(h, p.mlp_norm, cfg.rms_norm_eps), p.w_gate, p.w_up, p.w_down)
+        return (h, k_all, v_all), None
+
+    h = params.embed[token_ids]
+    layer_ids = jnp.arange(num_layers, dtype=jnp.int32)
+    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, k_all, v_all), (params.layers, layer_ids))
+    h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
+    return h, KVCache(k_all.reshape(cache.k.shape), v_all.reshape(cache.v.shape))
+
+
+def compute_logits(params: LlamaParams, hidden: jax.Array) -> jax.Array:
+    """hidden: [N, E] -> f32[N, V]. Call it only on the rows that are sampled."""
+    if params.lm_head is not None:
+        logits = hidden @ params.lm_head
+    else:
+        logits = jnp.einsum("ne,ve->nv", hidden, params.embed)
+    return logits.astype(jnp.float32)

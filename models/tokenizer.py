@@ -1,0 +1,210 @@
+"""Tokenizers (the `tokenizers` library) built from GGUF metadata or tokenizer.json, and chat templates.
+
+GGUF byte-level BPE ("gpt2" model) is rebuilt as tokenizers' BPE with the pre-tokenizer split llama.cpp uses
+for the file's `tokenizer.ggml.pre`; control tokens are special added tokens (matched whole in text).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+# Split regexes by GGUF `tokenizer.ggml.pre`, as in llama.cpp's llama-vocab.cpp.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2,),
+    "gpt-2": (_GPT2,),
+    "smollm": (r"\p{N}", _GPT2),
+    "starcoder": (r"\p{N}", _GPT2),
+    "refact": (r"\p{N}", _GPT2),
+    "llama3": (_LLAMA3,),
+    "llama-bpe": (_LLAMA3,),
+    "llama-v3": (_LLAMA3,),
+    "smaug-bpe": (_LLAMA3,),
+    "dbrx": (_LLAMA3,),
+    "falcon3": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+    "deepseek-r1-qwen": (_QWEN2,),
+}
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+MAX_TEMPLATE_OUTPUT = 1 << 20  # characters a chat template may render
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """Text <-> token ids, plus the model's special tokens and chat template."""
+
+    def __init__(
+        self,
+        backend,  # tokenizers.Tokenizer
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: Sequence[int],
+        add_bos: bool,
+        chat_template: str | None,
+    ):
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self._compiled_template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Special-token text (e.g. '<|im_start|>') is matched whole; BOS is prepended if the model wants it."""
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the model's template in a sandboxed jinja2 environment, output size bounded."""
+        if not self.chat_template:
+            raise TokenizerError("this model has no chat template")
+        if self._compiled_template is None:
+            self._compiled_template = _compile_template(self.chat_template)
+        bos = self.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
+        eos = self.id_to_token(self.eos_token_id) if self.eos_token_id is not None else ""
+        chunks, size = [], 0
+        try:
+            stream = self._compiled_template.generate(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
+            )
+            for chunk in stream:
+                size += len(chunk)
+                if size > MAX_TEMPLATE_OUTPUT:
+                    raise TokenizerError(f"chat template output exceeds {MAX_TEMPLATE_OUTPUT} characters")
+                chunks.append(chunk)
+        except TokenizerError:
+            raise
+        except Exception as e:  # jinja2 sandbox violations, template errors, raise_exception()
+            raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
+        return "".join(chunks)
+
+    # -- construction ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any]) -> "Tokenizer":
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if meta.get("model") != "gpt2":
+            raise TokenizerError(f"GGUF tokenizer model {meta.get('model')!r} is not supported (only 'gpt2' BPE)")
+        tokens, merges = meta.get("tokens"), meta.get("merges")
+        if not tokens or merges is None:
+            raise TokenizerError("GGUF tokenizer metadata lacks tokens or merges")
+        pre = meta.get("pre") or "default"
+        if pre not in PRE_TOKENIZER_SPLITS:
+            raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported ({sorted(PRE_TOKENIZER_SPLITS)})")
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        pairs = []
+        for m in merges:
+            parts = m.split(" ")
+            if len(parts) != 2:
+                raise TokenizerError(f"GGUF merge {m!r} is not two tokens")
+            pairs.append((parts[0], parts[1]))
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+        splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_SPLITS[pre]]
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        backend.decoder = decoders.ByteLevel()
+        types = meta.get("token_type") or []
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL]
+        )
+        backend.add_tokens(
+            [AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED]
+        )
+        eos = meta.get("eos_token_id")
+        return cls(
+            backend,
+            bos_token_id=meta.get("bos_token_id"),
+            eos_token_ids=[int(eos)] if eos is not None else [],
+            add_bos=bool(meta.get("add_bos_token", False)),
+            chat_template=meta.get("chat_template"),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, directory: str, hf_config: dict[str, Any] | None = None) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = os.path.join(directory, "tokenizer.json")
+        try:
+            backend = HFTokenizer.from_file(path)
+        except Exception as e:
+            raise TokenizerError(f"{path}: cannot load tokenizer: {e}") from None
+        tok_cfg = _read_optional_json(os.path.join(directory, "tokenizer_config.json"))
+        gen_cfg = _read_optional_json(os.path.join(directory, "generation_config.json"))
+        hf_config = hf_config or {}
+
+        def token_id(value):
+            if isinstance(value, dict):
+                value = value.get("content")
+            return backend.token_to_id(value) if isinstance(value, str) else None
+
+        bos = token_id(tok_cfg.get("bos_token"))
+        if bos is None:
+            bos = gen_cfg.get("bos_token_id", hf_config.get("bos_token_id"))
+        eos_ids: list[int] = []
+        for source in (gen_cfg.get("eos_token_id"), hf_config.get("eos_token_id"), token_id(tok_cfg.get("eos_token"))):
+            for e in source if isinstance(source, list) else [source]:
+                if isinstance(e, int) and e not in eos_ids:
+                    eos_ids.append(e)
+        template = tok_cfg.get("chat_template")
+        if template is None and os.path.exists(os.path.join(directory, "chat_template.jinja")):
+            with open(os.path.join(directory, "chat_template.jinja"), encoding="utf-8") as f:
+                template = f.read()
+        # A tokenizer.json post-processor may itself add BOS (Llama 3); then encode() must not add another.
+        add_bos = bool(tok_cfg.get("add_bos_token", False)) and backend.post_processor is None
+        return cls(backend, bos_token_id=bos, eos_token_ids=eos_ids, add_bos=add_bos, chat_template=template)
+
+
+def _read_optional_json(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f)
+    return value if isinstance(value, dict) else {}
+
+
+def _compile_template(source: str):
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise TokenizerError(f"chat template does not compile: {e}") from None
