@@ -1,0 +1,157 @@
+"""`jaxserve generate "prompt"` and `jaxserve chat`: stream text from a model (the default one if none given)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and activations (float32 is the fast path on CPUs without native bf16)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context length the KV cache holds")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    p.add_argument("--compile-cache-dir", default=DEFAULT_CACHE_DIR,
+                   help="persistent XLA compilation cache ('' to disable)")
+    p.add_argument("--quiet", action="store_true", help="no load/speed summary on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference on JAX/XLA")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete a prompt (no chat template)")
+    gen.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_model_flags(gen)
+    chat = sub.add_parser("chat", help="chat with the model (interactive when stdin is a terminal)")
+    chat.add_argument("message", nargs="?", default=None, help="one user message (default: read stdin / REPL)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_model_flags(chat)
+    return parser
+
+
+def _sampling(args, default_temperature: float):
+    from jaxserve.sampling import SamplingParams
+
+    temperature = default_temperature if args.temperature is None else args.temperature
+    return SamplingParams(
+        temperature=temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _load(args):
+    import jax
+
+    if args.compile_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    from jaxserve.generate import Generator
+    from models.loader import load_model
+
+    model = load_model(args.model, dtype=args.dtype)
+    generator = Generator(model, max_model_len=min(args.max_model_len, model.config.max_position_embeddings))
+    if not args.quiet:
+        print(f"[jaxserve] {model.config.name} ({os.path.basename(model.path)}), {args.dtype}, "
+              f"loaded in {model.load_seconds:.1f}s", file=sys.stderr)
+    return generator
+
+
+def _stream(generator, prompt_ids, params, quiet: bool) -> str:
+    """Print the completion as it is produced; return its text."""
+    from jaxserve.detokenizer import IncrementalDetokenizer
+
+    t0 = time.perf_counter()
+    first = None
+    count = 0
+    pieces = []
+    detok = IncrementalDetokenizer(generator.tokenizer)
+    for token_id in generator.generate_ids(prompt_ids, params):
+        if first is None:
+            first = time.perf_counter()
+        count += 1
+        delta = detok.add(token_id)
+        if delta:
+            pieces.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    tail = detok.flush()
+    sys.stdout.write(tail + "\n")
+    sys.stdout.flush()
+    end = time.perf_counter()
+    if not quiet and first is not None:
+        rate = (count - 1) / (end - first) if count > 1 and end > first else 0.0
+        print(f"[jaxserve] prompt {len(prompt_ids)} tokens, generated {count}; time to first token "
+              f"{(first - t0) * 1e3:.0f} ms (includes compiling new shapes); decode {rate:.1f} tokens/s",
+              file=sys.stderr)
+    return "".join(pieces) + tail
+
+
+def cmd_generate(args) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    generator = _load(args)
+    tok = generator.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
+    _stream(generator, tok.encode(text), _sampling(args, 0.0), args.quiet)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    generator = _load(args)
+    tok = generator.tokenizer
+    params = _sampling(args, 0.7)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+
+    def turn(user_text: str) -> None:
+        messages.append({"role": "user", "content": user_text})
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+        reply = _stream(generator, ids, params, args.quiet)
+        messages.append({"role": "assistant", "content": reply})
+
+    if args.message is not None:
+        turn(args.message)
+    elif sys.stdin.isatty():
+        print("[jaxserve] chat: empty line or Ctrl-D to quit, /reset to clear the history", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            if line.strip() == "/reset":
+                del messages[int(bool(args.system)):]
+                continue
+            turn(line)
+    else:
+        turn(sys.stdin.read())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxserve.generate import PromptTooLongError
+    from models.gguf_loader import ModelFileError
+    from models.tokenizer import TokenizerError
+
+    try:
+        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+    except (ModelFileError, PromptTooLongError, TokenizerError, ValueError) as e:
+        print(f"jaxserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
