@@ -14,7 +14,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="weights and activations (float32 is the fast path on CPUs without native bf16)")
-    p.add_argument("--max-model-len", type=int, default=2048, help="context length the KV cache holds")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length the KV cache holds (default: min(2048, the model's context))")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -60,7 +61,8 @@ def _load(args):
     from models.loader import load_model
 
     model = load_model(args.model, dtype=args.dtype)
-    generator = Generator(model, max_model_len=min(args.max_model_len, model.config.max_position_embeddings))
+    max_len = args.max_model_len or min(2048, model.config.max_position_embeddings)
+    generator = Generator(model, max_model_len=max_len)
     if not args.quiet:
         print(f"[jaxserve] {model.config.name} ({os.path.basename(model.path)}), {args.dtype}, "
               f"loaded in {model.load_seconds:.1f}s", file=sys.stderr)
