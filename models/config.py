@@ -47,6 +47,7 @@ class LlamaConfig:
     rope_freq_factors: tuple[float, ...] | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    sliding_window: int | None = None  # attend to at most this many most recent positions (Mistral)
     name: str = "llama"
 
     def __post_init__(self) -> None:
@@ -79,6 +80,8 @@ class LlamaConfig:
                 f"model config: rope_freq_factors has {len(self.rope_freq_factors)} entries, "
                 f"expected head_dim/2={self.head_dim // 2}"
             )
+        if self.sliding_window is not None and not 0 < self.sliding_window <= MAX_CONTEXT:
+            raise ValueError(f"model config: sliding_window={self.sliding_window!r} must be in [1, {MAX_CONTEXT}]")
         if self.rope_scaling is not None and self.rope_scaling.kind not in ("linear", "llama3"):
             raise ValueError(f"model config: rope_scaling kind {self.rope_scaling.kind!r} is not supported")
 
@@ -126,25 +129,27 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
     try:
         hidden = int(hf["hidden_size"])
         heads = int(hf["num_attention_heads"])
+        # transformers < 5 writes rope_theta + rope_scaling; 5.x nests both in rope_parameters.
+        rope = dict(hf.get("rope_parameters") or {})
+        rope.update(hf.get("rope_scaling") or {})
+        rope_theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        kind = rope.get("rope_type", rope.get("type"))
         scaling = None
-        rs = hf.get("rope_scaling") or None
-        if rs:
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind == "llama3":
-                scaling = RopeScaling(
-                    "llama3",
-                    float(rs["factor"]),
-                    float(rs.get("low_freq_factor", 1.0)),
-                    float(rs.get("high_freq_factor", 4.0)),
-                    int(rs.get("original_max_position_embeddings", 8192)),
-                )
-            elif kind == "linear":
-                scaling = RopeScaling("linear", float(rs["factor"]))
-            elif kind not in (None, "default"):
-                raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported")
-        rope_theta = hf.get("rope_theta")
-        if rope_theta is None:  # newer transformers nest it under rope_parameters
-            rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        if kind == "llama3":
+            scaling = RopeScaling(
+                "llama3",
+                float(rope["factor"]),
+                float(rope.get("low_freq_factor", 1.0)),
+                float(rope.get("high_freq_factor", 4.0)),
+                int(rope.get("original_max_position_embeddings", 8192)),
+            )
+        elif kind == "linear":
+            scaling = RopeScaling("linear", float(rope["factor"]))
+        elif kind not in (None, "default"):
+            raise ValueError(f"config.json: rope type {kind!r} is not supported")
+        if model_type == "qwen2" and hf.get("use_sliding_window"):
+            raise ValueError("config.json: Qwen2 use_sliding_window=true (per-layer windows) is not supported")
+        window = hf.get("sliding_window") if model_type == "mistral" else None
         return LlamaConfig(
             vocab_size=int(hf["vocab_size"]),
             hidden_size=hidden,
@@ -159,6 +164,7 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            sliding_window=int(window) if window else None,
             name=str(hf.get("_name_or_path") or model_type),
         )
     except KeyError as e:

@@ -148,6 +148,7 @@ def forward(
                 meta.query_start_loc,
                 meta.num_seqs,
                 sm_scale=d**-0.5,
+                sliding_window=cfg.sliding_window,
                 backend=attention_backend,
             )
             h = h + o.reshape(num_tokens, h_dim * d) @ p.wo
