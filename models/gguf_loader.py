@@ -155,6 +155,7 @@ class GGUFFile:
                 rope_freq_factors=freq_factors,
                 tie_word_embeddings="output.weight" not in self.tensors,
                 attention_bias="blk.0.attn_q.bias" in self.tensors,
+                sliding_window=int(self.get(f"{arch}.attention.sliding_window", 0)) or None,
                 name=str(self.get("general.name", arch)),
             )
         except ValueError as e:
