@@ -78,6 +78,7 @@ def bench_jaxserve(args: argparse.Namespace, path: str) -> tuple[EngineResult, s
 
 
 def bench_hf(args: argparse.Namespace, path: str, text: str, prompt_ids: list[int]) -> EngineResult:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantizing progress bar
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
