@@ -208,3 +208,5 @@ def _compile_template(source: str):
         return env.from_string(source)
     except TemplateError as e:
         raise TokenizerError(f"chat template does not compile: {e}") from None
+    except Exception as e:  # e.g. RecursionError from deeply nested expressions or blocks
+        raise TokenizerError(f"chat template does not compile: {type(e).__name__}: {e}") from None
