@@ -202,7 +202,26 @@ def _compile_template(source: str):
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """Refuses `*`, `**` and `+` whose result would exceed the output bound before computing it, so a
+        template cannot allocate a huge value (`'x' * 10**10`, doubling in a loop) that is never printed."""
+
+        intercepted_binops = frozenset(["*", "**", "+"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise TemplateError(f"exponent {right} is too large")
+            if operator == "*":
+                seq, count = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
+                    if len(seq) * max(count, 0) > MAX_TEMPLATE_OUTPUT:
+                        raise TemplateError(f"repetition would exceed {MAX_TEMPLATE_OUTPUT} items")
+            if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                if len(left) + len(right) > MAX_TEMPLATE_OUTPUT:
+                    raise TemplateError(f"concatenation would exceed {MAX_TEMPLATE_OUTPUT} items")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(source)

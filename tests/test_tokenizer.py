@@ -403,8 +403,15 @@ HOSTILE_TEMPLATES = {
     "recursive_macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     "deeply_nested_parens": "{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}",
     "deeply_nested_blocks": "{% if true %}" * 3000 + "x" + "{% endif %}" * 3000,
+    # values built but never printed: refused before they are allocated
+    "repeat_allocation": "{% set s = 'x' * 10**10 %}ok",
+    "list_repeat_allocation": "{% set s = [0] * 10**9 %}ok",
+    "doubling_in_a_loop": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+    "{% endfor %}ok",
+    "huge_power": "{% set n = 10**100000 %}ok",
 }
-OUTPUT_BOMBS = {"nested_loops_output_bomb", "content_repeat_bomb"}
+OUTPUT_BOMBS = {"nested_loops_output_bomb", "content_repeat_bomb", "repeat_allocation", "list_repeat_allocation",
+                "doubling_in_a_loop"}
 
 
 @pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
