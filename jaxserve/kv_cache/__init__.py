@@ -1,4 +1,4 @@
-"""KV cache: the host-side page manager (the device page pool joins it later)."""
+"""KV cache: the host-side page manager and the device page pool."""
 
 from jaxserve.kv_cache.block_manager import BlockManager, hash_page
 

@@ -1,0 +1,84 @@
+"""The device page pool: how many KV pages fit the memory budget, and the zeroed K/V buffers themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import CacheConfig
+from models.cache import KVCache
+from models.config import LlamaConfig
+
+MAX_SLOTS = 2**31 - 1  # slot ids (page * page_size + offset) are int32
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolPlan:
+    num_pages: int  # page 0 included: the block manager keeps it as the null page
+    page_size: int
+    dtype: str
+    bytes_per_page: int  # K and V of one page, all layers
+    budget_bytes: int
+    budget_source: str
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.num_pages - 1) * self.page_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_pages * self.bytes_per_page
+
+    def describe(self) -> str:
+        return (
+            f"KV cache: {self.num_pages} pages x {self.page_size} tokens ({self.num_tokens} usable tokens), "
+            f"{self.dtype}, {self.total_bytes / 2**20:.1f} MiB of a {self.budget_bytes / 2**20:.1f} MiB budget "
+            f"({self.budget_source})"
+        )
+
+
+def free_device_memory(device: jax.Device) -> tuple[int, str]:
+    """Bytes the device can still allocate, and where that number came from."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"{device.platform} memory_stats"
+    try:  # CPU: the host's available memory
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "host MemAvailable"
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host free pages"
+
+
+def plan_kv_pool(cache: CacheConfig, model: LlamaConfig, model_dtype, device: jax.Device | None = None) -> PoolPlan:
+    dtype = jnp.dtype(model_dtype if cache.kv_cache_dtype == "auto" else cache.kv_cache_dtype)
+    bytes_per_page = 2 * model.num_layers * cache.page_size * model.num_kv_heads * model.head_dim * dtype.itemsize
+    if cache.kv_cache_memory is not None:
+        budget, source = cache.kv_cache_memory, "kv_cache_memory"
+    else:
+        free, where = free_device_memory(device or jax.devices()[0])
+        budget = int(free * cache.kv_cache_memory_fraction)
+        source = f"{cache.kv_cache_memory_fraction:g} of {free / 2**30:.1f} GiB free ({where})"
+    num_pages = min(budget // bytes_per_page, MAX_SLOTS // cache.page_size)
+    if num_pages < 2:
+        raise ValueError(
+            f"KV cache budget of {budget} bytes ({source}) holds {num_pages} page(s) of {bytes_per_page} bytes; "
+            f"at least 2 are needed (raise kv_cache_memory or lower page_size)"
+        )
+    return PoolPlan(int(num_pages), cache.page_size, dtype.name, bytes_per_page, budget, source)
+
+
+def allocate_kv_cache(plan: PoolPlan, model: LlamaConfig, sharding=None) -> KVCache:
+    """Zeroed K and V pages as two separate buffers (each donated to the step on its own)."""
+    shape = (model.num_layers, plan.num_pages, plan.page_size, model.num_kv_heads, model.head_dim)
+    zeros = jax.jit(lambda: jnp.zeros(shape, plan.dtype), out_shardings=sharding)
+    return KVCache(zeros(), zeros())
+
+
+__all__ = ["PoolPlan", "allocate_kv_cache", "free_device_memory", "plan_kv_pool"]
