@@ -1,4 +1,4 @@
-"""Ragged paged attention over a paged KV cache, and the KV write (scatter by slot mapping).
+"""Ragged paged attention over a paged KV cache (the KV write is in `kv_write.py`).
 
 A ragged batch flattens the query tokens of S sequences into one axis:
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "reference")
+from kernels_pallas.backend import resolve_backend
 
 
 def ragged_paged_attention(
@@ -39,11 +39,22 @@ def ragged_paged_attention(
 ) -> jax.Array:  # [T, num_q_heads, head_dim]
     """Attention of each query row over its own sequence's cached K/V; rows past the valid ones give 0."""
     _check_shapes(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc)
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"backend={backend!r}: this build has {BACKENDS}; the Pallas TPU/GPU kernels are not built yet"
-        )
-    del interpret  # only the Pallas backends run in interpret mode
+    backend = resolve_backend(backend)
+    num_seqs = jnp.reshape(num_seqs, (1,)).astype(jnp.int32)
+    if backend == "pallas_tpu":
+        from kernels_pallas.rpa_tpu import ragged_paged_attention_tpu
+
+        return ragged_paged_attention_tpu(
+            q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
+            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+        )  # fmt: skip
+    if backend == "pallas_gpu":
+        from kernels_pallas.rpa_gpu import ragged_paged_attention_gpu
+
+        return ragged_paged_attention_gpu(
+            q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
+            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+        )  # fmt: skip
     return ragged_paged_attention_ref(
         q,
         k_pages,
@@ -126,23 +137,3 @@ def ragged_paged_attention_ref(
     denom = jnp.sum(probs, axis=(-2, -1))  # [T, K, G]
     out = jnp.einsum("tkgsl,slkd->tkgd", probs, v) / jnp.maximum(denom, 1e-30)[..., None]
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
-
-
-def write_kv(
-    k_pages: jax.Array,  # [num_pages, page_size, num_kv_heads, head_dim]
-    v_pages: jax.Array,  # [num_pages, page_size, num_kv_heads, head_dim]
-    k: jax.Array,  # [T, num_kv_heads, head_dim]
-    v: jax.Array,  # [T, num_kv_heads, head_dim]
-    slot_mapping: jax.Array,  # i32[T]: page * page_size + offset; negative for padding rows (dropped)
-) -> tuple[jax.Array, jax.Array]:
-    """Scatter each token's new K/V into its cache slot (reference; in place under donation).
-
-    Indexes pages as [page, offset] rather than reshaping to a flat slot axis: inside a layer scan a reshaped
-    carry makes XLA copy the whole cache every layer.
-    """
-    num_pages, page_size = k_pages.shape[:2]
-    page = jnp.where(slot_mapping < 0, num_pages, slot_mapping // page_size)  # out of range -> dropped
-    offset = slot_mapping % page_size
-    k_pages = k_pages.at[page, offset].set(k.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[page, offset].set(v.astype(v_pages.dtype), mode="drop")
-    return k_pages, v_pages

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.ragged_paged_attention import ragged_paged_attention, write_kv
+from kernels_pallas.kv_write import write_kv
+from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
 from models.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
@@ -138,7 +139,7 @@ def forward(
             k = apply_rope(k.reshape(num_tokens, kv_heads, d), cos, sin)
             v = v.reshape(num_tokens, kv_heads, d)
             slots = jnp.where(meta.slot_mapping < 0, -1, meta.slot_mapping + i * num_pages * page_size)
-            k_all, v_all = write_kv(k_all, v_all, k, v, slots)
+            k_all, v_all = write_kv(k_all, v_all, k, v, slots, backend=attention_backend)
             o = ragged_paged_attention(
                 q,
                 k_all,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from kernels_pallas.ragged_paged_attention import ragged_paged_attention, write_kv
+from kernels_pallas.kv_write import write_kv
+from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 from tests.rpa_cases import dense_attention, make_case, ragged_cases
 
 
