@@ -90,50 +90,59 @@ def _check_shapes(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc) -
 
 def ragged_paged_attention_ref(
     q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, *, sm_scale, sliding_window=None,
-    soft_cap=None,
+    soft_cap=None, kv_block_tokens: int = 64,
 ):
-    """Pure-jnp reference: gather each sequence's pages, masked softmax of every row against every sequence.
+    """Pure-jnp reference: every query row walks its own sequence's pages with an online softmax.
 
-    Cost is O(T * S * max_pages * page_size): fine for the reference and for one sequence at a time; the
-    kernels visit only the pages each sequence owns.
+    Each loop step gathers the next `kv_block_tokens` worth of pages for every row ([T, block, K, D]), so work
+    and memory follow T x (pages actually in use), not T x S x pages, and the loop stops at the longest valid
+    sequence rather than at the block table's width. Slots a row may not see (past its position, outside the
+    sliding window, padding) are zeroed before use, so garbage or NaN there cannot leak through 0 * NaN.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_slots, max_pages = block_tables.shape
     group = num_q_heads // num_kv_heads
-    kv_capacity = max_pages * page_size
+    pages_per_step = max(1, kv_block_tokens // page_size)
+    block = pages_per_step * page_size
     num_seqs = jnp.reshape(num_seqs, ())
-
-    # [S, L, K, D]: each sequence's cache in position order. Slots past kv_len are zeroed so that garbage
-    # (or NaN padding in tests) in unused page tails cannot leak through 0 * NaN.
-    kpos = jnp.arange(kv_capacity, dtype=jnp.int32)
-    in_seq = kpos[None, :] < kv_lens[:, None]  # [S, L]
-    k = k_pages[block_tables].reshape(num_slots, kv_capacity, num_kv_heads, head_dim)
-    v = v_pages[block_tables].reshape(num_slots, kv_capacity, num_kv_heads, head_dim)
-    k = jnp.where(in_seq[:, :, None, None], k.astype(jnp.float32), 0.0)
-    v = jnp.where(in_seq[:, :, None, None], v.astype(jnp.float32), 0.0)
 
     # Which sequence each query row belongs to, and its absolute position.
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = jnp.searchsorted(query_start_loc[1:], rows, side="right").astype(jnp.int32)
     seq = jnp.minimum(seq, num_slots - 1)
-    qpos = kv_lens[seq] - (query_start_loc[seq + 1] - rows)  # [T]
-    valid_row = rows < query_start_loc[num_seqs]
+    valid = rows < query_start_loc[num_seqs]
+    kv_len = jnp.where(valid, kv_lens[seq], 0)  # [T]
+    qpos = kv_len - (query_start_loc[seq + 1] - rows)  # [T]
+    tables = jnp.pad(block_tables[seq], ((0, 0), (0, -max_pages % pages_per_step)))  # [T, M'] page ids per row
+    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
 
-    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("tkgd,slkd->tkgsl", qg, k) * sm_scale
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
-    own_seq = seq[:, None] == jnp.arange(num_slots, dtype=jnp.int32)[None, :]  # [T, S]
-    causal = kpos[None, :] <= qpos[:, None]  # [T, L]
-    if sliding_window is not None:
-        causal &= kpos[None, :] > qpos[:, None] - sliding_window
-    mask = own_seq[:, :, None] & causal[:, None, :] & valid_row[:, None, None]  # [T, S, L]
-    mask = mask[:, None, None, :, :]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=(-2, -1), keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    probs = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
-    denom = jnp.sum(probs, axis=(-2, -1))  # [T, K, G]
-    out = jnp.einsum("tkgsl,slkd->tkgd", probs, v) / jnp.maximum(denom, 1e-30)[..., None]
+    def step(j, carry):
+        m, l, acc = carry  # [T, K, G], [T, K, G], [T, K, G, D]
+        pages = jax.lax.dynamic_slice_in_dim(tables, j * pages_per_step, pages_per_step, axis=1)  # [T, bp]
+        kpos = j * block + jnp.arange(block, dtype=jnp.int32)  # [B]
+        ok = (kpos[None, :] <= qpos[:, None]) & valid[:, None]  # [T, B]
+        if sliding_window is not None:
+            ok &= kpos[None, :] > qpos[:, None] - sliding_window
+        okk = ok[:, :, None, None]
+        k = jnp.where(okk, k_pages[pages].reshape(num_tokens, block, num_kv_heads, head_dim).astype(jnp.float32), 0)
+        v = jnp.where(okk, v_pages[pages].reshape(num_tokens, block, num_kv_heads, head_dim).astype(jnp.float32), 0)
+        s = jnp.einsum("tkgd,tbkd->tkgb", qg, k)
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = jnp.where(ok[:, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that have seen nothing yet
+        p = jnp.where(ok[:, None, None, :], jnp.exp(s - m_safe[..., None]), 0.0)
+        correction = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+        l = l * correction + p.sum(-1)
+        acc = acc * correction[..., None] + jnp.einsum("tkgb,tbkd->tkgd", p, v)
+        return m_new, l, acc
+
+    shape = (num_tokens, num_kv_heads, group)
+    init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, head_dim)))
+    num_steps = (jnp.max(kv_len) + block - 1) // block
+    _, l, acc = jax.lax.fori_loop(0, num_steps, step, init)
+    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
