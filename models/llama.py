@@ -115,8 +115,12 @@ def forward(
     meta: AttentionMetadata,
     *,
     attention_backend: str = "auto",
+    interpret_kernels: bool = False,
 ) -> tuple[jax.Array, KVCache]:
-    """Run the decoder over a ragged batch of T tokens; returns final hidden states [T, E] and the new cache."""
+    """Run the decoder over a ragged batch of T tokens; returns final hidden states [T, E] and the new cache.
+
+    attention_backend picks the kernels (see kernels_pallas.backend); interpret_kernels runs Pallas ones on CPU.
+    """
     num_tokens = token_ids.shape[0]
     num_layers, num_pages, page_size = cache.k.shape[:3]
     h_dim, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -139,7 +143,9 @@ def forward(
             k = apply_rope(k.reshape(num_tokens, kv_heads, d), cos, sin)
             v = v.reshape(num_tokens, kv_heads, d)
             slots = jnp.where(meta.slot_mapping < 0, -1, meta.slot_mapping + i * num_pages * page_size)
-            k_all, v_all = write_kv(k_all, v_all, k, v, slots, backend=attention_backend)
+            k_all, v_all = write_kv(
+                k_all, v_all, k, v, slots, backend=attention_backend, interpret=interpret_kernels
+            )
             o = ragged_paged_attention(
                 q,
                 k_all,
@@ -151,6 +157,7 @@ def forward(
                 sm_scale=d**-0.5,
                 sliding_window=cfg.sliding_window,
                 backend=attention_backend,
+                interpret=interpret_kernels,
             )
             h = h + o.reshape(num_tokens, h_dim * d) @ p.wo
         with jax.named_scope("mlp"):
