@@ -16,6 +16,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (float32 is the fast path on CPUs without native bf16)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length the KV cache holds (default: min(2048, the model's context))")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="KV cache dtype (auto: the model's)")
+    p.add_argument("--kv-cache-memory", type=_bytes, default=None,
+                   help="bytes for the KV cache, e.g. 512MiB or 2GB (default: a fraction of free memory)")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -25,6 +30,21 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache-dir", default=DEFAULT_CACHE_DIR,
                    help="persistent XLA compilation cache ('' to disable)")
     p.add_argument("--quiet", action="store_true", help="no load/speed summary on stderr")
+
+
+def _bytes(text: str) -> int:
+    """'123', '512MiB', '2GB', '1.5G' -> bytes."""
+    units = {"": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+             "g": 10**9, "gb": 10**9, "gib": 2**30}  # fmt: skip
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 512MiB, 2GB)") from None
+    if not 0 < value < 2**50:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,15 +77,18 @@ def _load(args):
     if args.compile_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    from jaxserve.config import CacheConfig
     from jaxserve.generate import Generator
     from models.loader import load_model
 
+    cache = CacheConfig(page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
+                        kv_cache_memory=args.kv_cache_memory)  # fmt: skip
     model = load_model(args.model, dtype=args.dtype)
     max_len = args.max_model_len or min(2048, model.config.max_position_embeddings)
-    generator = Generator(model, max_model_len=max_len)
+    generator = Generator(model, max_model_len=max_len, cache=cache)
     if not args.quiet:
         print(f"[jaxserve] {model.config.name} ({os.path.basename(model.path)}), {args.dtype}, "
-              f"loaded in {model.load_seconds:.1f}s", file=sys.stderr)
+              f"loaded in {model.load_seconds:.1f}s; {generator.cache_plan.describe()}", file=sys.stderr)
     return generator
 
 

@@ -1,7 +1,7 @@
 """Single-stream generation on one sequence's KV cache: what `jaxserve generate` and `chat` run on.
 
 The cache is the paged cache of `models.cache` holding one sequence whose block table is simply
-[0, 1, 2, ...]; the step is the same ragged step the batching engine uses (one sequence, S = 1). Prompts are
+[1, 2, 3, ...] (page 0 is the null page); the step is the same ragged step the batching engine uses (one sequence, S = 1). Prompts are
 prefilled in chunks, then one token per step is decoded. Shapes are bucketed (token count, and block-table
 width so attention only visits the pages in use) and each bucket compiles once.
 """
@@ -16,9 +16,11 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from jaxserve.config import CacheConfig
 from jaxserve.detokenizer import IncrementalDetokenizer
+from jaxserve.kv_cache.pool import allocate_kv_cache, plan_kv_pool
 from jaxserve.sampling import SamplingParams, SamplingTensors, sample
-from models.cache import AttentionMetadata, KVCache
+from models.cache import AttentionMetadata
 from models.config import LlamaConfig
 from models.llama import LlamaParams, compute_logits, forward
 from models.loader import LoadedModel
@@ -69,7 +71,7 @@ class Generator:
         model: LoadedModel,
         *,
         max_model_len: int | None = None,
-        page_size: int = 16,
+        cache: CacheConfig | None = None,
         max_prefill_chunk: int = 512,
         attention_backend: str = "auto",
     ):
@@ -84,12 +86,20 @@ class Generator:
             raise ValueError(f"max_model_len={max_model_len} must be in [1, {limit}] for this model")
         if max_prefill_chunk < MIN_TOKEN_BUCKET or max_prefill_chunk & (max_prefill_chunk - 1):
             raise ValueError(f"max_prefill_chunk={max_prefill_chunk} must be a power of two >= {MIN_TOKEN_BUCKET}")
+        cache = cache or CacheConfig()
+        # The budget decides how many pages exist; one sequence needs only enough for max_model_len.
+        plan = plan_kv_pool(cache, cfg, model.params.embed.dtype)
+        if plan.num_tokens < max_model_len:
+            raise ValueError(
+                f"max_model_len={max_model_len} does not fit the KV cache budget: {plan.describe()}; "
+                f"raise kv_cache_memory or lower max_model_len"
+            )
         self.max_model_len = max_model_len
-        self.page_size = page_size
+        self.page_size = cache.page_size
         self.max_prefill_chunk = max_prefill_chunk
-        self.num_pages = -(-max_model_len // page_size)
-        dtype = model.params.embed.dtype
-        self.cache = KVCache.zeros(cfg.num_layers, self.num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+        self.num_pages = 1 + -(-max_model_len // cache.page_size)  # page 0 is the null page, as in the engine
+        self.cache_plan = dataclasses.replace(plan, num_pages=self.num_pages)
+        self.cache = allocate_kv_cache(self.cache_plan, cfg)
         kw = dict(cfg=cfg, backend=attention_backend)
         self._step = jax.jit(functools.partial(_step, **kw), donate_argnums=(1,))
         self._all_logits = jax.jit(functools.partial(_all_logits, **kw), donate_argnums=(1,))
@@ -100,18 +110,18 @@ class Generator:
         n = len(chunk)
         bucket = max(MIN_TOKEN_BUCKET, next_pow2(n)) if n > 1 else 1
         kv_len = start + n
-        width = min(self.num_pages, max(MIN_PAGE_BUCKET, next_pow2(-(-kv_len // self.page_size))))
+        width = min(self.num_pages - 1, max(MIN_PAGE_BUCKET, next_pow2(-(-kv_len // self.page_size))))
         token_ids = np.zeros(bucket, np.int32)
         token_ids[:n] = chunk
         positions = np.zeros(bucket, np.int32)
         positions[:n] = np.arange(start, kv_len)
         slot_mapping = np.full(bucket, -1, np.int32)
-        slot_mapping[:n] = positions[:n]  # block table is the identity: slot = position
+        slot_mapping[:n] = positions[:n] + self.page_size  # block table [1, 2, ...]: slot = position + one page
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
             query_start_loc=np.array([0, n], np.int32),
             kv_lens=np.array([kv_len], np.int32),
-            block_tables=np.arange(width, dtype=np.int32)[None, :],
+            block_tables=np.arange(1, width + 1, dtype=np.int32)[None, :],
             num_seqs=np.array(1, np.int32),
         )
         return token_ids, positions, meta

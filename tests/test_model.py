@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.config import CacheConfig
 from jaxserve.generate import Generator
 from jaxserve.sampling import SamplingParams, SamplingTensors, sample
 from models.llama import params_from_arrays
@@ -84,7 +85,7 @@ def test_forward_matches_dense_numpy(cfg_changes):
         zero = dict(arrays, bq=0 * arrays["bq"], bk=0 * arrays["bk"], bv=0 * arrays["bv"])
         model = dataclasses.replace(model, params=params_from_arrays(cfg, zero, jnp.float32))
         arrays = zero
-    gen = Generator(model, max_model_len=128, page_size=8)
+    gen = Generator(model, max_model_len=128, cache=CacheConfig(page_size=8))
     np.testing.assert_allclose(gen.prompt_logits(IDS), _dense_reference(arrays, cfg, IDS), atol=2e-4, rtol=1e-4)
 
 
@@ -101,24 +102,38 @@ def test_qkv_bias_changes_output():
 @pytest.mark.parametrize("chunk", [16, 32])
 def test_chunked_prefill_equals_one_shot(tiny, chunk):
     model, arrays = tiny
-    whole = Generator(model, max_model_len=128, page_size=8, max_prefill_chunk=64).prompt_logits(IDS)
-    chunked = Generator(model, max_model_len=128, page_size=8, max_prefill_chunk=chunk).prompt_logits(IDS)
+    cache = CacheConfig(page_size=8)
+    whole = Generator(model, max_model_len=128, cache=cache, max_prefill_chunk=64).prompt_logits(IDS)
+    chunked = Generator(model, max_model_len=128, cache=cache, max_prefill_chunk=chunk).prompt_logits(IDS)
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
 
 
 def test_decode_steps_equal_prefill_logits(tiny):
     """Greedy decoding token by token through the cache == the logits of the whole sequence at once."""
     model, arrays = tiny
-    gen = Generator(model, max_model_len=128, page_size=8)
+    gen = Generator(model, max_model_len=128, cache=CacheConfig(page_size=8))
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     out = list(gen.generate_ids(IDS[:10], params))
     full = _dense_reference(arrays, TINY, IDS[:10] + out)
     assert out == [int(x) for x in full[9:-1].argmax(-1)]
 
 
+def test_kv_cache_budget_and_dtype(tiny):
+    model, _ = tiny
+    page_bytes = 2 * TINY.num_layers * 8 * TINY.num_kv_heads * TINY.head_dim * 2  # bf16
+    gen = Generator(model, max_model_len=64, cache=CacheConfig(page_size=8, kv_cache_dtype="bfloat16",
+                                                               kv_cache_memory=9 * page_bytes))  # fmt: skip
+    assert gen.cache.k.dtype == jnp.bfloat16 and gen.cache.k.shape[1] == 9  # 64 tokens + the null page
+    assert "9 pages x 8 tokens (64 usable tokens)" in gen.cache_plan.describe()
+    out = list(gen.generate_ids(IDS[:10], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)))
+    assert len(out) == 5
+    with pytest.raises(ValueError, match="does not fit the KV cache budget"):
+        Generator(model, max_model_len=128, cache=CacheConfig(page_size=8, kv_cache_memory=8 * page_bytes))
+
+
 def test_prompt_length_bounds(tiny):
     model, _ = tiny
-    gen = Generator(model, max_model_len=32, page_size=8)
+    gen = Generator(model, max_model_len=32, cache=CacheConfig(page_size=8))
     with pytest.raises(ValueError, match="exceeds max_model_len=32"):
         list(gen.generate_ids(IDS[:32], SamplingParams(max_tokens=1)))
     with pytest.raises(ValueError, match="prompt is empty"):
