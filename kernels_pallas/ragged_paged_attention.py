@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.backend import resolve_backend
+from kernels_pallas.checks import check_attention_inputs
 
 
 def ragged_paged_attention(
@@ -38,9 +39,10 @@ def ragged_paged_attention(
     interpret: bool = False,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]
     """Attention of each query row over its own sequence's cached K/V; rows past the valid ones give 0."""
-    _check_shapes(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc)
     backend = resolve_backend(backend)
     num_seqs = jnp.reshape(num_seqs, (1,)).astype(jnp.int32)
+    check_attention_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs,
+                           sliding_window=sliding_window, soft_cap=soft_cap)  # fmt: skip
     if backend == "pallas_tpu":
         from kernels_pallas.rpa_tpu import ragged_paged_attention_tpu
 
@@ -67,25 +69,6 @@ def ragged_paged_attention(
         sliding_window=sliding_window,
         soft_cap=soft_cap,
     )
-
-
-def _check_shapes(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc) -> None:
-    if q.ndim != 3 or k_pages.ndim != 4:
-        raise ValueError(f"q must be [T, H, D] and k_pages [N, P, K, D]; got {q.shape} and {k_pages.shape}")
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
-    num_q_heads, head_dim = q.shape[1:]
-    num_kv_heads = k_pages.shape[2]
-    if k_pages.shape[3] != head_dim:
-        raise ValueError(f"head_dim of q ({head_dim}) and of the pages ({k_pages.shape[3]}) differ")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    s = kv_lens.shape[0]
-    if block_tables.ndim != 2 or block_tables.shape[0] != s or query_start_loc.shape != (s + 1,):
-        raise ValueError(
-            f"with kv_lens [{s}], block_tables must be [{s}, M] and query_start_loc [{s + 1}]; "
-            f"got {block_tables.shape} and {query_start_loc.shape}"
-        )
 
 
 def ragged_paged_attention_ref(

@@ -36,6 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas.checks import check_attention_inputs
+
 # Finite start for the running max: with scores of -inf for masked keys, exp2(-inf - m) = 0 and a row that
 # sees no key in a block never computes exp2(-inf - -inf) = NaN.
 _M_INIT = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -161,12 +163,10 @@ def ragged_paged_attention_gpu(
     Run-time preconditions (not checked: they would need a device-to-host sync): query_start_loc is
     non-decreasing, kv_lens[i] >= its query rows, block-table entries of live pages are < num_pages.
     """
-    num_tokens, num_q_heads, head_dim = _check_inputs(q, k_pages, v_pages, kv_lens, block_tables,
-                                                      query_start_loc, num_seqs)  # fmt: skip
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window={sliding_window} must be >= 1 (or None)")
-    if soft_cap is not None and soft_cap <= 0:
-        raise ValueError(f"soft_cap={soft_cap} must be > 0 (or None)")
+    num_tokens, num_q_heads, head_dim = check_attention_inputs(
+        q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sliding_window=sliding_window,
+        soft_cap=soft_cap, kernel_dtypes=(jnp.float32, jnp.bfloat16, jnp.float16),
+    )  # fmt: skip
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_slots = kv_lens.shape[0]
     group = num_q_heads // num_kv_heads
@@ -216,33 +216,3 @@ def ragged_paged_attention_gpu(
         interpret=interpret,
         name="ragged_paged_attention_gpu",
     )(*operands)
-
-
-def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs) -> tuple[int, int, int]:
-    """Compile-time (shape / dtype) checks; returns (T, num_q_heads, head_dim)."""
-    if q.ndim != 3 or k_pages.ndim != 4:
-        raise ValueError(f"q must be [T, H, D] and k_pages [N, P, K, D]; got {q.shape} and {k_pages.shape}")
-    if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
-        raise ValueError(f"k_pages {k_pages.shape} {k_pages.dtype} and v_pages {v_pages.shape} {v_pages.dtype} differ")
-    num_tokens, num_q_heads, head_dim = q.shape
-    if k_pages.shape[3] != head_dim:
-        raise ValueError(f"head_dim of q ({head_dim}) and of the pages ({k_pages.shape[3]}) differ")
-    if num_q_heads % k_pages.shape[2]:
-        raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={k_pages.shape[2]}")
-    if q.dtype != k_pages.dtype:
-        raise ValueError(f"q dtype {q.dtype} and k/v pages dtype {k_pages.dtype} differ")
-    if num_tokens == 0:
-        raise ValueError("q has no rows (T == 0)")
-    s = kv_lens.shape[0] if kv_lens.ndim == 1 else -1
-    if s < 1 or block_tables.ndim != 2 or block_tables.shape[0] != s or query_start_loc.shape != (s + 1,):
-        raise ValueError(
-            f"kv_lens must be [S] with S >= 1, block_tables [S, M] and query_start_loc [S + 1]; got "
-            f"{kv_lens.shape}, {block_tables.shape} and {query_start_loc.shape}"
-        )
-    if num_seqs.size != 1:
-        raise ValueError(f"num_seqs must hold one value (i32[1] or i32[]); got shape {num_seqs.shape}")
-    for name, x in (("kv_lens", kv_lens), ("block_tables", block_tables), ("query_start_loc", query_start_loc),
-                    ("num_seqs", num_seqs)):  # fmt: skip
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must be an integer array; got {x.dtype}")
-    return num_tokens, num_q_heads, head_dim

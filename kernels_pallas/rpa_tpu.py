@@ -32,6 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas.checks import check_attention_inputs
+
 # A finite "minus infinity" for the running max: rows no key has reached keep m = _NEG and l = 0, and
 # exp(_NEG - _NEG) = 1 is harmless where exp(-inf - -inf) would be NaN.
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -62,7 +64,8 @@ def ragged_paged_attention_tpu(
     `interpret=True` runs the kernel in Pallas' TPU interpreter on CPU, which emulates the async copies and
     DMA semaphores. Block sizes default to up to 32 query tokens and up to 128 cached tokens (whole pages).
     """
-    _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sliding_window, soft_cap)
+    check_attention_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs,
+                           sliding_window=sliding_window, soft_cap=soft_cap, kernel_dtypes=_DTYPES)  # fmt: skip
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     max_pages = block_tables.shape[1]
@@ -111,46 +114,6 @@ def ragged_paged_attention_tpu(
     )(kv_lens, block_tables, query_start_loc, jnp.reshape(num_seqs, (1,)), seq_lo, seq_hi, qg, k_pages, v_pages)
     out = out.reshape(num_kv_heads, t_pad, group, head_dim)[:, :num_tokens]
     return out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)
-
-
-def _check_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sliding_window, soft_cap):
-    """Compile-time checks of shapes, dtypes and static options (values are the caller's contract)."""
-    if q.ndim != 3 or k_pages.ndim != 4:
-        raise ValueError(f"q must be [T, H, D] and k_pages [N, P, K, D]; got {q.shape} and {k_pages.shape}")
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads, kv_head_dim = k_pages.shape[2:]
-    if num_tokens == 0:
-        raise ValueError("q has no rows: T must be at least 1")
-    if kv_head_dim != head_dim:
-        raise ValueError(f"head_dim of q ({head_dim}) and of the pages ({kv_head_dim}) differ")
-    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if not q.dtype == k_pages.dtype == v_pages.dtype or jnp.dtype(q.dtype) not in _DTYPES:
-        raise ValueError(
-            f"q, k_pages and v_pages must share one dtype, float32 or bfloat16; got {q.dtype}, {k_pages.dtype} "
-            f"and {v_pages.dtype}"
-        )
-    s = kv_lens.shape[0] if kv_lens.ndim == 1 else -1
-    if block_tables.ndim != 2 or block_tables.shape[0] != s or query_start_loc.shape != (s + 1,):
-        raise ValueError(
-            f"kv_lens must be [S], block_tables [S, M] and query_start_loc [S + 1]; got {kv_lens.shape}, "
-            f"{block_tables.shape} and {query_start_loc.shape}"
-        )
-    if block_tables.shape[1] == 0:
-        raise ValueError("block_tables has no columns: max_pages_per_seq must be at least 1")
-    if num_seqs.size != 1:
-        raise ValueError(f"num_seqs must hold one value, i32[1]; got shape {num_seqs.shape}")
-    named = {"kv_lens": kv_lens, "block_tables": block_tables, "query_start_loc": query_start_loc,
-             "num_seqs": num_seqs}  # fmt: skip
-    for name, a in named.items():
-        if a.dtype != jnp.int32:
-            raise ValueError(f"{name} must be int32; got {a.dtype}")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window={sliding_window} must be positive")
-    if soft_cap is not None and soft_cap <= 0:
-        raise ValueError(f"soft_cap={soft_cap} must be positive")
 
 
 def _block_sizes(q, group, page_size, max_pages, num_queries_per_block, num_kv_pages_per_block) -> tuple[int, int]:
