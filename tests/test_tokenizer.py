@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.tokenizer import MAX_TEMPLATE_OUTPUT, Tokenizer, TokenizerError
+from tests.tiny_models import bytes_to_unicode
 
 pytestmark = pytest.mark.real_model
 
@@ -144,18 +145,7 @@ def _hf_gguf_may_differ(text: str) -> bool:
     return False
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, used by byte-level BPE vocabularies."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
-    cs = list(bs)
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + len(cs) - 188)
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-BYTE_CHARS = _bytes_to_unicode()
+BYTE_CHARS = bytes_to_unicode()
 # Bytes with no token in SmolLM2's vocabulary (pinned in test_unrepresentable_bytes).
 MISSING_BYTES = frozenset([0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)])
 

@@ -42,7 +42,8 @@ def random_arrays(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, used by byte-level BPE vocabularies."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -56,7 +57,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
     """260 tokens: <|endoftext|>, <|im_start|>, <|im_end|> (control), the 256 byte symbols, one merge."""
-    byte_tokens = sorted(_bytes_to_unicode().values())
+    byte_tokens = sorted(bytes_to_unicode().values())
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *byte_tokens, "Ġt"]
     types = [3, 3, 3] + [1] * (len(tokens) - 3)
     return tokens, types, ["Ġ t"]
