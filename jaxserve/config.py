@@ -35,3 +35,75 @@ class CacheConfig:
             raise ValueError(
                 f"CacheConfig.kv_cache_memory_fraction={self.kv_cache_memory_fraction!r} must be in (0, 0.95]"
             )
+
+
+MAX_NUM_SEQS = 4096
+MAX_BATCHED_TOKENS = 1 << 16
+MAX_MODEL_LEN = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits.
+
+    max_num_batched_tokens: tokens one step may process (prompt chunks + decodes): the largest token bucket.
+    max_num_seqs: sequences one step may hold (running requests). max_model_len: prompt + output tokens of one
+    sequence. max_waiting_requests: admission bound of the waiting queue (a full queue refuses new requests).
+    enable_chunked_prefill: split prompts longer than the step's remaining budget across steps.
+    """
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    max_model_len: int = 2048
+    max_waiting_requests: int = 4096
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name, hi in (("max_num_batched_tokens", MAX_BATCHED_TOKENS), ("max_num_seqs", MAX_NUM_SEQS),
+                         ("max_model_len", MAX_MODEL_LEN), ("max_waiting_requests", 1 << 20)):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+                raise ValueError(f"SchedulerConfig.{name}={value!r} must be an integer in [1, {hi}]")
+        if self.max_num_seqs > self.max_num_batched_tokens:
+            raise ValueError(
+                f"SchedulerConfig.max_num_seqs={self.max_num_seqs} exceeds max_num_batched_tokens="
+                f"{self.max_num_batched_tokens}: every scheduled sequence needs at least one token of the budget"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"SchedulerConfig.max_num_batched_tokens={self.max_num_batched_tokens} < max_model_len="
+                f"{self.max_model_len}: without chunked prefill a whole prompt must fit one step"
+            )
+
+
+ATTENTION_BACKENDS = ("auto", "reference", "pallas_tpu", "pallas_gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs besides the model.
+
+    token_buckets: the step sizes (tokens) to compile; None -> powers of two up to max_num_batched_tokens.
+    seed: draws the seeds of requests that bring none (a request's own seed makes it reproducible).
+    """
+
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    token_buckets: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"EngineConfig.attention_backend={self.attention_backend!r} must be one of "
+                             f"{ATTENTION_BACKENDS}")  # fmt: skip
+        if self.token_buckets is not None:
+            b = self.token_buckets
+            if not b or any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in b):
+                raise ValueError(f"EngineConfig.token_buckets={b!r} must be positive integers")
+            if max(b) != self.scheduler.max_num_batched_tokens:
+                raise ValueError(f"EngineConfig.token_buckets={b!r}: the largest must equal max_num_batched_tokens="
+                                 f"{self.scheduler.max_num_batched_tokens}")  # fmt: skip
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"EngineConfig.seed={self.seed!r} must be an integer in [0, 2**63)")

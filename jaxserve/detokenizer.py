@@ -44,3 +44,50 @@ class IncrementalDetokenizer:
         self._prefix_offset = self._read_offset = len(self.token_ids)
         self.text += delta
         return delta
+
+
+class TextStream:
+    """One sequence's text as it is generated: incremental detokenization plus stop strings.
+
+    `add` returns (delta, stop): the text that is safe to show now, and the stop string that ended the text
+    (None if none). Up to (longest stop string - 1) characters are held back, because they may be the start of
+    a stop string that the next tokens complete; so a stop string never leaks into a delta, and the deltas
+    joined equal the final text (cut before the stop string unless include_stop_str_in_output).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), *, skip_special_tokens: bool = True,
+                 include_stop_str_in_output: bool = False):  # fmt: skip
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.stop = tuple(stop)
+        self.include_stop = include_stop_str_in_output
+        self._longest = max((len(s) for s in self.stop), default=0)
+        self.text = ""  # everything decoded so far (cut at a stop string once found)
+        self._emitted = 0  # characters of self.text already returned
+        self.stopped: str | None = None
+
+    def add(self, token_id: int) -> tuple[str, str | None]:
+        if self.stopped is not None:
+            return "", self.stopped
+        return self._advance(self.detok.add(token_id), final=False)
+
+    def finish(self) -> str:
+        """The held-back tail at the end of the sequence."""
+        if self.stopped is not None:
+            return ""
+        delta, _ = self._advance(self.detok.flush(), final=True)
+        return delta
+
+    def _advance(self, new: str, final: bool) -> tuple[str, str | None]:
+        if new:
+            search_from = max(0, len(self.text) - self._longest + 1)  # a match ending in the new text
+            self.text += new
+            hit = min(((i, s) for s in self.stop if (i := self.text.find(s, search_from)) >= 0), default=None)
+            if hit is not None:
+                i, s = hit
+                self.text = self.text[: i + len(s) if self.include_stop else i]
+                self.stopped = s
+                final = True
+        release = len(self.text) if final or not self._longest else max(self._emitted, len(self.text) - self._longest + 1)
+        delta = self.text[self._emitted : release]
+        self._emitted = release
+        return delta, self.stopped

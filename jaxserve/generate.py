@@ -55,7 +55,7 @@ class GenerationResult:
 def _step(params, cache, token_ids, positions, meta, sample_rows, st, *, cfg, backend):
     hidden, cache = forward(params, cfg, token_ids, positions, cache, meta, attention_backend=backend)
     logits = compute_logits(params, hidden[sample_rows])
-    return sample(logits, st), logits, cache
+    return sample(logits, st).token_ids, logits, cache
 
 
 def _all_logits(params, cache, token_ids, positions, meta, *, cfg, backend):

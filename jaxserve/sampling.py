@@ -1,99 +1,231 @@
-"""Sampling parameters (vLLM's field names) and the on-device sampler."""
+"""Sampling parameters (vLLM's names and defaults), their per-step device form, and the on-device sampler.
+
+Host: `SamplingParams` (one per request, validated once) and `SampleRow` (one per sequence that samples this
+step) become `SamplingTensors`, numpy arrays with one row per sequence slot, in `SamplingTensors.build`.
+Device: `sample(logits, st)` is a pure, jit-able function of static shapes, in vLLM v1's order:
+
+    raw logits -> logprobs (before anything reshapes the distribution)
+               -> banned ids -> penalties -> greedy: argmax
+                                           | random: temperature -> min_p -> top_k -> top_p -> draw
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_TOP_K = 1 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each next token. temperature=0 is greedy. top_k<=0 and top_p=1 disable those filters."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int | None = 16
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        def bad(field, value, want):
-            raise ValueError(f"SamplingParams.{field}={value!r}: {want}")
-
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
-            bad("temperature", self.temperature, "must be a number in [0, 100]")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            bad("top_p", self.top_p, "must be a number in (0, 1]")
-        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
-            bad("top_k", self.top_k, f"must be an integer in [-1, {MAX_TOP_K}] (0 or -1: no limit)")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            bad("max_tokens", self.max_tokens, "must be a positive integer or None")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            bad("seed", self.seed, "must be an integer in [0, 2**63)")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+from jaxserve.sampling_params import (  # noqa: F401  (re-exported)
+    MAX_BANNED,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_TOKENS_LIMIT,
+    MAX_TOP_K,
+    SampleRow,
+    SamplingParams,
+)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplingTensors:
-    """Per-sequence sampling settings as device arrays (one row per sequence slot of the batch)."""
+    """Per-sequence sampling settings, one row per sequence slot S. Rows past the real ones are padding:
+    greedy, no filters, no penalties, no logprobs. build() returns numpy arrays; the caller transfers them."""
 
     temperature: jax.Array  # f32[S]; 0 = greedy
     top_k: jax.Array  # i32[S]; <= 0 = no limit
-    top_p: jax.Array  # f32[S]
+    top_p: jax.Array  # f32[S]; 1 = no limit
+    min_p: jax.Array  # f32[S]; 0 = no limit
     seeds: jax.Array  # u32[S]
     step: jax.Array  # i32[S]: tokens generated so far, so each draw has its own key
+    presence: jax.Array  # f32[S]
+    frequency: jax.Array  # f32[S]
+    repetition: jax.Array  # f32[S]; 1 = none
+    banned: jax.Array  # i32[S, MAX_BANNED]; -1 = padding
+    history: jax.Array  # i32[S, H]: prompt ids then output ids, -1 padding; all -1 in rows without penalties
+    num_prompt: jax.Array  # i32[S]: how many leading history entries are prompt tokens
+    num_logprobs: jax.Array  # i32[S]; -1 = none requested
+
+    @classmethod
+    def build(cls, rows: Sequence[SampleRow], num_rows: int, history_len: int) -> "SamplingTensors":
+        """Rows padded to num_rows (the compiled S bucket). history_len is H; when no row has penalties the
+        history is never read, so pass 1 and the [S, H] block costs nothing."""
+        n = len(rows)
+        if n > num_rows:
+            raise ValueError(f"{n} rows do not fit num_rows={num_rows}")
+        if history_len < 1:
+            raise ValueError(f"history_len={history_len} must be >= 1")
+        params = [r.params for r in rows]
+
+        def col(values, dtype, pad):
+            out = np.full(num_rows, pad, dtype)
+            out[:n] = values
+            return out
+
+        banned = np.full((num_rows, MAX_BANNED), -1, np.int32)
+        history = np.full((num_rows, history_len), -1, np.int32)
+        num_prompt = np.zeros(num_rows, np.int32)
+        for i, r in enumerate(rows):
+            if r.banned_token_ids:
+                if len(r.banned_token_ids) > MAX_BANNED:
+                    raise ValueError(f"row {i}: {len(r.banned_token_ids)} banned token ids exceed MAX_BANNED={MAX_BANNED}")
+                banned[i, : len(r.banned_token_ids)] = r.banned_token_ids
+            if r.params.has_penalties:
+                p, o = len(r.prompt_token_ids), len(r.output_token_ids)
+                if p + o > history_len:
+                    raise ValueError(f"row {i}: prompt {p} + output {o} tokens exceed history_len={history_len}")
+                history[i, :p] = r.prompt_token_ids
+                history[i, p : p + o] = r.output_token_ids
+                num_prompt[i] = p
+        return cls(
+            temperature=col([p.temperature for p in params], np.float32, 0.0),
+            top_k=col([p.top_k for p in params], np.int32, 0),
+            top_p=col([p.top_p for p in params], np.float32, 1.0),
+            min_p=col([p.min_p for p in params], np.float32, 0.0),
+            seeds=col([r.seed % 2**32 for r in rows], np.uint32, 0),
+            step=col([r.step for r in rows], np.int32, 0),
+            presence=col([p.presence_penalty for p in params], np.float32, 0.0),
+            frequency=col([p.frequency_penalty for p in params], np.float32, 0.0),
+            repetition=col([p.repetition_penalty for p in params], np.float32, 1.0),
+            banned=banned,
+            history=history,
+            num_prompt=num_prompt,
+            num_logprobs=col([-1 if p.logprobs is None else p.logprobs for p in params], np.int32, -1),
+        )
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], steps: list[int], default_seed: int = 0) -> "SamplingTensors":
-        return cls(
-            temperature=np.array([p.temperature for p in params], np.float32),
-            top_k=np.array([p.top_k for p in params], np.int32),
-            top_p=np.array([p.top_p for p in params], np.float32),
-            seeds=np.array([(default_seed if p.seed is None else p.seed) % 2**32 for p in params], np.uint32),
-            step=np.array(steps, np.int32),
-        )
+        """One row per params, no token history, nothing banned: for a caller that tracks no history."""
+        if len(params) != len(steps):
+            raise ValueError(f"{len(params)} params but {len(steps)} steps")
+        for p in params:
+            if p.has_penalties:
+                raise ValueError("penalties need the token history: use SamplingTensors.build with SampleRows")
+        rows = [SampleRow(p, default_seed if p.seed is None else p.seed, s, (), ()) for p, s in zip(params, steps)]
+        return cls.build(rows, len(rows), history_len=1)
 
 
-def sample(logits: jax.Array, st: SamplingTensors) -> jax.Array:
-    """logits: f32[S, V] -> i32[S]. Each row's draw depends only on its seed and step, not on the batch."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplerOutput:
+    token_ids: jax.Array  # i32[S]
+    logprobs: jax.Array  # f32[S]: the sampled token's log-prob under the raw distribution (log_softmax of the logits)
+    top_ids: jax.Array  # i32[S, MAX_LOGPROBS]: the raw distribution's top tokens, best first; -1 if no row asked
+    top_logprobs: jax.Array  # f32[S, MAX_LOGPROBS]; 0 if no row asked
+
+
+def sample(logits: jax.Array, st: SamplingTensors) -> SamplerOutput:
+    """logits: f32[S, V]. Each row's draw depends only on its seed, step and logits, never on the batch."""
+    logits = logits.astype(jnp.float32)
+    with jax.named_scope("logprobs"):
+        # vLLM v1 reports the model's own distribution: logprobs come before bans, penalties and temperature.
+        raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # f32[S, V]
+        top_ids, top_logprobs = _top_logprobs(raw_logprobs, st.num_logprobs)
+    with jax.named_scope("ban"):
+        logits = _ban(logits, st.banned)
+    with jax.named_scope("penalties"):
+        logits = apply_penalties(logits, st)
+    with jax.named_scope("pick"):
+        token_ids = _pick(logits, st)
+    logprobs = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_logprobs)
+
+
+def _top_logprobs(raw_logprobs: jax.Array, num_logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    s, v = raw_logprobs.shape
+    k = min(MAX_LOGPROBS, v)
+
+    def top():
+        vals, ids = jax.lax.top_k(raw_logprobs, k)  # sorted, best first
+        pad = MAX_LOGPROBS - k  # only for vocabularies smaller than MAX_LOGPROBS
+        return jnp.pad(ids, ((0, 0), (0, pad)), constant_values=-1), jnp.pad(vals, ((0, 0), (0, pad)))
+
+    def nothing():
+        return jnp.full((s, MAX_LOGPROBS), -1, jnp.int32), jnp.zeros((s, MAX_LOGPROBS), jnp.float32)
+
+    # top_k over [S, V] is a partial sort: skip it for the usual batch where nobody asked.
+    return jax.lax.cond(jnp.any(num_logprobs >= 0), top, nothing)
+
+
+def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
+    s, v = logits.shape
+    # -1 padding becomes the out-of-range index v, which mode="drop" skips (a bare -1 would wrap to v - 1).
+    ids = jnp.where(banned >= 0, banned, v)
+    return logits.at[jnp.arange(s)[:, None], ids].set(-jnp.inf, mode="drop")
+
+
+def apply_penalties(logits: jax.Array, st: SamplingTensors) -> jax.Array:
+    """vLLM's penalties. logits f32[S, V] -> f32[S, V]. Repetition applies to tokens seen in the prompt or the
+    output (positive logits divided by it, the rest multiplied); frequency and presence to output tokens only."""
+    active = (st.repetition != 1) | (st.presence != 0) | (st.frequency != 0)
+
+    def penalize():
+        s, v = logits.shape
+        rows = jnp.arange(s)[:, None]
+        ids = jnp.where(st.history >= 0, st.history, v)  # -1 padding -> out of range -> dropped
+        is_output = jnp.arange(st.history.shape[1])[None, :] >= st.num_prompt[:, None]  # bool[S, H]
+        seen = jnp.zeros((s, v), jnp.int32).at[rows, ids].add(1, mode="drop") > 0
+        out_counts = jnp.zeros((s, v), jnp.float32).at[rows, ids].add(is_output.astype(jnp.float32), mode="drop")
+        rep = jnp.where(seen, st.repetition[:, None], 1.0)
+        x = logits * jnp.where(logits > 0, 1.0 / rep, rep)
+        x = x - st.frequency[:, None] * out_counts
+        return x - st.presence[:, None] * (out_counts > 0)
+
+    # Two [S, V] scatters and a few passes: paid only by batches where some row has a penalty.
+    return jax.lax.cond(jnp.any(active), penalize, lambda: logits)
+
+
+def _pick(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw():
-        vocab = logits.shape[-1]
         temp = jnp.where(st.temperature > 0, st.temperature, 1.0)
-        scaled = logits / temp[:, None]
-        desc = -jnp.sort(-scaled, axis=-1)  # [S, V], largest first
-        k = jnp.where(st.top_k > 0, jnp.minimum(st.top_k, vocab), vocab)
-        kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [S, 1]
-        desc = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], desc, -jnp.inf)
-        probs = jax.nn.softmax(desc, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < st.top_p[:, None]
-        cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-        threshold = jnp.maximum(kth, cutoff)
-        filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+        scaled = logits / temp[:, None]  # f32[S, V]
+        filters = (st.top_k > 0) | (st.top_p < 1) | (st.min_p > 0)
+        # The sort is the costly part: batches whose random rows all use vLLM's defaults skip it.
+        scaled = jax.lax.cond(jnp.any(filters & (st.temperature > 0)), lambda: _filter(scaled, st), lambda: scaled)
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(st.seeds, st.step)
-        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
-        return jnp.where(st.temperature > 0, drawn.astype(jnp.int32), greedy)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(st.temperature > 0, drawn, greedy)
 
+    # An all-greedy batch skips the whole random path.
     return jax.lax.cond(jnp.any(st.temperature > 0), draw, lambda: greedy)
+
+
+def _filter(scaled: jax.Array, st: SamplingTensors) -> jax.Array:
+    """min_p, then top_k, then top_p on temperature-scaled logits f32[S, V]; dropped tokens become -inf."""
+    vocab = scaled.shape[-1]
+    desc = _sort_descending(scaled)  # f32[S, V], largest first: the one sort
+    # min_p (by value), top_k (by rank) and top_p (by mass) each keep a prefix of `desc`, so one threshold value
+    # expresses all three. The first token always survives (exp(0) >= min_p, and the mass before it is 0).
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(st.top_k > 0, jnp.minimum(st.top_k, vocab), vocab)
+    # prob / max prob = exp(logit - max logit): min_p needs no softmax of its own.
+    keep = (rank < k[:, None]) & (jnp.exp(desc - desc[:, :1]) >= st.min_p[:, None])
+    desc = jnp.where(keep, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc, axis=-1)
+    # Smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p. top_p = 1 keeps
+    # everything outright, or float rounding of the cumsum could drop the tail.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= (mass_before < st.top_p[:, None]) | (st.top_p[:, None] >= 1)
+    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)  # f32[S, 1]
+    # Tokens tied with the threshold all stay (top_k may then keep a few more than k).
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def _sort_descending(x: jax.Array) -> jax.Array:
+    """f32[S, V] sorted along the last axis, largest first. XLA:CPU sorts floats with a NaN-aware comparator, ~4x
+    slower than int32 keys, so this sorts the floats' order-preserving int32 image and maps it back (exact)."""
+
+    def flip(i):  # an involution: negative floats' magnitude bits reversed, so int order == float order
+        return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+    keys = flip(jax.lax.bitcast_convert_type(x, jnp.int32))
+    # ~ reverses int order without overflow, so an ascending sort gives largest first.
+    keys = ~jax.lax.sort(~keys, dimension=x.ndim - 1, is_stable=False)
+    return jax.lax.bitcast_convert_type(flip(keys), jnp.float32)

@@ -56,16 +56,31 @@ def free_device_memory(device: jax.Device) -> tuple[int, str]:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host free pages"
 
 
-def plan_kv_pool(cache: CacheConfig, model: LlamaConfig, model_dtype, device: jax.Device | None = None) -> PoolPlan:
+def plan_kv_pool(
+    cache: CacheConfig,
+    model: LlamaConfig,
+    model_dtype,
+    device: jax.Device | None = None,
+    *,
+    reserve_bytes: int = 0,
+    max_tokens: int | None = None,
+) -> PoolPlan:
+    """Pages for the KV cache: `kv_cache_memory` if given, else a fraction of the memory the device has free
+    (weights already loaded) after `reserve_bytes` (the compiled step's scratch); at most `max_tokens` tokens."""
     dtype = jnp.dtype(model_dtype if cache.kv_cache_dtype == "auto" else cache.kv_cache_dtype)
     bytes_per_page = 2 * model.num_layers * cache.page_size * model.num_kv_heads * model.head_dim * dtype.itemsize
     if cache.kv_cache_memory is not None:
         budget, source = cache.kv_cache_memory, "kv_cache_memory"
     else:
         free, where = free_device_memory(device or jax.devices()[0])
-        budget = int(free * cache.kv_cache_memory_fraction)
+        budget = int(max(0, free - reserve_bytes) * cache.kv_cache_memory_fraction)
         source = f"{cache.kv_cache_memory_fraction:g} of {free / 2**30:.1f} GiB free ({where})"
+        if reserve_bytes:
+            source += f" less {reserve_bytes / 2**20:.0f} MiB for the compiled step"
     num_pages = min(budget // bytes_per_page, MAX_SLOTS // cache.page_size)
+    if max_tokens is not None and num_pages > 1 + -(-max_tokens // cache.page_size):
+        num_pages = 1 + -(-max_tokens // cache.page_size)
+        source += f"; capped at {max_tokens} tokens (more would never be used)"
     if num_pages < 2:
         raise ValueError(
             f"KV cache budget of {budget} bytes ({source}) holds {num_pages} page(s) of {bytes_per_page} bytes; "

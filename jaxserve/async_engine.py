@@ -1,0 +1,181 @@
+"""`AsyncEngine`: the engine loop on a background thread, streams to asyncio callers.
+
+    engine = AsyncEngine.start()                       # loads the default model, compiles, then serves
+    async for out in engine.generate("Hello", SamplingParams(max_tokens=32), request_id="r1"):
+        print(out.outputs[0].delta_text, end="")
+    await engine.abort("r1")                           # from anywhere; the stream ends with finish_reason "abort"
+
+The loop thread owns the engine: callers never touch it, they post commands (add, abort) to a queue that the
+loop drains between steps, and get outputs through their own asyncio queue. A caller that stops iterating
+(client gone, task cancelled) aborts its request, so its pages come back. If a step fails, every stream gets
+`EngineDeadError` and the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+from jaxserve.engine import LLMEngine
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling import SamplingParams
+
+log = logging.getLogger("jaxserve.async_engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error; no request can be served (HTTP 503 / UNAVAILABLE)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, model: str | None = None, **options) -> AsyncEngine:
+        """Load a model and start serving it; options as `jaxserve.llm.build_engine`."""
+        from jaxserve.llm import build_engine
+
+        return cls(build_engine(model, **options))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    # ---- the caller's side (any event loop) -----------------------------------------------------------------
+
+    async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """Stream this request's outputs (each carries the text so far and the delta); the last has
+        finished=True. Bad input raises ValueError naming the field before the first output."""
+        self._check_alive()
+        request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        added: asyncio.Future = loop.create_future()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._commands.put(("add", (request_id, prompt, params, priority, loop, stream, added)))
+        finished = False
+        try:
+            await added  # raises the engine's validation error, if any
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """End a request; its stream yields a last output with finish_reason "abort" (unless already done)."""
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        self._stopping = True
+        self._commands.put(("stop", None))
+        self._thread.join(timeout)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self._dead!r}")
+        if self._stopping:
+            raise EngineDeadError("the engine is shutting down")
+
+    # ---- the loop thread ------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                # Block for a command only when there is nothing to step: no busy wait.
+                block = not engine.has_unfinished_requests()
+                while True:
+                    try:
+                        kind, arg = self._commands.get(block=block)
+                    except queue.Empty:
+                        break
+                    block = False
+                    if kind == "stop":
+                        self._fail_all(EngineDeadError("the engine was shut down"))
+                        return
+                    self._handle(kind, arg)
+                if engine.has_unfinished_requests():
+                    for out in engine.step():
+                        self._deliver(out)
+        except BaseException as e:  # the device step failed: nothing can be served any more
+            log.exception("engine loop died")
+            self._dead = e
+            self._fail_all(EngineDeadError(f"the engine stopped: {e!r}"))
+
+    def _handle(self, kind: str, arg) -> None:
+        if kind == "add":
+            request_id, prompt, params, priority, loop, stream, added = arg
+            try:
+                if request_id in self._streams:
+                    raise ValueError(f"request_id={request_id!r} is already in use")
+                self.engine.add_request(request_id, prompt, params, priority=priority)
+            except Exception as e:  # validation / admission: this caller's error only
+                loop.call_soon_threadsafe(_set_exception, added, e)
+                return
+            self._streams[request_id] = (loop, stream)
+            loop.call_soon_threadsafe(_set_result, added, None)
+        elif kind == "abort":
+            out = self.engine.abort_request(arg)
+            if out is not None:
+                self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        entry = self._streams.get(out.request_id)
+        if entry is None:
+            return
+        if out.finished:
+            del self._streams[out.request_id]
+        loop, stream = entry
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, out)
+        except RuntimeError:  # the caller's event loop is closed; abort what it left behind
+            self._streams.pop(out.request_id, None)
+            self.engine.abort_request(out.request_id)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for loop, stream in self._streams.values():
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, error)
+            except RuntimeError:
+                pass
+        self._streams.clear()
+        while True:  # callers waiting on an add
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                arg[4].call_soon_threadsafe(_set_exception, arg[6], error)
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, error: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(error)

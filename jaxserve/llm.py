@@ -1,0 +1,164 @@
+"""`LLM`: offline batched generation, shaped like vLLM's so its users switch by changing the import.
+
+    from jaxserve import LLM, SamplingParams
+    llm = LLM()                                   # the default SmolLM2-135M-Instruct; LLM(model=path) another
+    outs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0.8, max_tokens=64))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from collections.abc import Sequence
+
+from jaxserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling import SamplingParams
+
+DEFAULT_COMPILE_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
+
+Prompt = str | dict | Sequence[int]
+
+
+def enable_compile_cache(path: str | None) -> None:
+    """Persist compiled executables under `path` (None or '' disables), so a second start-up loads them."""
+    import jax
+
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def engine_config(*, max_model_len: int, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                  page_size: int = 16, kv_cache_dtype: str = "auto", kv_cache_memory: int | None = None,
+                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                  attention_backend: str = "auto", token_buckets: Sequence[int] | None = None,
+                  seed: int = 0) -> EngineConfig:  # fmt: skip
+    """Flat keyword options (vLLM's names) -> the engine's config tree."""
+    return EngineConfig(
+        cache=CacheConfig(page_size=page_size, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_cache_memory),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                  max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill),
+        enable_prefix_caching=enable_prefix_caching,
+        attention_backend=attention_backend,
+        token_buckets=None if token_buckets is None else tuple(token_buckets),
+        seed=seed,
+    )  # fmt: skip
+
+
+def build_engine(model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
+                 compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR, progress: bool = True, quiet: bool = False,
+                 **options):  # fmt: skip
+    """Load a model and start an engine on it (every bucket compiled before this returns)."""
+    from jaxserve.engine import LLMEngine
+    from models.loader import load_model
+
+    enable_compile_cache(compile_cache_dir)
+    loaded = load_model(model, dtype=dtype)
+    max_len = max_model_len or min(2048, loaded.config.max_position_embeddings)
+    engine = LLMEngine(loaded, engine_config(max_model_len=max_len, **options), progress=progress and not quiet)
+    if not quiet:
+        print(f"[jaxserve] {loaded.config.name} ({os.path.basename(loaded.path)}), {dtype}, loaded in "
+              f"{loaded.load_seconds:.1f}s; {engine.runner.pool.describe()}; "
+              f"{engine.runner.describe_compile_plan()}", file=sys.stderr)  # fmt: skip
+    return engine
+
+
+class LLM:
+    """Offline generation over a continuously batched engine. Keyword options as `engine_config`."""
+
+    def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
+                 compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR, quiet: bool = False, **options):  # fmt: skip
+        self.engine = build_engine(model, dtype=dtype, max_model_len=max_model_len,
+                                   compile_cache_dir=compile_cache_dir, quiet=quiet, **options)  # fmt: skip
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, engine) -> "LLM":
+        """Wrap an engine that is already running (tests, or several front ends over one engine)."""
+        llm = cls.__new__(cls)
+        llm.engine, llm._ids = engine, itertools.count()
+        return llm
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams |
+                 Sequence[SamplingParams] | None = None, *, use_tqdm: bool = True,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:  # fmt: skip
+        """One finished output per prompt, in the prompts' order. A prompt is a str, {"prompt": str} or
+        {"prompt_token_ids": [...]}. Bad input raises ValueError before anything runs."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        priority = [0] * len(prompts) if priority is None else list(priority)
+        if len(priority) != len(prompts):
+            raise ValueError(f"priority: {len(priority)} given for {len(prompts)} prompts")
+        engine = self.engine
+        requests = [(f"llm-{next(self._ids)}", _prompt_input(p, i)) for i, p in enumerate(prompts)]
+        for (rid, prompt), p in zip(requests, params):  # validate everything before queueing anything
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"sampling_params: need SamplingParams, got {type(p).__name__}")
+            engine.check_prompt(engine.tokenize(prompt)[1])
+        return self._run(requests, params, priority, use_tqdm)
+
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]], sampling_params: SamplingParams |
+             Sequence[SamplingParams] | None = None, *, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:  # fmt: skip
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.engine.tokenizer
+        prompts = [tok.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt)
+                   for c in conversations]  # fmt: skip
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, requests, params, priority, use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
+
+        engine = self.engine
+        done: dict[str, RequestOutput] = {}
+        pending = list(zip(requests, params, priority))[::-1]
+        bar = tqdm(total=len(requests), desc="generating", unit="req", disable=not use_tqdm, file=sys.stderr)
+        try:
+            while pending or engine.has_unfinished_requests():
+                # Feed the queue up to its bound; the rest waits here, not in the engine.
+                room = engine.config.scheduler.max_waiting_requests - len(engine.scheduler.waiting)
+                while pending and pending[-1][1].n <= room:
+                    (rid, prompt), p, prio = pending.pop()
+                    engine.add_request(rid, prompt, p, priority=prio)
+                    room -= p.n
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid, _ in requests:  # leave the engine clean for the next call
+                engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[rid] for rid, _ in requests]
+
+
+def _prompt_input(prompt: Prompt, index: int) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                             for t in ids):  # fmt: skip
+                raise ValueError(f"prompts[{index}].prompt_token_ids: need a list of ints")
+            return list(ids)
+        if isinstance(prompt.get("prompt"), str):
+            return prompt["prompt"]
+        raise ValueError(f"prompts[{index}]: a dict prompt needs 'prompt' (str) or 'prompt_token_ids' (list of ints)")
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    raise ValueError(f"prompts[{index}]: need a str, a list of token ids or a dict, got {type(prompt).__name__}")

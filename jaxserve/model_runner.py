@@ -1,0 +1,225 @@
+"""The device side of a step: pad the scheduled ragged batch to a compiled bucket, run the AOT-compiled step
+(forward -> logits of the sampled rows -> sampler, all on device), hand back plain ints.
+
+Buckets: T (tokens) in powers of two up to max_num_batched_tokens; S (sequence slots) = min(T, max_num_seqs),
+so each token bucket has one sequence bucket; the block table width is the whole context's pages (the jnp
+attention walks only up to the longest real sequence, the Pallas kernels only over each sequence's pages).
+Every bucket is compiled before the engine reports ready; a missing bucket is an error, never a silent jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.compile_stats import compile_counter
+from jaxserve.config import CacheConfig, SchedulerConfig
+from jaxserve.kv_cache.pool import PoolPlan, allocate_kv_cache, plan_kv_pool
+from jaxserve.sampling import SampleRow, SamplerOutput, SamplingTensors, sample
+from jaxserve.scheduler import ScheduledRequest
+from models.cache import AttentionMetadata, KVCache
+from models.config import LlamaConfig
+from models.llama import LlamaParams, compute_logits, forward
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    token_ids: jax.Array  # i32[T]
+    positions: jax.Array  # i32[T]
+    meta: AttentionMetadata  # slot_mapping i32[T], query_start_loc i32[S+1], kv_lens i32[S], block_tables i32[S, W]
+    sample_idx: jax.Array  # i32[S]: the token row whose logits sequence s samples from
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepOutputs:
+    sampled: SamplerOutput  # token_ids i32[S], logprobs f32[S], top_ids / top_logprobs [S, MAX_LOGPROBS]
+    rank: jax.Array  # i32[S]: 1 + how many tokens the raw distribution ranks above the sampled one
+
+
+def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingTensors, *, cfg, backend):
+    hidden, cache = forward(params, cfg, inputs.token_ids, inputs.positions, cache, inputs.meta,
+                            attention_backend=backend)  # fmt: skip
+    with jax.named_scope("sample"):
+        logits = compute_logits(params, hidden[inputs.sample_idx])  # only the rows that are sampled
+        out = sample(logits, st)
+        chosen = jnp.take_along_axis(logits, out.token_ids[:, None], axis=-1)
+        rank = 1 + jnp.sum(logits > chosen, axis=-1, dtype=jnp.int32)
+    return StepOutputs(out, rank), cache
+
+
+def token_buckets(max_num_batched_tokens: int) -> list[int]:
+    """Powers of two from 1 up to the budget (the budget itself last, if it is not one)."""
+    buckets = [1 << i for i in range(max_num_batched_tokens.bit_length()) if 1 << i < max_num_batched_tokens]
+    return buckets + [max_num_batched_tokens]
+
+
+@dataclasses.dataclass
+class BucketReport:
+    num_tokens: int
+    num_seqs: int
+    seconds: float
+    cache_hit: bool
+
+
+class ModelRunner:
+    """Owns the weights, the KV pages and the compiled step per bucket."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        params: LlamaParams,
+        *,
+        cache: CacheConfig,
+        scheduler: SchedulerConfig,
+        attention_backend: str = "auto",
+        buckets: Sequence[int] | None = None,
+        progress: bool = False,
+    ):
+        self.cfg = config
+        self.params = params
+        self.scheduler_config = scheduler
+        self.page_size = cache.page_size
+        self.max_model_len = scheduler.max_model_len
+        self.pages_per_seq = -(-scheduler.max_model_len // cache.page_size)
+        self.buckets = sorted(set(buckets or token_buckets(scheduler.max_num_batched_tokens)))
+        if self.buckets[-1] < scheduler.max_num_batched_tokens:
+            raise ValueError(f"buckets={self.buckets} do not reach max_num_batched_tokens="
+                             f"{scheduler.max_num_batched_tokens}")  # fmt: skip
+        self._fn = jax.jit(functools.partial(_step, cfg=config, backend=attention_backend), donate_argnums=(1,))
+        self.counter = compile_counter()
+        t0 = time.perf_counter()
+        self.step_temp_bytes = self._probe_temp_bytes()
+        self.pool: PoolPlan = plan_kv_pool(cache, config, params.embed.dtype, reserve_bytes=self.step_temp_bytes,
+                                           max_tokens=self.max_pool_tokens)  # fmt: skip
+        if self.pool.num_tokens < scheduler.max_model_len:
+            raise ValueError(f"max_model_len={scheduler.max_model_len} does not fit the KV cache: "
+                             f"{self.pool.describe()}; raise kv_cache_memory or lower max_model_len")  # fmt: skip
+        self.cache = allocate_kv_cache(self.pool, config)
+        self.compiled: dict[int, jax.stages.Compiled] = {}
+        self.report: list[BucketReport] = []
+        self._compile_all(progress)
+        self.startup_seconds = time.perf_counter() - t0
+        self.compiles_after_warmup_base = self.counter.snapshot()[0]
+
+    # ---- sizes ----------------------------------------------------------------------------------
+
+    def num_seqs_for(self, num_tokens: int) -> int:
+        return min(num_tokens, self.scheduler_config.max_num_seqs)
+
+    @property
+    def max_pool_tokens(self) -> int:
+        """More pages than every running sequence at full length plus as much again for the prefix cache
+        would never be used: cap the pool there rather than take half the host's memory."""
+        return 2 * self.scheduler_config.max_num_seqs * self.pages_per_seq * self.page_size
+
+    def _specs(self, num_tokens: int, num_pages: int):
+        s = self.num_seqs_for(num_tokens)
+        i32 = jnp.int32
+        meta = AttentionMetadata(
+            slot_mapping=jax.ShapeDtypeStruct((num_tokens,), i32),
+            query_start_loc=jax.ShapeDtypeStruct((s + 1,), i32),
+            kv_lens=jax.ShapeDtypeStruct((s,), i32),
+            block_tables=jax.ShapeDtypeStruct((s, self.pages_per_seq), i32),
+            num_seqs=jax.ShapeDtypeStruct((), i32),
+        )
+        inputs = StepInputs(jax.ShapeDtypeStruct((num_tokens,), i32), jax.ShapeDtypeStruct((num_tokens,), i32),
+                            meta, jax.ShapeDtypeStruct((s,), i32))  # fmt: skip
+        st = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                          SamplingTensors.build([], s, self.max_model_len))  # fmt: skip
+        shape = (self.cfg.num_layers, num_pages, self.page_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        dtype = self.pool.dtype if hasattr(self, "pool") else self.params.embed.dtype
+        cache = KVCache(jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct(shape, dtype))
+        return cache, inputs, st
+
+    def _probe_temp_bytes(self) -> int:
+        """The largest bucket's scratch memory, from a compile with a small cache (the pool is not sized yet)."""
+        cache, inputs, st = self._specs(self.buckets[-1], 2)
+        compiled = self._fn.lower(self.params, cache, inputs, st).compile()
+        try:
+            analysis = compiled.memory_analysis()
+        except (NotImplementedError, RuntimeError):  # not every backend reports it
+            return 0
+        return int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
+
+    def _compile_all(self, progress: bool) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(self.buckets, desc="compiling step buckets", unit="bucket", disable=not progress,
+                   file=sys.stderr)  # fmt: skip
+        for num_tokens in bar:
+            t0 = time.perf_counter()
+            hits0 = self.counter.snapshot()[1]
+            cache, inputs, st = self._specs(num_tokens, self.pool.num_pages)
+            self.compiled[num_tokens] = self._fn.lower(self.params, cache, inputs, st).compile()
+            self.report.append(BucketReport(num_tokens, self.num_seqs_for(num_tokens), time.perf_counter() - t0,
+                                            self.counter.snapshot()[1] > hits0))  # fmt: skip
+
+    def describe_compile_plan(self) -> str:
+        hits = sum(r.cache_hit for r in self.report)
+        rows = ", ".join(f"T{r.num_tokens}/S{r.num_seqs} {r.seconds:.1f}s{' (cached)' if r.cache_hit else ''}"
+                         for r in self.report)  # fmt: skip
+        return (f"compiled {len(self.report)} step buckets in {sum(r.seconds for r in self.report):.1f}s "
+                f"({hits} from the persistent cache): {rows}")  # fmt: skip
+
+    @property
+    def compiles_since_warmup(self) -> int:
+        return self.counter.snapshot()[0] - self.compiles_after_warmup_base
+
+    def bucket_for(self, num_tokens: int) -> int:
+        for b in self.buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"a step of {num_tokens} tokens exceeds the largest compiled bucket {self.buckets[-1]}")
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def prepare(self, scheduled: Sequence[ScheduledRequest], block_tables: Sequence[Sequence[int]],
+                rows: Sequence[SampleRow]) -> tuple[int, StepInputs, SamplingTensors]:  # fmt: skip
+        """Plain numpy inputs for one step. `block_tables[i]` are scheduled[i]'s pages; `rows[i]` its sampling."""
+        num_real = sum(s.num_tokens for s in scheduled)
+        bucket = self.bucket_for(num_real)
+        num_slots = self.num_seqs_for(bucket)
+        if len(scheduled) > num_slots:
+            raise ValueError(f"{len(scheduled)} sequences exceed the {num_slots} slots of bucket T{bucket}")
+        ps = self.page_size
+        token_ids = np.zeros(bucket, np.int32)
+        positions = np.zeros(bucket, np.int32)
+        slot_mapping = np.full(bucket, -1, np.int32)
+        qsl = np.full(num_slots + 1, num_real, np.int32)
+        kv_lens = np.zeros(num_slots, np.int32)
+        tables = np.zeros((num_slots, self.pages_per_seq), np.int32)
+        sample_idx = np.zeros(num_slots, np.int32)
+        at = 0
+        for i, (item, pages) in enumerate(zip(scheduled, block_tables, strict=True)):
+            n, start = item.num_tokens, item.start
+            end = at + n
+            qsl[i] = at
+            if n == 1:
+                token_ids[at] = item.request.all_token_ids[start]
+            else:
+                token_ids[at:end] = item.request.all_token_ids[start : start + n]
+            pos = np.arange(start, start + n, dtype=np.int32)
+            positions[at:end] = pos
+            page_arr = np.asarray(pages, np.int32)
+            slot_mapping[at:end] = page_arr[pos // ps] * ps + pos % ps
+            kv_lens[i] = start + n
+            tables[i, : len(pages)] = page_arr
+            sample_idx[i] = end - 1
+            at = end
+        meta = AttentionMetadata(slot_mapping, qsl, kv_lens, tables, np.array(len(scheduled), np.int32))
+        st = SamplingTensors.build(rows, num_slots, self.max_model_len)
+        return bucket, StepInputs(token_ids, positions, meta, sample_idx), st
+
+    def execute(self, bucket: int, inputs: StepInputs, st: SamplingTensors) -> StepOutputs:
+        """Run the compiled step (asynchronously: the result is a device future until read)."""
+        out, self.cache = self.compiled[bucket](self.params, self.cache, inputs, st)
+        return out

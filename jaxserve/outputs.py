@@ -1,0 +1,61 @@
+"""What the engine hands back, shaped like vLLM's `RequestOutput` / `CompletionOutput`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+    logprob: float  # under the model's raw distribution (before penalties, temperature, filters)
+    rank: int  # 1 = the most likely token
+    decoded_token: str
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    arrival_time: float  # time.perf_counter() seconds
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_generated_tokens: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        """Arrival -> first token, seconds (queueing and prefill included)."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean seconds per output token after the first."""
+        if self.num_generated_tokens < 2 or self.first_token_time is None:
+            return None
+        return (self.last_token_time - self.first_token_time) / (self.num_generated_tokens - 1)
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str  # everything so far (cumulative, as vLLM's default)
+    token_ids: list[int]
+    cumulative_logprob: float | None = None  # only when logprobs were requested
+    logprobs: list[dict[int, Logprob]] | None = None  # per generated token: the sampled one and the top-n
+    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string, if one ended it
+    delta_text: str = ""  # new since the previous output of this request
+    delta_token_ids: list[int] = dataclasses.field(default_factory=list)
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    error: str | None = None  # set when the request ended on an internal error (the engine lives on)
