@@ -98,8 +98,10 @@ class ModelRunner:
         self.counter = compile_counter()
         t0 = time.perf_counter()
         self.step_temp_bytes = self._probe_temp_bytes()
-        self.pool: PoolPlan = plan_kv_pool(cache, config, params.embed.dtype, reserve_bytes=self.step_temp_bytes,
-                                           max_tokens=self.max_pool_tokens)  # fmt: skip
+        self.pool: PoolPlan = plan_kv_pool(
+            cache, config, params.embed.dtype, reserve_bytes=self.step_temp_bytes,
+            max_tokens=None if cache.kv_cache_memory is not None else self.max_pool_tokens,
+        )  # fmt: skip
         if self.pool.num_tokens < scheduler.max_model_len:
             raise ValueError(f"max_model_len={scheduler.max_model_len} does not fit the KV cache: "
                              f"{self.pool.describe()}; raise kv_cache_memory or lower max_model_len")  # fmt: skip
@@ -117,9 +119,9 @@ class ModelRunner:
 
     @property
     def max_pool_tokens(self) -> int:
-        """More pages than every running sequence at full length plus as much again for the prefix cache
-        would never be used: cap the pool there rather than take half the host's memory."""
-        return 2 * self.scheduler_config.max_num_seqs * self.pages_per_seq * self.page_size
+        """Every running sequence at full length: more pages would only ever serve the prefix cache, so the
+        default budget stops there rather than take half the host's memory (kv_cache_memory overrides it)."""
+        return self.scheduler_config.max_num_seqs * self.pages_per_seq * self.page_size
 
     def _specs(self, num_tokens: int, num_pages: int):
         s = self.num_seqs_for(num_tokens)
