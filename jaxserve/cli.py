@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
 
@@ -25,6 +24,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
     p.add_argument("--compile-cache-dir", default=DEFAULT_CACHE_DIR,
@@ -66,81 +68,67 @@ def _sampling(args, default_temperature: float):
 
     temperature = default_temperature if args.temperature is None else args.temperature
     return SamplingParams(
-        temperature=temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed,
-        ignore_eos=args.ignore_eos,
+        temperature=temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, max_tokens=args.max_tokens,
+        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed, ignore_eos=args.ignore_eos,
     )
 
 
+CLI_BUCKETS = (1, 32, 128, 512)  # one interactive stream: few step shapes, so a cold start compiles little
+
+
 def _load(args):
-    import jax
+    """An engine for one interactive stream (max_num_seqs 1)."""
+    from jaxserve.llm import build_engine
 
-    if args.compile_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    from jaxserve.config import CacheConfig
-    from jaxserve.generate import Generator
-    from models.loader import load_model
-
-    cache = CacheConfig(page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
-                        kv_cache_memory=args.kv_cache_memory)  # fmt: skip
-    model = load_model(args.model, dtype=args.dtype)
-    max_len = args.max_model_len or min(2048, model.config.max_position_embeddings)
-    generator = Generator(model, max_model_len=max_len, cache=cache)
-    if not args.quiet:
-        print(f"[jaxserve] {model.config.name} ({os.path.basename(model.path)}), {args.dtype}, "
-              f"loaded in {model.load_seconds:.1f}s; {generator.cache_plan.describe()}", file=sys.stderr)
-    return generator
+    return build_engine(
+        args.model, dtype=args.dtype, max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir,
+        progress=True, quiet=args.quiet, max_num_seqs=1, max_num_batched_tokens=CLI_BUCKETS[-1],
+        token_buckets=CLI_BUCKETS, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_memory=args.kv_cache_memory, seed=args.seed or 0,
+    )
 
 
-def _stream(generator, prompt_ids, params, quiet: bool) -> str:
+def _stream(engine, prompt_ids, params, quiet: bool) -> str:
     """Print the completion as it is produced; return its text."""
-    from jaxserve.detokenizer import IncrementalDetokenizer
-
-    t0 = time.perf_counter()
-    first = None
-    count = 0
-    pieces = []
-    detok = IncrementalDetokenizer(generator.tokenizer)
-    for token_id in generator.generate_ids(prompt_ids, params):
-        if first is None:
-            first = time.perf_counter()
-        count += 1
-        delta = detok.add(token_id)
-        if delta:
-            pieces.append(delta)
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-    tail = detok.flush()
-    sys.stdout.write(tail + "\n")
+    engine.add_request("cli", prompt_ids, params)
+    out = None
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                sys.stdout.write(out.outputs[0].delta_text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        engine.abort_request("cli")
+        raise
+    sys.stdout.write("\n")
     sys.stdout.flush()
-    end = time.perf_counter()
-    if not quiet and first is not None:
-        rate = (count - 1) / (end - first) if count > 1 and end > first else 0.0
-        print(f"[jaxserve] prompt {len(prompt_ids)} tokens, generated {count}; time to first token "
-              f"{(first - t0) * 1e3:.0f} ms (includes compiling new shapes); decode {rate:.1f} tokens/s",
-              file=sys.stderr)
-    return "".join(pieces) + tail
+    if not quiet and out is not None:
+        m, n = out.metrics, len(out.outputs[0].token_ids)
+        rate = 1 / m.tpot if m.tpot else 0.0
+        print(f"[jaxserve] prompt {len(prompt_ids)} tokens, generated {n} ({out.outputs[0].finish_reason}); "
+              f"time to first token {m.ttft * 1e3:.0f} ms; decode {rate:.1f} tokens/s", file=sys.stderr)  # fmt: skip
+    return out.outputs[0].text if out is not None else ""
 
 
 def cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    generator = _load(args)
-    tok = generator.tokenizer
+    engine = _load(args)
+    tok = engine.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
-    _stream(generator, tok.encode(text), _sampling(args, 0.0), args.quiet)
+    _stream(engine, tok.encode(text), _sampling(args, 0.0), args.quiet)
     return 0
 
 
 def cmd_chat(args) -> int:
-    generator = _load(args)
-    tok = generator.tokenizer
+    engine = _load(args)
+    tok = engine.tokenizer
     params = _sampling(args, 0.7)
     messages = [{"role": "system", "content": args.system}] if args.system else []
 
     def turn(user_text: str) -> None:
         messages.append({"role": "user", "content": user_text})
         ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
-        reply = _stream(generator, ids, params, args.quiet)
+        reply = _stream(engine, ids, params, args.quiet)
         messages.append({"role": "assistant", "content": reply})
 
     if args.message is not None:
@@ -165,7 +153,7 @@ def cmd_chat(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxserve.generate import PromptTooLongError
+    from jaxserve.engine import PromptTooLongError
     from models.gguf_loader import ModelFileError
     from models.tokenizer import TokenizerError
 
