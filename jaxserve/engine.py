@@ -24,7 +24,7 @@ from jaxserve.kv_cache.block_manager import BlockManager
 from jaxserve.model_runner import ModelRunner
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxserve.request import Request, RequestStatus
-from jaxserve.sampling import SampleRow, SamplingParams
+from jaxserve.sampling import SampleRow, SamplerOutput, SamplingParams
 from jaxserve.scheduler import Scheduler, ScheduledRequest
 from models.loader import LoadedModel
 
@@ -172,7 +172,7 @@ class LLMEngine:
         bucket, inputs, st = self.runner.prepare(sched.scheduled, block_tables, rows)
         result = jax.device_get(self.runner.execute(bucket, inputs, st))
         self.num_steps += 1
-        token_ids = result.sampled.token_ids
+        token_ids = result.token_ids
         sampled = [int(token_ids[i]) if s.samples else None for i, s in enumerate(sched.scheduled)]
         row_of = {s.request.request_id: i for i, s in enumerate(sched.scheduled)}
         updates = self.scheduler.update(sched, sampled)
@@ -228,13 +228,12 @@ class LLMEngine:
         if finished:
             self._finish_seq(seq, req.status.finish_reason or "stop", seq.stream.finish())
 
-    def _add_logprobs(self, comp: CompletionOutput, token: int, result, row: int, num_top: int) -> None:
-        sampled = result.sampled
-        entry = {token: Logprob(float(sampled.logprobs[row]), int(result.rank[row]), self._piece(token))}
-        for rank, (tid, lp) in enumerate(zip(sampled.top_ids[row, :num_top], sampled.top_logprobs[row, :num_top])):
+    def _add_logprobs(self, comp: CompletionOutput, token: int, out: SamplerOutput, row: int, num_top: int) -> None:
+        entry = {token: Logprob(float(out.logprobs[row]), int(out.ranks[row]), self._piece(token))}
+        for rank, (tid, lp) in enumerate(zip(out.top_ids[row, :num_top], out.top_logprobs[row, :num_top])):
             entry.setdefault(int(tid), Logprob(float(lp), rank + 1, self._piece(int(tid))))
         comp.logprobs.append(entry)
-        comp.cumulative_logprob += float(sampled.logprobs[row])
+        comp.cumulative_logprob += float(out.logprobs[row])
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)

@@ -38,22 +38,12 @@ class StepInputs:
     sample_idx: jax.Array  # i32[S]: the token row whose logits sequence s samples from
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class StepOutputs:
-    sampled: SamplerOutput  # token_ids i32[S], logprobs f32[S], top_ids / top_logprobs [S, MAX_LOGPROBS]
-    rank: jax.Array  # i32[S]: 1 + how many tokens the raw distribution ranks above the sampled one
-
-
 def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingTensors, *, cfg, backend):
     hidden, cache = forward(params, cfg, inputs.token_ids, inputs.positions, cache, inputs.meta,
                             attention_backend=backend)  # fmt: skip
     with jax.named_scope("sample"):
         logits = compute_logits(params, hidden[inputs.sample_idx])  # only the rows that are sampled
-        out = sample(logits, st)
-        chosen = jnp.take_along_axis(logits, out.token_ids[:, None], axis=-1)
-        rank = 1 + jnp.sum(logits > chosen, axis=-1, dtype=jnp.int32)
-    return StepOutputs(out, rank), cache
+        return sample(logits, st), cache
 
 
 def token_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -221,7 +211,7 @@ class ModelRunner:
         st = SamplingTensors.build(rows, num_slots, self.max_model_len)
         return bucket, StepInputs(token_ids, positions, meta, sample_idx), st
 
-    def execute(self, bucket: int, inputs: StepInputs, st: SamplingTensors) -> StepOutputs:
+    def execute(self, bucket: int, inputs: StepInputs, st: SamplingTensors) -> SamplerOutput:
         """Run the compiled step (asynchronously: the result is a device future until read)."""
         out, self.cache = self.compiled[bucket](self.params, self.cache, inputs, st)
         return out

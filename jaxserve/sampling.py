@@ -113,43 +113,51 @@ class SamplingTensors:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplerOutput:
+    """Logprobs are under the raw distribution (log_softmax of the logits) and are computed only when some row of
+    the batch asked for them (otherwise logprobs and top_logprobs are 0, ranks 0 and top_ids -1)."""
+
     token_ids: jax.Array  # i32[S]
-    logprobs: jax.Array  # f32[S]: the sampled token's log-prob under the raw distribution (log_softmax of the logits)
-    top_ids: jax.Array  # i32[S, MAX_LOGPROBS]: the raw distribution's top tokens, best first; -1 if no row asked
-    top_logprobs: jax.Array  # f32[S, MAX_LOGPROBS]; 0 if no row asked
+    logprobs: jax.Array  # f32[S]: the sampled token's log-prob
+    ranks: jax.Array  # i32[S]: 1 + how many tokens the raw distribution ranks above the sampled one
+    top_ids: jax.Array  # i32[S, MAX_LOGPROBS]: the raw distribution's top tokens, best first
+    top_logprobs: jax.Array  # f32[S, MAX_LOGPROBS]
 
 
 def sample(logits: jax.Array, st: SamplingTensors) -> SamplerOutput:
     """logits: f32[S, V]. Each row's draw depends only on its seed, step and logits, never on the batch."""
-    logits = logits.astype(jnp.float32)
-    with jax.named_scope("logprobs"):
-        # vLLM v1 reports the model's own distribution: logprobs come before bans, penalties and temperature.
-        raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # f32[S, V]
-        top_ids, top_logprobs = _top_logprobs(raw_logprobs, st.num_logprobs)
+    raw = logits = logits.astype(jnp.float32)
     with jax.named_scope("ban"):
         logits = _ban(logits, st.banned)
     with jax.named_scope("penalties"):
         logits = apply_penalties(logits, st)
     with jax.named_scope("pick"):
         token_ids = _pick(logits, st)
-    logprobs = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
-    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_logprobs)
+    with jax.named_scope("logprobs"):
+        # vLLM v1 reports the model's own distribution: logprobs of the raw logits, before bans, penalties and
+        # temperature. A few passes over [S, V] (logsumexp, rank count, top_k): paid only when someone asks.
+        logprobs, ranks, top_ids, top_logprobs = _logprobs(raw, token_ids, st.num_logprobs)
+    return SamplerOutput(token_ids, logprobs, ranks, top_ids, top_logprobs)
 
 
-def _top_logprobs(raw_logprobs: jax.Array, num_logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    s, v = raw_logprobs.shape
+def _logprobs(raw: jax.Array, token_ids: jax.Array, num_logprobs: jax.Array):
+    s, v = raw.shape
     k = min(MAX_LOGPROBS, v)
 
-    def top():
-        vals, ids = jax.lax.top_k(raw_logprobs, k)  # sorted, best first
+    def compute():
+        lse = jax.nn.logsumexp(raw, axis=-1)  # f32[S]
+        chosen = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)  # f32[S, 1]
+        ranks = 1 + jnp.sum(raw > chosen, axis=-1, dtype=jnp.int32)
+        vals, ids = jax.lax.top_k(raw, k)  # sorted, best first
         pad = MAX_LOGPROBS - k  # only for vocabularies smaller than MAX_LOGPROBS
-        return jnp.pad(ids, ((0, 0), (0, pad)), constant_values=-1), jnp.pad(vals, ((0, 0), (0, pad)))
+        ids = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        vals = jnp.pad(vals - lse[:, None], ((0, 0), (0, pad)))
+        return chosen[:, 0] - lse, ranks, ids, vals
 
     def nothing():
-        return jnp.full((s, MAX_LOGPROBS), -1, jnp.int32), jnp.zeros((s, MAX_LOGPROBS), jnp.float32)
+        zeros = jnp.zeros((s, MAX_LOGPROBS), jnp.float32)
+        return jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.int32), jnp.full((s, MAX_LOGPROBS), -1, jnp.int32), zeros
 
-    # top_k over [S, V] is a partial sort: skip it for the usual batch where nobody asked.
-    return jax.lax.cond(jnp.any(num_logprobs >= 0), top, nothing)
+    return jax.lax.cond(jnp.any(num_logprobs >= 0), compute, nothing)
 
 
 def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:

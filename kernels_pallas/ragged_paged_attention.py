@@ -73,59 +73,110 @@ def ragged_paged_attention(
 
 def ragged_paged_attention_ref(
     q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, *, sm_scale, sliding_window=None,
-    soft_cap=None, kv_block_tokens: int = 64,
+    soft_cap=None, kv_block_tokens: int = 64, row_block: int = 64,
 ):
-    """Pure-jnp reference: every query row walks its own sequence's pages with an online softmax.
+    """Pure-jnp reference in two parts, merged by online softmax (the CPU path and the test oracle):
 
-    Each loop step gathers the next `kv_block_tokens` worth of pages for every row ([T, block, K, D]), so work
-    and memory follow T x (pages actually in use), not T x S x pages, and the loop stops at the longest valid
-    sequence rather than at the block table's width. Slots a row may not see (past its position, outside the
-    sliding window, padding) are zeroed before use, so garbage or NaN there cannot leak through 0 * NaN.
+      in-step:  each row over this step's tokens of its own sequence (causal): one dense masked product over
+                the T rows, so a prompt chunk costs matmuls, not a page walk per row;
+      history:  each row over its sequence's tokens cached before this step (positions < kv_len - q_len),
+                walking pages in blocks of `kv_block_tokens` for `row_block` rows at a time; each row block walks
+                only as far as its own longest history, so blocks of fresh prompts do no work at all.
+
+        row block 0 (decodes)        : history ####################  + in-step #
+        row block 1 (fresh prompt)   : history (none)                  + in-step ########
+        row block 2 (later chunk)    : history ##########              + in-step ########
+
+    Slots a row may not see (past its position, outside the sliding window, padding) are zeroed before use, so
+    garbage or NaN there cannot leak through 0 * NaN. Work is T x T for the in-step part (CPU budgets are small;
+    the Pallas kernels serve big steps) plus rows x history for the walk.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_slots, max_pages = block_tables.shape
     group = num_q_heads // num_kv_heads
-    pages_per_step = max(1, kv_block_tokens // page_size)
-    block = pages_per_step * page_size
     num_seqs = jnp.reshape(num_seqs, ())
 
-    # Which sequence each query row belongs to, and its absolute position.
+    # Which sequence each query row belongs to, its absolute position, and how much it has cached from before.
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.searchsorted(query_start_loc[1:], rows, side="right").astype(jnp.int32)
-    seq = jnp.minimum(seq, num_slots - 1)
+    seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], rows, side="right").astype(jnp.int32), num_slots - 1)
     valid = rows < query_start_loc[num_seqs]
     kv_len = jnp.where(valid, kv_lens[seq], 0)  # [T]
     qpos = kv_len - (query_start_loc[seq + 1] - rows)  # [T]
-    tables = jnp.pad(block_tables[seq], ((0, 0), (0, -max_pages % pages_per_step)))  # [T, M'] page ids per row
+    hist = jnp.where(valid, kv_len - (query_start_loc[seq + 1] - query_start_loc[seq]), 0)  # [T]
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * sm_scale
 
-    def step(j, carry):
-        m, l, acc = carry  # [T, K, G], [T, K, G], [T, K, G, D]
-        pages = jax.lax.dynamic_slice_in_dim(tables, j * pages_per_step, pages_per_step, axis=1)  # [T, bp]
-        kpos = j * block + jnp.arange(block, dtype=jnp.int32)  # [B]
-        ok = (kpos[None, :] <= qpos[:, None]) & valid[:, None]  # [T, B]
-        if sliding_window is not None:
-            ok &= kpos[None, :] > qpos[:, None] - sliding_window
-        okk = ok[:, :, None, None]
-        k = jnp.where(okk, k_pages[pages].reshape(num_tokens, block, num_kv_heads, head_dim).astype(jnp.float32), 0)
-        v = jnp.where(okk, v_pages[pages].reshape(num_tokens, block, num_kv_heads, head_dim).astype(jnp.float32), 0)
-        s = jnp.einsum("tkgd,tbkd->tkgb", qg, k)
+    def scores(s, ok):  # raw scores [..., B] -> soft-capped, -inf where `ok` (broadcastable) is False
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        s = jnp.where(ok[:, None, None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that have seen nothing yet
-        p = jnp.where(ok[:, None, None, :], jnp.exp(s - m_safe[..., None]), 0.0)
-        correction = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-        l = l * correction + p.sum(-1)
-        acc = acc * correction[..., None] + jnp.einsum("tkgb,tbkd->tkgd", p, v)
-        return m_new, l, acc
+        return jnp.where(ok, s, -jnp.inf)
 
-    shape = (num_tokens, num_kv_heads, group)
+    # ---- in-step: the rows' own K/V, read back from the pages they were just written to ----------------------
+    page = block_tables[seq, jnp.clip(qpos, 0) // page_size]
+    okr = valid[:, None, None]
+    k_new = jnp.where(okr, k_pages[page, jnp.clip(qpos, 0) % page_size].astype(jnp.float32), 0)  # [T, K, D]
+    v_new = jnp.where(okr, v_pages[page, jnp.clip(qpos, 0) % page_size].astype(jnp.float32), 0)
+    ok = (seq[:, None] == seq[None, :]) & (rows[None, :] <= rows[:, None]) & valid[:, None] & valid[None, :]
+    if sliding_window is not None:
+        ok &= qpos[None, :] > qpos[:, None] - sliding_window
+    s = scores(jnp.einsum("tkgd,ukd->tkgu", qg, k_new), ok[:, None, None, :])  # [T, K, G, T]
+    m_in = s.max(-1)  # finite for every valid row: it sees at least itself
+    m_in_safe = jnp.where(jnp.isfinite(m_in), m_in, 0.0)
+    p = jnp.where(ok[:, None, None, :], jnp.exp(s - m_in_safe[..., None]), 0.0)
+    l_in = p.sum(-1)
+    acc_in = jnp.einsum("tkgu,ukd->tkgd", p, v_new)
+
+    # ---- history: a page walk per block of rows -----------------------------------------------------------
+    pages_per_step = max(1, kv_block_tokens // page_size)
+    block = pages_per_step * page_size
+    rb = min(row_block, num_tokens)
+    pad_rows = -num_tokens % rb
+    tables = jnp.pad(block_tables, ((0, 0), (0, -max_pages % pages_per_step)))  # [S, M']
+    seq_p, qpos_p, hist_p = (jnp.pad(x, (0, pad_rows)) for x in (seq, qpos, hist))
+    qg_p = jnp.pad(qg, ((0, pad_rows), (0, 0), (0, 0), (0, 0)))
+    shape = (num_tokens + pad_rows, num_kv_heads, group)
     init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, head_dim)))
-    num_steps = (jnp.max(kv_len) + block - 1) // block
-    _, l, acc = jax.lax.fori_loop(0, num_steps, step, init)
+
+    def row_step(r, carry):
+        m_all, l_all, acc_all = carry
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, r * rb, rb)  # noqa: E731
+        b_seq, b_qpos, b_hist, b_q = sl(seq_p), sl(qpos_p), sl(hist_p), sl(qg_p)
+        b_tables = tables[b_seq]  # [rb, M'] page ids per row
+
+        def kv_step(j, c):
+            m, l, acc = c  # [rb, K, G], [rb, K, G], [rb, K, G, D]
+            pg = jax.lax.dynamic_slice_in_dim(b_tables, j * pages_per_step, pages_per_step, axis=1)  # [rb, bp]
+            kpos = j * block + jnp.arange(block, dtype=jnp.int32)  # [B]
+            okb = kpos[None, :] < b_hist[:, None]  # [rb, B]
+            if sliding_window is not None:
+                okb &= kpos[None, :] > b_qpos[:, None] - sliding_window
+            okk = okb[:, :, None, None]
+            k = jnp.where(okk, k_pages[pg].reshape(rb, block, num_kv_heads, head_dim).astype(jnp.float32), 0)
+            v = jnp.where(okk, v_pages[pg].reshape(rb, block, num_kv_heads, head_dim).astype(jnp.float32), 0)
+            sb = scores(jnp.einsum("tkgd,tbkd->tkgb", b_q, k), okb[:, None, None, :])
+            m_new = jnp.maximum(m, sb.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that have seen nothing yet
+            pb = jnp.where(okb[:, None, None, :], jnp.exp(sb - m_safe[..., None]), 0.0)
+            corr = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+            return m_new, l * corr + pb.sum(-1), acc * corr[..., None] + jnp.einsum("tkgb,tbkd->tkgd", pb, v)
+
+        b_init = (jnp.full((rb, num_kv_heads, group), -jnp.inf), jnp.zeros((rb, num_kv_heads, group)),
+                  jnp.zeros((rb, num_kv_heads, group, head_dim)))  # fmt: skip
+        steps = (jnp.max(b_hist) + block - 1) // block  # 0 for a block of fresh prompt rows
+        m, l, acc = jax.lax.fori_loop(0, steps, kv_step, b_init)
+        put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, r * rb, 0)  # noqa: E731
+        return put(m_all, m), put(l_all, l), put(acc_all, acc)
+
+    m_h, l_h, acc_h = jax.lax.fori_loop(0, (num_tokens + pad_rows) // rb, row_step, init)
+    m_h, l_h, acc_h = m_h[:num_tokens], l_h[:num_tokens], acc_h[:num_tokens]
+
+    # ---- merge the two softmax partials -------------------------------------------------------------------
+    m = jnp.maximum(m_in, m_h)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    c_in = jnp.where(jnp.isfinite(m_in), jnp.exp(m_in - m_safe), 0.0)
+    c_h = jnp.where(jnp.isfinite(m_h), jnp.exp(m_h - m_safe), 0.0)
+    l = l_in * c_in + l_h * c_h
+    acc = acc_in * c_in[..., None] + acc_h * c_h[..., None]
     out = acc / jnp.maximum(l, 1e-30)[..., None]
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

@@ -370,7 +370,7 @@ def test_no_logprobs_requested_skips_the_top_list():
     logits = _logits(8)
     out = _run([_row(step=i, seed=i) for i in range(S)], logits)
     assert (out.top_ids == -1).all() and (out.top_logprobs == 0).all()
-    np.testing.assert_allclose(out.logprobs, _log_softmax(logits)[np.arange(S), out.token_ids], atol=1e-5)
+    assert (out.logprobs == 0).all() and (out.ranks == 0).all()
 
 
 def test_padding_rows_are_harmless():
