@@ -25,7 +25,7 @@ from jaxserve.model_runner import ModelRunner
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling import SampleRow, SamplerOutput, SamplingParams
-from jaxserve.scheduler import Scheduler, ScheduledRequest
+from jaxserve.scheduler import QueueFullError, Scheduler, ScheduledRequest
 from models.loader import LoadedModel
 
 log = logging.getLogger("jaxserve.engine")
@@ -119,8 +119,6 @@ class LLMEngine:
         self.check_prompt(ids)
         free_seqs = self.config.scheduler.max_waiting_requests - len(self.scheduler.waiting)
         if params.n > free_seqs:
-            from jaxserve.scheduler import QueueFullError
-
             raise QueueFullError(f"the waiting queue has room for {free_seqs} sequences; this request needs {params.n}")
         now = time.perf_counter() if arrival_time is None else arrival_time
         max_tokens = self.max_model_len - len(ids)
@@ -169,12 +167,12 @@ class LLMEngine:
             return []
         block_tables = [self.block_manager.block_table(s.request.request_id) for s in sched.scheduled]
         rows = [self._sample_row(s) for s in sched.scheduled]
-        bucket, inputs, st = self.runner.prepare(sched.scheduled, block_tables, rows)
+        bucket, inputs, st, slots = self.runner.prepare(sched.scheduled, block_tables, rows)
         result = jax.device_get(self.runner.execute(bucket, inputs, st))
         self.num_steps += 1
         token_ids = result.token_ids
-        sampled = [int(token_ids[i]) if s.samples else None for i, s in enumerate(sched.scheduled)]
-        row_of = {s.request.request_id: i for i, s in enumerate(sched.scheduled)}
+        sampled = [int(token_ids[slot]) if s.samples else None for slot, s in zip(slots, sched.scheduled)]
+        row_of = {s.request.request_id: slot for slot, s in zip(slots, sched.scheduled)}
         updates = self.scheduler.update(sched, sampled)
         now = time.perf_counter()
         touched: dict[str, _Parent] = {}

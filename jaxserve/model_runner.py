@@ -175,13 +175,20 @@ class ModelRunner:
     # ---- one step -------------------------------------------------------------------------------
 
     def prepare(self, scheduled: Sequence[ScheduledRequest], block_tables: Sequence[Sequence[int]],
-                rows: Sequence[SampleRow]) -> tuple[int, StepInputs, SamplingTensors]:  # fmt: skip
-        """Plain numpy inputs for one step. `block_tables[i]` are scheduled[i]'s pages; `rows[i]` its sampling."""
+                rows: Sequence[SampleRow]) -> tuple[int, StepInputs, SamplingTensors, list[int]]:  # fmt: skip
+        """Plain numpy inputs for one step. `block_tables[i]` are scheduled[i]'s pages; `rows[i]` its sampling.
+
+        Sequences are laid out longest cached history first (the ragged layout allows any order), so the
+        reference attention's row blocks hold rows of similar history and none walks far past its own. Returns
+        the bucket, the inputs and `slots`: scheduled[i] is sequence slot slots[i] of the step's outputs.
+        """
         num_real = sum(s.num_tokens for s in scheduled)
         bucket = self.bucket_for(num_real)
         num_slots = self.num_seqs_for(bucket)
         if len(scheduled) > num_slots:
             raise ValueError(f"{len(scheduled)} sequences exceed the {num_slots} slots of bucket T{bucket}")
+        order = sorted(range(len(scheduled)), key=lambda i: -scheduled[i].start)
+        slots = [0] * len(scheduled)
         ps = self.page_size
         token_ids = np.zeros(bucket, np.int32)
         positions = np.zeros(bucket, np.int32)
@@ -191,10 +198,12 @@ class ModelRunner:
         tables = np.zeros((num_slots, self.pages_per_seq), np.int32)
         sample_idx = np.zeros(num_slots, np.int32)
         at = 0
-        for i, (item, pages) in enumerate(zip(scheduled, block_tables, strict=True)):
+        for slot, i in enumerate(order):
+            item, pages = scheduled[i], block_tables[i]
+            slots[i] = slot
             n, start = item.num_tokens, item.start
             end = at + n
-            qsl[i] = at
+            qsl[slot] = at
             if n == 1:
                 token_ids[at] = item.request.all_token_ids[start]
             else:
@@ -203,13 +212,13 @@ class ModelRunner:
             positions[at:end] = pos
             page_arr = np.asarray(pages, np.int32)
             slot_mapping[at:end] = page_arr[pos // ps] * ps + pos % ps
-            kv_lens[i] = start + n
-            tables[i, : len(pages)] = page_arr
-            sample_idx[i] = end - 1
+            kv_lens[slot] = start + n
+            tables[slot, : len(pages)] = page_arr
+            sample_idx[slot] = end - 1
             at = end
         meta = AttentionMetadata(slot_mapping, qsl, kv_lens, tables, np.array(len(scheduled), np.int32))
-        st = SamplingTensors.build(rows, num_slots, self.max_model_len)
-        return bucket, StepInputs(token_ids, positions, meta, sample_idx), st
+        st = SamplingTensors.build([rows[i] for i in order], num_slots, self.max_model_len)
+        return bucket, StepInputs(token_ids, positions, meta, sample_idx), st, slots
 
     def execute(self, bucket: int, inputs: StepInputs, st: SamplingTensors) -> SamplerOutput:
         """Run the compiled step (asynchronously: the result is a device future until read)."""

