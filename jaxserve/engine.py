@@ -88,7 +88,10 @@ class LLMEngine:
     def tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
-        return None, [int(t) for t in prompt]
+        ids = list(prompt)
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt_token_ids: every element must be an int")
+        return None, [int(t) for t in ids]
 
     def check_prompt(self, prompt_token_ids: Sequence[int]) -> None:
         if not prompt_token_ids:
@@ -120,14 +123,17 @@ class LLMEngine:
         free_seqs = self.config.scheduler.max_waiting_requests - len(self.scheduler.waiting)
         if params.n > free_seqs:
             raise QueueFullError(f"the waiting queue has room for {free_seqs} sequences; this request needs {params.n}")
+        child_ids = [request_id] if params.n == 1 else [f"{k}_{request_id}" for k in range(params.n)]
+        taken = [rid for rid in child_ids if rid in self._seqs]
+        if taken:
+            raise ValueError(f"request_id={request_id!r}: its sequence id {taken[0]!r} is already in use")
         now = time.perf_counter() if arrival_time is None else arrival_time
         max_tokens = self.max_model_len - len(ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         base_seed = int(self._rng.integers(2**32)) if params.seed is None else params.seed
         parent = _Parent(request_id, text, ids, params, RequestMetrics(arrival_time=now), [])
-        for k in range(params.n):
-            rid = request_id if params.n == 1 else f"{k}_{request_id}"
+        for k, rid in enumerate(child_ids):
             req = Request(rid, ids, params, max_tokens, eos_token_ids=tuple(self.tokenizer.eos_token_ids),
                           seed=(base_seed + k) % 2**63, priority=priority, arrival_time=now)  # fmt: skip
             stream = TextStream(self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens,

@@ -190,6 +190,14 @@ def test_bad_requests_are_refused_and_nothing_is_queued(engine):
         engine.add_request("empty", [], GREEDY)
     with pytest.raises(ValueError, match="priority"):
         engine.add_request("prio", [5], GREEDY, priority=True)
+    with pytest.raises(ValueError, match="every element must be an int"):
+        engine.add_request("float", [5, 6.7], GREEDY)
+    assert not engine.has_unfinished_requests()
+    engine.add_request("0_x", [5], GREEDY)  # n > 1 names its sequences "{k}_{id}": a clash is refused whole
+    with pytest.raises(ValueError, match="'0_x' is already in use"):
+        engine.add_request("x", [5], SamplingParams(n=2, max_tokens=2))
+    assert engine.num_unfinished_requests == 1 and len(engine.scheduler.waiting) == 1
+    engine.abort_request("0_x")
     assert not engine.has_unfinished_requests()
     out = run(engine, [[5] * 120], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 8 and out.outputs[0].finish_reason == "length"  # the context's end
