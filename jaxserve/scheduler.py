@@ -63,6 +63,10 @@ class RequestUpdate:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        room = block_manager.num_usable_pages * block_manager.page_size
+        if room < config.max_model_len:
+            # One sequence must always fit on its own, or preempting everyone else could not make room for it.
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the {room} tokens the KV pages hold")
         self.config = config
         self.block_manager = block_manager
         self.waiting: list[Request] = []  # sorted by sort_key
@@ -136,7 +140,7 @@ class Scheduler:
         # Waiting requests, unless this step already had to preempt (no room to admit anyone).
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            pages, num_cached = self.block_manager.get_computed_pages(req.request_id, req.all_token_ids)
+            pages, num_cached = self.block_manager.get_computed_pages(req.request_id, req.all_token_ids, record=False)
             n = req.num_tokens - num_cached
             if n > budget:
                 if not self.config.enable_chunked_prefill:
@@ -145,6 +149,7 @@ class Scheduler:
             if self.block_manager.allocate_slots(req.request_id, num_cached + n, pages) is None:
                 break
             self.waiting.pop(0)
+            self.block_manager.record_lookup(req.num_tokens, num_cached)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
             req.num_computed_tokens = num_cached

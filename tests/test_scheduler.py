@@ -105,7 +105,7 @@ def test_length_limit_and_stop_token_reason():
 
 def test_preempts_lowest_priority_newest_and_resumes_by_recompute():
     # 6 usable pages of 4 tokens; three 8-token prompts take 2 pages each, then every decode past 12 needs more.
-    s, bm = make(num_pages=7, prefix=False, max_num_batched_tokens=32)
+    s, bm = make(num_pages=7, prefix=False, max_num_batched_tokens=32, max_model_len=24)
     for i, name in enumerate(["old", "mid", "new"]):
         s.add_request(req(name, 8, max_tokens=12, arrival=float(i), base=100 * i))
     story = []
@@ -128,7 +128,7 @@ def test_preempts_lowest_priority_newest_and_resumes_by_recompute():
 
 
 def test_priority_orders_admission_and_victims():
-    s, bm = make(num_pages=5, prefix=False)
+    s, bm = make(num_pages=5, prefix=False, max_model_len=16)
     s.add_request(req("low", 8, priority=5, arrival=0.0, base=0))
     s.add_request(req("high", 8, priority=-1, arrival=1.0, base=100))
     plan, *_ = run_step(s)
@@ -144,7 +144,19 @@ def test_prefix_cache_hit_skips_cached_pages():
     s.add_request(req("b", 10, max_tokens=1))
     plan, *_ = run_step(s)
     assert plan == [("b", 8, 2, True)]
-    assert s.requests == {} and bm.hit_rate > 0
+    assert s.requests == {} and (bm.num_queried_tokens, bm.num_hit_tokens) == (20, 8)
+
+
+def test_a_lookup_retried_while_memory_is_short_counts_once():
+    s, bm = make(num_pages=4, max_model_len=12)  # 3 usable pages of 4 tokens
+    s.add_request(req("a", 8, max_tokens=3))
+    s.add_request(req("b", 8, max_tokens=3, base=300))
+    for _ in range(3):  # "b" waits for pages; its prefix lookup is retried every step
+        run_step(s)
+    assert s.requests["b"].status is RequestStatus.WAITING and bm.num_queried_tokens == 8
+    while s.requests:
+        run_step(s)
+    assert bm.num_queried_tokens == 16
 
 
 def test_abort_frees_everything_and_queue_bound():
@@ -160,6 +172,11 @@ def test_abort_frees_everything_and_queue_bound():
     assert s.finish_request("nope", RequestStatus.FINISHED_ABORTED) is None
     s.finish_request("b", RequestStatus.FINISHED_ABORTED)
     assert bm.num_free_pages == bm.num_usable_pages and not s.running and not s.waiting
+
+
+def test_a_context_larger_than_the_pages_is_refused():
+    with pytest.raises(ValueError, match="max_model_len=64 exceeds the 12 tokens"):
+        make(num_pages=4)
 
 
 def test_rejects_prompt_at_context_end_and_duplicate_ids():

@@ -116,12 +116,16 @@ class BlockManager:
 
     # ---- the API the scheduler drives ---------------------------------------------------------
 
-    def get_computed_pages(self, request_id: str, token_ids: Sequence[int]) -> tuple[list[int], int]:
+    def get_computed_pages(
+        self, request_id: str, token_ids: Sequence[int], *, record: bool = True
+    ) -> tuple[list[int], int]:
         """The longest run of cached full pages that prefixes `token_ids`, and the tokens they hold.
 
         At least one token is always left to compute (the caller needs its logits), so a prompt
         cached to its last token loses its last page from the hit. The pages are not referenced yet:
-        pass them to `allocate_slots` before anything else allocates, or they may be evicted.
+        pass them to `allocate_slots` before anything else allocates, or they may be evicted. With
+        record=False the lookup is left out of `hit_rate` (the caller records it with `record_lookup` once the
+        request is actually admitted, so a lookup retried every step while memory is short counts once).
         """
         _check_request_id(request_id)
         if request_id in self._requests:
@@ -142,9 +146,15 @@ class BlockManager:
                 break  # a hash collision: a miss, never someone else's KV
             pages.append(page)
             parent = h
-        self.num_queried_tokens += len(token_ids)
-        self.num_hit_tokens += len(pages) * ps
+        if record:
+            self.record_lookup(len(token_ids), len(pages) * ps)
         return pages, len(pages) * ps
+
+    def record_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        self.num_queried_tokens += num_queried_tokens
+        self.num_hit_tokens += num_hit_tokens
 
     def allocate_slots(
         self, request_id: str, num_tokens_total: int, computed_pages: Sequence[int] | None = None
