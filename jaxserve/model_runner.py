@@ -87,7 +87,8 @@ class ModelRunner:
         self._fn = jax.jit(functools.partial(_step, cfg=config, backend=attention_backend), donate_argnums=(1,))
         self.counter = compile_counter()
         t0 = time.perf_counter()
-        self.step_temp_bytes = self._probe_temp_bytes()
+        kv_dtype = params.embed.dtype if cache.kv_cache_dtype == "auto" else jnp.dtype(cache.kv_cache_dtype)
+        self.step_temp_bytes = self._probe_temp_bytes(kv_dtype)
         self.pool: PoolPlan = plan_kv_pool(
             cache, config, params.embed.dtype, reserve_bytes=self.step_temp_bytes,
             max_tokens=None if cache.kv_cache_memory is not None else self.max_pool_tokens,
@@ -113,7 +114,7 @@ class ModelRunner:
         default budget stops there rather than take half the host's memory (kv_cache_memory overrides it)."""
         return self.scheduler_config.max_num_seqs * self.pages_per_seq * self.page_size
 
-    def _specs(self, num_tokens: int, num_pages: int):
+    def _specs(self, num_tokens: int, num_pages: int, kv_dtype):
         s = self.num_seqs_for(num_tokens)
         i32 = jnp.int32
         meta = AttentionMetadata(
@@ -128,13 +129,12 @@ class ModelRunner:
         st = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                           SamplingTensors.build([], s, self.max_model_len))  # fmt: skip
         shape = (self.cfg.num_layers, num_pages, self.page_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        dtype = self.pool.dtype if hasattr(self, "pool") else self.params.embed.dtype
-        cache = KVCache(jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct(shape, dtype))
+        cache = KVCache(jax.ShapeDtypeStruct(shape, kv_dtype), jax.ShapeDtypeStruct(shape, kv_dtype))
         return cache, inputs, st
 
-    def _probe_temp_bytes(self) -> int:
+    def _probe_temp_bytes(self, kv_dtype) -> int:
         """The largest bucket's scratch memory, from a compile with a small cache (the pool is not sized yet)."""
-        cache, inputs, st = self._specs(self.buckets[-1], 2)
+        cache, inputs, st = self._specs(self.buckets[-1], 2, kv_dtype)
         compiled = self._fn.lower(self.params, cache, inputs, st).compile()
         try:
             analysis = compiled.memory_analysis()
@@ -150,7 +150,7 @@ class ModelRunner:
         for num_tokens in bar:
             t0 = time.perf_counter()
             hits0 = self.counter.snapshot()[1]
-            cache, inputs, st = self._specs(num_tokens, self.pool.num_pages)
+            cache, inputs, st = self._specs(num_tokens, self.pool.num_pages, self.pool.dtype)
             self.compiled[num_tokens] = self._fn.lower(self.params, cache, inputs, st).compile()
             self.report.append(BucketReport(num_tokens, self.num_seqs_for(num_tokens), time.perf_counter() - t0,
                                             self.counter.snapshot()[1] > hits0))  # fmt: skip

@@ -13,6 +13,7 @@ from jaxserve.async_engine import AsyncEngine
 from jaxserve.engine import LLMEngine, PromptTooLongError
 from jaxserve.llm import LLM, engine_config
 from jaxserve.sampling import SamplingParams
+from tests.engine_runs import run_all as run
 from tests.tiny_models import TINY, random_arrays, write_gguf
 
 PAGE = 8
@@ -51,21 +52,6 @@ def small_engine(tiny_model):
 def prompts(n, seed=0, lo=3, hi=60):
     rnd = random.Random(seed)
     return [[rnd.randrange(3, TINY.vocab_size) for _ in range(rnd.randint(lo, hi))] for _ in range(n)]
-
-
-def run(engine, prompt_list, params, prefix="r"):
-    """All prompts together; returns {index: RequestOutput}, checking every page came back."""
-    params = params if isinstance(params, list) else [params] * len(prompt_list)
-    for i, (p, sp) in enumerate(zip(prompt_list, params)):
-        engine.add_request(f"{prefix}{i}", p, sp)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[int(out.request_id[len(prefix):])] = out
-    assert engine.block_manager.num_free_pages == engine.block_manager.num_usable_pages
-    engine.block_manager._check_invariants()
-    return done
 
 
 def tokens(outs):

@@ -10,6 +10,7 @@ import pytest
 from jaxserve.engine import LLMEngine
 from jaxserve.llm import LLM, engine_config
 from jaxserve.sampling import SamplingParams
+from tests.engine_runs import run_all
 
 pytestmark = pytest.mark.real_model
 
@@ -45,17 +46,9 @@ def texts(tok, n, seed=0):
 
 
 def run(engine, prompts, params, tag="r"):
-    params = params if isinstance(params, list) else [params] * len(prompts)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(f"{tag}{i}", p, sp)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[int(out.request_id[len(tag):])] = out.outputs[0].token_ids
-    bm = engine.block_manager
-    assert bm.num_free_pages == bm.num_usable_pages
-    return [done[i] for i in range(len(prompts))]
+    """Token ids of each prompt's (first) completion, in order."""
+    done = run_all(engine, prompts, params, tag)
+    return [done[i].outputs[0].token_ids for i in range(len(prompts))]
 
 
 @pytest.fixture(scope="module")
