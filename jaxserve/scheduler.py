@@ -106,10 +106,6 @@ class Scheduler:
         req.status = status
         return req
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.requests)
-
     # ---- one step -----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
