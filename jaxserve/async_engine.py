@@ -18,6 +18,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 
 from jaxserve.engine import LLMEngine
@@ -39,6 +40,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._dead: BaseException | None = None
         self._stopping = False
+        # monotonic time of the loop's last sign of life: a step finished, or it went idle / woke up
+        self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
         self._thread.start()
 
@@ -57,6 +60,17 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._dead is None
 
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the loop, if it died."""
+        return self._dead
+
+    def stalled_for(self) -> float:
+        """Seconds the loop has had work but not finished a step (0 while idle or moving)."""
+        if not self.engine.has_unfinished_requests():
+            return 0.0
+        return max(0.0, time.monotonic() - self.last_progress)
+
     # ---- the caller's side (any event loop) -----------------------------------------------------------------
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
@@ -69,9 +83,14 @@ class AsyncEngine:
         added: asyncio.Future = loop.create_future()
         stream: asyncio.Queue = asyncio.Queue()
         self._commands.put(("add", (request_id, prompt, params, priority, loop, stream, added)))
-        finished = False
+        finished = admitted = False
         try:
-            await added  # raises the engine's validation error, if any
+            try:
+                await added  # raises the engine's validation / admission error, if any
+            except asyncio.CancelledError:
+                admitted = True  # the add may still go through: abort it (commands run in order)
+                raise
+            admitted = True
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -81,7 +100,7 @@ class AsyncEngine:
                     finished = True
                     return
         finally:
-            if not finished:
+            if admitted and not finished:  # (a refused add must not abort another request of that id)
                 self._commands.put(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
@@ -113,6 +132,7 @@ class AsyncEngine:
                     except queue.Empty:
                         break
                     block = False
+                    self.last_progress = time.monotonic()
                     if kind == "stop":
                         self._fail_all(EngineDeadError("the engine was shut down"))
                         return
@@ -120,6 +140,7 @@ class AsyncEngine:
                 if engine.has_unfinished_requests():
                     for out in engine.step():
                         self._deliver(out)
+                    self.last_progress = time.monotonic()
         except BaseException as e:  # the device step failed: nothing can be served any more
             log.exception("engine loop died")
             self._dead = e

@@ -35,12 +35,13 @@ def engine_config(*, max_model_len: int, max_num_seqs: int = 64, max_num_batched
                   page_size: int = 16, kv_cache_dtype: str = "auto", kv_cache_memory: int | None = None,
                   enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                   attention_backend: str = "auto", token_buckets: Sequence[int] | None = None,
-                  seed: int = 0) -> EngineConfig:  # fmt: skip
+                  seed: int = 0, max_waiting_requests: int = 4096) -> EngineConfig:  # fmt: skip
     """Flat keyword options (vLLM's names) -> the engine's config tree."""
     return EngineConfig(
         cache=CacheConfig(page_size=page_size, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_cache_memory),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                  max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill),
+                                  max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill,
+                                  max_waiting_requests=max_waiting_requests),
         enable_prefix_caching=enable_prefix_caching,
         attention_backend=attention_backend,
         token_buckets=None if token_buckets is None else tuple(token_buckets),

@@ -1,0 +1,212 @@
+"""The one validation layer: every front end (Python API, HTTP, gRPC, batch) turns its input into a
+`GenerateRequest` here, and every check names the field it is about.
+
+Sizes are bounded before anything is allocated: the body before parsing, a prompt's characters before
+tokenizing, token-id lists before converting. The ranges of the sampling parameters live in one place,
+`SamplingParams.__post_init__`; this module maps each front end's names onto it (OpenAI's `max_completion_tokens`
+and `top_logprobs`, say) and maps its errors back to the name the client sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+from jaxserve.api.errors import APIError, TOO_LARGE, ValidationError, field_of
+from jaxserve.sampling_params import SamplingParams
+
+PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds on a request before the engine sees it (the engine's own bounds come from its config)."""
+
+    max_body_bytes: int = 4 << 20
+    max_header_bytes: int = 16 << 10
+    max_prompt_chars: int = 1 << 20  # checked before tokenizing
+    max_messages: int = 1024
+    max_request_id_chars: int = 256
+    max_timeout_seconds: float = 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"Limits.{f.name}={value!r} must be a positive number")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """A validated request, front-end neutral. Exactly one of prompt / prompt_token_ids / messages is set."""
+
+    params: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    messages: tuple[dict, ...] | None = None  # rendered with the model's chat template by the front end
+    request_id: str | None = None
+    model: str | None = None
+    priority: int = 0
+    timeout: float | None = None  # seconds from arrival; None = no deadline of its own
+    max_tokens_field: str = "max_tokens"  # the client's name for it, for the context check's error
+
+
+# ---- scalar checks ----------------------------------------------------------------------------------------------
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_request_id(request_id, limits: Limits = Limits(), field: str = "request_id") -> str:
+    if not isinstance(request_id, str) or not request_id:
+        raise ValidationError(field, "must be a non-empty string")
+    if len(request_id) > limits.max_request_id_chars or not request_id.isprintable():
+        raise ValidationError(field, f"must be at most {limits.max_request_id_chars} printable characters")
+    return request_id
+
+
+def check_priority(priority, field: str = "priority") -> int:
+    if not is_int(priority) or abs(priority) > 2**31:
+        raise ValidationError(field, f"must be an integer in [-2**31, 2**31], got {_short(priority)}")
+    return priority
+
+
+def check_timeout(timeout, limits: Limits = Limits(), field: str = "timeout") -> float | None:
+    if timeout is None:
+        return None
+    ok = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout)
+    if not ok or not 0 < timeout <= limits.max_timeout_seconds:
+        raise ValidationError(field, f"must be a number of seconds in (0, {limits.max_timeout_seconds:g}]")
+    return float(timeout)
+
+
+# ---- prompts ----------------------------------------------------------------------------------------------------
+
+
+def check_prompt_text(text, limits: Limits = Limits(), field: str = "prompt") -> str:
+    if not isinstance(text, str):
+        raise ValidationError(field, f"must be a string, got {type(text).__name__}")
+    if not text:
+        raise ValidationError(field, "empty; it must have at least one token")
+    if len(text) > limits.max_prompt_chars:
+        raise ValidationError(field, f"{len(text)} characters exceeds the limit of {limits.max_prompt_chars}")
+    return text
+
+
+def check_token_id_list(ids, max_len: int, field: str = "prompt") -> tuple[int, ...]:
+    """A list of ints, bounded in length before it is converted."""
+    if not isinstance(ids, (list, tuple)):
+        raise ValidationError(field, f"must be a list of token ids, got {type(ids).__name__}")
+    if len(ids) > max_len:
+        raise ValidationError(field, f"{len(ids)} token ids exceeds the limit of {max_len}")
+    if not all(is_int(t) for t in ids):
+        raise ValidationError(field, "every token id must be an integer")
+    return tuple(ids)
+
+
+def check_prompt_tokens(ids: Sequence[int], *, max_model_len: int, vocab_size: int, field: str = "prompt") -> None:
+    """A tokenized prompt: non-empty, leaves room for one new token, every id in the vocabulary."""
+    if not ids:
+        raise ValidationError(field, "empty; it must have at least one token")
+    if len(ids) >= max_model_len:
+        raise ValidationError(field, f"{len(ids)} tokens; with room for one new token that exceeds "
+                                     f"max_model_len={max_model_len} (prompts are never truncated)")  # fmt: skip
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValidationError(field, f"token ids out of range [0, {vocab_size}): {bad[:5]}")
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int | None, *, max_model_len: int,
+                  field: str = "max_tokens") -> None:  # fmt: skip
+    """Servers refuse a `max_tokens` the context cannot hold (as OpenAI and vLLM do); the Python API stops
+    such a request at the context end instead (finish_reason "length")."""
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise ValidationError(field, f"{max_tokens} is too large: this model's context is {max_model_len} tokens "
+                                     f"and the prompt has {num_prompt_tokens} "
+                                     f"({num_prompt_tokens} + {max_tokens} > {max_model_len})")  # fmt: skip
+
+
+def check_messages(messages, limits: Limits = Limits(), field: str = "messages") -> tuple[dict, ...]:
+    """OpenAI chat messages -> ({"role", "content": str}, ...); content parts of type "text" are joined."""
+    if not isinstance(messages, list) or not messages:
+        raise ValidationError(field, "must be a non-empty list of {role, content} objects")
+    if len(messages) > limits.max_messages:
+        raise ValidationError(field, f"{len(messages)} messages exceeds the limit of {limits.max_messages}")
+    out, total = [], 0
+    for i, m in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(m, Mapping):
+            raise ValidationError(where, "must be an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise ValidationError(f"{where}.role", f"must be one of {list(CHAT_ROLES)}, got {_short(role)}")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValidationError(f"{where}.content[{j}]", "only {type: text, text: str} parts are supported")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise ValidationError(f"{where}.content", f"must be a string, got {type(content).__name__}")
+        total += len(content)
+        if total > limits.max_prompt_chars:
+            raise ValidationError(field, f"more than {limits.max_prompt_chars} characters in all")
+        out.append({"role": role, "content": content})
+    return tuple(out)
+
+
+# ---- sampling parameters ----------------------------------------------------------------------------------------
+
+
+def sampling_params(fields: Mapping, rename: Mapping[str, str] | None = None) -> SamplingParams:
+    """SamplingParams from the fields a client set. `rename` maps SamplingParams names to the client's names
+    (so an error names what the client sent); fields not set keep the Python API's defaults."""
+    rename = rename or {}
+    kwargs = {}
+    for name in PARAM_FIELDS:
+        sent = rename.get(name, name)
+        if sent in fields and fields[sent] is not None:
+            kwargs[name] = fields[sent]
+    if isinstance(kwargs.get("stop_token_ids"), (list, tuple)) and len(kwargs["stop_token_ids"]) > 1024:
+        raise ValidationError(rename.get("stop_token_ids", "stop_token_ids"), "too many stop token ids")
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        name = field_of(str(e))
+        sent = rename.get(name, name)
+        message = str(e).split(":", 1)[-1].strip()
+        raise ValidationError(sent, f"{message} (got {_short(fields.get(sent))})") from None
+
+
+# ---- JSON bodies ------------------------------------------------------------------------------------------------
+
+
+def parse_json_body(raw: bytes, limits: Limits = Limits()) -> dict:
+    """Bytes -> a JSON object, bounded; NaN and Infinity literals parse (to be refused by the field's check)."""
+    if len(raw) > limits.max_body_bytes:
+        raise APIError(TOO_LARGE, f"body: {len(raw)} bytes exceeds the limit of {limits.max_body_bytes}", "body")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValidationError("body", f"not valid UTF-8 (byte {e.start})") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise ValidationError("body", "JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and ints with too many digits
+        raise ValidationError("body", f"malformed JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ValidationError("body", f"must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _short(value, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."

@@ -1,0 +1,186 @@
+"""What the HTTP and gRPC servers share: one engine, admission, readiness, drain, deadlines and metrics.
+
+    server handler -> api.validation (fields) -> Frontend.generate(GenerateRequest)
+        -> render chat / tokenize -> check prompt and context -> AsyncEngine.generate -> RequestOutput stream
+
+Every error leaves here as an `APIError` (kind -> HTTP status / gRPC code, see jaxserve.api.errors). A request
+that fails, times out or is cancelled ends alone; its pages are freed by the engine's abort. Every outcome
+is counted once in the server's metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from jaxserve.api.errors import DEADLINE, NOT_FOUND, UNAVAILABLE, APIError, to_api_error
+from jaxserve.api.validation import (
+    GenerateRequest, Limits, ValidationError, check_context, check_prompt_text, check_prompt_tokens,
+)  # fmt: skip
+from jaxserve.outputs import RequestOutput
+from jaxserve.servers.metrics import ServerMetrics
+
+_OUTCOME_OF_KIND = {"validation": "invalid", "admission": "rejected", "unavailable": "unavailable",
+                    "not_found": "not_found", "deadline": "deadline", "cancelled": "cancelled"}  # fmt: skip
+
+
+class Frontend:
+    def __init__(self, engine, *, model_name: str | None = None, limits: Limits = Limits(),
+                 stall_timeout: float = 120.0):  # fmt: skip
+        """engine: a started AsyncEngine (so warm: every bucket compiled). stall_timeout: seconds the engine may
+        hold work without finishing a step before the server reports not ready."""
+        self.engine = engine
+        core = engine.engine
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self.model_name = model_name or core.model.config.name
+        self.max_model_len = core.max_model_len
+        self.vocab_size = core.model.config.vocab_size
+        self.limits = limits
+        self.stall_timeout = stall_timeout
+        self.metrics = ServerMetrics(core, self.model_name)
+        self.draining = False
+        self._inflight: dict[str, asyncio.Task | None] = {}
+        self._started = time.time()
+
+    # ---- state ------------------------------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        """(serving?, why not). Warm by construction; not while draining, dead or stalled."""
+        if not self.engine.is_running:
+            return False, f"engine stopped: {self.engine.error!r}"
+        if self.draining:
+            return False, "draining"
+        stalled = self.engine.stalled_for()
+        if stalled > self.stall_timeout:
+            return False, f"engine made no progress for {stalled:.0f}s"
+        return True, "ok"
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:
+            raise APIError(NOT_FOUND, f"model: {model!r} is not served here (this server serves "
+                                      f"{self.model_name!r})", "model")  # fmt: skip
+
+    def model_card(self) -> dict:
+        cfg = self.core.model.config
+        return {"id": self.model_name, "max_model_len": self.max_model_len, "vocab_size": cfg.vocab_size,
+                "dtype": self.core.model.dtype, "architecture": "llama", "created": int(self._started),
+                "num_parameters": int(cfg.num_params)}  # fmt: skip
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+
+    def tokenize(self, text, add_special_tokens: bool = True, field: str = "text") -> list[int]:
+        check_prompt_text(text, self.limits, field)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def prepare(self, req: GenerateRequest) -> tuple[str | None, list[int]]:
+        """Render / tokenize the prompt and check it against the context (raises ValidationError)."""
+        from models.tokenizer import TokenizerError
+
+        if req.messages is not None:
+            try:
+                text = self.tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True)
+            except TokenizerError as e:
+                raise ValidationError("messages", str(e)) from None
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        elif req.prompt is not None:
+            text, ids = req.prompt, self.tokenizer.encode(req.prompt)
+        else:
+            text, ids = None, list(req.prompt_token_ids or ())
+        check_prompt_tokens(ids, max_model_len=self.max_model_len, vocab_size=self.vocab_size)
+        check_context(len(ids), req.params.max_tokens, max_model_len=self.max_model_len, field=req.max_tokens_field)
+        return text, ids
+
+    async def generate(self, req: GenerateRequest, *, id_prefix: str = "req") -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Raises APIError (before the first output for bad input or admission;
+        later for a deadline, a dead engine or a bug). Cancelling the consumer aborts the request."""
+        outcome, last = "error", None
+        try:
+            self._check_accepting()
+            self.check_model(req.model)
+            _, ids = self.prepare(req)
+            rid = req.request_id or f"{id_prefix}-{uuid.uuid4().hex}"
+            deadline = None if req.timeout is None else time.monotonic() + req.timeout
+            stream = self.engine.generate(ids, req.params, request_id=rid, priority=req.priority)
+            self._inflight[rid] = asyncio.current_task()
+            try:
+                while True:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise asyncio.TimeoutError
+                    try:
+                        out = await asyncio.wait_for(stream.__anext__(), remaining)
+                    except StopAsyncIteration:
+                        break
+                    last = out
+                    if out.error is not None:
+                        outcome = "error"
+                        raise APIError(to_api_error(RuntimeError(out.error)).kind, out.error)
+                    if out.finished:
+                        outcome = out.outputs[0].finish_reason or "stop"
+                    yield out
+                    if out.finished:
+                        break
+            except asyncio.TimeoutError:
+                outcome = "deadline"
+                raise APIError(DEADLINE, f"timeout: the request ran past its deadline of {req.timeout:g}s",
+                               "timeout") from None  # fmt: skip
+            finally:
+                self._inflight.pop(rid, None)
+                await stream.aclose()  # aborts the request in the engine unless it finished
+        except (asyncio.CancelledError, GeneratorExit):
+            # (a consumer that closes the stream after the finished output is not a cancel)
+            if last is None or not last.finished:
+                outcome = "cancelled"
+            raise
+        except APIError as e:
+            outcome = _OUTCOME_OF_KIND.get(e.kind.name, outcome)
+            raise
+        except Exception as e:
+            err = to_api_error(e)
+            outcome = _OUTCOME_OF_KIND.get(err.kind.name, "error")
+            raise err from None
+        finally:
+            self.metrics.observe(outcome, last)
+
+    async def complete(self, req: GenerateRequest, *, id_prefix: str = "req") -> RequestOutput:
+        last = None
+        async for out in self.generate(req, id_prefix=id_prefix):
+            last = out
+        return last
+
+    def _check_accepting(self) -> None:
+        if self.draining:
+            raise APIError(UNAVAILABLE, "server is draining: not accepting new requests")
+        if not self.engine.is_running:
+            raise APIError(UNAVAILABLE, f"engine stopped: {self.engine.error!r}")
+
+    # ---- drain ------------------------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> int:
+        """Stop admitting, wait up to `timeout` s for in-flight requests, then cancel the rest; returns how
+        many were cancelled."""
+        self.draining = True
+        end = time.monotonic() + timeout
+        while self._inflight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        left = [t for t in self._inflight.values() if t is not None]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.sleep(0.1)  # let the cancelled streams post their aborts
+        return len(left)
+
+
+def usage(out: RequestOutput) -> dict:
+    prompt = len(out.prompt_token_ids)
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "cached_tokens": out.num_cached_tokens}  # fmt: skip
+

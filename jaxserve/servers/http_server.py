@@ -1,0 +1,320 @@
+"""The OpenAI-compatible HTTP server (`jaxserve serve`), on aiohttp.
+
+    POST /v1/completions        POST /v1/chat/completions   (stream: true -> server-sent events)
+    GET  /v1/models             POST /tokenize
+    GET  /health (live)         GET  /ready (warm, not draining, making progress)     GET /metrics
+
+Errors are OpenAI's error object, `{"error": {"message", "type", "param", "code"}}`, with the status of
+jaxserve.api.errors' table; `param` names the field. Bodies and headers are bounded before they are read.
+A client that disconnects mid-stream cancels its handler, which aborts the request (its pages are freed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from aiohttp import web
+
+from jaxserve.api.errors import HEADERS, INTERNAL, NOT_FOUND, TOO_LARGE, VALIDATION, APIError
+from jaxserve.api.openai_protocol import OpenAIRequest, parse_chat, parse_completion
+from jaxserve.api.validation import parse_json_body
+from jaxserve.servers import lifecycle
+from jaxserve.servers.frontend import Frontend, usage
+
+log = logging.getLogger("jaxserve.http")
+
+_FRONTEND = web.AppKey("frontend", Frontend)
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+
+
+def build_app(frontend: Frontend) -> web.Application:
+    app = web.Application(middlewares=[_errors_and_limits], client_max_size=frontend.limits.max_body_bytes)
+    app[_FRONTEND] = frontend
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_post("/tokenize", _tokenize)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def start(frontend: Frontend, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
+    """Start listening; returns the runner (call `.cleanup()` to stop) and the bound port."""
+    # The parser's own limits are a backstop above ours, so that our middleware answers with a JSON 431.
+    backstop = 4 * frontend.limits.max_header_bytes
+    runner = web.AppRunner(build_app(frontend), handler_cancellation=True, access_log=None,
+                           max_line_size=backstop, max_field_size=backstop)  # fmt: skip
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]
+    return runner, bound
+
+
+async def serve(frontend: Frontend, host: str = "127.0.0.1", port: int = 8000, *, drain_timeout: float = 30.0,
+                stop_event=None, ready_callback=None) -> int:  # fmt: skip
+    """Serve until SIGTERM/SIGINT (drain, then 0) or engine death (1)."""
+    runner, bound = await start(frontend, host, port)
+    log.info("serving %s on http://%s:%d", frontend.model_name, host, bound)
+    if ready_callback is not None:
+        ready_callback(bound)
+    code = await lifecycle.wait_for_shutdown(frontend, stop_event)
+    if code == 0:
+        await lifecycle.drain(frontend, drain_timeout)
+    await runner.cleanup()
+    return code
+
+
+# ---- middleware ---------------------------------------------------------------------------------------------
+
+
+def _error_response(err: APIError) -> web.Response:
+    return web.json_response(err.openai_body(), status=err.kind.http_status)
+
+
+@web.middleware
+async def _errors_and_limits(request: web.Request, handler):
+    frontend = request.app[_FRONTEND]
+    try:
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+        if header_bytes > frontend.limits.max_header_bytes:
+            raise APIError(HEADERS, f"headers: {header_bytes} bytes exceeds the limit of "
+                                    f"{frontend.limits.max_header_bytes}", "headers")  # fmt: skip
+        return await handler(request)
+    except APIError as e:
+        _count_refusal(frontend, e, request)
+        return _error_response(e)
+    except web.HTTPRequestEntityTooLarge:
+        e = APIError(TOO_LARGE, f"body: more than {frontend.limits.max_body_bytes} bytes", "body")
+        _count_refusal(frontend, e, request)
+        return _error_response(e)
+    except web.HTTPException as e:  # 404 / 405 from the router: OpenAI's error shape too
+        if e.status == 404:
+            return _error_response(APIError(NOT_FOUND, f"path: no route {request.method} {request.path}", "path"))
+        if e.status >= 400:
+            return web.json_response({"error": {"message": e.reason, "type": "invalid_request_error",
+                                                "param": None, "code": e.status}}, status=e.status)  # fmt: skip
+        raise
+    except Exception as e:  # a bug: this request ends, the server goes on
+        log.exception("request %s %s failed", request.method, request.path)
+        return _error_response(APIError(INTERNAL, f"internal error: {type(e).__name__}: {e}"))
+
+
+def _count_refusal(frontend: Frontend, err: APIError, request: web.Request) -> None:
+    # Frontend.generate counts the outcomes of requests it saw; refusals before it are counted here.
+    if not request.get("counted"):
+        frontend.metrics.observe({"validation": "invalid", "too_large": "invalid", "headers": "invalid",
+                                  "not_found": "not_found"}.get(err.kind.name, "error"))  # fmt: skip
+
+
+async def _json_body(request: web.Request) -> dict:
+    frontend = request.app[_FRONTEND]
+    limit = frontend.limits.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise APIError(TOO_LARGE, f"body: {request.content_length} bytes exceeds the limit of {limit}", "body")
+    ctype = request.content_type
+    if ctype not in ("application/json", "application/octet-stream", "text/plain", ""):
+        raise APIError(VALIDATION, f"content-type: need application/json, got {ctype!r}", "content-type")
+    return parse_json_body(await request.read(), frontend.limits)
+
+
+# ---- generation -----------------------------------------------------------------------------------------------
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    frontend = request.app[_FRONTEND]
+    body = await _json_body(request)
+    parsed = parse_completion(body, frontend.limits, max_prompt_tokens=frontend.max_model_len)
+    return await _generate(request, frontend, parsed, f"cmpl-{uuid.uuid4().hex}")
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    frontend = request.app[_FRONTEND]
+    parsed = parse_chat(await _json_body(request), frontend.limits)
+    return await _generate(request, frontend, parsed, f"chatcmpl-{uuid.uuid4().hex}")
+
+
+async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequest, rid: str):
+    req = parsed.request
+    if req.request_id is None:
+        import dataclasses
+
+        req = dataclasses.replace(req, request_id=rid)
+    request["counted"] = True  # from here on Frontend.generate counts the outcome
+    shape = _ChatShape(frontend.model_name, rid) if parsed.chat else _CompletionShape(frontend.model_name, rid)
+    stream = frontend.generate(req)
+    if not parsed.stream:
+        last = None
+        async for out in stream:
+            last = out
+        return web.json_response(shape.final(last))
+    # Streaming: errors before the first output are still a plain HTTP error response.
+    first = await stream.__anext__()
+    response = web.StreamResponse(headers=_SSE_HEADERS)
+    await response.prepare(request)
+    out = first
+    try:
+        await _send(response, shape.start(out))
+        while True:
+            for chunk in shape.chunks(out, parsed.include_usage):
+                await _send(response, chunk)
+            if out.finished:
+                break
+            out = await stream.__anext__()
+        if parsed.include_usage:
+            await _send(response, shape.usage_chunk(out))
+    except APIError as e:  # mid-stream: an error event, then the end
+        await _send(response, e.openai_body())
+    except StopAsyncIteration:
+        pass
+    finally:
+        await stream.aclose()
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _send(response: web.StreamResponse, obj) -> None:
+    if obj is not None:
+        await response.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+
+def _usage(out) -> dict:
+    u = usage(out)
+    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}  # fmt: skip
+
+
+def _new_logprobs(comp, count: int) -> list[tuple[int, dict]]:
+    """(token id, {id: Logprob}) for the last `count` generated tokens of a completion."""
+    if comp.logprobs is None or count == 0:
+        return []
+    return list(zip(comp.token_ids[-count:], comp.logprobs[-count:]))
+
+
+class _CompletionShape:
+    object = "text_completion"
+
+    def __init__(self, model: str, rid: str):
+        self.model, self.id, self.created = model, rid, int(time.time())
+        self.offsets: dict[int, int] = {}
+
+    def _envelope(self, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, **extra}  # fmt: skip
+
+    def _logprobs(self, comp, count: int) -> dict | None:
+        if comp.logprobs is None:
+            return None
+        entries = _new_logprobs(comp, count)
+        offset = self.offsets.get(comp.index, 0)
+        lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for tid, alts in entries:
+            piece = alts[tid].decoded_token
+            lp["tokens"].append(piece)
+            lp["token_logprobs"].append(alts[tid].logprob)
+            lp["top_logprobs"].append({a.decoded_token: a.logprob for t, a in sorted(alts.items(),
+                                                                                    key=lambda x: x[1].rank)})  # fmt: skip
+            lp["text_offset"].append(offset)
+            offset += len(piece)
+        self.offsets[comp.index] = offset
+        return lp
+
+    def final(self, out) -> dict:
+        choices = [{"index": c.index, "text": c.text, "logprobs": self._logprobs(c, len(c.token_ids)),
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]  # fmt: skip
+        return self._envelope(choices, usage=_usage(out))
+
+    def start(self, out) -> dict | None:
+        return None
+
+    def chunks(self, out, include_usage: bool):
+        extra = {"usage": None} if include_usage else {}
+        for c in out.outputs:
+            if c.delta_token_ids or c.delta_text or c.finish_reason:
+                yield self._envelope([{"index": c.index, "text": c.delta_text,
+                                       "logprobs": self._logprobs(c, len(c.delta_token_ids)),
+                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **extra)  # fmt: skip
+
+    def usage_chunk(self, out) -> dict:
+        return self._envelope([], usage=_usage(out))
+
+
+class _ChatShape(_CompletionShape):
+    object = "chat.completion.chunk"
+
+    def _logprobs(self, comp, count: int) -> dict | None:
+        if comp.logprobs is None:
+            return None
+        content = []
+        for tid, alts in _new_logprobs(comp, count):
+            top = [a for _, a in sorted(alts.items(), key=lambda x: x[1].rank)]
+            content.append({"token": alts[tid].decoded_token, "logprob": alts[tid].logprob,
+                            "bytes": list(alts[tid].decoded_token.encode()),
+                            "top_logprobs": [{"token": a.decoded_token, "logprob": a.logprob,
+                                              "bytes": list(a.decoded_token.encode())} for a in top]})  # fmt: skip
+        return {"content": content}
+
+    def final(self, out) -> dict:
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._logprobs(c, len(c.token_ids)), "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason} for c in out.outputs]  # fmt: skip
+        body = self._envelope(choices, usage=_usage(out))
+        body["object"] = "chat.completion"
+        return body
+
+    def start(self, out) -> dict:
+        return self._envelope([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None, "finish_reason": None} for c in out.outputs])  # fmt: skip
+
+    def chunks(self, out, include_usage: bool):
+        extra = {"usage": None} if include_usage else {}
+        for c in out.outputs:
+            if c.delta_token_ids or c.delta_text or c.finish_reason:
+                yield self._envelope([{"index": c.index, "delta": {"content": c.delta_text} if c.delta_text else {},
+                                       "logprobs": self._logprobs(c, len(c.delta_token_ids)),
+                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **extra)  # fmt: skip
+
+
+# ---- the rest -------------------------------------------------------------------------------------------------
+
+
+async def _models(request: web.Request) -> web.Response:
+    card = request.app[_FRONTEND].model_card()
+    return web.json_response({"object": "list", "data": [{"id": card["id"], "object": "model",
+                                                          "created": card["created"], "owned_by": "jaxserve",
+                                                          "max_model_len": card["max_model_len"]}]})  # fmt: skip
+
+
+async def _tokenize(request: web.Request) -> web.Response:
+    frontend = request.app[_FRONTEND]
+    body = await _json_body(request)
+    frontend.check_model(body.get("model"))
+    add_special = body.get("add_special_tokens", True)
+    if not isinstance(add_special, bool):
+        raise APIError(VALIDATION, "add_special_tokens: must be a boolean", "add_special_tokens")
+    ids = frontend.tokenize(body.get("prompt"), add_special, field="prompt")
+    return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": frontend.max_model_len})
+
+
+async def _health(request: web.Request) -> web.Response:
+    frontend = request.app[_FRONTEND]
+    if not frontend.engine.is_running:
+        return web.json_response({"status": "dead", "error": repr(frontend.engine.error)}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def _ready(request: web.Request) -> web.Response:
+    ok, why = request.app[_FRONTEND].ready()
+    return web.json_response({"ready": ok, "reason": why}, status=200 if ok else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, ctype = request.app[_FRONTEND].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": ctype})
+

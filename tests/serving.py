@@ -1,0 +1,55 @@
+"""Helpers for server tests: a tiny-model engine behind a Frontend, and an asyncio loop on a thread that runs a
+server while the test talks to it with ordinary (blocking) clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from tests.tiny_models import TINY, random_arrays, write_gguf
+
+PAGE = 8
+
+
+def tiny_gguf(directory) -> str:
+    path = directory / "tiny.gguf"
+    if not path.exists():
+        write_gguf(path, TINY, random_arrays(TINY, seed=3))
+    return str(path)
+
+
+def tiny_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int = 128):
+    """An LLMEngine on the tiny model: budget 32 tokens, 8 sequences, 64 pages of 8 tokens."""
+    from jaxserve.engine import LLMEngine
+    from jaxserve.llm import engine_config
+    from models.loader import load_model
+
+    cfg = engine_config(max_model_len=max_model_len, max_num_seqs=8, max_num_batched_tokens=32, page_size=PAGE,
+                        kv_cache_memory=64 * 2 * TINY.num_layers * PAGE * TINY.num_kv_heads * TINY.head_dim * 4,
+                        token_buckets=(8, 32), max_waiting_requests=max_waiting_requests)  # fmt: skip
+    return LLMEngine(load_model(path), cfg)
+
+
+def pages_in_use(engine) -> int:
+    """KV pages referenced by a request (prefix-cached pages nobody holds count as free)."""
+    bm = engine.block_manager
+    return bm.num_usable_pages - bm.num_free_pages
+
+
+class LoopThread:
+    """An asyncio event loop on a daemon thread; `run(coro)` runs a coroutine there and waits for it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

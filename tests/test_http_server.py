@@ -1,0 +1,327 @@
+"""The OpenAI-compatible HTTP server on the tiny model: the official `openai` client (completions and chat,
+streamed and not), health / ready / metrics, and a bad-input suite. Every bad case asserts the exact status
+and the error's `param` (the field), then that the server still answers and no KV page leaked."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import socket
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from jaxserve.api.validation import Limits
+from jaxserve.async_engine import AsyncEngine
+from jaxserve.servers import http_server
+from jaxserve.servers.frontend import Frontend
+from tests.serving import LoopThread, pages_in_use, tiny_engine, tiny_gguf
+
+LIMITS = Limits(max_body_bytes=64 << 10, max_header_bytes=4 << 10, max_prompt_chars=4000)
+
+
+class Server:
+    def __init__(self, path, **engine_options):
+        self.engine = tiny_engine(path, **engine_options)
+        self.async_engine = AsyncEngine(self.engine)
+        self.frontend = Frontend(self.async_engine, model_name="tiny", limits=LIMITS)
+        self.loop = LoopThread()
+        self.runner, self.port = self.loop.run(http_server.start(self.frontend))
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
+
+    def close(self):
+        self.loop.run(self.runner.cleanup())
+        self.async_engine.shutdown()
+        self.loop.close()
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        raw = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        conn.request(method, path, body=raw, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        try:
+            return resp.status, json.loads(data)
+        except ValueError:
+            return resp.status, data
+
+    def wait_idle(self, timeout=10.0):
+        """Wait until no request holds pages; returns the pages still in use (0 when clean)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not self.engine.has_unfinished_requests() and pages_in_use(self.engine) == 0:
+                return 0
+            time.sleep(0.02)
+        return pages_in_use(self.engine)
+
+    def metric(self, name):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics").read().decode()
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                if line.split(" ")[0] == name:
+                    return float(line.split(" ")[1])
+        raise KeyError(name)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return tiny_gguf(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    s = Server(model_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def slow_steps(server, monkeypatch):
+    """Each engine step takes >= 20 ms, so a long request is surely still running when a test acts on it."""
+    step = server.engine.step
+
+    def slow():
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(server.engine, "step", slow)
+
+
+GREEDY = {"model": "tiny", "temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+
+
+# ---- the openai client ------------------------------------------------------------------------------------------
+
+
+def test_completions_streamed_equals_whole(server):
+    whole = server.client.completions.create(prompt="hello there", **GREEDY)
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 0
+    chunks = list(server.client.completions.create(prompt="hello there", stream=True,
+                                                   stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert server.wait_idle() == 0
+
+
+def test_chat_streamed_equals_whole(server):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    whole = server.client.chat.completions.create(messages=messages, **GREEDY)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    chunks = list(server.client.chat.completions.create(messages=messages, stream=True, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # The chat template was applied: the prompt is longer than the two messages' text.
+    tokenized = server.request("POST", "/tokenize", {"prompt": "be brief" + "hi"})[1]["count"]
+    assert whole.usage.prompt_tokens > tokenized
+
+
+def test_seeded_sampling_n_and_logprobs(server):
+    args = dict(model="tiny", prompt="abc", max_tokens=6, temperature=1.0, seed=7, n=2, logprobs=3,
+                extra_body={"ignore_eos": True})
+    a = server.client.completions.create(**args)
+    b = server.client.completions.create(**args)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len(a.choices) == 2 and a.usage.completion_tokens == 12
+    lp = a.choices[0].logprobs
+    assert len(lp.tokens) == 6 and len(lp.token_logprobs) == 6
+    # (top_logprobs is keyed by the decoded text, so byte tokens that decode alike share one key)
+    assert all(top and x <= max(top.values()) + 1e-6 <= 1e-6 for top, x in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                 max_tokens=4, logprobs=True, top_logprobs=2, temperature=0)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_models_health_ready_metrics(server):
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert server.request("GET", "/health") == (200, {"status": "ok"})
+    assert server.request("GET", "/ready") == (200, {"ready": True, "reason": "ok"})
+    before = server.metric("jaxserve_generation_tokens_total")
+    server.client.completions.create(prompt="x", **GREEDY)
+    assert server.metric("jaxserve_generation_tokens_total") == before + 12
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics").read().decode()
+    for name in ("jaxserve_requests_total{outcome=\"length\"}", "jaxserve_time_to_first_token_seconds_bucket",
+                 "jaxserve_time_per_output_token_seconds_bucket", "jaxserve_e2e_request_latency_seconds_count",
+                 "jaxserve_prompt_tokens_total", "jaxserve_num_requests_waiting", "jaxserve_num_requests_running",
+                 "jaxserve_kv_pages_in_use", "jaxserve_prefix_cache_hit_rate", "jaxserve_num_preemptions_total",
+                 "jaxserve_compilations_total", "jaxserve_compilations_since_warmup 0.0"):  # fmt: skip
+        assert name in text, name
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+OK = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def with_(**changes):
+    return json.dumps({**OK, **changes}).encode()
+
+
+BAD = [
+    # (id, path, body bytes, extra headers, status, param, words in the message)
+    ("malformed-json", C, b'{"prompt": "hi", ', None, 400, "body", "malformed JSON"),
+    ("not-an-object", C, b"[1, 2]", None, 400, "body", "JSON object"),
+    ("invalid-utf8", C, b'{"prompt": "\xff\xfe"}', None, 400, "body", "UTF-8"),
+    ("nan-literal", C, b'{"prompt": "hi", "temperature": NaN}', None, 400, "temperature", "finite"),
+    ("infinity-literal", C, b'{"prompt": "hi", "top_p": Infinity}', None, 400, "top_p", "finite"),
+    ("overflow-float", C, b'{"prompt": "hi", "temperature": 1e400}', None, 400, "temperature", "finite"),
+    ("huge-int", C, with_(max_tokens=10**30), None, 400, "max_tokens", "integer"),
+    ("negative-max-tokens", C, with_(max_tokens=-5), None, 400, "max_tokens", "integer"),
+    ("max-tokens-string", C, with_(max_tokens="8"), None, 400, "max_tokens", "integer"),
+    ("max-tokens-beyond-context", C, with_(max_tokens=200), None, 400, "max_tokens", "context"),
+    ("temperature-negative", C, with_(temperature=-1), None, 400, "temperature", "[0, 100]"),
+    ("temperature-bool", C, with_(temperature=True), None, 400, "temperature", "finite"),
+    ("top-p-zero", C, with_(top_p=0), None, 400, "top_p", "(0, 1]"),
+    ("top-k-below", C, with_(top_k=-2), None, 400, "top_k", "integer"),
+    ("n-zero", C, with_(n=0), None, 400, "n", "[1, 64]"),
+    ("n-huge", C, with_(n=1000), None, 400, "n", "[1, 64]"),
+    ("logprobs-too-many", C, with_(logprobs=21), None, 400, "logprobs", "[0, 20]"),
+    ("seed-negative", C, with_(seed=-1), None, 400, "seed", "integer"),
+    ("min-over-max", C, with_(min_tokens=9), None, 400, "min_tokens", "max_tokens"),
+    ("too-many-stops", C, with_(stop=["x"] * 17), None, 400, "stop", "at most 16"),
+    ("stop-too-long", C, with_(stop=["x" * 300]), None, 400, "stop", "256"),
+    ("stop-wrong-type", C, with_(stop=5), None, 400, "stop", "string"),
+    ("empty-prompt", C, with_(prompt=""), None, 400, "prompt", "empty"),
+    ("missing-prompt", C, json.dumps({"model": "tiny"}).encode(), None, 400, "prompt", "required"),
+    ("prompt-wrong-type", C, with_(prompt={"a": 1}), None, 400, "prompt", "string"),
+    ("prompt-chars-over-limit", C, with_(prompt="a" * 5000), None, 400, "prompt", "4000"),
+    ("prompt-over-context", C, with_(prompt="ab " * 700), None, 400, "prompt", "max_model_len=128"),
+    ("token-ids-over-context", C, with_(prompt=[5] * 200), None, 400, "prompt", "exceeds the limit of 128"),
+    ("token-id-out-of-vocab", C, with_(prompt=[5, 100000]), None, 400, "prompt", "out of range"),
+    ("token-id-float", C, with_(prompt=[5, 6.5]), None, 400, "prompt", "integer"),
+    ("two-prompts", C, with_(prompt=["a", "b"]), None, 400, "prompt", "one prompt"),
+    ("unknown-model", C, with_(model="gpt-4"), None, 404, "model", "not served"),
+    ("echo-unsupported", C, with_(echo=True), None, 400, "echo", "not supported"),
+    ("stream-not-bool", C, with_(stream="yes"), None, 400, "stream", "boolean"),
+    ("stream-options-without-stream", C, with_(stream_options={"include_usage": True}), None, 400,
+     "stream_options", "stream: true"),
+    ("priority-string", C, with_(priority="high"), None, 400, "priority", "integer"),
+    ("timeout-negative", C, with_(timeout=-1), None, 400, "timeout", "seconds"),
+    ("request-id-too-long", C, with_(request_id="r" * 300), None, 400, "request_id", "256"),
+    ("body-too-large", C, with_(prompt="a" * (70 << 10)), None, 413, "body", "exceeds the limit"),
+    ("headers-too-large", C, with_(), {"X-Junk": "j" * (6 << 10)}, 431, "headers", "exceeds the limit"),
+    ("wrong-content-type", C, with_(), {"Content-Type": "text/html"}, 400, "content-type", "application/json"),
+    ("unknown-path", "/v1/nothing", with_(), None, 404, "path", "no route"),
+    ("chat-no-messages", CHAT, json.dumps({"model": "tiny"}).encode(), None, 400, "messages", "non-empty list"),
+    ("chat-bad-role", CHAT, json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), None, 400,
+     "messages[0].role", "one of"),
+    ("chat-content-int", CHAT, json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), None, 400,
+     "messages[0].content", "string"),
+    ("chat-top-logprobs-alone", CHAT, json.dumps({"messages": MSG, "top_logprobs": 2}).encode(), None, 400,
+     "top_logprobs", "logprobs: true"),
+    ("chat-top-logprobs-over", CHAT, json.dumps({"messages": MSG, "logprobs": True, "top_logprobs": 30}).encode(),
+     None, 400, "top_logprobs", "[0, 20]"),
+    ("chat-max-completion-over-context", CHAT, json.dumps({"messages": MSG, "max_completion_tokens": 500}).encode(),
+     None, 400, "max_completion_tokens", "context"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path,body,headers,status,param,words", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input(server, path, body, headers, status, param, words):
+    got_status, got = server.request("POST", path, body, headers)
+    assert got_status == status, got
+    assert got["error"]["param"] == param, got
+    assert words in got["error"]["message"], got
+    assert got["error"]["code"] == status
+    # The server still answers a normal request, and nothing leaked.
+    ok_status, ok = server.request("POST", C, {**OK, "temperature": 0})
+    assert ok_status == 200 and ok["usage"]["completion_tokens"] == 4, ok
+    assert server.wait_idle() == 0
+
+
+def test_bad_input_is_counted(server):
+    before = server.metric('jaxserve_requests_total{outcome="invalid"}')
+    server.request("POST", C, with_(n=0))
+    assert server.metric('jaxserve_requests_total{outcome="invalid"}') == before + 1
+
+
+def test_duplicate_request_id(server, slow_steps):
+    body = {**OK, "max_tokens": 60, "ignore_eos": True, "request_id": "dup-1"}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(server.request, "POST", C, body)
+        time.sleep(0.3)
+        status, got = server.request("POST", C, body)
+        assert status == 400 and got["error"]["param"] == "request_id" and "in use" in got["error"]["message"]
+        assert first.result()[0] == 200  # the first request was not hurt
+    assert server.wait_idle() == 0
+
+
+def _open_stream(port, body):
+    sock = socket.create_connection(("127.0.0.1", port))
+    raw = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))  # fmt: skip
+    return sock
+
+
+def test_client_disconnect_mid_stream_aborts(server, slow_steps):
+    before = server.metric('jaxserve_requests_total{outcome="cancelled"}')
+    sock = _open_stream(server.port, {**OK, "max_tokens": 100, "ignore_eos": True, "stream": True})
+    received = b""
+    while b"data: " not in received:  # the stream started
+        received += sock.recv(65536)
+    assert server.engine.has_unfinished_requests()
+    sock.close()
+    assert server.wait_idle() == 0
+    assert server.metric('jaxserve_requests_total{outcome="cancelled"}') == before + 1
+
+
+def test_deadline_mid_stream(server, slow_steps):
+    start = time.monotonic()
+    status, got = server.request("POST", C, {**OK, "max_tokens": 100, "ignore_eos": True, "timeout": 0.3})
+    assert status == 504 and got["error"]["param"] == "timeout" and got["error"]["type"] == "timeout_error"
+    assert time.monotonic() - start < 1.5  # 100 steps of >= 20 ms would take 2 s
+    assert server.wait_idle() == 0
+    # Streamed: the stream carries an error event, then [DONE].
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", C, json.dumps({**OK, "max_tokens": 100, "ignore_eos": True, "timeout": 0.3,
+                                        "stream": True}), {"Content-Type": "application/json"})  # fmt: skip
+    resp = conn.getresponse()
+    events = [line[6:] for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+    assert resp.status == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "timeout_error"
+    assert server.wait_idle() == 0
+
+
+def test_burst_over_queue_limit(model_path):
+    """A queue of 2 waiting sequences (8 run at once): a burst of 24 gets some 429s at once, the rest finish."""
+    s = Server(model_path, max_waiting_requests=2)
+    try:
+        body = {**OK, "max_tokens": 30, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(lambda _: s.request("POST", C, body), range(24)))
+        statuses = sorted(r[0] for r in results)
+        assert set(statuses) == {200, 429}, statuses
+        refused = [r[1] for r in results if r[0] == 429]
+        assert all(e["error"]["type"] == "rate_limit_error" and "server busy" in e["error"]["message"]
+                   for e in refused)  # fmt: skip
+        assert all(r[1]["usage"]["completion_tokens"] == 30 for r in results if r[0] == 200)
+        assert s.metric('jaxserve_requests_total{outcome="rejected"}') == len(refused)
+        assert s.wait_idle() == 0
+        assert s.request("POST", C, OK)[0] == 200
+    finally:
+        s.close()
+
+
+def test_draining_refuses_new_requests(model_path):
+    s = Server(model_path)
+    try:
+        s.frontend.draining = True
+        status, got = s.request("POST", C, OK)
+        assert status == 503 and "draining" in got["error"]["message"]
+        assert s.request("GET", "/ready")[0] == 503
+        assert s.request("GET", "/health")[0] == 200  # alive, just not taking work
+    finally:
+        s.close()
