@@ -10,6 +10,19 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", 
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    _add_engine_flags(p)
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="weights and activations (float32 is the fast path on CPUs without native bf16)")
@@ -20,15 +33,6 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="KV cache dtype (auto: the model's)")
     p.add_argument("--kv-cache-memory", type=_bytes, default=None,
                    help="bytes for the KV cache, e.g. 512MiB or 2GB (default: a fraction of free memory)")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
     p.add_argument("--compile-cache-dir", default=DEFAULT_CACHE_DIR,
                    help="persistent XLA compilation cache ('' to disable)")
     p.add_argument("--quiet", action="store_true", help="no load/speed summary on stderr")
@@ -60,7 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("message", nargs="?", default=None, help="one user message (default: read stdin / REPL)")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_model_flags(chat)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_engine_flags(serve)
+    _add_server_flags(serve, port=8000)
+    sub.add_parser("grpc", help="the gRPC server (same as jaxserve-grpc; absl flags, see --helpfull)",
+                   add_help=False)  # fmt: skip
     return parser
+
+
+def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--served-model-name", default=None, help="the name clients use (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences one step may hold")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens one step may process")
+    p.add_argument("--max-waiting-requests", type=int, default=1024,
+                   help="admission bound: a request beyond it is refused at once (429)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    p.add_argument("--seed", type=int, default=0, help="seeds requests that bring none")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may take before they are cancelled")
+    p.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="seconds without engine progress before /ready reports not ready")
+    p.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit")
+    p.add_argument("--max-header-bytes", type=_bytes, default=16 << 10, help="request headers limit")
 
 
 def _sampling(args, default_temperature: float):
@@ -151,14 +178,42 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
+    from jaxserve.api.validation import Limits
+    from jaxserve.async_engine import AsyncEngine
+    from jaxserve.llm import build_engine
+    from jaxserve.servers import http_server
+    from jaxserve.servers.frontend import Frontend
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = build_engine(
+        args.model, dtype=args.dtype, max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir,
+        quiet=args.quiet, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_waiting_requests=args.max_waiting_requests, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+    )  # fmt: skip
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
+    frontend = Frontend(AsyncEngine(engine), model_name=args.served_model_name, limits=limits,
+                        stall_timeout=args.stall_timeout)  # fmt: skip
+    return asyncio.run(http_server.serve(frontend, args.host, args.port, drain_timeout=args.drain_timeout))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["grpc"]:  # absl flags: hand the rest of the line over
+        from jaxserve.servers import grpc_server
+
+        return grpc_server.run(["jaxserve grpc", *argv[1:]])
     args = build_parser().parse_args(argv)
-    from jaxserve.engine import PromptTooLongError
+    from jaxserve.api.validation import PromptTooLongError
     from models.gguf_loader import ModelFileError
     from models.tokenizer import TokenizerError
 
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}[args.command](args)
     except (ModelFileError, PromptTooLongError, TokenizerError, ValueError) as e:
         print(f"jaxserve: error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from jaxserve.api.validation import PromptTooLongError, check_priority, check_prompt_tokens, check_request_id
 from jaxserve.config import EngineConfig
 from jaxserve.detokenizer import TextStream
 from jaxserve.kv_cache.block_manager import BlockManager
@@ -31,10 +32,6 @@ from models.loader import LoadedModel
 log = logging.getLogger("jaxserve.engine")
 
 _NO_SAMPLE = SamplingParams(temperature=0.0, max_tokens=1)  # rows of a step that do not sample (mid-prompt)
-
-
-class PromptTooLongError(ValueError):
-    pass
 
 
 @dataclasses.dataclass
@@ -94,30 +91,18 @@ class LLMEngine:
         return None, [int(t) for t in ids]
 
     def check_prompt(self, prompt_token_ids: Sequence[int]) -> None:
-        if not prompt_token_ids:
-            raise ValueError("prompt: empty; it must have at least one token")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt: {len(prompt_token_ids)} tokens; with room for one new token that exceeds "
-                f"max_model_len={self.max_model_len} (prompts are never truncated)"
-            )
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_token_ids: ids out of range [0, {vocab}): {bad[:5]}")
+        check_prompt_tokens(prompt_token_ids, max_model_len=self.max_model_len, vocab_size=self.model.config.vocab_size)
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
                     priority: int = 0, arrival_time: float | None = None) -> None:  # fmt: skip
         """Queue a request (raises ValueError naming the field on bad input; nothing is queued then)."""
         params = params or SamplingParams()
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id={request_id!r}: need a non-empty str")
+        check_request_id(request_id)
         if request_id in self._parents:
             raise ValueError(f"request_id={request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: need a SamplingParams, got {type(params).__name__}")
-        if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 2**31:
-            raise ValueError(f"priority={priority!r}: need an int in [-2**31, 2**31]")
+        check_priority(priority)
         text, ids = self.tokenize(prompt)
         self.check_prompt(ids)
         free_seqs = self.config.scheduler.max_waiting_requests - len(self.scheduler.waiting)

@@ -170,7 +170,7 @@ def test_n_logprobs_min_tokens_and_stop_token_ids(engine):
 def test_bad_requests_are_refused_and_nothing_is_queued(engine):
     with pytest.raises(PromptTooLongError, match="max_model_len=128"):
         engine.add_request("long", [5] * 128, GREEDY)
-    with pytest.raises(ValueError, match="prompt_token_ids"):
+    with pytest.raises(ValueError, match="prompt: token ids out of range"):
         engine.add_request("oov", [TINY.vocab_size], GREEDY)
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("empty", [], GREEDY)

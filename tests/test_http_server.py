@@ -325,3 +325,49 @@ def test_draining_refuses_new_requests(model_path):
         assert s.request("GET", "/health")[0] == 200  # alive, just not taking work
     finally:
         s.close()
+
+
+def test_serve_binary_drains_on_sigterm(model_path):
+    """`jaxserve serve` as users run it: ready, then SIGTERM mid-stream -> the stream completes, exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests"))
+    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.cli", "serve", "--model", model_path, "--port", str(port),
+                             "--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
+                             "--page-size", "8", "--kv-cache-memory", "1MiB", "--compile-cache-dir", cache,
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in 180 s"
+            time.sleep(0.25)
+        sock = _open_stream(port, {**OK, "max_tokens": 100, "ignore_eos": True, "stream": True,
+                                   "stream_options": {"include_usage": True}})  # fmt: skip
+        received = b""
+        while b"data: " not in received:
+            received += sock.recv(65536)
+        proc.send_signal(signal.SIGTERM)
+        while not received.endswith(b"0\r\n\r\n"):  # the chunked response's end
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        sock.close()
+        events = [line[6:] for line in received.decode(errors="replace").splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 100  # the in-flight request finished
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()

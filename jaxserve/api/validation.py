@@ -54,6 +54,10 @@ class GenerateRequest:
     max_tokens_field: str = "max_tokens"  # the client's name for it, for the context check's error
 
 
+class PromptTooLongError(ValidationError):
+    """The prompt leaves no room for a new token in the context (prompts are never truncated)."""
+
+
 # ---- scalar checks ----------------------------------------------------------------------------------------------
 
 
@@ -113,7 +117,7 @@ def check_prompt_tokens(ids: Sequence[int], *, max_model_len: int, vocab_size: i
     if not ids:
         raise ValidationError(field, "empty; it must have at least one token")
     if len(ids) >= max_model_len:
-        raise ValidationError(field, f"{len(ids)} tokens; with room for one new token that exceeds "
+        raise PromptTooLongError(field, f"{len(ids)} tokens; with room for one new token that exceeds "
                                      f"max_model_len={max_model_len} (prompts are never truncated)")  # fmt: skip
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:

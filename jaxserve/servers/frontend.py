@@ -11,6 +11,7 @@ is counted once in the server's metrics.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ class Frontend:
         core = engine.engine
         self.core = core
         self.tokenizer = core.tokenizer
-        self.model_name = model_name or core.model.config.name
+        self.model_name = model_name or default_model_name(core.model.path)
         self.max_model_len = core.max_model_len
         self.vocab_size = core.model.config.vocab_size
         self.limits = limits
@@ -106,6 +107,8 @@ class Frontend:
             self.check_model(req.model)
             _, ids = self.prepare(req)
             rid = req.request_id or f"{id_prefix}-{uuid.uuid4().hex}"
+            if rid in self._inflight:  # refuse here: registering it below would drop the running one's entry
+                raise ValidationError("request_id", f"{rid!r} is already in use")
             deadline = None if req.timeout is None else time.monotonic() + req.timeout
             stream = self.engine.generate(ids, req.params, request_id=rid, priority=req.priority)
             self._inflight[rid] = asyncio.current_task()
@@ -176,6 +179,12 @@ class Frontend:
         if left:
             await asyncio.sleep(0.1)  # let the cancelled streams post their aborts
         return len(left)
+
+
+def default_model_name(path: str) -> str:
+    """The name clients use by default: the model file's stem ('SmolLM2-135M-Instruct.Q4_1') or directory."""
+    base = os.path.basename(os.path.normpath(path))
+    return base[: -len(".gguf")] if base.endswith(".gguf") else base
 
 
 def usage(out: RequestOutput) -> dict:

@@ -27,6 +27,7 @@ from jaxserve.servers.frontend import Frontend, usage
 log = logging.getLogger("jaxserve.http")
 
 _FRONTEND = web.AppKey("frontend", Frontend)
+_COUNTED = web.RequestKey("counted", bool)  # Frontend.generate counts this request's outcome
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 
 
@@ -107,7 +108,7 @@ async def _errors_and_limits(request: web.Request, handler):
 
 def _count_refusal(frontend: Frontend, err: APIError, request: web.Request) -> None:
     # Frontend.generate counts the outcomes of requests it saw; refusals before it are counted here.
-    if not request.get("counted"):
+    if not request.get(_COUNTED):
         frontend.metrics.observe({"validation": "invalid", "too_large": "invalid", "headers": "invalid",
                                   "not_found": "not_found"}.get(err.kind.name, "error"))  # fmt: skip
 
@@ -145,7 +146,7 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
         import dataclasses
 
         req = dataclasses.replace(req, request_id=rid)
-    request["counted"] = True  # from here on Frontend.generate counts the outcome
+    request[_COUNTED] = True
     shape = _ChatShape(frontend.model_name, rid) if parsed.chat else _CompletionShape(frontend.model_name, rid)
     stream = frontend.generate(req)
     if not parsed.stream:
