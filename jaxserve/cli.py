@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["grpc"]:  # absl flags: hand the rest of the line over
         from jaxserve.servers import grpc_server
 
-        return grpc_server.run(["jaxserve grpc", *argv[1:]])
+        grpc_server.run(["jaxserve grpc", *argv[1:]])  # exits through absl
+        return 0
     args = build_parser().parse_args(argv)
     from jaxserve.api.validation import PromptTooLongError
     from models.gguf_loader import ModelFileError

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from jaxserve.api.errors import DEADLINE, NOT_FOUND, UNAVAILABLE, APIError, to_api_error
+from jaxserve.api.errors import DEADLINE, INTERNAL, NOT_FOUND, UNAVAILABLE, APIError, to_api_error
 from jaxserve.api.validation import (
     GenerateRequest, Limits, ValidationError, check_context, check_prompt_text, check_prompt_tokens,
 )  # fmt: skip
@@ -43,7 +43,7 @@ class Frontend:
         self.stall_timeout = stall_timeout
         self.metrics = ServerMetrics(core, self.model_name)
         self.draining = False
-        self._inflight: dict[str, asyncio.Task | None] = {}
+        self._inflight: dict[object, asyncio.Task | None] = {}
         self._started = time.time()
 
     # ---- state ------------------------------------------------------------------------------------------------
@@ -107,11 +107,10 @@ class Frontend:
             self.check_model(req.model)
             _, ids = self.prepare(req)
             rid = req.request_id or f"{id_prefix}-{uuid.uuid4().hex}"
-            if rid in self._inflight:  # refuse here: registering it below would drop the running one's entry
-                raise ValidationError("request_id", f"{rid!r} is already in use")
             deadline = None if req.timeout is None else time.monotonic() + req.timeout
             stream = self.engine.generate(ids, req.params, request_id=rid, priority=req.priority)
-            self._inflight[rid] = asyncio.current_task()
+            token = object()  # (not the request id: a refused duplicate id must not untrack the original)
+            self._inflight[token] = asyncio.current_task()
             try:
                 while True:
                     remaining = None if deadline is None else deadline - time.monotonic()
@@ -124,7 +123,7 @@ class Frontend:
                     last = out
                     if out.error is not None:
                         outcome = "error"
-                        raise APIError(to_api_error(RuntimeError(out.error)).kind, out.error)
+                        raise APIError(INTERNAL, out.error)
                     if out.finished:
                         outcome = out.outputs[0].finish_reason or "stop"
                     yield out
@@ -135,7 +134,7 @@ class Frontend:
                 raise APIError(DEADLINE, f"timeout: the request ran past its deadline of {req.timeout:g}s",
                                "timeout") from None  # fmt: skip
             finally:
-                self._inflight.pop(rid, None)
+                self._inflight.pop(token, None)
                 await stream.aclose()  # aborts the request in the engine unless it finished
         except (asyncio.CancelledError, GeneratorExit):
             # (a consumer that closes the stream after the finished output is not a cancel)

@@ -1,0 +1,458 @@
+"""jaxserve's gRPC server (`jaxserve-grpc`): the `jaxserve.v1.JaxServe` service over a `Frontend`, on grpc.aio.
+
+    jaxserve-grpc --model path/to/model.gguf --port 50051
+    grpcurl -plaintext -d '{"text": "Hi", "sampling": {"max_tokens": 8}}' localhost:50051 jaxserve.v1.JaxServe/Generate
+
+Every request goes through the shared validators (jaxserve.api.validation) and every error through the shared
+table (jaxserve.api.errors): the status code comes from the error's kind, the details start with the field's
+name, and the field also travels in the trailing metadata `jaxserve-field`. Alongside the service run the
+standard health service (SERVING only while the Frontend is ready) and server reflection.
+
+Shutdown: SIGTERM / SIGINT (or `stop_event`) -> health NOT_SERVING, new requests UNAVAILABLE, in-flight ones get
+`drain_timeout` seconds to finish, then the server stops and `serve` returns 0. If the engine loop dies,
+`serve` stops the server and returns 1, so a supervisor restarts the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jaxserve.api.errors import INTERNAL, UNAVAILABLE, VALIDATION, APIError, to_api_error
+from jaxserve.api.validation import (
+    GenerateRequest, ValidationError, check_messages, check_priority, check_prompt_text, check_request_id,
+    check_timeout, check_token_id_list, sampling_params,
+)  # fmt: skip
+from jaxserve.servers import lifecycle
+from jaxserve.servers.frontend import Frontend, usage
+from jaxserve.v1 import jaxserve_pb2 as pb
+from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("jaxserve.grpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JaxServe"].full_name  # "jaxserve.v1.JaxServe"
+FIELD_METADATA_KEY = "jaxserve-field"
+HEALTH_INTERVAL_S = 0.5
+STOP_GRACE_S = 2.0  # after the drain: lets the last responses flush before connections close
+_OPTIONAL_SAMPLING = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields if f.has_presence)
+_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+           "abort": pb.FINISH_REASON_ABORT}  # fmt: skip
+
+
+class _Undecodable:
+    """What the request deserializer hands over for bytes that are not a valid message (bad UTF-8 in a string
+    field, truncated fields): grpc.aio would otherwise fail the RPC with a generic status naming no field."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(message_cls):
+    def deserialize(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as e:
+            return _Undecodable(e)
+
+    return deserialize
+
+
+def _renamed(err: APIError, renames: dict[str, str]) -> APIError:
+    """The Frontend names fields as the Python API does; rename them to this request's proto fields."""
+    new = renames.get(err.field or "")
+    if not new:
+        return err
+    message = new + err.message[len(err.field):] if err.message.startswith(err.field) else err.message
+    return APIError(err.kind, message, new)
+
+
+class JaxServeServicer(pb_grpc.JaxServeServicer):
+    def __init__(self, frontend: Frontend):
+        self.frontend = frontend
+
+    # ---- request conversion -----------------------------------------------------------------------------------
+
+    def _to_request(self, request: pb.GenerateRequest) -> GenerateRequest:
+        fe = self.frontend
+        fe.check_model(request.model or None)
+        which = request.WhichOneof("prompt")
+        prompt = ids = messages = None
+        if which == "text":
+            prompt = check_prompt_text(request.text, fe.limits, "prompt")
+        elif which == "token_ids":
+            ids = check_token_id_list(list(request.token_ids.ids), fe.max_model_len, "token_ids")
+        elif which == "chat":
+            raw = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            messages = check_messages(raw, fe.limits, "chat.messages")
+        else:
+            raise ValidationError("prompt", "missing: set one of text, token_ids or chat")
+        s = request.sampling
+        fields = {name: getattr(s, name) for name in _OPTIONAL_SAMPLING if s.HasField(name)}
+        if s.stop:  # repeated fields have no presence: empty means "none"
+            fields["stop"] = list(s.stop)
+        if s.stop_token_ids:
+            fields["stop_token_ids"] = list(s.stop_token_ids)
+        return GenerateRequest(
+            params=sampling_params(fields), prompt=prompt, prompt_token_ids=ids, messages=messages,
+            request_id=check_request_id(request.request_id, fe.limits) if request.request_id else None,
+            model=request.model or None, priority=check_priority(request.priority),
+            timeout=check_timeout(request.timeout_seconds, fe.limits, "timeout_seconds")
+            if request.timeout_seconds != 0 else None,
+        )  # fmt: skip
+
+    @staticmethod
+    def _renames(request) -> dict[str, str]:
+        renames = {"timeout": "timeout_seconds"}
+        which = request.WhichOneof("prompt")
+        if which == "token_ids":
+            renames["prompt"] = "token_ids"
+        elif which == "chat":
+            renames.update(prompt="chat.messages", messages="chat.messages")
+        return renames
+
+    # ---- errors -----------------------------------------------------------------------------------------------
+
+    async def _abort(self, context, err: APIError):
+        metadata = ((FIELD_METADATA_KEY, err.field),) if err.field else ()
+        await context.abort(grpc.StatusCode[err.kind.grpc_code], err.message, metadata)
+
+    def _parse(self, request) -> GenerateRequest:
+        try:
+            return self._to_request(request)
+        except APIError as e:
+            self._count_refusal(e)
+            raise
+
+    def _count_refusal(self, err: APIError) -> None:
+        # Frontend.generate counts the outcome of every request it sees; refusals before it are counted here.
+        self.frontend.metrics.observe("not_found" if err.kind.name == "not_found" else "invalid")
+
+    async def _run(self, request, context, body, generation: bool = False):
+        """Run a handler body, turning every failure into a status: APIError by its kind, bugs as INTERNAL (this
+        request ends, the server goes on), and a cancel from the drain as UNAVAILABLE."""
+        if isinstance(request, _Undecodable):
+            err = APIError(VALIDATION, f"request: not a valid message ({request.error})", "request")
+            if generation:
+                self._count_refusal(err)
+            await self._abort(context, err)
+        try:
+            return await body()
+        except grpc.aio.AbortError:
+            raise
+        except APIError as e:
+            renames = self._renames(request) if isinstance(request, pb.GenerateRequest) else {}
+            await self._abort(context, _renamed(e, renames))
+        except asyncio.CancelledError:
+            # The client went away or its deadline passed (grpc.aio cancels this task; nobody hears an answer),
+            # or the drain timed out and cancelled what was left: tell that client why.
+            if self.frontend.draining and not context.done():
+                await self._abort(context, APIError(UNAVAILABLE, "server shutting down: the request did not "
+                                                                 "finish within the drain timeout"))  # fmt: skip
+            raise
+        except Exception as e:
+            log.exception("gRPC handler failed")
+            await self._abort(context, APIError(INTERNAL, to_api_error(e).message))
+
+    # ---- RPCs -------------------------------------------------------------------------------------------------
+
+    async def Generate(self, request, context):
+        async def body():
+            req = self._parse(request)
+            num_top = req.params.logprobs or 0
+            stream = self.frontend.generate(req, id_prefix="grpc")
+            sent_finish: set[int] = set()
+            try:
+                async for out in stream:
+                    msg = pb.GenerateResponse(request_id=out.request_id, finished=out.finished)
+                    for c in out.outputs:
+                        if c.delta_token_ids or (c.finish_reason and c.index not in sent_finish):
+                            msg.outputs.append(_delta(c, num_top))
+                            if c.finish_reason:
+                                sent_finish.add(c.index)
+                    if out.finished:
+                        msg.usage.CopyFrom(pb.Usage(**usage(out)))
+                    if msg.outputs or out.finished:
+                        await context.write(msg)
+            finally:
+                # Cancelled while waiting in context.write, the Frontend's generator sits at a yield: close it
+                # now (not at garbage collection) so the engine aborts the request and frees its pages at once.
+                await stream.aclose()
+
+        await self._run(request, context, body, generation=True)
+
+    async def Complete(self, request, context):
+        async def body():
+            req = self._parse(request)
+            out = await self.frontend.complete(req, id_prefix="grpc")
+            m, num_top = out.metrics, req.params.logprobs or 0
+            return pb.CompleteResponse(
+                request_id=out.request_id, outputs=[_completion(c, num_top) for c in out.outputs],
+                usage=pb.Usage(**usage(out)), time_to_first_token_seconds=m.ttft or 0.0,
+                time_per_output_token_seconds=m.tpot or 0.0)  # fmt: skip
+
+        return await self._run(request, context, body, generation=True)
+
+    async def Tokenize(self, request, context):
+        async def body():
+            self.frontend.check_model(request.model or None)
+            add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            ids = self.frontend.tokenize(request.text, add_special_tokens=add)
+            return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.frontend.max_model_len)
+
+        return await self._run(request, context, body)
+
+    async def ListModels(self, request, context):
+        async def body():
+            return pb.ListModelsResponse(models=[self._card()])
+
+        return await self._run(request, context, body)
+
+    async def ModelInfo(self, request, context):
+        async def body():
+            self.frontend.check_model(request.model or None)
+            core = self.frontend.core
+            return pb.ModelInfoResponse(
+                model=self._card(), max_num_seqs=core.config.scheduler.max_num_seqs,
+                max_num_batched_tokens=core.config.scheduler.max_num_batched_tokens,
+                page_size=core.config.cache.page_size, num_kv_pages=core.runner.pool.num_pages,
+                has_chat_template=bool(core.tokenizer.chat_template))  # fmt: skip
+
+        return await self._run(request, context, body)
+
+    def _card(self) -> pb.ModelCard:
+        card = self.frontend.model_card()
+        return pb.ModelCard(id=card["id"], max_model_len=card["max_model_len"], vocab_size=card["vocab_size"],
+                            dtype=str(card["dtype"]), architecture=card["architecture"],
+                            num_parameters=card["num_parameters"])  # fmt: skip
+
+
+# ---- output conversion ------------------------------------------------------------------------------------------
+
+
+def _logprob(token_id: int, lp) -> pb.Logprob:
+    return pb.Logprob(token_id=token_id, token=lp.decoded_token, logprob=lp.logprob, rank=lp.rank)
+
+
+def _token_logprobs(entries, token_ids, num_top: int) -> list[pb.TokenLogprobs]:
+    """Engine logprobs ({token_id: Logprob} per token: the sampled one and the top `num_top`) -> proto. `top`
+    is the top `num_top` by rank, the sampled token included when it is among them (as the proto says)."""
+    out = []
+    for entry, tid in zip(entries, token_ids):
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank)
+        top = [_logprob(t, lp) for t, lp in ranked if lp.rank <= num_top][:num_top]
+        out.append(pb.TokenLogprobs(sampled=_logprob(tid, entry[tid]), top=top))
+    return out
+
+
+def _stop(msg, stop_reason) -> None:
+    if isinstance(stop_reason, str):
+        msg.stop_string = stop_reason
+    elif isinstance(stop_reason, int):
+        msg.stop_token_id = stop_reason
+
+
+def _delta(c, num_top: int) -> pb.CompletionDelta:
+    msg = pb.CompletionDelta(index=c.index, text=c.delta_text, token_ids=c.delta_token_ids,
+                             finish_reason=_FINISH[c.finish_reason])  # fmt: skip
+    if c.logprobs is not None and c.delta_token_ids:
+        msg.logprobs.extend(_token_logprobs(c.logprobs[-len(c.delta_token_ids):], c.delta_token_ids, num_top))
+    _stop(msg, c.stop_reason)
+    return msg
+
+
+def _completion(c, num_top: int) -> pb.Completion:
+    msg = pb.Completion(index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=_FINISH[c.finish_reason],
+                        cumulative_logprob=c.cumulative_logprob or 0.0)  # fmt: skip
+    if c.logprobs is not None:
+        msg.logprobs.extend(_token_logprobs(c.logprobs, c.token_ids, num_top))
+    _stop(msg, c.stop_reason)
+    return msg
+
+
+# ---- server -----------------------------------------------------------------------------------------------------
+
+
+_METHODS = {  # name: (handler kind, request, response)
+    "Generate": (grpc.unary_stream_rpc_method_handler, pb.GenerateRequest, pb.GenerateResponse),
+    "Complete": (grpc.unary_unary_rpc_method_handler, pb.GenerateRequest, pb.CompleteResponse),
+    "Tokenize": (grpc.unary_unary_rpc_method_handler, pb.TokenizeRequest, pb.TokenizeResponse),
+    "ListModels": (grpc.unary_unary_rpc_method_handler, pb.ListModelsRequest, pb.ListModelsResponse),
+    "ModelInfo": (grpc.unary_unary_rpc_method_handler, pb.ModelInfoRequest, pb.ModelInfoResponse),
+}
+
+
+def _method_handlers(servicer: JaxServeServicer) -> dict:
+    """The generated handlers, but with request deserializers that never raise (see _Undecodable)."""
+    return {name: kind(getattr(servicer, name), request_deserializer=_lenient(request),
+                       response_serializer=response.SerializeToString)
+            for name, (kind, request, response) in _METHODS.items()}  # fmt: skip
+
+
+async def update_health(frontend: Frontend, health_servicer) -> bool:
+    """Publish the Frontend's readiness for "" and the JaxServe service; returns it."""
+    ready, _ = frontend.ready()
+    status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, status)
+    return ready
+
+
+async def build_server(frontend: Frontend, host: str = "127.0.0.1", port: int = 0):
+    """Create, bind and start the server (call on the event loop that will run it). Returns (server, the bound
+    port, the health servicer)."""
+    options = [
+        ("grpc.max_receive_message_length", frontend.limits.max_body_bytes),  # larger -> RESOURCE_EXHAUSTED
+        ("grpc.max_send_message_length", 256 << 20),  # logprobs of long completions are big, but bounded
+        # Both limits: between grpc's soft and hard limit, headers are refused only with some probability.
+        ("grpc.max_metadata_size", frontend.limits.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", frontend.limits.max_header_bytes),
+        ("grpc.so_reuseport", 0),  # a port already taken must fail to bind, not be silently shared
+    ]  # fmt: skip
+    server = grpc.aio.server(options=options)
+    handlers = _method_handlers(JaxServeServicer(frontend))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # what the generated stubs call
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:
+        raise OSError(f"cannot bind {host}:{port}: {e}") from None
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await update_health(frontend, health_servicer)
+    await server.start()
+    return server, bound, health_servicer
+
+
+async def _keep_health(frontend: Frontend, health_servicer) -> None:
+    while True:  # readiness changes without a request (a stall, the engine dying): poll it
+        await update_health(frontend, health_servicer)
+        await asyncio.sleep(HEALTH_INTERVAL_S)
+
+
+async def serve(frontend: Frontend, host: str = "127.0.0.1", port: int = 0, *, drain_timeout: float = 30.0,
+                metrics_port: int | None = None, ready_callback=None, stop_event: asyncio.Event | None = None) -> int:
+    """Serve until SIGTERM / SIGINT (handled only on the main thread) or `stop_event`, then drain and return 0;
+    return 1 if the engine loop dies. ready_callback(port) is called once the server listens."""
+    server, bound, health_servicer = await build_server(frontend, host, port)
+    metrics_http = None
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        metrics_http, _ = start_http_server(metrics_port, addr=host, registry=frontend.metrics.registry)
+    log.info("serving %r over gRPC on %s:%d", frontend.model_name, host, bound)
+    if ready_callback is not None:
+        ready_callback(bound)
+    health_task = asyncio.create_task(_keep_health(frontend, health_servicer))
+    try:
+        code = await lifecycle.wait_for_shutdown(frontend, stop_event)
+        health_task.cancel()
+        await health_servicer.enter_graceful_shutdown()  # NOT_SERVING from now on: balancers stop sending
+        if code == 0:
+            await lifecycle.drain(frontend, drain_timeout)
+        await server.stop(STOP_GRACE_S)  # (after an engine death: new requests get UNAVAILABLE meanwhile)
+        return code
+    finally:
+        health_task.cancel()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+
+
+def define_flags(fv=None) -> None:
+    """The command line's flags (on absl's global FLAGS unless `fv` is given)."""
+    from absl import flags
+
+    from jaxserve.llm import DEFAULT_COMPILE_CACHE_DIR
+
+    fv = flags.FLAGS if fv is None else fv
+    text, integer, number = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
+    for define, name, default, doc in [
+        (text, "model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct)"),
+        (text, "model_name", None, "the name clients use (default: the model's)"),
+        (text, "host", "127.0.0.1", "address to listen on"),
+        (integer, "port", 50051, "port to listen on (0: any free one)"),
+        (number, "drain_timeout", 30.0, "seconds in-flight requests get after SIGTERM"),
+        (integer, "metrics_port", None, "Prometheus /metrics port (default: off)"),
+        (number, "stall_timeout", 120.0, "seconds without engine progress before health turns NOT_SERVING"),
+        (integer, "max_model_len", None, "context length (default: min(2048, the model's))"),
+        (integer, "max_num_seqs", 64, "sequences per step"),
+        (integer, "max_num_batched_tokens", 512, "tokens per step"),
+        (integer, "max_waiting_requests", None, "waiting-queue bound (full -> RESOURCE_EXHAUSTED)"),
+        (integer, "page_size", 16, "tokens per KV cache page"),
+        (text, "kv_cache_memory", None, "KV cache bytes, e.g. 512MiB (default: part of free memory)"),
+        (flags.DEFINE_bool, "enable_prefix_caching", True, "reuse KV pages of shared prompt prefixes"),
+        (text, "compile_cache_dir", DEFAULT_COMPILE_CACHE_DIR, "persistent XLA cache ('' = off)"),
+        (integer, "seed", 0, "seeds requests that bring none"),
+    ]:  # fmt: skip
+        define(name, default, doc, flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and activations", flag_values=fv)
+    flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "float32", "bfloat16"], "KV cache dtype", flag_values=fv)
+
+
+def engine_options_from_flags(fv) -> dict:
+    """Parsed flags -> keyword arguments of jaxserve.llm.build_engine."""
+    from jaxserve.cli import _bytes
+
+    names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_dtype",
+             "enable_prefix_caching", "seed")  # fmt: skip
+    options = {name: getattr(fv, name) for name in names}
+    options["compile_cache_dir"] = fv.compile_cache_dir or None
+    if fv.kv_cache_memory:
+        try:
+            options["kv_cache_memory"] = _bytes(fv.kv_cache_memory)
+        except Exception as e:  # argparse.ArgumentTypeError
+            raise ValueError(f"--kv_cache_memory: {e}") from None
+    if fv.max_waiting_requests is not None:
+        options["max_waiting_requests"] = fv.max_waiting_requests
+    return options
+
+
+def main(argv) -> None:
+    from absl import app, flags
+
+    from jaxserve.async_engine import AsyncEngine
+    from jaxserve.llm import build_engine
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    fv = flags.FLAGS
+    try:
+        options = engine_options_from_flags(fv)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    engine = AsyncEngine(build_engine(fv.model, **options))
+    frontend = Frontend(engine, model_name=fv.model_name, stall_timeout=fv.stall_timeout)
+
+    def ready(port: int) -> None:
+        print(f"[jaxserve-grpc] serving {frontend.model_name!r} on {fv.host}:{port}", file=sys.stderr, flush=True)
+
+    try:
+        code = asyncio.run(serve(frontend, fv.host, fv.port, drain_timeout=fv.drain_timeout,
+                                 metrics_port=fv.metrics_port or None, ready_callback=ready))  # fmt: skip
+    finally:
+        engine.shutdown()
+    sys.exit(code)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point `jaxserve-grpc` (and `jaxserve grpc ...`, which passes its own argv)."""
+    from absl import app
+
+    define_flags()
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run()
