@@ -166,6 +166,26 @@ def check_messages(messages, limits: Limits = Limits(), field: str = "messages")
     return tuple(out)
 
 
+def tokenize_request(req: GenerateRequest, tokenizer, *, max_model_len: int,
+                     vocab_size: int) -> tuple[str | None, list[int]]:  # fmt: skip
+    """Render (chat) and tokenize a request's prompt, then check it against the context: (text, token ids)."""
+    from models.tokenizer import TokenizerError
+
+    if req.messages is not None:
+        try:
+            text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True)
+        except TokenizerError as e:
+            raise ValidationError("messages", str(e)) from None
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    elif req.prompt is not None:
+        text, ids = req.prompt, tokenizer.encode(req.prompt)
+    else:
+        text, ids = None, list(req.prompt_token_ids or ())
+    check_prompt_tokens(ids, max_model_len=max_model_len, vocab_size=vocab_size)
+    check_context(len(ids), req.params.max_tokens, max_model_len=max_model_len, field=req.max_tokens_field)
+    return text, ids
+
+
 # ---- sampling parameters ----------------------------------------------------------------------------------------
 
 

@@ -17,9 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from jaxserve.api.errors import DEADLINE, INTERNAL, NOT_FOUND, UNAVAILABLE, APIError, to_api_error
-from jaxserve.api.validation import (
-    GenerateRequest, Limits, ValidationError, check_context, check_prompt_text, check_prompt_tokens,
-)  # fmt: skip
+from jaxserve.api.validation import GenerateRequest, Limits, check_prompt_text, tokenize_request
 from jaxserve.outputs import RequestOutput
 from jaxserve.servers.metrics import ServerMetrics
 
@@ -81,22 +79,7 @@ class Frontend:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def prepare(self, req: GenerateRequest) -> tuple[str | None, list[int]]:
-        """Render / tokenize the prompt and check it against the context (raises ValidationError)."""
-        from models.tokenizer import TokenizerError
-
-        if req.messages is not None:
-            try:
-                text = self.tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True)
-            except TokenizerError as e:
-                raise ValidationError("messages", str(e)) from None
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        elif req.prompt is not None:
-            text, ids = req.prompt, self.tokenizer.encode(req.prompt)
-        else:
-            text, ids = None, list(req.prompt_token_ids or ())
-        check_prompt_tokens(ids, max_model_len=self.max_model_len, vocab_size=self.vocab_size)
-        check_context(len(ids), req.params.max_tokens, max_model_len=self.max_model_len, field=req.max_tokens_field)
-        return text, ids
+        return tokenize_request(req, self.tokenizer, max_model_len=self.max_model_len, vocab_size=self.vocab_size)
 
     async def generate(self, req: GenerateRequest, *, id_prefix: str = "req") -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Raises APIError (before the first output for bad input or admission;
@@ -184,11 +167,3 @@ def default_model_name(path: str) -> str:
     """The name clients use by default: the model file's stem ('SmolLM2-135M-Instruct.Q4_1') or directory."""
     base = os.path.basename(os.path.normpath(path))
     return base[: -len(".gguf")] if base.endswith(".gguf") else base
-
-
-def usage(out: RequestOutput) -> dict:
-    prompt = len(out.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in out.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "cached_tokens": out.num_cached_tokens}  # fmt: skip
-

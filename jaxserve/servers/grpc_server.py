@@ -30,7 +30,8 @@ from jaxserve.api.validation import (
     check_timeout, check_token_id_list, sampling_params,
 )  # fmt: skip
 from jaxserve.servers import lifecycle
-from jaxserve.servers.frontend import Frontend, usage
+from jaxserve.api.openai_protocol import usage
+from jaxserve.servers.frontend import Frontend
 from jaxserve.v1 import jaxserve_pb2 as pb
 from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 
 from aiohttp import web
 
 from jaxserve.api.errors import HEADERS, INTERNAL, NOT_FOUND, TOO_LARGE, VALIDATION, APIError
-from jaxserve.api.openai_protocol import OpenAIRequest, parse_chat, parse_completion
+from jaxserve.api.openai_protocol import ChatShape, CompletionShape, OpenAIRequest, parse_chat, parse_completion
 from jaxserve.api.validation import parse_json_body
 from jaxserve.servers import lifecycle
-from jaxserve.servers.frontend import Frontend, usage
+from jaxserve.servers.frontend import Frontend
 
 log = logging.getLogger("jaxserve.http")
 
@@ -147,7 +146,7 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
 
         req = dataclasses.replace(req, request_id=rid)
     request[_COUNTED] = True
-    shape = _ChatShape(frontend.model_name, rid) if parsed.chat else _CompletionShape(frontend.model_name, rid)
+    shape = (ChatShape if parsed.chat else CompletionShape)(frontend.model_name, rid)
     stream = frontend.generate(req)
     if not parsed.stream:
         last = None
@@ -183,103 +182,6 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
 async def _send(response: web.StreamResponse, obj) -> None:
     if obj is not None:
         await response.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
-
-
-def _usage(out) -> dict:
-    u = usage(out)
-    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-            "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}  # fmt: skip
-
-
-def _new_logprobs(comp, count: int) -> list[tuple[int, dict]]:
-    """(token id, {id: Logprob}) for the last `count` generated tokens of a completion."""
-    if comp.logprobs is None or count == 0:
-        return []
-    return list(zip(comp.token_ids[-count:], comp.logprobs[-count:]))
-
-
-class _CompletionShape:
-    object = "text_completion"
-
-    def __init__(self, model: str, rid: str):
-        self.model, self.id, self.created = model, rid, int(time.time())
-        self.offsets: dict[int, int] = {}
-
-    def _envelope(self, choices: list, **extra) -> dict:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, **extra}  # fmt: skip
-
-    def _logprobs(self, comp, count: int) -> dict | None:
-        if comp.logprobs is None:
-            return None
-        entries = _new_logprobs(comp, count)
-        offset = self.offsets.get(comp.index, 0)
-        lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for tid, alts in entries:
-            piece = alts[tid].decoded_token
-            lp["tokens"].append(piece)
-            lp["token_logprobs"].append(alts[tid].logprob)
-            lp["top_logprobs"].append({a.decoded_token: a.logprob for t, a in sorted(alts.items(),
-                                                                                    key=lambda x: x[1].rank)})  # fmt: skip
-            lp["text_offset"].append(offset)
-            offset += len(piece)
-        self.offsets[comp.index] = offset
-        return lp
-
-    def final(self, out) -> dict:
-        choices = [{"index": c.index, "text": c.text, "logprobs": self._logprobs(c, len(c.token_ids)),
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]  # fmt: skip
-        return self._envelope(choices, usage=_usage(out))
-
-    def start(self, out) -> dict | None:
-        return None
-
-    def chunks(self, out, include_usage: bool):
-        extra = {"usage": None} if include_usage else {}
-        for c in out.outputs:
-            if c.delta_token_ids or c.delta_text or c.finish_reason:
-                yield self._envelope([{"index": c.index, "text": c.delta_text,
-                                       "logprobs": self._logprobs(c, len(c.delta_token_ids)),
-                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **extra)  # fmt: skip
-
-    def usage_chunk(self, out) -> dict:
-        return self._envelope([], usage=_usage(out))
-
-
-class _ChatShape(_CompletionShape):
-    object = "chat.completion.chunk"
-
-    def _logprobs(self, comp, count: int) -> dict | None:
-        if comp.logprobs is None:
-            return None
-        content = []
-        for tid, alts in _new_logprobs(comp, count):
-            top = [a for _, a in sorted(alts.items(), key=lambda x: x[1].rank)]
-            content.append({"token": alts[tid].decoded_token, "logprob": alts[tid].logprob,
-                            "bytes": list(alts[tid].decoded_token.encode()),
-                            "top_logprobs": [{"token": a.decoded_token, "logprob": a.logprob,
-                                              "bytes": list(a.decoded_token.encode())} for a in top]})  # fmt: skip
-        return {"content": content}
-
-    def final(self, out) -> dict:
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._logprobs(c, len(c.token_ids)), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for c in out.outputs]  # fmt: skip
-        body = self._envelope(choices, usage=_usage(out))
-        body["object"] = "chat.completion"
-        return body
-
-    def start(self, out) -> dict:
-        return self._envelope([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None, "finish_reason": None} for c in out.outputs])  # fmt: skip
-
-    def chunks(self, out, include_usage: bool):
-        extra = {"usage": None} if include_usage else {}
-        for c in out.outputs:
-            if c.delta_token_ids or c.delta_text or c.finish_reason:
-                yield self._envelope([{"index": c.index, "delta": {"content": c.delta_text} if c.delta_text else {},
-                                       "logprobs": self._logprobs(c, len(c.delta_token_ids)),
-                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **extra)  # fmt: skip
 
 
 # ---- the rest -------------------------------------------------------------------------------------------------
