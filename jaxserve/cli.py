@@ -67,21 +67,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_engine_flags(serve)
     _add_server_flags(serve, port=8000)
+    batch = sub.add_parser("batch", help="run a JSONL file through the engine (resumable; `batch merge` joins shards)")
+    batch.add_argument("--input", required=True, help="JSONL: OpenAI batch lines or {id, prompt|messages, ...}")
+    batch.add_argument("--output", required=True, help="JSONL results (appended; a rerun skips ids already there)")
+    batch.add_argument("--shard", default=None,
+                       help="i/n: this process takes shard i of n; auto: from jax.distributed (every host of a slice)")
+    batch.add_argument("--coordinator-address", default=None,
+                       help="with --shard auto off TPU/SLURM: host:port of process 0 (also --num-processes, --process-id)")
+    batch.add_argument("--num-processes", type=int, default=None)
+    batch.add_argument("--process-id", type=int, default=None)
+    batch.add_argument("--allow-errors", action="store_true", help="exit 0 even when some lines failed")
+    batch.add_argument("--flush-interval", type=float, default=1.0, help="seconds between fsyncs of the output")
+    batch.add_argument("--served-model-name", default=None, help="the model name written in OpenAI-form outputs")
+    batch.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="longest input line")
+    _add_engine_flags(batch)
+    _add_scheduler_flags(batch)
+    merge = sub.add_parser("batch-merge", help=argparse.SUPPRESS)
+    merge.add_argument("--input", required=True, help="the job's input (gives the order)")
+    merge.add_argument("--output", required=True, help="the job's --output; its .shard-i-of-n files are joined")
     sub.add_parser("grpc", help="the gRPC server (same as jaxserve-grpc; absl flags, see --helpfull)",
                    add_help=False)  # fmt: skip
     return parser
 
 
-def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=port)
-    p.add_argument("--served-model-name", default=None, help="the name clients use (default: the model's)")
+def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences one step may hold")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens one step may process")
     p.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="admission bound: a request beyond it is refused at once (429)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     p.add_argument("--seed", type=int, default=0, help="seeds requests that bring none")
+
+
+def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
+    _add_scheduler_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--served-model-name", default=None, help="the name clients use (default: the model's)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take before they are cancelled")
     p.add_argument("--stall-timeout", type=float, default=120.0,
@@ -201,8 +223,68 @@ def cmd_serve(args) -> int:
     return asyncio.run(http_server.serve(frontend, args.host, args.port, drain_timeout=args.drain_timeout))
 
 
+def _shard(args) -> tuple[int, int]:
+    """--shard i/n, or auto: jax.distributed (initialized here, before anything else touches jax)."""
+    if args.shard is None:
+        return 0, 1
+    if args.shard == "auto":
+        import jax
+
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (CPU hosts; ignored elsewhere)
+        manual = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
+                  "process_id": args.process_id}  # fmt: skip
+        jax.distributed.initialize(**{k: v for k, v in manual.items() if v is not None})
+        return jax.process_index(), jax.process_count()
+    parts = args.shard.split("/")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 <= int(parts[0]) < int(parts[1]):
+        raise ValueError(f"--shard={args.shard!r}: need i/n with 0 <= i < n, or auto")
+    return int(parts[0]), int(parts[1])
+
+
+def cmd_batch(args) -> int:
+    from jaxserve.api.validation import Limits
+    from jaxserve.batch import BatchJob, errors_path_for, recover, shard_path
+    from jaxserve.llm import build_engine
+    from jaxserve.servers.frontend import default_model_name
+
+    if not os.path.isfile(args.input):
+        raise ValueError(f"--input: no such file {args.input!r}")
+    index, count = _shard(args)
+    engine = build_engine(
+        args.model, dtype=args.dtype, max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir,
+        quiet=args.quiet, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_waiting_requests=args.max_waiting_requests, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+    )  # fmt: skip
+    job = BatchJob(engine, args.input, args.output, shard=(index, count),
+                   limits=Limits(max_body_bytes=args.max_body_bytes), flush_interval=args.flush_interval,
+                   model_name=args.served_model_name or default_model_name(engine.model.path),
+                   progress=not args.quiet)  # fmt: skip
+    summary = job.run()
+    errors_path = errors_path_for(shard_path(args.output, index, count))
+    total_errors = len(recover(errors_path))
+    print(f"[jaxserve batch] shard {index}/{count}: {summary.describe()}; {total_errors} error lines in "
+          f"{errors_path}", file=sys.stderr)  # fmt: skip
+    return 1 if total_errors and not args.allow_errors else 0
+
+
+def cmd_batch_merge(args) -> int:
+    from jaxserve.batch import errors_path_for, merge
+
+    written, errors, missing = merge(args.input, args.output)
+    print(f"[jaxserve batch merge] {written} records -> {args.output}, {errors} error lines -> "
+          f"{errors_path_for(args.output)}", file=sys.stderr)  # fmt: skip
+    if missing:
+        print(f"[jaxserve batch merge] {len(missing)} input lines have no result yet (first: line {missing[0]}); "
+              "rerun the shards", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["batch", "merge"]:
+        argv = ["batch-merge", *argv[2:]]
     if argv[:1] == ["grpc"]:  # absl flags: hand the rest of the line over
         from jaxserve.servers import grpc_server
 
@@ -214,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     from models.tokenizer import TokenizerError
 
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}[args.command](args)
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "batch": cmd_batch,
+                    "batch-merge": cmd_batch_merge}  # fmt: skip
+        return commands[args.command](args)
     except (ModelFileError, PromptTooLongError, TokenizerError, ValueError) as e:
         print(f"jaxserve: error: {e}", file=sys.stderr)
         return 2
