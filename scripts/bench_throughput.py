@@ -64,8 +64,10 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-ENGINES = ("jaxserve", "hf", "llamacpp")
-LABELS = {"jaxserve": "jaxserve", "hf": "HF transformers (fp32)", "llamacpp": "llama.cpp"}
+ENGINES = ("jaxserve", "hf", "llamacpp", "batch")
+DEFAULT_ENGINES = ("jaxserve", "hf", "llamacpp")
+LABELS = {"jaxserve": "jaxserve", "hf": "HF transformers (fp32)", "llamacpp": "llama.cpp",
+          "batch": "jaxserve batch (JSONL)"}
 AGREE_PREFIX = 16
 TOKEN_TYPE_NORMAL = 1
 
@@ -152,7 +154,8 @@ def request_record(t0: float, start: float | None, first: float | None, finish: 
 # -- workers (one engine, one workload, own process) -------------------------------------------------------------
 
 
-def run_jaxserve(args: argparse.Namespace, wl: dict, path: str) -> dict:
+def start_llm(args: argparse.Namespace, wl: dict, tag: str):
+    """jaxserve's LLM as a vLLM user sets it up, plus one untimed warm-up generate: (llm, kwargs, load s, warm-up s)."""
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxserve/xla"))
@@ -168,18 +171,24 @@ def run_jaxserve(args: argparse.Namespace, wl: dict, path: str) -> dict:
     max_len = args.max_model_len or -(-need // 256) * 256
     kw = {"max_model_len": max_len, "max_num_seqs": args.max_num_seqs,
           "max_num_batched_tokens": args.max_num_batched_tokens, **dict(args.jaxserve_arg or [])}
-    log(f"[jaxserve {wl['name']}] LLM(model={args.model!r}, {', '.join(f'{k}={v!r}' for k, v in kw.items())})")
+    log(f"[{tag} {wl['name']}] LLM(model={args.model!r}, {', '.join(f'{k}={v!r}' for k, v in kw.items())})")
     t = time.perf_counter()
     llm = LLM(model=args.model, **kw)
     load_s = time.perf_counter() - t
 
-    log(f"[jaxserve {wl['name']}] started in {load_s:.1f}s; warm-up generate")
+    log(f"[{tag} {wl['name']}] started in {load_s:.1f}s; warm-up generate")
     t = time.perf_counter()
     warm = [wl["prompts"][0][:16], wl["prompts"][-1][:8]]
     llm.generate([{"prompt_token_ids": p} for p in warm],
                  [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True) for _ in warm], use_tqdm=False)
     warmup_s = time.perf_counter() - t
+    return llm, kw, load_s, warmup_s
 
+
+def run_jaxserve(args: argparse.Namespace, wl: dict, path: str) -> dict:
+    from jaxserve import SamplingParams
+
+    llm, kw, load_s, warmup_s = start_llm(args, wl, "jaxserve")
     prompts, out_lens = wl["prompts"], wl["out_lens"]
     log(f"[jaxserve {wl['name']}] timed generate: {len(prompts)} requests")
     t0 = time.perf_counter()
@@ -210,6 +219,32 @@ def run_jaxserve(args: argparse.Namespace, wl: dict, path: str) -> dict:
     if short:
         log(f"[jaxserve {wl['name']}] WARNING: {short} requests returned fewer tokens than max_tokens")
     return {"load_s": load_s, "warmup_s": warmup_s, "wall_s": t_end - t0, "requests": records,
+            "extra": {"llm_kwargs": {k: repr(v) for k, v in kw.items()}}}
+
+
+def run_batch(args: argparse.Namespace, wl: dict, path: str) -> dict:
+    """The same requests as a `jaxserve batch` job on the same engine: JSONL in (written before the clock starts),
+    JSONL out; the timed part includes reading, validating and tokenizing lines and writing + fsyncing results."""
+    from jaxserve.batch import BatchJob, recover
+
+    llm, kw, load_s, warmup_s = start_llm(args, wl, "batch")
+    prompts, out_lens = wl["prompts"], wl["out_lens"]
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = os.path.join(tmp, "in.jsonl"), os.path.join(tmp, "out.jsonl")
+        with open(inp, "w") as f:
+            for i, (p, n) in enumerate(zip(prompts, out_lens)):
+                f.write(json.dumps({"id": str(i), "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                                    "return_token_ids": True}) + "\n")
+        log(f"[batch {wl['name']}] timed BatchJob: {len(prompts)} lines")
+        t0 = time.perf_counter()
+        summary = BatchJob(llm.engine, inp, out, progress=False).run()
+        wall = time.perf_counter() - t0
+        results = {r["id"]: r for r in recover(out)}
+    if summary.errors or len(results) != len(prompts):
+        raise WorkerError(f"batch job: {summary.describe()}")
+    records = [request_record(t0, None, None, None, results[str(i)]["token_ids"], len(results[str(i)]["token_ids"]))
+               for i in range(len(prompts))]  # fmt: skip
+    return {"load_s": load_s, "warmup_s": warmup_s, "wall_s": wall, "requests": records,
             "extra": {"llm_kwargs": {k: repr(v) for k, v in kw.items()}}}
 
 
@@ -338,7 +373,7 @@ def run_llamacpp(args: argparse.Namespace, wl: dict, path: str) -> dict:
             "extra": {"n_ctx": n_ctx, "threads": threads}}
 
 
-RUNNERS = {"jaxserve": run_jaxserve, "hf": run_hf, "llamacpp": run_llamacpp}
+RUNNERS = {"jaxserve": run_jaxserve, "hf": run_hf, "llamacpp": run_llamacpp, "batch": run_batch}
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -432,6 +467,8 @@ def print_table(wl: dict, rows: list[dict], failed: dict[str, str]) -> None:
                   for e in ("hf", "llamacpp") if e in by]
         if ratios:
             print("output tok/s ratios: " + ", ".join(ratios) + "  (> 1x: jaxserve is faster)")
+        if "batch" in by:
+            print(f"batch job / LLM.generate output tok/s: {by['batch']['output_tok_s'] / jx['output_tok_s']:.3f}")
     hf = by.get("hf")
     if hf is not None:
         for e in ("jaxserve", "llamacpp"):
@@ -455,7 +492,9 @@ def parse_kv(text: str) -> tuple[str, object]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["A", "B", "both"], default="both")
-    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of jaxserve,hf,llamacpp")
+    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                    help="comma-separated subset of jaxserve,hf,llamacpp,batch (batch: the same requests as a "
+                         "`jaxserve batch` JSONL job)")
     ap.add_argument("--num-prompts", type=int, help="requests per workload (default 64; 8 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small smoke config (8 prompts, shorter lengths)")

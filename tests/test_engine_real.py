@@ -115,3 +115,29 @@ def test_llm_api_on_the_real_model(real_engine):
     stop = llm.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=24, stop=["."]),
                         use_tqdm=False)[0].outputs[0]  # fmt: skip
     assert "." not in stop.text and stop.finish_reason == "stop" and stop.stop_reason == "."
+
+
+def test_batch_job_on_the_real_model(real_engine, tmp_path):
+    """A JSONL job (both line forms) gives the Python API's greedy text; a bad line lands in the errors file."""
+    import json
+
+    from jaxserve.batch import BatchJob, errors_path_for, recover
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    rows = [{"id": "q", "messages": question, "max_tokens": 24, "temperature": 0},
+            {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+             "body": {"model": "smollm2", "prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0}},
+            {"id": "bad", "prompt": "x", "top_p": 2}]  # fmt: skip
+    inp, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = BatchJob(real_engine, str(inp), out, progress=False).run()
+    assert (summary.done, summary.errors) == (2, 1)
+    results = {r.get("custom_id", r.get("id")): r for r in recover(out)}
+    llm = LLM.from_engine(real_engine)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    assert results["q"]["text"] == llm.chat(question, greedy, use_tqdm=False)[0].outputs[0].text
+    assert "Paris" in results["q"]["text"]
+    expected = llm.generate("The three primary colors are", greedy, use_tqdm=False)[0].outputs[0].text
+    assert results["c"]["response"]["body"]["choices"][0]["text"] == expected
+    [error] = recover(errors_path_for(out))
+    assert (error["line"], error["id"], error["error"]["param"]) == (3, "bad", "top_p")
