@@ -187,23 +187,44 @@ class Appender:
         self._file.close()
 
 
-def recover(path: str) -> list[dict]:
-    """The complete records of an output file; a torn last line (from a kill mid-write) is cut off."""
+def cut_torn_tail(path: str, block: int = 1 << 16) -> None:
+    """Cut a last line that has no newline (a kill mid-write) off the file, reading backwards from the end."""
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        if keep < end:
+            f.truncate(keep)
+
+
+def iter_records(path: str) -> Iterator[tuple[int, dict]]:
+    """(byte offset, record) of each complete line of an output file, streamed; a torn tail is cut off first."""
     if not os.path.exists(path):
-        return []
+        return
+    cut_torn_tail(path)
     with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    records = []
-    for raw in data[:end].splitlines():
-        try:
-            records.append(json.loads(raw))
-        except ValueError:
-            continue  # cannot happen for lines this module wrote; never fatal
-    return records
+        offset = 0
+        for raw in f:
+            try:
+                yield offset, json.loads(raw)
+            except ValueError:
+                pass  # cannot happen for lines this module wrote; never fatal
+            offset += len(raw)
+
+
+def recover(path: str) -> list[dict]:
+    """Every complete record of an output file (small files: tests, summaries)."""
+    return [record for _, record in iter_records(path)]
 
 
 def output_record(item: Item, out, model: str) -> dict:
@@ -284,8 +305,8 @@ class BatchJob:
     def run(self) -> Summary:
         from tqdm import tqdm
 
-        done_ids = {record_key(r) for r in recover(self.output_path)}
-        reported_lines = {r.get("line") for r in recover(self.errors_path)}
+        done_ids = {record_key(r) for _, r in iter_records(self.output_path)}
+        reported_lines = {r.get("line") for _, r in iter_records(self.errors_path)}
         out, errs = Appender(self.output_path), Appender(self.errors_path)
         summary = Summary()
         engine, max_len = self.engine, self.engine.max_model_len
@@ -397,30 +418,44 @@ def find_shards(output_path: str) -> list[str]:
 
 def merge(input_path: str, output_path: str) -> tuple[int, int, list[int]]:
     """Join the shard outputs (and their errors) into output_path / its errors file, in input order.
-    Returns (records, error lines, input lines that have neither: work still to do)."""
+    Returns (records, error lines, input lines that have neither: work still to do). Holds an index of the
+    records (id -> file, offset), not the records."""
     shards = find_shards(output_path)
-    by_key: dict[str, bytes] = {}
-    for path in shards:
-        for record in recover(path):
-            by_key.setdefault(record_key(record), json.dumps(record, ensure_ascii=False).encode() + b"\n")
-    errors: dict[int, bytes] = {}
-    for path in shards:
-        for record in recover(errors_path_for(path)):
-            errors[record["line"]] = json.dumps(record, ensure_ascii=False).encode() + b"\n"
+    index: dict[str, tuple[int, int]] = {}
+    for k, path in enumerate(shards):
+        for offset, record in iter_records(path):
+            index.setdefault(record_key(record), (k, offset))
+    errors: dict[int, tuple[int, int]] = {}
+    for k, path in enumerate(shards):
+        for offset, record in iter_records(errors_path_for(path)):
+            errors[record["line"]] = (k, offset)
     written, missing, first = 0, [], set()
     tmp_out, tmp_err = output_path + ".merging", errors_path_for(output_path) + ".merging"
-    with open(tmp_out, "wb") as out:
-        for number, raw in read_lines(input_path):
-            key = _quick_key(raw)
-            if key is not None and key in by_key and key not in first:
-                first.add(key)
-                out.write(by_key[key])
-                written += 1
-            elif number not in errors:
-                missing.append(number)
-    with open(tmp_err, "wb") as err:
-        for number in sorted(errors):
-            err.write(errors[number])
+    outputs = [open(p, "rb") for p in shards]
+    error_files = [open(errors_path_for(p), "rb") if os.path.exists(errors_path_for(p)) else None for p in shards]
+
+    def copy(files, where, dest) -> None:
+        f = files[where[0]]
+        f.seek(where[1])
+        dest.write(f.readline())
+
+    try:
+        with open(tmp_out, "wb") as out:
+            for number, raw in read_lines(input_path):
+                key = _quick_key(raw)
+                if key is not None and key in index and key not in first:
+                    first.add(key)
+                    copy(outputs, index[key], out)
+                    written += 1
+                elif number not in errors:
+                    missing.append(number)
+        with open(tmp_err, "wb") as err:
+            for number in sorted(errors):
+                copy(error_files, errors[number], err)
+    finally:
+        for f in outputs + error_files:
+            if f is not None:
+                f.close()
     os.replace(tmp_out, output_path)
     os.replace(tmp_err, errors_path_for(output_path))
     return written, len(errors), missing

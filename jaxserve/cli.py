@@ -243,7 +243,7 @@ def _shard(args) -> tuple[int, int]:
 
 def cmd_batch(args) -> int:
     from jaxserve.api.validation import Limits
-    from jaxserve.batch import BatchJob, errors_path_for, recover, shard_path
+    from jaxserve.batch import BatchJob, errors_path_for, iter_records, shard_path
     from jaxserve.llm import build_engine
     from jaxserve.servers.frontend import default_model_name
 
@@ -262,7 +262,7 @@ def cmd_batch(args) -> int:
                    progress=not args.quiet)  # fmt: skip
     summary = job.run()
     errors_path = errors_path_for(shard_path(args.output, index, count))
-    total_errors = len(recover(errors_path))
+    total_errors = sum(1 for _ in iter_records(errors_path))
     print(f"[jaxserve batch] shard {index}/{count}: {summary.describe()}; {total_errors} error lines in "
           f"{errors_path}", file=sys.stderr)  # fmt: skip
     return 1 if total_errors and not args.allow_errors else 0

@@ -223,3 +223,17 @@ def test_two_processes_with_jax_distributed_then_merge(model_path, engine, tmp_p
     assert [r["id"] for r in recover(out)] == [r["id"] for r in rows[:40]]  # input order
     assert by_id(out) == by_id(single)
     assert recover(errors_path_for(out)) == recover(errors_path_for(single))
+
+
+def test_cut_torn_tail(tmp_path):
+    from jaxserve.batch import cut_torn_tail
+
+    path = tmp_path / "x.jsonl"
+    line = b'{"id": "a"}\n'
+    for tail, kept in [(b"", line * 3), (b'{"id": "b", "te', line * 3), (b"\n", line * 3 + b"\n")]:
+        path.write_bytes(line * 3 + tail)
+        cut_torn_tail(str(path), block=5)  # blocks smaller than a line: the backwards scan crosses them
+        assert path.read_bytes() == kept
+    path.write_bytes(b'{"id": "only a torn line')
+    cut_torn_tail(str(path), block=4)
+    assert path.read_bytes() == b""
