@@ -316,8 +316,10 @@ class BatchJob:
         lines = self._my_lines()
         exhausted = False
         start = last_flush = time.perf_counter()
-        bar = tqdm(desc=f"batch {self.shard[0]}/{self.shard[1]}", unit="req", disable=not self.progress,
-                   file=sys.stderr)  # fmt: skip
+        # The total is known cheaply only for an unsharded job (a shard's share needs every line's id).
+        total = sum(1 for _ in read_lines(self.input_path)) if self.progress and self.shard[1] == 1 else None
+        bar = tqdm(desc=f"batch {self.shard[0]}/{self.shard[1]}", total=total, unit="req",
+                   disable=not self.progress, file=sys.stderr)  # fmt: skip
 
         def fail(line: int, key: str | None, err: APIError, openai: bool) -> None:
             if line not in reported_lines:
@@ -367,13 +369,14 @@ class BatchJob:
                     summary.done += 1
                     summary.prompt_tokens += len(result.prompt_token_ids)
                     summary.output_tokens += sum(len(c.token_ids) for c in result.outputs)
+                    bar.set_postfix_str(f"{summary.output_tokens / (time.perf_counter() - start):.1f} tok/s, "
+                                        f"{summary.errors} errors", refresh=False)  # fmt: skip
                     bar.update(1)
                 now = time.perf_counter()
                 if now - last_flush >= self.flush_interval:
                     out.flush()
                     errs.flush()
                     last_flush = now
-                    bar.set_postfix_str(f"{summary.output_tokens / (now - start):.1f} tok/s, {summary.errors} errors")
         finally:
             for rid in list(pending):  # an exception or interrupt: leave the engine clean
                 engine.abort_request(rid)
