@@ -76,6 +76,28 @@ class SchedulerConfig:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How an engine spreads over devices (vLLM's names).
+
+    tensor_parallel_size: devices one model copy is sharded over (mesh axis "model": heads, MLP, vocab, KV heads).
+    data_parallel_size: model copies (mesh axis "data"); each runs its own scheduler, pages and batch.
+    """
+
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+                raise ValueError(f"ParallelConfig.{name}={value!r} must be an integer in [1, 4096]")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.data_parallel_size
+
+
 ATTENTION_BACKENDS = ("auto", "reference", "pallas_tpu", "pallas_gpu")
 
 
@@ -93,6 +115,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     token_buckets: tuple[int, ...] | None = None
     seed: int = 0
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:

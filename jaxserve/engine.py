@@ -57,8 +57,16 @@ class _Parent:
 
 
 class LLMEngine:
-    def __init__(self, model: LoadedModel, config: EngineConfig | None = None, *, progress: bool = False):
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None, *, progress: bool = False,
+                 mesh: jax.sharding.Mesh | None = None):  # fmt: skip
+        """mesh: this engine's devices, with a "model" axis (None: the first tensor_parallel_size devices when
+        that is > 1, else the default device). Data parallelism is several engines (jaxserve.parallel)."""
         config = config or EngineConfig()
+        tp = config.parallel.tensor_parallel_size
+        if mesh is None and tp > 1:
+            from jaxserve.parallel import make_mesh
+
+            mesh = make_mesh(tp, 1).replica(0)
         limit = model.config.max_position_embeddings
         if config.scheduler.max_model_len > limit:
             raise ValueError(f"SchedulerConfig.max_model_len={config.scheduler.max_model_len} exceeds the model's "
@@ -69,7 +77,7 @@ class LLMEngine:
         self.max_model_len = config.scheduler.max_model_len
         self.runner = ModelRunner(model.config, model.params, cache=config.cache, scheduler=config.scheduler,
                                   attention_backend=config.attention_backend, buckets=config.token_buckets,
-                                  progress=progress)  # fmt: skip
+                                  progress=progress, mesh=mesh)  # fmt: skip
         self.block_manager = BlockManager(self.runner.pool.num_pages, config.cache.page_size,
                                           model_id=model.path, enable_prefix_caching=config.enable_prefix_caching)  # fmt: skip
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
@@ -105,7 +113,7 @@ class LLMEngine:
         check_priority(priority)
         text, ids = self.tokenize(prompt)
         self.check_prompt(ids)
-        free_seqs = self.config.scheduler.max_waiting_requests - len(self.scheduler.waiting)
+        free_seqs = self.waiting_room
         if params.n > free_seqs:
             raise QueueFullError(f"the waiting queue has room for {free_seqs} sequences; this request needs {params.n}")
         child_ids = [request_id] if params.n == 1 else [f"{k}_{request_id}" for k in range(params.n)]
@@ -142,6 +150,11 @@ class LLMEngine:
                 self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
                 self._finish_seq(seq, "abort", "")
         return self._emit(parent, time.perf_counter())
+
+    @property
+    def waiting_room(self) -> int:
+        """Sequences the waiting queue can still take."""
+        return self.config.scheduler.max_waiting_requests - len(self.scheduler.waiting)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)

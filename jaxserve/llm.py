@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jaxserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxserve.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling import SamplingParams
 
@@ -35,7 +35,8 @@ def engine_config(*, max_model_len: int, max_num_seqs: int = 64, max_num_batched
                   page_size: int = 16, kv_cache_dtype: str = "auto", kv_cache_memory: int | None = None,
                   enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                   attention_backend: str = "auto", token_buckets: Sequence[int] | None = None,
-                  seed: int = 0, max_waiting_requests: int = 4096) -> EngineConfig:  # fmt: skip
+                  seed: int = 0, max_waiting_requests: int = 4096, tensor_parallel_size: int = 1,
+                  data_parallel_size: int = 1) -> EngineConfig:  # fmt: skip
     """Flat keyword options (vLLM's names) -> the engine's config tree."""
     return EngineConfig(
         cache=CacheConfig(page_size=page_size, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_cache_memory),
@@ -46,6 +47,7 @@ def engine_config(*, max_model_len: int, max_num_seqs: int = 64, max_num_batched
         attention_backend=attention_backend,
         token_buckets=None if token_buckets is None else tuple(token_buckets),
         seed=seed,
+        parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size),
     )  # fmt: skip
 
 
@@ -59,11 +61,24 @@ def build_engine(model: str | None = None, *, dtype: str = "float32", max_model_
     enable_compile_cache(compile_cache_dir)
     loaded = load_model(model, dtype=dtype)
     max_len = max_model_len or min(2048, loaded.config.max_position_embeddings)
-    engine = LLMEngine(loaded, engine_config(max_model_len=max_len, **options), progress=progress and not quiet)
+    config = engine_config(max_model_len=max_len, **options)
+    show = progress and not quiet
+    tp, dp = config.parallel.tensor_parallel_size, config.parallel.data_parallel_size
+    if tp > 1 or dp > 1:
+        from jaxserve.parallel import DataParallelEngine, make_mesh
+
+        mesh = make_mesh(tp, dp)
+        engines = [LLMEngine(loaded, config, progress=show, mesh=mesh.replica(r)) for r in range(dp)]
+        engine = engines[0] if dp == 1 else DataParallelEngine(engines)
+    else:
+        engine = LLMEngine(loaded, config, progress=show)
+        engines = [engine]
     if not quiet:
+        runner = engines[0].runner
         print(f"[jaxserve] {loaded.config.name} ({os.path.basename(loaded.path)}), {dtype}, loaded in "
-              f"{loaded.load_seconds:.1f}s; {engine.runner.pool.describe()}; "
-              f"{engine.runner.describe_compile_plan()}", file=sys.stderr)  # fmt: skip
+              f"{loaded.load_seconds:.1f}s; {runner.pool.describe()}; {runner.describe_memory()}"
+              f"{f'; {dp} data-parallel replicas' if dp > 1 else ''}; "
+              f"{runner.describe_compile_plan()}", file=sys.stderr)  # fmt: skip
     return engine
 
 
@@ -129,7 +144,7 @@ class LLM:
         try:
             while pending or engine.has_unfinished_requests():
                 # Feed the queue up to its bound; the rest waits here, not in the engine.
-                room = engine.config.scheduler.max_waiting_requests - len(engine.scheduler.waiting)
+                room = engine.waiting_room
                 while pending and pending[-1][1].n <= room:
                     (rid, prompt), p, prio = pending.pop()
                     engine.add_request(rid, prompt, p, priority=prio)

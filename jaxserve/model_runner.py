@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxserve.compile_stats import compile_counter
 from jaxserve.config import CacheConfig, SchedulerConfig
@@ -27,6 +29,9 @@ from jaxserve.scheduler import ScheduledRequest
 from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
 from models.llama import LlamaParams, compute_logits, forward
+from models.sharding import (
+    MODEL, check_tensor_parallel, kv_cache_spec, kv_heads_sharded, per_device_bytes, shard_params,
+)  # fmt: skip
 
 
 @jax.tree_util.register_dataclass
@@ -38,9 +43,9 @@ class StepInputs:
     sample_idx: jax.Array  # i32[S]: the token row whose logits sequence s samples from
 
 
-def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingTensors, *, cfg, backend):
+def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingTensors, *, cfg, backend, mesh):
     hidden, cache = forward(params, cfg, inputs.token_ids, inputs.positions, cache, inputs.meta,
-                            attention_backend=backend)  # fmt: skip
+                            attention_backend=backend, mesh=mesh)  # fmt: skip
     with jax.named_scope("sample"):
         logits = compute_logits(params, hidden[inputs.sample_idx])  # only the rows that are sampled
         return sample(logits, st), cache
@@ -73,8 +78,22 @@ class ModelRunner:
         attention_backend: str = "auto",
         buckets: Sequence[int] | None = None,
         progress: bool = False,
+        mesh: Mesh | None = None,
     ):
+        """mesh: devices with a "model" axis to shard the weights and KV pages over (tensor parallel); None runs
+        on the default device."""
         self.cfg = config
+        self.mesh = mesh
+        self.tensor_parallel_size = 1 if mesh is None else mesh.shape[MODEL]
+        jit_kw = {}
+        if mesh is not None:
+            check_tensor_parallel(config, self.tensor_parallel_size)
+            params = shard_params(params, config, mesh)
+            replicated = NamedSharding(mesh, P())
+            param_shardings = jax.tree.map(lambda a: a.sharding, params)
+            kv = NamedSharding(mesh, kv_cache_spec(config, self.tensor_parallel_size))
+            jit_kw = {"in_shardings": (param_shardings, KVCache(kv, kv), replicated, replicated),
+                      "out_shardings": (replicated, KVCache(kv, kv))}  # fmt: skip
         self.params = params
         self.scheduler_config = scheduler
         self.page_size = cache.page_size
@@ -84,19 +103,23 @@ class ModelRunner:
         if self.buckets[-1] < scheduler.max_num_batched_tokens:
             raise ValueError(f"buckets={self.buckets} do not reach max_num_batched_tokens="
                              f"{scheduler.max_num_batched_tokens}")  # fmt: skip
-        self._fn = jax.jit(functools.partial(_step, cfg=config, backend=attention_backend), donate_argnums=(1,))
+        self._fn = jax.jit(functools.partial(_step, cfg=config, backend=attention_backend, mesh=mesh),
+                           donate_argnums=(1,), **jit_kw)  # fmt: skip
+        tp = self.tensor_parallel_size
+        kv_shards = tp if tp > 1 and kv_heads_sharded(config, tp) else 1
         self.counter = compile_counter()
         t0 = time.perf_counter()
         kv_dtype = params.embed.dtype if cache.kv_cache_dtype == "auto" else jnp.dtype(cache.kv_cache_dtype)
         self.step_temp_bytes = self._probe_temp_bytes(kv_dtype)
         self.pool: PoolPlan = plan_kv_pool(
             cache, config, params.embed.dtype, reserve_bytes=self.step_temp_bytes,
-            max_tokens=None if cache.kv_cache_memory is not None else self.max_pool_tokens,
+            max_tokens=None if cache.kv_cache_memory is not None else self.max_pool_tokens, kv_shards=kv_shards,
+            device=None if mesh is None else mesh.devices.flat[0],
         )  # fmt: skip
         if self.pool.num_tokens < scheduler.max_model_len:
             raise ValueError(f"max_model_len={scheduler.max_model_len} does not fit the KV cache: "
                              f"{self.pool.describe()}; raise kv_cache_memory or lower max_model_len")  # fmt: skip
-        self.cache = allocate_kv_cache(self.pool, config)
+        self.cache = allocate_kv_cache(self.pool, config, None if mesh is None else jit_kw["out_shardings"][1].k)
         self.compiled: dict[int, jax.stages.Compiled] = {}
         self.report: list[BucketReport] = []
         self._compile_all(progress)
@@ -154,6 +177,13 @@ class ModelRunner:
             self.compiled[num_tokens] = self._fn.lower(self.params, cache, inputs, st).compile()
             self.report.append(BucketReport(num_tokens, self.num_seqs_for(num_tokens), time.perf_counter() - t0,
                                             self.counter.snapshot()[1] > hits0))  # fmt: skip
+
+    def describe_memory(self) -> str:
+        """What one device holds: weights and KV pages (sharded over the mesh's "model" axis, if any)."""
+        where = "one device" if self.mesh is None else f"each of {self.mesh.size} devices (tensor parallel " \
+                                                       f"{self.tensor_parallel_size})"  # fmt: skip
+        return (f"per device on {where}: weights {per_device_bytes(self.params) / 2**20:.1f} MiB, "
+                f"KV cache {per_device_bytes(self.cache) / 2**20:.1f} MiB")  # fmt: skip
 
     def describe_compile_plan(self) -> str:
         hits = sum(r.cache_hit for r in self.report)

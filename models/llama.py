@@ -7,16 +7,19 @@ Weights are stored [in, out] so every projection is `x @ w`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from kernels_pallas.kv_write import write_kv
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
 from models.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+from models.sharding import MODEL, kv_heads_sharded
 
 
 @jax.tree_util.register_dataclass
@@ -116,10 +119,13 @@ def forward(
     *,
     attention_backend: str = "auto",
     interpret_kernels: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the decoder over a ragged batch of T tokens; returns final hidden states [T, E] and the new cache.
 
     attention_backend picks the kernels (see kernels_pallas.backend); interpret_kernels runs Pallas ones on CPU.
+    mesh: a mesh with a "model" axis the params and cache are sharded over (models.sharding); the KV write and
+    attention kernels then run per device on its own heads under shard_map, the matmuls are partitioned by XLA.
     """
     num_tokens = token_ids.shape[0]
     num_layers, num_pages, page_size = cache.k.shape[:3]
@@ -143,32 +149,53 @@ def forward(
             k = apply_rope(k.reshape(num_tokens, kv_heads, d), cos, sin)
             v = v.reshape(num_tokens, kv_heads, d)
             slots = jnp.where(meta.slot_mapping < 0, -1, meta.slot_mapping + i * num_pages * page_size)
-            k_all, v_all = write_kv(
-                k_all, v_all, k, v, slots, backend=attention_backend, interpret=interpret_kernels
-            )
-            o = ragged_paged_attention(
-                q,
-                k_all,
-                v_all,
-                meta.kv_lens,
-                meta.block_tables + i * num_pages,
-                meta.query_start_loc,
-                meta.num_seqs,
-                sm_scale=d**-0.5,
-                sliding_window=cfg.sliding_window,
-                backend=attention_backend,
-                interpret=interpret_kernels,
-            )
+            o, k_all, v_all = attend(q, k, v, k_all, v_all, slots, meta.kv_lens, meta.block_tables + i * num_pages,
+                                     meta.query_start_loc, meta.num_seqs)  # fmt: skip
             h = h + o.reshape(num_tokens, h_dim * d) @ p.wo
         with jax.named_scope("mlp"):
             h = h + swiglu(rms_norm(h, p.mlp_norm, cfg.rms_norm_eps), p.w_gate, p.w_up, p.w_down)
         return (h, k_all, v_all), None
 
+    attend = functools.partial(_write_and_attend, sm_scale=d**-0.5, sliding_window=cfg.sliding_window,
+                               backend=attention_backend, interpret=interpret_kernels, kv_select=None)  # fmt: skip
+    if mesh is not None and mesh.shape[MODEL] > 1:
+        attend = _sharded_attend(attend, cfg, mesh)
     h = params.embed[token_ids]
     layer_ids = jnp.arange(num_layers, dtype=jnp.int32)
     (h, k_all, v_all), _ = jax.lax.scan(layer, (h, k_all, v_all), (params.layers, layer_ids))
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
     return h, KVCache(k_all.reshape(cache.k.shape), v_all.reshape(cache.v.shape))
+
+
+def _write_and_attend(q, k, v, k_all, v_all, slots, kv_lens, block_tables, query_start_loc, num_seqs, *,
+                      sm_scale, sliding_window, backend, interpret, kv_select):  # fmt: skip
+    """Write this step's K/V, then attend. kv_select = (group, local q heads) when every device holds all KV heads
+    (fewer KV heads than devices): this device's q heads then all read one KV head, picked by its index."""
+    k_all, v_all = write_kv(k_all, v_all, k, v, slots, backend=backend, interpret=interpret)
+    k_read, v_read = k_all, v_all
+    if kv_select is not None:
+        group, local = kv_select
+        head = jax.lax.axis_index(MODEL) * local // group
+        k_read = jax.lax.dynamic_slice_in_dim(k_all, head, 1, axis=2)
+        v_read = jax.lax.dynamic_slice_in_dim(v_all, head, 1, axis=2)
+    o = ragged_paged_attention(q, k_read, v_read, kv_lens, block_tables, query_start_loc, num_seqs,
+                               sm_scale=sm_scale, sliding_window=sliding_window, backend=backend,
+                               interpret=interpret)  # fmt: skip
+    return o, k_all, v_all
+
+
+def _sharded_attend(attend, cfg: LlamaConfig, mesh: jax.sharding.Mesh):
+    """`attend` per device over the "model" axis: q [T, H, D] split by head, K/V pages split by KV head (or
+    whole on every device when there are fewer KV heads than devices; each device then writes all of them)."""
+    tp = mesh.shape[MODEL]
+    heads = P(None, MODEL, None)
+    if kv_heads_sharded(cfg, tp):
+        kv, pages = heads, P(None, None, MODEL, None)
+    else:
+        kv, pages = P(), P()
+        attend = functools.partial(attend, kv_select=(cfg.num_heads // cfg.num_kv_heads, cfg.num_heads // tp))
+    return jax.shard_map(attend, mesh=mesh, in_specs=(heads, kv, kv, pages, pages, P(), P(), P(), P(), P()),
+                         out_specs=(heads, pages, pages), check_vma=False)  # fmt: skip
 
 
 def compute_logits(params: LlamaParams, hidden: jax.Array) -> jax.Array:

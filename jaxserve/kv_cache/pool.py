@@ -64,11 +64,14 @@ def plan_kv_pool(
     *,
     reserve_bytes: int = 0,
     max_tokens: int | None = None,
+    kv_shards: int = 1,
 ) -> PoolPlan:
     """Pages for the KV cache: `kv_cache_memory` if given, else a fraction of the memory the device has free
     (weights already loaded) after `reserve_bytes` (the compiled step's scratch); at most `max_tokens` tokens."""
     dtype = jnp.dtype(model_dtype if cache.kv_cache_dtype == "auto" else cache.kv_cache_dtype)
-    bytes_per_page = 2 * model.num_layers * cache.page_size * model.num_kv_heads * model.head_dim * dtype.itemsize
+    # kv_shards: devices the KV heads are split over; the budget is per device, so a page costs 1/kv_shards.
+    bytes_per_page = (2 * model.num_layers * cache.page_size * model.num_kv_heads * model.head_dim * dtype.itemsize
+                      // kv_shards)  # fmt: skip
     if cache.kv_cache_memory is not None:
         budget, source = cache.kv_cache_memory, "kv_cache_memory"
     else:

@@ -1,0 +1,110 @@
+"""Device meshes and data parallelism.
+
+    devices -> Mesh[data, model]   (data_parallel_size x tensor_parallel_size)
+    row r of the mesh -> one replica: an LLMEngine whose weights and KV pages are sharded over its "model" axis
+
+Data parallel replicas are independent engines (vLLM's choice): each has its own scheduler, KV pages and
+batch, so a replica never waits on another's step and no batch axis has to be split evenly. A
+`DataParallelEngine` routes each new request to the replica with the most room and steps them all; it has
+the LLMEngine surface that `LLM` and the batch job use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from models.sharding import DATA, MODEL
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMesh:
+    mesh: Mesh  # axes (data, model)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.mesh.shape[DATA]
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.mesh.shape[MODEL]
+
+    def replica(self, index: int) -> Mesh:
+        """Replica `index`'s devices as a 1-D mesh over "model"."""
+        return Mesh(self.mesh.devices[index], (MODEL,))
+
+
+def make_mesh(tensor_parallel_size: int, data_parallel_size: int = 1, devices=None) -> DeviceMesh:
+    """The first dp x tp devices (of this process's view: every host's, under jax.distributed) as a mesh."""
+    devices = list(jax.devices() if devices is None else devices)
+    need = tensor_parallel_size * data_parallel_size
+    if need > len(devices):
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size={data_parallel_size} "
+                         f"needs {need} devices; {len(devices)} are available ({devices[0].platform})")  # fmt: skip
+    grid = np.array(devices[:need], dtype=object).reshape(data_parallel_size, tensor_parallel_size)
+    return DeviceMesh(Mesh(grid, (DATA, MODEL)))
+
+
+class DataParallelEngine:
+    """Several LLMEngines (one per mesh row) behind the one-engine interface."""
+
+    def __init__(self, engines):
+        if not engines:
+            raise ValueError("DataParallelEngine: need at least one engine")
+        self.engines = list(engines)
+        first = self.engines[0]
+        self.model, self.config, self.tokenizer = first.model, first.config, first.tokenizer
+        self.max_model_len = first.max_model_len
+        self._owner: dict[str, object] = {}
+        self._turn = itertools.count()
+
+    # The parts of LLMEngine's surface that do not depend on a replica.
+    def tokenize(self, prompt):
+        return self.engines[0].tokenize(prompt)
+
+    def check_prompt(self, prompt_token_ids) -> None:
+        self.engines[0].check_prompt(prompt_token_ids)
+
+    @property
+    def waiting_room(self) -> int:
+        return sum(e.waiting_room for e in self.engines)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return sum(e.num_unfinished_requests for e in self.engines)
+
+    def has_unfinished_requests(self) -> bool:
+        return any(e.has_unfinished_requests() for e in self.engines)
+
+    def add_request(self, request_id: str, prompt, params=None, **kw) -> None:
+        if request_id in self._owner:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        n = 1 if params is None else params.n
+        # The least loaded replica that has room (ties: round robin).
+        turn = next(self._turn)
+        order = sorted(range(len(self.engines)),
+                       key=lambda i: (self.engines[i].num_unfinished_requests, (i - turn) % len(self.engines)))  # fmt: skip
+        engine = next((self.engines[i] for i in order if self.engines[i].waiting_room >= n), self.engines[order[0]])
+        engine.add_request(request_id, prompt, params, **kw)
+        self._owner[request_id] = engine
+
+    def abort_request(self, request_id: str):
+        engine = self._owner.pop(request_id, None)
+        return None if engine is None else engine.abort_request(request_id)
+
+    def step(self) -> list:
+        outputs = []
+        for engine in self.engines:
+            if engine.has_unfinished_requests():
+                outputs.extend(engine.step())
+        for out in outputs:
+            if out.finished:
+                self._owner.pop(out.request_id, None)
+        return outputs
+
+    def describe_memory(self) -> str:
+        return f"{len(self.engines)} data-parallel replicas; " + self.engines[0].runner.describe_memory()
