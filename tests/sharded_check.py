@@ -1,0 +1,91 @@
+"""Runs in its own process (tests/test_sharding.py starts it): simulated CPU devices must be set before jax
+starts, and the rest of the suite runs on one device. Prints one JSON object: greedy tokens per mesh layout
+and what each layout's parameters look like on a device.
+
+    python tests/sharded_check.py tiny|real
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests")))  # fmt: skip
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+from jaxserve.llm import LLM  # noqa: E402
+from jaxserve.sampling import SamplingParams  # noqa: E402
+
+
+def layout(engine) -> dict:
+    """How replica 0's weights and KV pages sit on its first device."""
+    replica = getattr(engine, "engines", [engine])[0]
+    runner = replica.runner
+    layers = runner.params.layers
+
+    def local(a):
+        return list(a.addressable_shards[0].data.shape)
+
+    return {"devices": [d.id for d in runner.cache.k.sharding.device_set] if runner.mesh is not None else [0],
+            "wq": local(layers.wq), "wk": local(layers.wk), "wo": local(layers.wo), "w_down": local(layers.w_down),
+            "embed": local(runner.params.embed), "kv": local(runner.cache.k), "wq_spec": str(layers.wq.sharding),
+            "replicas": len(getattr(engine, "engines", [engine])), "memory": runner.describe_memory()}  # fmt: skip
+
+
+def run(path: str, layouts, prompts, params, **options) -> dict:
+    results = {}
+    for tp, dp in layouts:
+        llm = LLM(path, quiet=True, tensor_parallel_size=tp, data_parallel_size=dp, **options)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        results[f"{dp}x{tp}"] = {"tokens": [o.outputs[0].token_ids for o in outs], "layout": layout(llm.engine)}
+        del llm
+    return results
+
+
+def main(case: str) -> None:
+    rnd = random.Random(0)
+    if case == "tiny":
+        from tests.tiny_models import TINY, random_arrays, write_gguf
+
+        cfg = dataclasses.replace(TINY, num_heads=8, num_kv_heads=4, head_dim=8, vocab_size=264)
+        path = os.path.join(tempfile.mkdtemp(), "tiny8.gguf")
+        write_gguf(path, cfg, random_arrays(cfg, seed=5))
+        prompts = [[rnd.randrange(3, 260) for _ in range(rnd.randint(3, 60))] for _ in range(10)]
+        layouts = [(1, 1), (2, 1), (4, 1), (8, 1), (4, 2)]
+        results = run(path, layouts, prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+                      max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
+                      kv_cache_memory=1 << 20, token_buckets=(8, 32))  # fmt: skip
+        results["config"] = {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
+                             "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size,
+                             "vocab": cfg.vocab_size}  # fmt: skip
+    else:
+        from models.loader import default_model_path
+
+        path = default_model_path()
+        words = "the cat sat on a mat while the model of a language predicted every next token with care".split()
+        from models.loader import load_model
+
+        tok = load_model(path).tokenizer
+        prompts = [tok.encode(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 90)))) for _ in range(8)]
+        prompts[0] = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
+                                add_special_tokens=False)  # fmt: skip
+        layouts = [(1, 1), (3, 1), (3, 2)]
+        results = run(path, layouts, prompts, SamplingParams(temperature=0.0, max_tokens=24), max_model_len=256,
+                      max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(16, 64))  # fmt: skip
+        results["first_text"] = tok.decode(results["1x1"]["tokens"][0], skip_special_tokens=True)
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
