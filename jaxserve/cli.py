@@ -33,6 +33,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="KV cache dtype (auto: the model's)")
     p.add_argument("--kv-cache-memory", type=_bytes, default=None,
                    help="bytes for the KV cache, e.g. 512MiB or 2GB (default: a fraction of free memory)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="devices one model copy is sharded over (must split the attention heads)")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="model copies, each with its own batch (needs tp x dp devices)")
     p.add_argument("--compile-cache-dir", default=DEFAULT_CACHE_DIR,
                    help="persistent XLA compilation cache ('' to disable)")
     p.add_argument("--quiet", action="store_true", help="no load/speed summary on stderr")
@@ -133,7 +137,8 @@ def _load(args):
         args.model, dtype=args.dtype, max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir,
         progress=True, quiet=args.quiet, max_num_seqs=1, max_num_batched_tokens=CLI_BUCKETS[-1],
         token_buckets=CLI_BUCKETS, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
-        kv_cache_memory=args.kv_cache_memory, seed=args.seed or 0,
+        kv_cache_memory=args.kv_cache_memory, seed=args.seed or 0, tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
     )
 
 
@@ -216,6 +221,7 @@ def cmd_serve(args) -> int:
         quiet=args.quiet, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting_requests=args.max_waiting_requests, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
     )  # fmt: skip
     limits = Limits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
     frontend = Frontend(AsyncEngine(engine), model_name=args.served_model_name, limits=limits,
@@ -255,6 +261,7 @@ def cmd_batch(args) -> int:
         quiet=args.quiet, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting_requests=args.max_waiting_requests, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
     )  # fmt: skip
     job = BatchJob(engine, args.input, args.output, shard=(index, count),
                    limits=Limits(max_body_bytes=args.max_body_bytes), flush_interval=args.flush_interval,

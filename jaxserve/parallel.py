@@ -39,8 +39,9 @@ class DeviceMesh:
 
 
 def make_mesh(tensor_parallel_size: int, data_parallel_size: int = 1, devices=None) -> DeviceMesh:
-    """The first dp x tp devices (of this process's view: every host's, under jax.distributed) as a mesh."""
-    devices = list(jax.devices() if devices is None else devices)
+    """The first dp x tp of `devices` (default: this process's own, so that under jax.distributed each host's
+    engine stays on its host, as batch shards do; a mesh spanning hosts is not built here yet) as a mesh."""
+    devices = list(jax.local_devices() if devices is None else devices)
     need = tensor_parallel_size * data_parallel_size
     if need > len(devices):
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size={data_parallel_size} "
@@ -105,6 +106,11 @@ class DataParallelEngine:
             if out.finished:
                 self._owner.pop(out.request_id, None)
         return outputs
+
+    @property
+    def runner(self):
+        """Replica 0's model runner (every replica's has the same buckets, pool size and compile counter)."""
+        return self.engines[0].runner
 
     def describe_memory(self) -> str:
         return f"{len(self.engines)} data-parallel replicas; " + self.engines[0].runner.describe_memory()

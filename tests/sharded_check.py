@@ -53,6 +53,27 @@ def run(path: str, layouts, prompts, params, **options) -> dict:
     return results
 
 
+def serve_one(path: str, prompt, **options) -> dict:
+    """One request through the servers' Frontend over a data x tensor parallel engine, and its metrics."""
+    import asyncio
+
+    from jaxserve.api.validation import GenerateRequest
+    from jaxserve.async_engine import AsyncEngine
+    from jaxserve.llm import build_engine
+    from jaxserve.servers.frontend import Frontend
+
+    engine = build_engine(path, quiet=True, **options)
+    pages = [e.block_manager.num_usable_pages for e in engine.engines]
+    async_engine = AsyncEngine(engine)
+    frontend = Frontend(async_engine, model_name="tiny8")
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    out = asyncio.run(frontend.complete(GenerateRequest(params=params, prompt_token_ids=tuple(prompt))))
+    text = frontend.metrics.exposition()[0].decode()
+    async_engine.shutdown()
+    return {"tokens": out.outputs[0].token_ids, "replica_pages": pages,
+            "metrics": [line for line in text.splitlines() if line.startswith("jaxserve_kv_pages_total")]}  # fmt: skip
+
+
 def main(case: str) -> None:
     rnd = random.Random(0)
     if case == "tiny":
@@ -66,6 +87,9 @@ def main(case: str) -> None:
         results = run(path, layouts, prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
                       max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
                       kv_cache_memory=1 << 20, token_buckets=(8, 32))  # fmt: skip
+        results["served"] = serve_one(path, prompts[0], tensor_parallel_size=2, data_parallel_size=2,
+                                      max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
+                                      kv_cache_memory=1 << 20, token_buckets=(8, 32))  # fmt: skip
         results["config"] = {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
                              "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size,
                              "vocab": cfg.vocab_size}  # fmt: skip

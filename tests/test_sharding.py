@@ -41,6 +41,10 @@ def test_tiny_model_tp_2_4_8_and_dp2_tp4_match_one_device():
         assert lay["wk"][-1] == kv_local * c["head_dim"] and lay["kv"][3] == kv_local
         assert "'model'" in lay["wq_spec"]
     assert r["2x4"]["layout"]["replicas"] == 2
+    # The servers' Frontend over 2 replicas x 2 devices: the same tokens; metrics sum the replicas' pages.
+    assert r["served"]["tokens"] == base[0]
+    pages = r["served"]["replica_pages"]
+    assert len(pages) == 2 and r["served"]["metrics"] == [f"jaxserve_kv_pages_total {float(sum(pages))}"]
     assert r["1x1"]["layout"]["wq"] == [c["layers"], c["hidden"], c["heads"] * c["head_dim"]]
 
 

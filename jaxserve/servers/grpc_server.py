@@ -396,6 +396,8 @@ def define_flags(fv=None) -> None:
         (flags.DEFINE_bool, "enable_prefix_caching", True, "reuse KV pages of shared prompt prefixes"),
         (text, "compile_cache_dir", DEFAULT_COMPILE_CACHE_DIR, "persistent XLA cache ('' = off)"),
         (integer, "seed", 0, "seeds requests that bring none"),
+        (integer, "tensor_parallel_size", 1, "devices one model copy is sharded over"),
+        (integer, "data_parallel_size", 1, "model copies, each with its own batch"),
     ]:  # fmt: skip
         define(name, default, doc, flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and activations", flag_values=fv)
@@ -407,7 +409,7 @@ def engine_options_from_flags(fv) -> dict:
     from jaxserve.cli import _bytes
 
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_dtype",
-             "enable_prefix_caching", "seed")  # fmt: skip
+             "enable_prefix_caching", "seed", "tensor_parallel_size", "data_parallel_size")  # fmt: skip
     options = {name: getattr(fv, name) for name in names}
     options["compile_cache_dir"] = fv.compile_cache_dir or None
     if fv.kv_cache_memory:

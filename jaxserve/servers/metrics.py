@@ -59,9 +59,15 @@ class _EngineCollector:
         return []  # collected lazily; nothing to check at registration
 
     def collect(self):
-        e = self.engine
-        bm, sched, runner = e.block_manager, e.scheduler, e.runner
-        compiles, cache_hits = runner.counter.snapshot()
+        replicas = getattr(self.engine, "engines", [self.engine])  # data parallel: summed over replicas
+        runner = replicas[0].runner
+        compiles, cache_hits = runner.counter.snapshot()  # (process-wide)
+
+        def total(get):
+            return sum(get(e) for e in replicas)
+
+        queried = total(lambda e: e.block_manager.num_queried_tokens)
+        hits = total(lambda e: e.block_manager.num_hit_tokens)
 
         def gauge(name, doc, value):
             g = GaugeMetricFamily(name, doc)
@@ -76,21 +82,23 @@ class _EngineCollector:
         info = GaugeMetricFamily("jaxserve_model_info", "The served model (value 1)", labels=["model"])
         info.add_metric([self.model_name], 1)
         yield info
-        yield gauge("jaxserve_num_requests_waiting", "Sequences in the waiting queue", len(sched.waiting))
-        yield gauge("jaxserve_num_requests_running", "Sequences holding KV pages", len(sched.running))
+        yield gauge("jaxserve_num_requests_waiting", "Sequences in the waiting queue",
+                    total(lambda e: len(e.scheduler.waiting)))  # fmt: skip
+        yield gauge("jaxserve_num_requests_running", "Sequences holding KV pages",
+                    total(lambda e: len(e.scheduler.running)))  # fmt: skip
         yield gauge("jaxserve_kv_pages_in_use", "KV cache pages referenced by a request",
-                    bm.num_usable_pages - bm.num_free_pages)  # fmt: skip
-        yield gauge("jaxserve_kv_pages_total", "Usable KV cache pages", bm.num_usable_pages)
+                    total(lambda e: e.block_manager.num_usable_pages - e.block_manager.num_free_pages))  # fmt: skip
+        yield gauge("jaxserve_kv_pages_total", "Usable KV cache pages",
+                    total(lambda e: e.block_manager.num_usable_pages))  # fmt: skip
         yield gauge("jaxserve_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
-                    bm.hit_rate)  # fmt: skip
-        yield counter("jaxserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                      bm.num_queried_tokens)  # fmt: skip
-        yield counter("jaxserve_prefix_cache_hits", "Prompt tokens found in the prefix cache", bm.num_hit_tokens)
+                    hits / queried if queried else 0.0)  # fmt: skip
+        yield counter("jaxserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queried)
+        yield counter("jaxserve_prefix_cache_hits", "Prompt tokens found in the prefix cache", hits)
         yield counter("jaxserve_num_preemptions", "Sequences preempted (recomputed later) for lack of pages",
-                      sched.num_preemptions)  # fmt: skip
-        yield counter("jaxserve_prompt_tokens", "Prompt tokens admitted", e.num_prompt_tokens)
-        yield counter("jaxserve_generation_tokens", "Tokens generated", e.num_generated_tokens)
-        yield counter("jaxserve_engine_steps", "Engine steps run", e.num_steps)
+                      total(lambda e: e.scheduler.num_preemptions))  # fmt: skip
+        yield counter("jaxserve_prompt_tokens", "Prompt tokens admitted", total(lambda e: e.num_prompt_tokens))
+        yield counter("jaxserve_generation_tokens", "Tokens generated", total(lambda e: e.num_generated_tokens))
+        yield counter("jaxserve_engine_steps", "Engine steps run", total(lambda e: e.num_steps))
         yield counter("jaxserve_compilations", "XLA compilations in this process (persistent-cache loads too)",
                       compiles)  # fmt: skip
         yield counter("jaxserve_compilation_cache_hits", "Compilations served by the persistent cache", cache_hits)
