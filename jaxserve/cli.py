@@ -37,6 +37,13 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="devices one model copy is sharded over (must split the attention heads)")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="model copies, each with its own batch (needs tp x dp devices)")
+    p.add_argument("--multihost", action="store_true",
+                   help="one engine over every process's devices (jax.distributed; process 0 serves, the others "
+                        "follow its steps)")
+    p.add_argument("--coordinator-address", default=None,
+                   help="jax.distributed off TPU/SLURM: host:port of process 0 (with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--compile-cache-dir", default=DEFAULT_CACHE_DIR,
                    help="persistent XLA compilation cache ('' to disable)")
     p.add_argument("--quiet", action="store_true", help="no load/speed summary on stderr")
@@ -76,10 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--output", required=True, help="JSONL results (appended; a rerun skips ids already there)")
     batch.add_argument("--shard", default=None,
                        help="i/n: this process takes shard i of n; auto: from jax.distributed (every host of a slice)")
-    batch.add_argument("--coordinator-address", default=None,
-                       help="with --shard auto off TPU/SLURM: host:port of process 0 (also --num-processes, --process-id)")
-    batch.add_argument("--num-processes", type=int, default=None)
-    batch.add_argument("--process-id", type=int, default=None)
     batch.add_argument("--allow-errors", action="store_true", help="exit 0 even when some lines failed")
     batch.add_argument("--flush-interval", type=float, default=1.0, help="seconds between fsyncs of the output")
     batch.add_argument("--served-model-name", default=None, help="the model name written in OpenAI-form outputs")
@@ -133,9 +136,12 @@ def _load(args):
     """An engine for one interactive stream (max_num_seqs 1)."""
     from jaxserve.llm import build_engine
 
+    if args.multihost:
+        _distributed(args)
     return build_engine(
         args.model, dtype=args.dtype, max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir,
         progress=True, quiet=args.quiet, max_num_seqs=1, max_num_batched_tokens=CLI_BUCKETS[-1],
+        multihost=args.multihost,
         token_buckets=CLI_BUCKETS, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory, seed=args.seed or 0, tensor_parallel_size=args.tensor_parallel_size,
         data_parallel_size=args.data_parallel_size,
@@ -165,8 +171,19 @@ def _stream(engine, prompt_ids, params, quiet: bool) -> str:
 
 
 def cmd_generate(args) -> int:
+    from jaxserve.multihost import follow_or_none, release_followers
+
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    engine = _load(args)
+    engine = follow_or_none(_load(args))
+    if engine is None:
+        return 0
+    try:
+        return _generate(args, engine, prompt)
+    finally:
+        release_followers(engine)
+
+
+def _generate(args, engine, prompt: str) -> int:
     tok = engine.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
     _stream(engine, tok.encode(text), _sampling(args, 0.0), args.quiet)
@@ -174,7 +191,18 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    engine = _load(args)
+    from jaxserve.multihost import follow_or_none, release_followers
+
+    engine = follow_or_none(_load(args))
+    if engine is None:
+        return 0
+    try:
+        return _chat(args, engine)
+    finally:
+        release_followers(engine)
+
+
+def _chat(args, engine) -> int:
     tok = engine.tokenizer
     params = _sampling(args, 0.7)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -212,21 +240,31 @@ def cmd_serve(args) -> int:
     from jaxserve.api.validation import Limits
     from jaxserve.async_engine import AsyncEngine
     from jaxserve.llm import build_engine
+    from jaxserve.multihost import follow_or_none, release_followers
     from jaxserve.servers import http_server
     from jaxserve.servers.frontend import Frontend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.multihost:
+        _distributed(args)
     engine = build_engine(
         args.model, dtype=args.dtype, max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir,
         quiet=args.quiet, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting_requests=args.max_waiting_requests, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        multihost=args.multihost,
     )  # fmt: skip
+    if follow_or_none(engine) is None:  # processes other than 0 replay process 0's steps
+        return 0
     limits = Limits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
     frontend = Frontend(AsyncEngine(engine), model_name=args.served_model_name, limits=limits,
                         stall_timeout=args.stall_timeout)  # fmt: skip
-    return asyncio.run(http_server.serve(frontend, args.host, args.port, drain_timeout=args.drain_timeout))
+    try:
+        return asyncio.run(http_server.serve(frontend, args.host, args.port, drain_timeout=args.drain_timeout))
+    finally:
+        frontend.engine.shutdown()
+        release_followers(engine)
 
 
 def _shard(args) -> tuple[int, int]:
@@ -234,17 +272,17 @@ def _shard(args) -> tuple[int, int]:
     if args.shard is None:
         return 0, 1
     if args.shard == "auto":
-        import jax
-
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (CPU hosts; ignored elsewhere)
-        manual = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
-                  "process_id": args.process_id}  # fmt: skip
-        jax.distributed.initialize(**{k: v for k, v in manual.items() if v is not None})
-        return jax.process_index(), jax.process_count()
+        return _distributed(args)
     parts = args.shard.split("/")
     if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 <= int(parts[0]) < int(parts[1]):
         raise ValueError(f"--shard={args.shard!r}: need i/n with 0 <= i < n, or auto")
     return int(parts[0]), int(parts[1])
+
+
+def _distributed(args) -> tuple[int, int]:
+    from jaxserve.multihost import initialize
+
+    return initialize(args.coordinator_address, args.num_processes, args.process_id)
 
 
 def cmd_batch(args) -> int:
@@ -255,6 +293,8 @@ def cmd_batch(args) -> int:
 
     if not os.path.isfile(args.input):
         raise ValueError(f"--input: no such file {args.input!r}")
+    if args.multihost:
+        raise ValueError("--multihost: a batch job shards its input over hosts instead (--shard auto)")
     index, count = _shard(args)
     engine = build_engine(
         args.model, dtype=args.dtype, max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir,

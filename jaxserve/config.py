@@ -82,12 +82,17 @@ class ParallelConfig:
 
     tensor_parallel_size: devices one model copy is sharded over (mesh axis "model": heads, MLP, vocab, KV heads).
     data_parallel_size: model copies (mesh axis "data"); each runs its own scheduler, pages and batch.
+    multihost: the mesh takes every process's devices (jax.distributed), not only this process's; process 0
+    schedules and the others replay its steps (jaxserve.multihost).
     """
 
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    multihost: bool = False  # mesh over every process's devices (jax.distributed); process 0 schedules
 
     def __post_init__(self) -> None:
+        if not isinstance(self.multihost, bool):
+            raise ValueError(f"ParallelConfig.multihost={self.multihost!r} must be a bool")
         for name in ("tensor_parallel_size", "data_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:

@@ -36,7 +36,7 @@ def engine_config(*, max_model_len: int, max_num_seqs: int = 64, max_num_batched
                   enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                   attention_backend: str = "auto", token_buckets: Sequence[int] | None = None,
                   seed: int = 0, max_waiting_requests: int = 4096, tensor_parallel_size: int = 1,
-                  data_parallel_size: int = 1) -> EngineConfig:  # fmt: skip
+                  data_parallel_size: int = 1, multihost: bool = False) -> EngineConfig:  # fmt: skip
     """Flat keyword options (vLLM's names) -> the engine's config tree."""
     return EngineConfig(
         cache=CacheConfig(page_size=page_size, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_cache_memory),
@@ -47,7 +47,8 @@ def engine_config(*, max_model_len: int, max_num_seqs: int = 64, max_num_batched
         attention_backend=attention_backend,
         token_buckets=None if token_buckets is None else tuple(token_buckets),
         seed=seed,
-        parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size),
+        parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                                multihost=multihost),
     )  # fmt: skip
 
 
@@ -64,10 +65,14 @@ def build_engine(model: str | None = None, *, dtype: str = "float32", max_model_
     config = engine_config(max_model_len=max_len, **options)
     show = progress and not quiet
     tp, dp = config.parallel.tensor_parallel_size, config.parallel.data_parallel_size
-    if tp > 1 or dp > 1:
+    if config.parallel.multihost and dp > 1:
+        raise ValueError("data_parallel_size > 1 with multihost: not supported yet (one engine spans the hosts)")
+    if tp > 1 or dp > 1 or config.parallel.multihost:
         from jaxserve.parallel import DataParallelEngine, make_mesh
 
-        mesh = make_mesh(tp, dp)
+        import jax
+
+        mesh = make_mesh(tp, dp, jax.devices() if config.parallel.multihost else None)
         engines = [LLMEngine(loaded, config, progress=show, mesh=mesh.replica(r)) for r in range(dp)]
         engine = engines[0] if dp == 1 else DataParallelEngine(engines)
     else:

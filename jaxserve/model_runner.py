@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from jaxserve.compile_stats import compile_counter
 from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.kv_cache.pool import PoolPlan, allocate_kv_cache, plan_kv_pool
+from jaxserve.multihost import StepChannel, broadcast_from_leader, spans_processes
 from jaxserve.sampling import SampleRow, SamplerOutput, SamplingTensors, sample
 from jaxserve.scheduler import ScheduledRequest
 from models.cache import AttentionMetadata, KVCache
@@ -49,6 +50,11 @@ def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingT
     with jax.named_scope("sample"):
         logits = compute_logits(params, hidden[inputs.sample_idx])  # only the rows that are sampled
         return sample(logits, st), cache
+
+
+def _local_device(mesh: Mesh) -> jax.Device:
+    """A device of this process in the mesh (whose free memory sizes the KV pool)."""
+    return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
 
 
 def token_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -114,15 +120,21 @@ class ModelRunner:
         self.pool: PoolPlan = plan_kv_pool(
             cache, config, params.embed.dtype, reserve_bytes=self.step_temp_bytes,
             max_tokens=None if cache.kv_cache_memory is not None else self.max_pool_tokens, kv_shards=kv_shards,
-            device=None if mesh is None else mesh.devices.flat[0],
+            device=None if mesh is None else _local_device(mesh),
         )  # fmt: skip
         if self.pool.num_tokens < scheduler.max_model_len:
             raise ValueError(f"max_model_len={scheduler.max_model_len} does not fit the KV cache: "
                              f"{self.pool.describe()}; raise kv_cache_memory or lower max_model_len")  # fmt: skip
+        self.channel = StepChannel(self) if spans_processes(mesh) else None
+        if self.channel is not None:  # every process must size the pool alike: process 0's plan wins
+            num_pages = int(broadcast_from_leader(np.array(self.pool.num_pages, np.int64)))
+            self.pool = dataclasses.replace(self.pool, num_pages=num_pages)
         self.cache = allocate_kv_cache(self.pool, config, None if mesh is None else jit_kw["out_shardings"][1].k)
         self.compiled: dict[int, jax.stages.Compiled] = {}
         self.report: list[BucketReport] = []
         self._compile_all(progress)
+        if self.channel is not None:
+            self.channel.warm_up()
         self.startup_seconds = time.perf_counter() - t0
         self.compiles_after_warmup_base = self.counter.snapshot()[0]
 
@@ -251,6 +263,12 @@ class ModelRunner:
         return bucket, StepInputs(token_ids, positions, meta, sample_idx), st, slots
 
     def execute(self, bucket: int, inputs: StepInputs, st: SamplingTensors) -> SamplerOutput:
-        """Run the compiled step (asynchronously: the result is a device future until read)."""
+        """Run the compiled step (asynchronously: the result is a device future until read). Over several
+        processes, process 0 first sends the step to the others (jaxserve.multihost)."""
+        if self.channel is not None:
+            self.channel.send(bucket, inputs, st)
+        return self.run_compiled(bucket, inputs, st)
+
+    def run_compiled(self, bucket: int, inputs: StepInputs, st: SamplingTensors) -> SamplerOutput:
         out, self.cache = self.compiled[bucket](self.params, self.cache, inputs, st)
         return out

@@ -14,6 +14,7 @@ at start-up (never a wrong answer mid-serving); MLP and vocab fall back to repli
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -68,7 +69,15 @@ def shard_params(params, cfg: LlamaConfig, mesh: Mesh):
     """Place params on the mesh by `param_specs` (a copy; the unsharded arrays can be dropped)."""
     specs = param_specs(cfg, mesh.shape[MODEL])
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
-    return jax.device_put(params, shardings)
+    if all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+        return jax.device_put(params, shardings)
+
+    # A mesh over several processes: each process holds the same weights and fills its own devices' shards.
+    def place(leaf, sharding):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, params, shardings)
 
 
 def per_device_bytes(tree) -> int:

@@ -595,7 +595,7 @@ def test_engine_options_from_flags():
     assert engine_options_from_flags(fv) == dict(
         dtype="bfloat16", max_model_len=None, compile_cache_dir=None, max_num_seqs=8, max_num_batched_tokens=512,
         page_size=16, kv_cache_dtype="auto", enable_prefix_caching=False, seed=0, kv_cache_memory=1 << 20,
-        max_waiting_requests=3, tensor_parallel_size=3, data_parallel_size=1)  # fmt: skip
+        max_waiting_requests=3, tensor_parallel_size=3, data_parallel_size=1, multihost=False)  # fmt: skip
     assert fv.port == 50051 and fv.host == "127.0.0.1" and fv.drain_timeout == 30.0 and fv.metrics_port is None
     fv = flags.FlagValues()
     define_flags(fv)

@@ -81,3 +81,85 @@ def test_sharding_rules():
     assert tuple(specs.layers.wk) == ()  # 2 KV heads over 4 devices: replicated
     assert tuple(specs.embed) == ()  # 262 does not split over 4: replicated, not padded
     assert tuple(kv_cache_spec(cfg, 4)) == () and tuple(kv_cache_spec(cfg, 2)) == (None, None, None, "model", None)
+
+
+def test_two_processes_serve_over_one_mesh(tmp_path):
+    """jax.distributed on 127.0.0.1: a TP=2 mesh over 2 processes (one CPU device each); process 0 schedules,
+    process 1 follows; the tokens equal one process on one device."""
+    import socket
+
+    from jaxserve.llm import LLM
+    from jaxserve.sampling import SamplingParams
+    from tests.multihost_prompts import PARAMS, PROMPTS
+    from tests.serving import tiny_engine, tiny_gguf
+
+    path = tiny_gguf(tmp_path)
+    reference = LLM.from_engine(tiny_engine(path)).generate([{"prompt_token_ids": p} for p in PROMPTS],
+                                                            SamplingParams(**PARAMS), use_tqdm=False)  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per process
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_check.py"), str(i), str(port), path],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    result = json.loads(next(line for line in outs[0][0].splitlines() if line.startswith("RESULT "))[7:])
+    followed = json.loads(next(line for line in outs[1][0].splitlines() if line.startswith("FOLLOWED "))[9:])
+    assert result["tokens"] == [o.outputs[0].token_ids for o in reference]
+    assert result["devices"] == 2 and result["local_wq"][-1] == 64 // 2  # TINY: 4 heads x 16, split in two
+    assert followed["steps"] == result["steps"] > 0  # process 1 ran every step process 0 scheduled
+    assert result["compiles_since_warmup"] == 0
+
+
+def test_serve_multihost_two_processes(tmp_path):
+    """`jaxserve serve --multihost` on 2 processes: process 0 serves HTTP over the 2-process mesh, process 1
+    follows; the answer equals one process's; SIGTERM on process 0 releases process 1 and both exit 0."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from jaxserve.llm import LLM
+    from jaxserve.sampling import SamplingParams
+    from tests.multihost_prompts import PARAMS, PROMPTS
+    from tests.serving import tiny_engine, tiny_gguf
+
+    path = tiny_gguf(tmp_path)
+    expected = LLM.from_engine(tiny_engine(path)).generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(**PARAMS),
+                                                           use_tqdm=False)[0].outputs[0].text  # fmt: skip
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxserve.cli", "serve", "--model", path, "--port", str(ports[i]),
+                               "--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
+                               "--page-size", "8", "--kv-cache-memory", "1MiB", "--compile-cache-dir", "", "--quiet",
+                               "--tensor-parallel-size", "2", "--multihost", "--coordinator-address",
+                               f"127.0.0.1:{ports[2]}", "--num-processes", "2", "--process-id", str(i)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert all(p.poll() is None for p in procs), [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/ready", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.25)
+        body = json.dumps({"prompt": PROMPTS[1], **PARAMS}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{ports[0]}/v1/completions", body,
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert answer["choices"][0]["text"] == expected
+        procs[0].send_signal(signal.SIGTERM)
+        assert [p.wait(60) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()

@@ -398,6 +398,10 @@ def define_flags(fv=None) -> None:
         (integer, "seed", 0, "seeds requests that bring none"),
         (integer, "tensor_parallel_size", 1, "devices one model copy is sharded over"),
         (integer, "data_parallel_size", 1, "model copies, each with its own batch"),
+        (flags.DEFINE_bool, "multihost", False, "one engine over every process's devices (process 0 serves)"),
+        (text, "coordinator_address", None, "jax.distributed off TPU/SLURM: host:port of process 0"),
+        (integer, "num_processes", None, "jax.distributed: processes in all"),
+        (integer, "process_id", None, "jax.distributed: this process's id"),
     ]:  # fmt: skip
         define(name, default, doc, flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and activations", flag_values=fv)
@@ -409,7 +413,7 @@ def engine_options_from_flags(fv) -> dict:
     from jaxserve.cli import _bytes
 
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_dtype",
-             "enable_prefix_caching", "seed", "tensor_parallel_size", "data_parallel_size")  # fmt: skip
+             "enable_prefix_caching", "seed", "tensor_parallel_size", "data_parallel_size", "multihost")  # fmt: skip
     options = {name: getattr(fv, name) for name in names}
     options["compile_cache_dir"] = fv.compile_cache_dir or None
     if fv.kv_cache_memory:
@@ -427,6 +431,7 @@ def main(argv) -> None:
 
     from jaxserve.async_engine import AsyncEngine
     from jaxserve.llm import build_engine
+    from jaxserve.multihost import follow_or_none, initialize, release_followers
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -435,7 +440,12 @@ def main(argv) -> None:
         options = engine_options_from_flags(fv)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    engine = AsyncEngine(build_engine(fv.model, **options))
+    if fv.multihost:
+        initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+    core = build_engine(fv.model, **options)
+    if follow_or_none(core) is None:  # processes other than 0 replay process 0's steps
+        sys.exit(0)
+    engine = AsyncEngine(core)
     frontend = Frontend(engine, model_name=fv.model_name, stall_timeout=fv.stall_timeout)
 
     def ready(port: int) -> None:
@@ -446,6 +456,7 @@ def main(argv) -> None:
                                  metrics_port=fv.metrics_port or None, ready_callback=ready))  # fmt: skip
     finally:
         engine.shutdown()
+        release_followers(core)
     sys.exit(code)
 
 
