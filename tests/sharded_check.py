@@ -74,6 +74,52 @@ def serve_one(path: str, prompt, **options) -> dict:
             "metrics": [line for line in text.splitlines() if line.startswith("jaxserve_kv_pages_total")]}  # fmt: skip
 
 
+def kernels() -> dict:
+    """The tiny model's forward with the Pallas kernels (interpreted) inside shard_map on a 2-device mesh, against
+    the unsharded reference forward (the scenario of tests/test_paged_forward.py)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxserve.parallel import make_mesh
+    from models.cache import AttentionMetadata, KVCache
+    from models.llama import forward
+    from models.sharding import kv_cache_spec, shard_params
+    from tests.test_model import _tiny_model
+
+    model, _ = _tiny_model()
+    cfg = model.config
+    rng = np.random.default_rng(4)
+    a = [int(x) for x in rng.integers(3, cfg.vocab_size, 21)]
+    b = [int(x) for x in rng.integers(3, cfg.vocab_size, 5)]
+    tables = [[3, 1, 6], [5, 2]]
+    meta = AttentionMetadata(
+        slot_mapping=np.array([tables[0][p // 8] * 8 + p % 8 for p in range(21)]
+                              + [tables[1][p // 8] * 8 + p % 8 for p in range(5)] + [-1, -1], np.int32),
+        query_start_loc=np.array([0, 21, 26, 26], np.int32), kv_lens=np.array([21, 5, 0], np.int32),
+        block_tables=np.array([tables[0], tables[1] + [0], [0, 0, 0]], np.int32), num_seqs=np.array(2, np.int32),
+    )  # fmt: skip
+    tokens = np.array(a + b + [0, 0], np.int32)
+    positions = np.array(list(range(21)) + list(range(5)) + [0, 0], np.int32)
+
+    def run(mesh=None, **kw):
+        params = model.params if mesh is None else shard_params(model.params, cfg, mesh)
+        cache = KVCache.zeros(cfg.num_layers, 8, 8, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+        if mesh is not None:
+            kv = jax.sharding.NamedSharding(mesh, kv_cache_spec(cfg, mesh.shape["model"]))
+            cache = jax.device_put(cache, KVCache(kv, kv))
+        step = jax.jit(lambda p, c, t, pos, m: forward(p, cfg, t, pos, c, m, mesh=mesh, **kw))
+        hidden, cache = step(params, cache, tokens, positions, meta)
+        return np.asarray(hidden)[:26], np.asarray(cache.k)
+
+    want = run(attention_backend="reference")
+    mesh = make_mesh(2).replica(0)
+    out = {"tp": 2, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads}
+    for backend in ("reference", "pallas_gpu", "pallas_tpu"):
+        got = run(mesh, attention_backend=backend, interpret_kernels=backend != "reference")
+        out[backend] = [float(np.abs(g - w).max()) for g, w in zip(got, want)]
+    return out
+
+
 def main(case: str) -> None:
     rnd = random.Random(0)
     if case == "tiny":
@@ -90,6 +136,7 @@ def main(case: str) -> None:
         results["served"] = serve_one(path, prompts[0], tensor_parallel_size=2, data_parallel_size=2,
                                       max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
                                       kv_cache_memory=1 << 20, token_buckets=(8, 32))  # fmt: skip
+        results["kernels"] = kernels()
         results["config"] = {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
                              "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size,
                              "vocab": cfg.vocab_size}  # fmt: skip

@@ -45,6 +45,11 @@ def test_tiny_model_tp_2_4_8_and_dp2_tp4_match_one_device():
     assert r["served"]["tokens"] == base[0]
     pages = r["served"]["replica_pages"]
     assert len(pages) == 2 and r["served"]["metrics"] == [f"jaxserve_kv_pages_total {float(sum(pages))}"]
+    # The Pallas kernels (interpreted) inside the sharded step: hidden states and K pages as the reference's.
+    k = r["kernels"]
+    assert k["tp"] == 2 and k["kv_heads"] % 2 == 0
+    for backend in ("reference", "pallas_gpu", "pallas_tpu"):
+        assert max(k[backend]) < 2e-5, (backend, k[backend])
     assert r["1x1"]["layout"]["wq"] == [c["layers"], c["hidden"], c["heads"] * c["head_dim"]]
 
 
