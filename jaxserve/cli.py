@@ -233,21 +233,11 @@ def _chat(args, engine) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    import asyncio
-    import logging
-
-    from jaxserve.api.validation import Limits
-    from jaxserve.async_engine import AsyncEngine
+def _batching_engine(args):
+    """The engine `serve` and `batch` run: continuous batching with the scheduler and mesh flags."""
     from jaxserve.llm import build_engine
-    from jaxserve.multihost import follow_or_none, release_followers
-    from jaxserve.servers import http_server
-    from jaxserve.servers.frontend import Frontend
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.multihost:
-        _distributed(args)
-    engine = build_engine(
+    return build_engine(
         args.model, dtype=args.dtype, max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir,
         quiet=args.quiet, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting_requests=args.max_waiting_requests, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
@@ -255,6 +245,22 @@ def cmd_serve(args) -> int:
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
         multihost=args.multihost,
     )  # fmt: skip
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
+    from jaxserve.api.validation import Limits
+    from jaxserve.async_engine import AsyncEngine
+    from jaxserve.multihost import follow_or_none, release_followers
+    from jaxserve.servers import http_server
+    from jaxserve.servers.frontend import Frontend
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.multihost:
+        _distributed(args)
+    engine = _batching_engine(args)
     if follow_or_none(engine) is None:  # processes other than 0 replay process 0's steps
         return 0
     limits = Limits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
@@ -288,7 +294,6 @@ def _distributed(args) -> tuple[int, int]:
 def cmd_batch(args) -> int:
     from jaxserve.api.validation import Limits
     from jaxserve.batch import BatchJob, errors_path_for, iter_records, shard_path
-    from jaxserve.llm import build_engine
     from jaxserve.servers.frontend import default_model_name
 
     if not os.path.isfile(args.input):
@@ -296,13 +301,7 @@ def cmd_batch(args) -> int:
     if args.multihost:
         raise ValueError("--multihost: a batch job shards its input over hosts instead (--shard auto)")
     index, count = _shard(args)
-    engine = build_engine(
-        args.model, dtype=args.dtype, max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir,
-        quiet=args.quiet, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_waiting_requests=args.max_waiting_requests, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
-        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
-    )  # fmt: skip
+    engine = _batching_engine(args)
     job = BatchJob(engine, args.input, args.output, shard=(index, count),
                    limits=Limits(max_body_bytes=args.max_body_bytes), flush_interval=args.flush_interval,
                    model_name=args.served_model_name or default_model_name(engine.model.path),

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jaxserve.api.validation import PromptTooLongError, check_priority, check_prompt_tokens, check_request_id
+from jaxserve.api.validation import (  # noqa: F401  (PromptTooLongError: re-exported)
+    PromptTooLongError, check_priority, check_prompt_tokens, check_request_id,
+)  # fmt: skip
 from jaxserve.config import EngineConfig
 from jaxserve.detokenizer import TextStream
 from jaxserve.kv_cache.block_manager import BlockManager
