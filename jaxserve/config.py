@@ -93,6 +93,9 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.multihost, bool):
             raise ValueError(f"ParallelConfig.multihost={self.multihost!r} must be a bool")
+        if self.multihost and self.data_parallel_size > 1:
+            raise ValueError("ParallelConfig.data_parallel_size > 1 with multihost: not supported yet (one engine "
+                             "spans the hosts)")  # fmt: skip
         for name in ("tensor_parallel_size", "data_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:

@@ -64,11 +64,10 @@ class LLMEngine:
         """mesh: this engine's devices, with a "model" axis (None: the first tensor_parallel_size devices when
         that is > 1, else the default device). Data parallelism is several engines (jaxserve.parallel)."""
         config = config or EngineConfig()
-        tp = config.parallel.tensor_parallel_size
-        if mesh is None and (tp > 1 or config.parallel.multihost):
+        if mesh is None and (config.parallel.tensor_parallel_size > 1 or config.parallel.multihost):
             from jaxserve.parallel import make_mesh
 
-            mesh = make_mesh(tp, 1, jax.devices() if config.parallel.multihost else None).replica(0)
+            mesh = make_mesh(dataclasses.replace(config.parallel, data_parallel_size=1)).replica(0)
         limit = model.config.max_position_embeddings
         if config.scheduler.max_model_len > limit:
             raise ValueError(f"SchedulerConfig.max_model_len={config.scheduler.max_model_len} exceeds the model's "

@@ -64,18 +64,14 @@ def build_engine(model: str | None = None, *, dtype: str = "float32", max_model_
     max_len = max_model_len or min(2048, loaded.config.max_position_embeddings)
     config = engine_config(max_model_len=max_len, **options)
     show = progress and not quiet
-    tp, dp = config.parallel.tensor_parallel_size, config.parallel.data_parallel_size
-    if config.parallel.multihost and dp > 1:
-        raise ValueError("data_parallel_size > 1 with multihost: not supported yet (one engine spans the hosts)")
-    if tp > 1 or dp > 1 or config.parallel.multihost:
+    dp = config.parallel.data_parallel_size
+    if dp > 1:  # one engine per mesh row
         from jaxserve.parallel import DataParallelEngine, make_mesh
 
-        import jax
-
-        mesh = make_mesh(tp, dp, jax.devices() if config.parallel.multihost else None)
+        mesh = make_mesh(config.parallel)
         engines = [LLMEngine(loaded, config, progress=show, mesh=mesh.replica(r)) for r in range(dp)]
-        engine = engines[0] if dp == 1 else DataParallelEngine(engines)
-    else:
+        engine = DataParallelEngine(engines)
+    else:  # (a tensor-parallel engine builds its own mesh)
         engine = LLMEngine(loaded, config, progress=show)
         engines = [engine]
     if not quiet:

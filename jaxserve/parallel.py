@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxserve.config import ParallelConfig
 from models.sharding import DATA, MODEL
 
 
@@ -38,15 +39,18 @@ class DeviceMesh:
         return Mesh(self.mesh.devices[index], (MODEL,))
 
 
-def make_mesh(tensor_parallel_size: int, data_parallel_size: int = 1, devices=None) -> DeviceMesh:
-    """The first dp x tp of `devices` (default: this process's own, so that under jax.distributed each host's
-    engine stays on its host, as batch shards do; a mesh spanning hosts is not built here yet) as a mesh."""
-    devices = list(jax.local_devices() if devices is None else devices)
-    need = tensor_parallel_size * data_parallel_size
-    if need > len(devices):
-        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size={data_parallel_size} "
-                         f"needs {need} devices; {len(devices)} are available ({devices[0].platform})")  # fmt: skip
-    grid = np.array(devices[:need], dtype=object).reshape(data_parallel_size, tensor_parallel_size)
+def make_mesh(parallel: ParallelConfig, devices=None) -> DeviceMesh:
+    """The first dp x tp devices as a (data, model) mesh: every process's under `multihost` (one engine spans
+    the hosts), else this process's own (under jax.distributed each host's engines stay on its host, as batch
+    shards do)."""
+    if devices is None:
+        devices = jax.devices() if parallel.multihost else jax.local_devices()
+    devices = list(devices)
+    tp, dp = parallel.tensor_parallel_size, parallel.data_parallel_size
+    if tp * dp > len(devices):
+        raise ValueError(f"tensor_parallel_size={tp} x data_parallel_size={dp} needs {tp * dp} devices; "
+                         f"{len(devices)} are available ({devices[0].platform})")  # fmt: skip
+    grid = np.array(devices[: tp * dp], dtype=object).reshape(dp, tp)
     return DeviceMesh(Mesh(grid, (DATA, MODEL)))
 
 

@@ -80,6 +80,7 @@ def kernels() -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from jaxserve.config import ParallelConfig
     from jaxserve.parallel import make_mesh
     from models.cache import AttentionMetadata, KVCache
     from models.llama import forward
@@ -112,7 +113,7 @@ def kernels() -> dict:
         return np.asarray(hidden)[:26], np.asarray(cache.k)
 
     want = run(attention_backend="reference")
-    mesh = make_mesh(2).replica(0)
+    mesh = make_mesh(ParallelConfig(tensor_parallel_size=2)).replica(0)
     out = {"tp": 2, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads}
     for backend in ("reference", "pallas_gpu", "pallas_tpu"):
         got = run(mesh, attention_backend=backend, interpret_kernels=backend != "reference")
