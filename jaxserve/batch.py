@@ -106,6 +106,8 @@ def _parse_openai(body: dict, line: int, limits: Limits, max_model_len: int) -> 
         raise ValidationError("body.stream", "streaming is not supported in a batch")
     chat = OPENAI_URLS[url]
     parsed = parse_chat(req_body, limits) if chat else parse_completion(req_body, limits, max_prompt_tokens=max_model_len)
+    if parsed.more:
+        raise ValidationError("prompt", "one prompt per batch line (a list of prompts is several lines)")
     want_ids = req_body.get("return_token_ids", False)
     if not isinstance(want_ids, bool):
         raise ValidationError("return_token_ids", "must be a boolean")

@@ -77,6 +77,7 @@ MIXED = [
      "extra": 1},
     {"custom_id": "c5", "method": "POST", "url": "/v1/completions",
      "body": {"prompt": "hi", "max_tokens": 3, "temperature": 0, "return_token_ids": True}},
+    {"custom_id": "c6", "method": "POST", "url": "/v1/completions", "body": {"prompt": ["a", "b"]}},
 ]  # fmt: skip
 EXPECTED_ERRORS = {  # line -> (id, param, words)
     2: (None, "body", "malformed JSON"),
@@ -90,6 +91,7 @@ EXPECTED_ERRORS = {  # line -> (id, param, words)
     12: ("c2", "url", "must be one of"),
     13: ("c3", "n", "[1, 64]"),
     14: ("c4", "extra", "unknown field"),
+    16: ("c6", "prompt", "one prompt per batch line"),
 }
 
 

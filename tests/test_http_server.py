@@ -141,6 +141,25 @@ def test_seeded_sampling_n_and_logprobs(server):
     assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
 
 
+def test_a_list_of_prompts(server):
+    """Prompt i's completion k is choice i * n + k; each equals the same prompt sent alone."""
+    prompts = ["one", "two two", [5, 6, 7]]
+    alone = [server.client.completions.create(prompt=p, **GREEDY).choices[0].text for p in prompts]
+    whole = server.client.completions.create(prompt=prompts, n=2, **GREEDY)
+    assert [c.index for c in whole.choices] == list(range(6))
+    assert [c.text for c in whole.choices] == [t for t in alone for _ in range(2)]
+    assert whole.usage.completion_tokens == 6 * 12
+    streamed: dict[int, str] = {}
+    chunks = list(server.client.completions.create(prompt=prompts, n=2, stream=True,
+                                                   stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
+    for chunk in chunks:
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {i: c.text for i, c in enumerate(whole.choices)}
+    assert chunks[-1].usage.completion_tokens == 6 * 12 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert server.wait_idle() == 0
+
+
 def test_models_health_ready_metrics(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
@@ -201,7 +220,10 @@ BAD = [
     ("token-ids-over-context", C, with_(prompt=[5] * 200), None, 400, "prompt", "exceeds the limit of 128"),
     ("token-id-out-of-vocab", C, with_(prompt=[5, 100000]), None, 400, "prompt", "out of range"),
     ("token-id-float", C, with_(prompt=[5, 6.5]), None, 400, "prompt", "integer"),
-    ("two-prompts", C, with_(prompt=["a", "b"]), None, 400, "prompt", "one prompt"),
+    ("too-many-prompts", C, with_(prompt=["a"] * 65), None, 400, "prompt", "exceeds the limit of 64"),
+    ("empty-prompt-in-list", C, with_(prompt=["a", ""]), None, 400, "prompt[1]", "empty"),
+    ("bad-ids-in-list", C, with_(prompt=[[5, 6], [7, "x"]]), None, 400, "prompt[1]", "integer"),
+    ("one-prompt-in-list-over-context", C, with_(prompt=["a", "ab " * 700]), None, 400, "prompt", "max_model_len"),
     ("unknown-model", C, with_(model="gpt-4"), None, 404, "model", "not served"),
     ("echo-unsupported", C, with_(echo=True), None, 400, "echo", "not supported"),
     ("stream-not-bool", C, with_(stream="yes"), None, 400, "stream", "boolean"),

@@ -28,30 +28,42 @@ _UNSUPPORTED = {
 
 @dataclasses.dataclass(frozen=True)
 class OpenAIRequest:
-    request: GenerateRequest
+    request: GenerateRequest  # the (first) prompt's
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
     chat: bool
+    more: tuple[GenerateRequest, ...] = ()  # the other prompts of a /v1/completions prompt list
+
+    @property
+    def requests(self) -> tuple[GenerateRequest, ...]:
+        """Every prompt's request; prompt i's completion k is choice i * n + k of the response."""
+        return (self.request, *self.more)
+
+
+MAX_PROMPTS = 64  # prompts in one /v1/completions list
 
 
 def parse_completion(body: dict, limits: Limits = Limits(), *, max_prompt_tokens: int) -> OpenAIRequest:
     _common_checks(body)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise ValidationError("prompt", f"one prompt per request (got {len(prompt)}); send one request each")
-        prompt = prompt[0]
     if prompt is None:
         raise ValidationError("prompt", "required")
-    if isinstance(prompt, list):
-        ids, text = check_token_id_list(prompt, max_prompt_tokens, "prompt"), None
-    else:
-        ids, text = None, check_prompt_text(prompt, limits, "prompt")
-    for name in ("logprobs",):  # completions: an int (alternatives per token), not a bool
-        if isinstance(body.get(name), bool):
-            raise ValidationError(name, "must be an integer in [0, 20] for /v1/completions")
+    # A list of strings or of token-id lists is several prompts; a list of ints is one prompt's token ids.
+    many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+    prompts = prompt if many else [prompt]
+    if len(prompts) > MAX_PROMPTS:
+        raise ValidationError("prompt", f"{len(prompts)} prompts exceeds the limit of {MAX_PROMPTS} per request")
+    fields = []
+    for i, one in enumerate(prompts):
+        where = f"prompt[{i}]" if many else "prompt"
+        if isinstance(one, list):
+            fields.append({"prompt_token_ids": check_token_id_list(one, max_prompt_tokens, where)})
+        else:
+            fields.append({"prompt": check_prompt_text(one, limits, where)})
+    if isinstance(body.get("logprobs"), bool):  # completions: an int (alternatives per token), not a bool
+        raise ValidationError("logprobs", "must be an integer in [0, 20] for /v1/completions")
     params = sampling_params(body)
-    return _finish(body, limits, params, prompt=text, prompt_token_ids=ids, chat=False)
+    return _finish(body, limits, params, fields, chat=False)
 
 
 def parse_chat(body: dict, limits: Limits = Limits()) -> OpenAIRequest:
@@ -73,7 +85,7 @@ def parse_chat(body: dict, limits: Limits = Limits()) -> OpenAIRequest:
         fields["top_logprobs"] = top
         rename["logprobs"] = "top_logprobs"
     params = sampling_params(fields, rename)
-    return _finish(body, limits, params, messages=messages, chat=True,
+    return _finish(body, limits, params, [{"messages": messages}], chat=True,
                    max_tokens_field=rename.get("max_tokens", "max_tokens"))
 
 
@@ -91,7 +103,8 @@ def _common_checks(body: dict) -> None:
         raise ValidationError("user", "must be a string")
 
 
-def _finish(body: dict, limits: Limits, params, *, chat: bool, **prompt) -> OpenAIRequest:
+def _finish(body: dict, limits: Limits, params, prompts: list[dict], *, chat: bool,
+            max_tokens_field: str = "max_tokens") -> OpenAIRequest:  # fmt: skip
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -109,15 +122,17 @@ def _finish(body: dict, limits: Limits, params, *, chat: bool, **prompt) -> Open
     priority = body.get("priority", 0)
     if not is_int(priority):
         raise ValidationError("priority", "must be an integer")
-    request = GenerateRequest(
+    rid = None if rid is None else check_request_id(rid, limits)
+    requests = [GenerateRequest(
         params=params,
-        request_id=None if rid is None else check_request_id(rid, limits),
+        request_id=None if rid is None else rid if len(prompts) == 1 else f"{rid}-{i}",
         model=body.get("model"),
         priority=check_priority(priority),
         timeout=check_timeout(body.get("timeout"), limits),
+        max_tokens_field=max_tokens_field,
         **prompt,
-    )
-    return OpenAIRequest(request, stream, include_usage, chat)
+    ) for i, prompt in enumerate(prompts)]  # fmt: skip
+    return OpenAIRequest(requests[0], stream, include_usage, chat, tuple(requests[1:]))
 
 
 # ---- responses ------------------------------------------------------------------------------------------------

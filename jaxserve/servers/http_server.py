@@ -11,6 +11,8 @@ A client that disconnects mid-stream cancels its handler, which aborts the reque
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -140,43 +142,89 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequest, rid: str):
-    req = parsed.request
-    if req.request_id is None:
-        import dataclasses
-
-        req = dataclasses.replace(req, request_id=rid)
+    """Run the request's prompt(s) and answer whole or as server-sent events. Prompt i's completion k is choice
+    i * n + k; each prompt runs as its own engine request, all at once."""
+    many = len(parsed.requests) > 1
+    reqs = [r if r.request_id else dataclasses.replace(r, request_id=f"{rid}-{i}" if many else rid)
+            for i, r in enumerate(parsed.requests)]  # fmt: skip
     request[_COUNTED] = True
-    shape = (ChatShape if parsed.chat else CompletionShape)(frontend.model_name, rid)
-    stream = frontend.generate(req)
+    shapes = [(ChatShape if parsed.chat else CompletionShape)(frontend.model_name, rid) for _ in reqs]
+    n = reqs[0].params.n
     if not parsed.stream:
-        last = None
-        async for out in stream:
-            last = out
-        return web.json_response(shape.final(last))
-    # Streaming: errors before the first output are still a plain HTTP error response.
-    first = await stream.__anext__()
-    response = web.StreamResponse(headers=_SSE_HEADERS)
-    await response.prepare(request)
-    out = first
+        tasks = [asyncio.ensure_future(frontend.complete(r)) for r in reqs]
+        try:
+            outs = await asyncio.gather(*tasks)
+        finally:  # one prompt failed (or the client left): the others stop too
+            for task in tasks:
+                task.cancel()
+        bodies = [_reindex(shape.final(out), i * n) for i, (shape, out) in enumerate(zip(shapes, outs))]
+        body = bodies[0]
+        body["choices"] = [c for b in bodies for c in b["choices"]]
+        body["usage"] = _sum_usage([b["usage"] for b in bodies])
+        return web.json_response(body)
+    queue: asyncio.Queue = asyncio.Queue()
+    tasks = [asyncio.ensure_future(_pump(frontend.generate(r), i, queue)) for i, r in enumerate(reqs)]
     try:
-        await _send(response, shape.start(out))
+        index, item = await queue.get()
+        if isinstance(item, APIError):  # before any output: still a plain HTTP error response
+            raise item
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        await response.prepare(request)
+        await _send(response, shapes[0].start(item) if len(reqs) == 1 else _start_all(shapes, item, n, len(reqs)))
+        last, left = {}, len(reqs)
         while True:
-            for chunk in shape.chunks(out, parsed.include_usage):
-                await _send(response, chunk)
-            if out.finished:
+            if isinstance(item, APIError):  # mid-stream: an error event, then the end
+                await _send(response, item.openai_body())
                 break
-            out = await stream.__anext__()
-        if parsed.include_usage:
-            await _send(response, shape.usage_chunk(out))
-    except APIError as e:  # mid-stream: an error event, then the end
-        await _send(response, e.openai_body())
-    except StopAsyncIteration:
-        pass
+            for chunk in shapes[index].chunks(item, parsed.include_usage):
+                await _send(response, _reindex(chunk, index * n))
+            if item.finished:
+                last[index] = item
+                left -= 1
+                if not left:
+                    if parsed.include_usage:
+                        usage_chunk = shapes[0].usage_chunk(last[0])
+                        usage_chunk["usage"] = _sum_usage([shapes[i].usage_chunk(o)["usage"] for i, o in last.items()])
+                        await _send(response, usage_chunk)
+                    break
+            index, item = await queue.get()
     finally:
-        await stream.aclose()
+        for task in tasks:
+            task.cancel()
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+async def _pump(stream, index: int, queue: asyncio.Queue) -> None:
+    """Move one prompt's outputs (or its APIError) to the shared queue, tagged with the prompt's index."""
+    try:
+        async for out in stream:
+            await queue.put((index, out))
+    except APIError as e:
+        await queue.put((index, e))
+    finally:
+        await stream.aclose()  # aborts the request in the engine unless it finished
+
+
+def _start_all(shapes, out, n: int, num_prompts: int) -> dict | None:
+    """The role chunk for every choice (chat only; completions have none)."""
+    first = shapes[0].start(out)
+    if first is not None:
+        first["choices"] = [dict(first["choices"][0], index=i) for i in range(n * num_prompts)]
+    return first
+
+
+def _reindex(body: dict | None, offset: int) -> dict | None:
+    if body is not None and offset:
+        body["choices"] = [dict(c, index=c["index"] + offset) for c in body["choices"]]
+    return body
+
+
+def _sum_usage(usages: list[dict]) -> dict:
+    total = {k: sum(u[k] for u in usages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    total["prompt_tokens_details"] = {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)}
+    return total
 
 
 async def _send(response: web.StreamResponse, obj) -> None:
