@@ -82,25 +82,15 @@ def kernels() -> dict:
 
     from jaxserve.config import ParallelConfig
     from jaxserve.parallel import make_mesh
-    from models.cache import AttentionMetadata, KVCache
+    from models.cache import KVCache
     from models.llama import forward
     from models.sharding import kv_cache_spec, shard_params
     from tests.test_model import _tiny_model
+    from tests.test_paged_forward import two_prompt_step
 
     model, _ = _tiny_model()
     cfg = model.config
-    rng = np.random.default_rng(4)
-    a = [int(x) for x in rng.integers(3, cfg.vocab_size, 21)]
-    b = [int(x) for x in rng.integers(3, cfg.vocab_size, 5)]
-    tables = [[3, 1, 6], [5, 2]]
-    meta = AttentionMetadata(
-        slot_mapping=np.array([tables[0][p // 8] * 8 + p % 8 for p in range(21)]
-                              + [tables[1][p // 8] * 8 + p % 8 for p in range(5)] + [-1, -1], np.int32),
-        query_start_loc=np.array([0, 21, 26, 26], np.int32), kv_lens=np.array([21, 5, 0], np.int32),
-        block_tables=np.array([tables[0], tables[1] + [0], [0, 0, 0]], np.int32), num_seqs=np.array(2, np.int32),
-    )  # fmt: skip
-    tokens = np.array(a + b + [0, 0], np.int32)
-    positions = np.array(list(range(21)) + list(range(5)) + [0, 0], np.int32)
+    tokens, positions, meta = two_prompt_step(cfg.vocab_size)
 
     def run(mesh=None, **kw):
         params = model.params if mesh is None else shard_params(model.params, cfg, mesh)

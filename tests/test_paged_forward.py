@@ -66,6 +66,26 @@ def test_two_sequences_on_scattered_pages_match_single_stream(real_model, real_g
     np.testing.assert_allclose(got_b, want_b, atol=2e-4)
 
 
+def two_prompt_step(vocab_size: int, seed: int = 4):
+    """One ragged step of a 21- and a 5-token prompt on scattered pages of 8 (8 pages; two padding rows, one
+    padding sequence): (token_ids, positions, meta), 26 valid rows."""
+    rng = np.random.default_rng(seed)
+    a = [int(x) for x in rng.integers(3, vocab_size, 21)]
+    b = [int(x) for x in rng.integers(3, vocab_size, 5)]
+    tables = [[3, 1, 6], [5, 2]]
+    meta = AttentionMetadata(
+        slot_mapping=np.array([tables[0][p // 8] * 8 + p % 8 for p in range(21)]
+                              + [tables[1][p // 8] * 8 + p % 8 for p in range(5)] + [-1, -1], np.int32),
+        query_start_loc=np.array([0, 21, 26, 26], np.int32),
+        kv_lens=np.array([21, 5, 0], np.int32),
+        block_tables=np.array([tables[0], tables[1] + [0], [0, 0, 0]], np.int32),
+        num_seqs=np.array(2, np.int32),
+    )  # fmt: skip
+    tokens = np.array(a + b + [0, 0], np.int32)
+    positions = np.array(list(range(21)) + list(range(5)) + [0, 0], np.int32)
+    return tokens, positions, meta
+
+
 @pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
 def test_tiny_model_forward_with_interpreted_pallas_kernels(backend):
     """The kernels inside the layer scan (pages of all layers on one flat axis, offset per layer) == reference."""
@@ -73,24 +93,11 @@ def test_tiny_model_forward_with_interpreted_pallas_kernels(backend):
 
     model, _ = _tiny_model()
     cfg = model.config
-    rng = np.random.default_rng(4)
-    a = [int(x) for x in rng.integers(3, cfg.vocab_size, 21)]
-    b = [int(x) for x in rng.integers(3, cfg.vocab_size, 5)]
-    tables = [[3, 1, 6], [5, 2]]
+    tokens, positions, meta = two_prompt_step(cfg.vocab_size)
 
     def run(**kw):
         step = jax.jit(lambda p, c, t, pos, m: forward(p, cfg, t, pos, c, m, **kw))
         cache = KVCache.zeros(cfg.num_layers, 8, 8, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
-        meta = AttentionMetadata(
-            slot_mapping=np.array([tables[0][p // 8] * 8 + p % 8 for p in range(21)]
-                                  + [tables[1][p // 8] * 8 + p % 8 for p in range(5)] + [-1, -1], np.int32),
-            query_start_loc=np.array([0, 21, 26, 26], np.int32),
-            kv_lens=np.array([21, 5, 0], np.int32),
-            block_tables=np.array([tables[0], tables[1] + [0], [0, 0, 0]], np.int32),
-            num_seqs=np.array(2, np.int32),
-        )  # fmt: skip
-        tokens = np.array(a + b + [0, 0], np.int32)
-        positions = np.array(list(range(21)) + list(range(5)) + [0, 0], np.int32)
         hidden, cache = step(model.params, cache, tokens, positions, meta)
         return np.asarray(hidden)[:26], np.asarray(cache.k), np.asarray(cache.v)
 

@@ -88,34 +88,57 @@ def test_sharding_rules():
     assert tuple(kv_cache_spec(cfg, 4)) == () and tuple(kv_cache_spec(cfg, 2)) == (None, None, None, "model", None)
 
 
-def test_two_processes_serve_over_one_mesh(tmp_path):
-    """jax.distributed on 127.0.0.1: a TP=2 mesh over 2 processes (one CPU device each); process 0 schedules,
-    process 1 follows; the tokens equal one process on one device."""
+def _processes_follow_process_0(path: str, num_processes: int, reference) -> None:
+    """`num_processes` processes (jax.distributed on 127.0.0.1, one CPU device each) run one TP engine over
+    all their devices: process 0 schedules, the rest follow; the tokens equal `reference` (one process)."""
     import socket
 
-    from jaxserve.llm import LLM
-    from jaxserve.sampling import SamplingParams
-    from tests.multihost_prompts import PARAMS, PROMPTS
-    from tests.serving import tiny_engine, tiny_gguf
-
-    path = tiny_gguf(tmp_path)
-    reference = LLM.from_engine(tiny_engine(path)).generate([{"prompt_token_ids": p} for p in PROMPTS],
-                                                            SamplingParams(**PARAMS), use_tqdm=False)  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per process
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_check.py"), str(i), str(port), path],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(2)]  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_check.py"), str(i), str(port), path,
+                               str(num_processes)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(num_processes)]  # fmt: skip
     outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert [p.returncode for p in procs] == [0] * num_processes, [o[1][-2000:] for o in outs]
     result = json.loads(next(line for line in outs[0][0].splitlines() if line.startswith("RESULT "))[7:])
-    followed = json.loads(next(line for line in outs[1][0].splitlines() if line.startswith("FOLLOWED "))[9:])
+    for out in outs[1:]:  # every follower ran every step process 0 scheduled
+        followed = json.loads(next(line for line in out[0].splitlines() if line.startswith("FOLLOWED "))[9:])
+        assert followed["steps"] == result["steps"] > 0
     assert result["tokens"] == [o.outputs[0].token_ids for o in reference]
-    assert result["devices"] == 2 and result["local_wq"][-1] == 64 // 2  # TINY: 4 heads x 16, split in two
-    assert followed["steps"] == result["steps"] > 0  # process 1 ran every step process 0 scheduled
-    assert result["compiles_since_warmup"] == 0
+    assert result["devices"] == num_processes and result["compiles_since_warmup"] == 0
+    return result
+
+
+def _reference(engine):
+    from jaxserve.llm import LLM
+    from jaxserve.sampling import SamplingParams
+    from tests.multihost_prompts import PARAMS, PROMPTS
+
+    return LLM.from_engine(engine).generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(**PARAMS),
+                                            use_tqdm=False)  # fmt: skip
+
+
+def test_two_processes_serve_over_one_mesh(tmp_path):
+    """jax.distributed on 127.0.0.1: a TP=2 mesh over 2 processes; the tokens equal one process on one device."""
+    from tests.serving import tiny_engine, tiny_gguf
+
+    path = tiny_gguf(tmp_path)
+    result = _processes_follow_process_0(path, 2, _reference(tiny_engine(path)))
+    assert result["local_wq"][-1] == 64 // 2  # TINY: 4 heads x 16, split in two
+
+
+@pytest.mark.real_model
+def test_real_model_over_three_processes(real_model, gguf_path):
+    """SmolLM2 (9 query / 3 KV heads) over a TP=3 mesh of 3 processes equals one process on one device."""
+    from jaxserve.engine import LLMEngine
+    from jaxserve.llm import engine_config
+
+    engine = LLMEngine(real_model, engine_config(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
+                                                 page_size=8, token_buckets=(8, 32)))  # fmt: skip
+    result = _processes_follow_process_0(gguf_path, 3, _reference(engine))
+    assert result["local_wq"] == [30, 576, 192]
 
 
 def test_serve_multihost_two_processes(tmp_path):
