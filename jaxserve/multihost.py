@@ -30,10 +30,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return jax.process_index(), jax.process_count()
 
 
+def _channel(engine) -> StepChannel | None:
+    return getattr(getattr(engine, "runner", None), "channel", None)
+
+
 def follow_or_none(engine):
     """On processes other than 0 of a multi-host engine: replay process 0's steps until it stops, then return
     None; on process 0 (or a one-process engine) return the engine to serve with."""
-    channel = getattr(getattr(engine, "runner", None), "channel", None)
+    channel = _channel(engine)
     if channel is None or channel.leader:
         return engine
     channel.follow()
@@ -42,7 +46,7 @@ def follow_or_none(engine):
 
 def release_followers(engine) -> None:
     """Process 0, when it is done: let the followers' follow() return."""
-    channel = getattr(getattr(engine, "runner", None), "channel", None)
+    channel = _channel(engine)
     if channel is not None and channel.leader:
         channel.stop()
 

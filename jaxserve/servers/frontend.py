@@ -21,8 +21,9 @@ from jaxserve.api.validation import GenerateRequest, Limits, check_prompt_text, 
 from jaxserve.outputs import RequestOutput
 from jaxserve.servers.metrics import ServerMetrics
 
-_OUTCOME_OF_KIND = {"validation": "invalid", "admission": "rejected", "unavailable": "unavailable",
-                    "not_found": "not_found", "deadline": "deadline", "cancelled": "cancelled"}  # fmt: skip
+_OUTCOME_OF_KIND = {"validation": "invalid", "too_large": "invalid", "headers": "invalid", "admission": "rejected",
+                    "unavailable": "unavailable", "not_found": "not_found", "deadline": "deadline",
+                    "cancelled": "cancelled"}  # fmt: skip
 
 
 class Frontend:
@@ -133,6 +134,10 @@ class Frontend:
             raise err from None
         finally:
             self.metrics.observe(outcome, last)
+
+    def count_refusal(self, err: APIError) -> None:
+        """Count a request a server refused before it reached `generate` (which counts its own outcomes)."""
+        self.metrics.observe(_OUTCOME_OF_KIND.get(err.kind.name, "error"))
 
     async def complete(self, req: GenerateRequest, *, id_prefix: str = "req") -> RequestOutput:
         last = None

@@ -127,12 +127,8 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         try:
             return self._to_request(request)
         except APIError as e:
-            self._count_refusal(e)
+            self.frontend.count_refusal(e)
             raise
-
-    def _count_refusal(self, err: APIError) -> None:
-        # Frontend.generate counts the outcome of every request it sees; refusals before it are counted here.
-        self.frontend.metrics.observe("not_found" if err.kind.name == "not_found" else "invalid")
 
     async def _run(self, request, context, body, generation: bool = False):
         """Run a handler body, turning every failure into a status: APIError by its kind, bugs as INTERNAL (this
@@ -140,7 +136,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         if isinstance(request, _Undecodable):
             err = APIError(VALIDATION, f"request: not a valid message ({request.error})", "request")
             if generation:
-                self._count_refusal(err)
+                self.frontend.count_refusal(err)
             await self._abort(context, err)
         try:
             return await body()

@@ -110,8 +110,7 @@ async def _errors_and_limits(request: web.Request, handler):
 def _count_refusal(frontend: Frontend, err: APIError, request: web.Request) -> None:
     # Frontend.generate counts the outcomes of requests it saw; refusals before it are counted here.
     if not request.get(_COUNTED):
-        frontend.metrics.observe({"validation": "invalid", "too_large": "invalid", "headers": "invalid",
-                                  "not_found": "not_found"}.get(err.kind.name, "error"))  # fmt: skip
+        frontend.count_refusal(err)
 
 
 async def _json_body(request: web.Request) -> dict:
