@@ -88,7 +88,7 @@ class Generator:
             raise ValueError(f"max_prefill_chunk={max_prefill_chunk} must be a power of two >= {MIN_TOKEN_BUCKET}")
         cache = cache or CacheConfig()
         # The budget decides how many pages exist; one sequence needs only enough for max_model_len.
-        plan = plan_kv_pool(cache, cfg, model.params.embed.dtype)
+        plan = plan_kv_pool(cache, cfg, model.params.dtype)
         if plan.num_tokens < max_model_len:
             raise ValueError(
                 f"max_model_len={max_model_len} does not fit the KV cache budget: {plan.describe()}; "

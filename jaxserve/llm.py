@@ -52,15 +52,15 @@ def engine_config(*, max_model_len: int, max_num_seqs: int = 64, max_num_batched
     )  # fmt: skip
 
 
-def build_engine(model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
-                 compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR, progress: bool = True, quiet: bool = False,
+def build_engine(model: str | None = None, *, dtype: str = "float32", quantization: str = "none",
+                 max_model_len: int | None = None, compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR, progress: bool = True, quiet: bool = False,
                  **options):  # fmt: skip
     """Load a model and start an engine on it (every bucket compiled before this returns)."""
     from jaxserve.engine import LLMEngine
     from models.loader import load_model
 
     enable_compile_cache(compile_cache_dir)
-    loaded = load_model(model, dtype=dtype)
+    loaded = load_model(model, dtype=dtype, quantization=quantization)
     max_len = max_model_len or min(2048, loaded.config.max_position_embeddings)
     config = engine_config(max_model_len=max_len, **options)
     show = progress and not quiet
@@ -77,7 +77,7 @@ def build_engine(model: str | None = None, *, dtype: str = "float32", max_model_
     if not quiet:
         runner = engines[0].runner
         print(f"[jaxserve] {loaded.config.name} ({os.path.basename(loaded.path)}), {dtype}, loaded in "
-              f"{loaded.load_seconds:.1f}s; {runner.pool.describe()}; {runner.describe_memory()}"
+              f"{loaded.load_seconds:.1f}s; {loaded.describe_weights()}; {runner.pool.describe()}; {runner.describe_memory()}"
               f"{f'; {dp} data-parallel replicas' if dp > 1 else ''}; "
               f"{runner.describe_compile_plan()}", file=sys.stderr)  # fmt: skip
     return engine
@@ -86,9 +86,12 @@ def build_engine(model: str | None = None, *, dtype: str = "float32", max_model_
 class LLM:
     """Offline generation over a continuously batched engine. Keyword options as `engine_config`."""
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
-                 compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR, quiet: bool = False, **options):  # fmt: skip
-        self.engine = build_engine(model, dtype=dtype, max_model_len=max_model_len,
+    def __init__(self, model: str | None = None, *, dtype: str = "float32", quantization: str = "none",
+                 max_model_len: int | None = None, compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
+                 quiet: bool = False, **options):  # fmt: skip
+        """quantization (vLLM's name): "none" | "int8" | "int4" | "auto" (a GGUF file's own precision); see
+        models.quant."""
+        self.engine = build_engine(model, dtype=dtype, quantization=quantization, max_model_len=max_model_len,
                                    compile_cache_dir=compile_cache_dir, quiet=quiet, **options)  # fmt: skip
         self._ids = itertools.count()
 

@@ -29,7 +29,7 @@ from jaxserve.sampling import SampleRow, SamplerOutput, SamplingTensors, sample
 from jaxserve.scheduler import ScheduledRequest
 from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
-from models.llama import LlamaParams, compute_logits, forward
+from models.llama import LlamaParams, compute_logits, forward, matmul_backend
 from models.sharding import (
     MODEL, check_tensor_parallel, kv_cache_spec, kv_heads_sharded, per_device_bytes, shard_params,
 )  # fmt: skip
@@ -48,7 +48,7 @@ def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingT
     hidden, cache = forward(params, cfg, inputs.token_ids, inputs.positions, cache, inputs.meta,
                             attention_backend=backend, mesh=mesh)  # fmt: skip
     with jax.named_scope("sample"):
-        logits = compute_logits(params, hidden[inputs.sample_idx])  # only the rows that are sampled
+        logits = compute_logits(params, hidden[inputs.sample_idx], backend=matmul_backend(backend, mesh))  # sampled rows only
         return sample(logits, st), cache
 
 
@@ -115,10 +115,10 @@ class ModelRunner:
         kv_shards = tp if tp > 1 and kv_heads_sharded(config, tp) else 1
         self.counter = compile_counter()
         t0 = time.perf_counter()
-        kv_dtype = params.embed.dtype if cache.kv_cache_dtype == "auto" else jnp.dtype(cache.kv_cache_dtype)
+        kv_dtype = params.dtype if cache.kv_cache_dtype == "auto" else jnp.dtype(cache.kv_cache_dtype)
         self.step_temp_bytes = self._probe_temp_bytes(kv_dtype)
         self.pool: PoolPlan = plan_kv_pool(
-            cache, config, params.embed.dtype, reserve_bytes=self.step_temp_bytes,
+            cache, config, params.dtype, reserve_bytes=self.step_temp_bytes,
             max_tokens=None if cache.kv_cache_memory is not None else self.max_pool_tokens, kv_shards=kv_shards,
             device=None if mesh is None else _local_device(mesh),
         )  # fmt: skip

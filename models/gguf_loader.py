@@ -1,4 +1,6 @@
-"""GGUF weights: read with the `gguf` package, checked before anything large is allocated, dequantized to f32.
+"""GGUF weights: read with the `gguf` package, checked before anything large is allocated, then either
+dequantized to f32 or, under a quantization mode (models.quant), kept as their own blocks (Q8_0, Q4_0, Q4_1:
+bit for bit, never through f32) or requantized.
 
 llama.cpp's converter permutes the rows of Q and K of `llama`-architecture models so that RoPE rotates adjacent
 pairs; we undo it to get HF's half-split layout, which our RoPE (and every other loader) uses.
@@ -15,6 +17,7 @@ import numpy as np
 
 from models.config import LlamaConfig, RopeScaling
 from models.llama import param_shapes
+from models.quant import HostQuantized, quantizable, quantize
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -40,6 +43,11 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final_norm", "output.weight": "lm_head"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+# GGUF block types we keep as they are: type -> (bytes per block of 32, bits)
+_KEPT = {"Q8_0": (34, 8), "Q4_0": (18, 4), "Q4_1": (20, 4)}
+# Other quantized types under quantization="auto": requantized to the nearest mode that loses nothing visible.
+_AUTO_INT8 = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_1", "Q8_K")
+_DENSE_TYPES = ("F32", "F16", "BF16", "F64")
 
 
 class ModelFileError(ValueError):
@@ -186,26 +194,87 @@ class GGUFFile:
         if got != tuple(want):
             raise ModelFileError(f"{self.path}: tensor {name!r} has shape {got}, the config implies {tuple(want)}")
 
-    def load_arrays(self, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-        """f32 host arrays named as in `models.llama.param_shapes`, layer ones stacked, weights [in, out]."""
+    def blocks(self, name: str) -> HostQuantized:
+        """A Q8_0 / Q4_0 / Q4_1 tensor's own blocks, [N, K] row-major as GGUF stores them (no dequantizing).
+
+        Q4_0 (value = (nibble - 8) * d) becomes Q4_1's form with min = -8 * d: exact in f16, the nibbles untouched.
+        """
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        block_bytes, bits = _KEPT[kind]
+        n, k = self.shape(name)
+        raw = np.asarray(t.data, dtype=np.uint8).reshape(n, k // 32, block_bytes)
+        scales = np.ascontiguousarray(raw[..., 0:2]).view(np.float16)[..., 0]
+        if kind == "Q8_0":
+            # llama.cpp's quantizer writes [-127, 127]; -128 (never written by it) would break the kernel's sign trick
+            values = np.maximum(np.ascontiguousarray(raw[..., 2:]).view(np.int8), -127).reshape(n, k)
+            return HostQuantized(values, scales, None, 8)
+        if kind == "Q4_1":
+            mins = np.ascontiguousarray(raw[..., 2:4]).view(np.float16)[..., 0]
+            return HostQuantized(np.ascontiguousarray(raw[..., 4:]).reshape(n, k // 2), scales, mins, 4)
+        mins = (scales.astype(np.float32) * -8.0).astype(np.float16)
+        return HostQuantized(np.ascontiguousarray(raw[..., 2:]).reshape(n, k // 2), scales, mins, 4)
+
+    def tensor_mode(self, name: str, quantization: str, *, head: bool = False) -> str:
+        """How one 2-D weight is held under `quantization`: "dense", "int8" or "int4" (head: embedding / LM
+        head, which int4 keeps in int8)."""
+        kind = self.tensors[name].tensor_type.name
+        if quantization == "none":
+            return "dense"
+        if quantization == "auto":
+            if kind in _KEPT:
+                return "int8" if _KEPT[kind][1] == 8 else "int4"
+            if kind in _DENSE_TYPES:
+                return "dense"
+            return "int8" if kind in _AUTO_INT8 else "int4"
+        return "int8" if head else quantization
+
+    def _quantized(self, name: str, mode: str) -> HostQuantized:
+        """One weight in `mode`: its own blocks when the file's type already is that mode, else requantized."""
+        kind = self.tensors[name].tensor_type.name
+        if kind in _KEPT and (_KEPT[kind][1] == 8) == (mode == "int8"):
+            return self.blocks(name)
+        return quantize(self.dequantize(name), mode)
+
+    def load_arrays(self, cfg: LlamaConfig, quantization: str = "none") -> dict[str, np.ndarray | HostQuantized]:
+        """Host weights named as in `models.llama.param_shapes`, layer ones stacked: dense f32 [in, out], or
+        (under a quantization mode) `HostQuantized` [(L,) out, in]."""
         self.check_shapes(cfg)
         shapes = param_shapes(cfg)
         unpermute = self.architecture in PERMUTED_QK_ARCHS
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, np.ndarray | HostQuantized] = {}
         for gguf_name, ours in _GLOBAL_NAMES.items():
-            if ours in shapes:
+            if ours not in shapes:
+                continue
+            mode = self.tensor_mode(gguf_name, quantization, head=True) if len(shapes[ours]) == 2 else "dense"
+            if mode != "dense" and quantizable(self.shape(gguf_name)):
+                arrays[ours] = self._quantized(gguf_name, mode)
+            else:
                 w = self.dequantize(gguf_name)
                 arrays[ours] = np.ascontiguousarray(w.T) if ours == "lm_head" else w
         for suffix, ours in _LAYER_NAMES.items():
             if ours not in shapes:
                 continue
+            names = [f"blk.{i}.{suffix}" for i in range(cfg.num_layers)]
+            heads = cfg.num_heads if ours in ("wq", "bq") else cfg.num_kv_heads if ours in ("wk", "bk") else None
+            modes = {self.tensor_mode(n, quantization) for n in names} if len(shapes[ours]) == 2 else {"dense"}
+            # One mode per stacked parameter: a file mixing types across layers takes its widest.
+            mode = "dense" if "dense" in modes else "int8" if "int8" in modes else modes.pop()
+            if mode != "dense" and quantizable(shapes[ours][::-1]):
+                per_layer = [self._quantized(n, mode) for n in names]
+                if unpermute and heads is not None:
+                    rows = unpermute_rows(np.arange(per_layer[0].values.shape[0]), heads)
+                    per_layer = [q.take_rows(rows) for q in per_layer]
+                arrays[ours] = HostQuantized(
+                    np.stack([q.values for q in per_layer]), np.stack([q.scales for q in per_layer]),
+                    None if per_layer[0].mins is None else np.stack([q.mins for q in per_layer]), per_layer[0].bits,
+                )  # fmt: skip
+                continue
             stacked = np.empty((cfg.num_layers, *shapes[ours]), dtype=np.float32)
-            for i in range(cfg.num_layers):
-                w = self.dequantize(f"blk.{i}.{suffix}")
-                if unpermute and ours in ("wq", "bq"):
-                    w = unpermute_rows(w, cfg.num_heads)
-                elif unpermute and ours in ("wk", "bk"):
-                    w = unpermute_rows(w, cfg.num_kv_heads)
+            for i, name in enumerate(names):
+                w = self.dequantize(name)
+                if unpermute and heads is not None:
+                    w = unpermute_rows(w, heads)
                 stacked[i] = w.T if w.ndim == 2 else w
             arrays[ours] = stacked
         return arrays

@@ -1,4 +1,4 @@
-"""Building blocks shared by model families: RMSNorm, rotary embeddings, SwiGLU."""
+"""Building blocks shared by model families: RMSNorm, rotary embeddings (projections: models.quant.linear)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,3 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     c, s = cos[:, None, :], sin[:, None, :]
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
-
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """x: [T, E]; w_gate, w_up: [E, F]; w_down: [F, E]."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down

@@ -1,7 +1,8 @@
 """The Llama family (Llama 2/3, SmolLM2, Qwen2-style qkv bias): parameter pytree and pure forward functions.
 
 Layers are stacked on a leading axis and run under `lax.scan`, so a 30-layer model compiles as one layer.
-Weights are stored [in, out] so every projection is `x @ w`.
+Dense weights are stored [in, out]; quantized ones (models.quant.QuantizedWeight) [out, in] as GGUF keeps them.
+Every projection goes through `models.quant.linear`, which takes either.
 """
 
 from __future__ import annotations
@@ -18,24 +19,26 @@ from kernels_pallas.kv_write import write_kv
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
-from models.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+from models.layers import apply_rope, rms_norm, rope_cos_sin
+from models.quant import HostQuantized, QuantizedWeight, embed_lookup, is_quantized, linear
 from models.sharding import MODEL, kv_heads_sharded
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerParams:
-    """One decoder layer's weights, stacked over layers (leading axis L)."""
+    """One decoder layer's weights, stacked over layers (leading axis L). Projections are dense [L, in, out]
+    or a QuantizedWeight [L, out, in]."""
 
     attn_norm: jax.Array  # [L, E]
-    wq: jax.Array  # [L, E, H * D]
-    wk: jax.Array  # [L, E, K * D]
-    wv: jax.Array  # [L, E, K * D]
-    wo: jax.Array  # [L, H * D, E]
+    wq: jax.Array | QuantizedWeight  # [L, E, H * D]
+    wk: jax.Array | QuantizedWeight  # [L, E, K * D]
+    wv: jax.Array | QuantizedWeight  # [L, E, K * D]
+    wo: jax.Array | QuantizedWeight  # [L, H * D, E]
     mlp_norm: jax.Array  # [L, E]
-    w_gate: jax.Array  # [L, E, F]
-    w_up: jax.Array  # [L, E, F]
-    w_down: jax.Array  # [L, F, E]
+    w_gate: jax.Array | QuantizedWeight  # [L, E, F]
+    w_up: jax.Array | QuantizedWeight  # [L, E, F]
+    w_down: jax.Array | QuantizedWeight  # [L, F, E]
     bq: jax.Array | None = None  # [L, H * D] (qkv bias models only)
     bk: jax.Array | None = None  # [L, K * D]
     bv: jax.Array | None = None  # [L, K * D]
@@ -44,10 +47,15 @@ class LayerParams:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LlamaParams:
-    embed: jax.Array  # [V, E]
+    embed: jax.Array | QuantizedWeight  # [V, E] (quantized: [V, E] too, which is [out, in] of the tied LM head)
     layers: LayerParams
     final_norm: jax.Array  # [E]
-    lm_head: jax.Array | None = None  # [E, V]; None when tied to embed
+    lm_head: jax.Array | QuantizedWeight | None = None  # [E, V] (quantized: [V, E]); None when tied to embed
+
+    @property
+    def dtype(self):
+        """The compute dtype (norms are never quantized)."""
+        return self.final_norm.dtype
 
 
 def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -77,19 +85,29 @@ def param_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerParams))
 
 
-def params_from_arrays(cfg: LlamaConfig, arrays: dict[str, np.ndarray], dtype) -> LlamaParams:
-    """Build params from host arrays named as in `param_shapes`, layer ones stacked [L, ...]; checks shapes."""
+def params_from_arrays(cfg: LlamaConfig, arrays: dict[str, np.ndarray | HostQuantized], dtype) -> LlamaParams:
+    """Build params from host arrays named as in `param_shapes`, layer ones stacked [L, ...]; checks shapes.
+    A HostQuantized entry ([(L,) out, in]) becomes a QuantizedWeight; dense ones are cast to `dtype`."""
     shapes = param_shapes(cfg)
     missing = sorted(set(shapes) - set(arrays))
     if missing:
         raise ValueError(f"weights are missing tensors: {missing}")
     for name, shape in shapes.items():
+        a = arrays[name]
+        if isinstance(a, HostQuantized):  # [out, in]; the embedding is [V, E] either way
+            shape = shape if name == "embed" else shape[::-1]
+            got = QuantizedWeight(a.values, a.scales, a.mins, None, a.bits).shape
+        else:
+            got = tuple(a.shape)
         want = (cfg.num_layers, *shape) if name in LAYER_FIELDS else shape
-        if tuple(arrays[name].shape) != want:
-            raise ValueError(f"weight {name!r} has shape {tuple(arrays[name].shape)}, the config implies {want}")
+        if tuple(got) != want:
+            raise ValueError(f"weight {name!r} has shape {tuple(got)}, the config implies {want}")
 
     def dev(name):
-        return jnp.asarray(arrays[name], dtype=dtype) if name in arrays and name in shapes else None
+        if name not in arrays or name not in shapes:
+            return None
+        a = arrays[name]
+        return a.to_device() if isinstance(a, HostQuantized) else jnp.asarray(a, dtype=dtype)
 
     layers = LayerParams(**{name: dev(name) for name in LAYER_FIELDS})
     return LlamaParams(embed=dev("embed"), layers=layers, final_norm=dev("final_norm"), lm_head=dev("lm_head"))
@@ -137,12 +155,15 @@ def forward(
     flat_shape = (num_layers * num_pages, *cache.k.shape[2:])
     k_all, v_all = cache.k.reshape(flat_shape), cache.v.reshape(flat_shape)
 
-    def layer(carry, xs):
+    def layer(carry, i):
         h, k_all, v_all = carry
-        p, i = xs
+        # Dense leaves are sliced to this layer; quantized ones stay stacked and carry the layer index, so the
+        # CPU kernel reads its layer in place (a slice would copy the weights every step).
+        p = jax.tree.map(lambda a: a.at_layer(i) if is_quantized(a) else a[i], params.layers, is_leaf=is_quantized)
+        mm = functools.partial(linear, backend=matmul_backend(attention_backend, mesh))
         with jax.named_scope("attention"):
             x = rms_norm(h, p.attn_norm, cfg.rms_norm_eps)
-            q, k, v = x @ p.wq, x @ p.wk, x @ p.wv
+            q, k, v = mm(x, p.wq), mm(x, p.wk), mm(x, p.wv)
             if p.bq is not None:
                 q, k, v = q + p.bq, k + p.bk, v + p.bv
             q = apply_rope(q.reshape(num_tokens, h_dim, d), cos, sin)
@@ -151,18 +172,19 @@ def forward(
             slots = jnp.where(meta.slot_mapping < 0, -1, meta.slot_mapping + i * num_pages * page_size)
             o, k_all, v_all = attend(q, k, v, k_all, v_all, slots, meta.kv_lens, meta.block_tables + i * num_pages,
                                      meta.query_start_loc, meta.num_seqs)  # fmt: skip
-            h = h + o.reshape(num_tokens, h_dim * d) @ p.wo
+            h = h + mm(o.reshape(num_tokens, h_dim * d), p.wo)
         with jax.named_scope("mlp"):
-            h = h + swiglu(rms_norm(h, p.mlp_norm, cfg.rms_norm_eps), p.w_gate, p.w_up, p.w_down)
+            x = rms_norm(h, p.mlp_norm, cfg.rms_norm_eps)
+            h = h + mm(jax.nn.silu(mm(x, p.w_gate)) * mm(x, p.w_up), p.w_down)
         return (h, k_all, v_all), None
 
     attend = functools.partial(_write_and_attend, sm_scale=d**-0.5, sliding_window=cfg.sliding_window,
                                backend=attention_backend, interpret=interpret_kernels, kv_select=None)  # fmt: skip
     if mesh is not None and mesh.shape[MODEL] > 1:
         attend = _sharded_attend(attend, cfg, mesh)
-    h = params.embed[token_ids]
+    h = embed_lookup(params.embed, token_ids, params.dtype)
     layer_ids = jnp.arange(num_layers, dtype=jnp.int32)
-    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, k_all, v_all), (params.layers, layer_ids))
+    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, k_all, v_all), layer_ids)
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
     return h, KVCache(k_all.reshape(cache.k.shape), v_all.reshape(cache.v.shape))
 
@@ -198,8 +220,17 @@ def _sharded_attend(attend, cfg: LlamaConfig, mesh: jax.sharding.Mesh):
                          out_specs=(heads, pages, pages), check_vma=False)  # fmt: skip
 
 
-def compute_logits(params: LlamaParams, hidden: jax.Array) -> jax.Array:
+def matmul_backend(backend: str, mesh: jax.sharding.Mesh | None) -> str:
+    """The quantized matmul's backend: over a tensor-parallel mesh the jnp reference, which XLA partitions (a
+    custom call would make it gather the weights on every device)."""
+    return "reference" if mesh is not None and mesh.shape[MODEL] > 1 else backend
+
+
+def compute_logits(params: LlamaParams, hidden: jax.Array, *, backend: str = "auto") -> jax.Array:
     """hidden: [N, E] -> f32[N, V]. Call it only on the rows that are sampled."""
+    head = params.embed if params.lm_head is None else params.lm_head
+    if is_quantized(head):  # [V, E] either way
+        return linear(hidden, head, backend=backend).astype(jnp.float32)
     if params.lm_head is not None:
         logits = hidden @ params.lm_head
     else:

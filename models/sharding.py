@@ -6,6 +6,10 @@
     norms                                    replicated
     KV pages [L, N, P, K, D]                 K (kv heads) on "model"; replicated when K < tp (GQA/MQA)
 
+Quantized weights (models.quant.QuantizedWeight, [L, out, in]) split the same dimension, so their values,
+scales and mins move together: a column-parallel one on its out axis (1), a row-parallel one on its in axis (2;
+each device's share of K must hold whole groups of 32, or the weight stays replicated).
+
 Head-major layouts make column shards whole heads: device i holds q heads [i*H/tp, (i+1)*H/tp) and, when K
 divides by tp, exactly the kv heads those q heads read. A size that does not split the model evenly is refused
 at start-up (never a wrong answer mid-serving); MLP and vocab fall back to replication when they do not split.
@@ -40,8 +44,9 @@ def kv_heads_sharded(cfg: LlamaConfig, tp: int) -> bool:
     return cfg.num_kv_heads % tp == 0
 
 
-def param_specs(cfg: LlamaConfig, tp: int):
-    """A LlamaParams of PartitionSpecs (None where a field is None)."""
+def param_specs(cfg: LlamaConfig, tp: int, params=None):
+    """A LlamaParams of PartitionSpecs (None where a field is None). With `params`, quantized fields get a
+    QuantizedWeight of specs (values, scales and mins split alike)."""
     from models.llama import LayerParams, LlamaParams
 
     if tp == 1:
@@ -57,8 +62,30 @@ def param_specs(cfg: LlamaConfig, tp: int):
     layers = LayerParams(attn_norm=P(), wq=col, wk=kv_col, wv=kv_col, wo=row, mlp_norm=P(), w_gate=mlp_col,
                          w_up=mlp_col, w_down=mlp_row, bq=bias if cfg.attention_bias else None,
                          bk=kv_bias if cfg.attention_bias else None, bv=kv_bias if cfg.attention_bias else None)  # fmt: skip
-    return LlamaParams(embed=vocab_rows, layers=layers, final_norm=P(),
-                       lm_head=None if cfg.tie_word_embeddings else vocab_cols)  # fmt: skip
+    specs = LlamaParams(embed=vocab_rows, layers=layers, final_norm=P(),
+                        lm_head=None if cfg.tie_word_embeddings else vocab_cols)  # fmt: skip
+    return specs if params is None else _quantized_specs(specs, params, tp)
+
+
+def _quantized_specs(specs, params, tp: int):
+    """Dense specs over [.., in, out] -> a QuantizedWeight of specs over its [.., out, in] arrays."""
+    from models.quant import BLOCK, QuantizedWeight, is_quantized
+
+    def one(spec, leaf):
+        if not is_quantized(leaf):
+            return spec
+        parts = tuple(spec) + (None,) * (len(leaf.values.shape) - len(tuple(spec)))
+        if len(parts) == 3:  # a layer weight: dense [L, in, out] -> quantized [L, out, in]
+            parts = (parts[0], parts[2], parts[1])
+        elif leaf is not params.embed and len(parts) == 2:  # an untied LM head: dense [E, V] -> quantized [V, E]
+            parts = (parts[1], parts[0])
+        k = leaf.shape[-1]
+        if parts[-1] is not None and (k // tp) % BLOCK:  # K must split into whole groups
+            parts = (None,) * len(parts)
+        spec = P(*parts)
+        return QuantizedWeight(spec, spec, None if leaf.mins is None else spec, None, leaf.bits)
+
+    return jax.tree.map(one, specs, params, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
 def kv_cache_spec(cfg: LlamaConfig, tp: int) -> P:
@@ -67,7 +94,7 @@ def kv_cache_spec(cfg: LlamaConfig, tp: int) -> P:
 
 def shard_params(params, cfg: LlamaConfig, mesh: Mesh):
     """Place params on the mesh by `param_specs` (a copy; the unsharded arrays can be dropped)."""
-    specs = param_specs(cfg, mesh.shape[MODEL])
+    specs = param_specs(cfg, mesh.shape[MODEL], params)
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
     if all(d.process_index == jax.process_index() for d in mesh.devices.flat):
         return jax.device_put(params, shardings)

@@ -35,11 +35,13 @@ def layout(engine) -> dict:
     layers = runner.params.layers
 
     def local(a):
+        a = getattr(a, "values", a)  # a quantized weight: its values' shard
         return list(a.addressable_shards[0].data.shape)
 
     return {"devices": [d.id for d in runner.cache.k.sharding.device_set] if runner.mesh is not None else [0],
             "wq": local(layers.wq), "wk": local(layers.wk), "wo": local(layers.wo), "w_down": local(layers.w_down),
-            "embed": local(runner.params.embed), "kv": local(runner.cache.k), "wq_spec": str(layers.wq.sharding),
+            "embed": local(runner.params.embed), "kv": local(runner.cache.k),
+            "wq_spec": str(getattr(layers.wq, "values", layers.wq).sharding),
             "replicas": len(getattr(engine, "engines", [engine])), "memory": runner.describe_memory()}  # fmt: skip
 
 
@@ -131,6 +133,23 @@ def main(case: str) -> None:
         results["config"] = {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
                              "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size,
                              "vocab": cfg.vocab_size}  # fmt: skip
+    elif case == "tiny_int8":  # int8 weights: values and scales split together; the reference matmul everywhere
+        from tests.tiny_models import TINY, random_arrays, write_gguf
+
+        cfg = dataclasses.replace(TINY, num_heads=8, num_kv_heads=4, head_dim=8, vocab_size=264)
+        path = os.path.join(tempfile.mkdtemp(), "tiny8.gguf")
+        write_gguf(path, cfg, random_arrays(cfg, seed=5))
+        prompts = [[rnd.randrange(3, 260) for _ in range(rnd.randint(3, 60))] for _ in range(6)]
+        results = run(path, [(1, 1), (2, 1), (4, 1)], prompts,
+                      SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), quantization="int8",
+                      attention_backend="reference", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
+                      page_size=8, kv_cache_memory=1 << 20, token_buckets=(8, 32))  # fmt: skip
+        dense = run(path, [(1, 1)], prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                    max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
+                    kv_cache_memory=1 << 20, token_buckets=(8, 32))  # fmt: skip
+        results["dense"] = dense["1x1"]["tokens"]
+        results["config"] = {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
+                             "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size, "vocab": cfg.vocab_size}
     else:
         from models.loader import default_model_path
 

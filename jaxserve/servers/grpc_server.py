@@ -401,6 +401,10 @@ def define_flags(fv=None) -> None:
     ]:  # fmt: skip
         define(name, default, doc, flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and activations", flag_values=fv)
+    flags.DEFINE_enum("quantization", "none", ["none", "int8", "int4", "auto"],
+                      "weights: int8 / int4 blocks of 32, auto = a GGUF file's own blocks", flag_values=fv)
+    flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_tpu", "pallas_gpu"],
+                      "kernels (reference: the pure-jnp ones)", flag_values=fv)
     flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "float32", "bfloat16"], "KV cache dtype", flag_values=fv)
 
 
@@ -408,7 +412,7 @@ def engine_options_from_flags(fv) -> dict:
     """Parsed flags -> keyword arguments of jaxserve.llm.build_engine."""
     from jaxserve.cli import _bytes
 
-    names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_dtype",
+    names = ("dtype", "quantization", "attention_backend", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_dtype",
              "enable_prefix_caching", "seed", "tensor_parallel_size", "data_parallel_size", "multihost")  # fmt: skip
     options = {name: getattr(fv, name) for name in names}
     options["compile_cache_dir"] = fv.compile_cache_dir or None

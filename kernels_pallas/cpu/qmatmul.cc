@@ -1,0 +1,285 @@
+// Quantized matmul for XLA:CPU (AVX2 + FMA + F16C; no AVX-512, no VNNI), called through XLA FFI.
+//
+//   y[M, N] = xq[M, K] . w[N, K]^T        w: int8 (W8A8) or 4-bit with a min (W4A8), blocks of 32 along K
+//
+// Activations are quantized on the fly, per row and per block of 32 (llama.cpp's Q8_0/Q8_1 activations):
+//   d = amax / 127, q = round_half_even(x * (1 / d)), s = d * sum(q)      (s: for the 4-bit mins)
+// and the reference (kernels_pallas/quantized_matmul.py) does the same f32 operations, so both see the same q.
+//
+// Per block b of 32 and weight group g(b) (group_size a multiple of 32):
+//   int8:  y += dx[b] * dw[g] * sum_k xq * wq                     (wq in [-127, 127])
+//   4-bit: y += dx[b] * dw[g] * sum_k xq * nib + mw[g] * s[b]     (value = nib * dw + mw, nib in [0, 15])
+// The integer dot of 32 pairs is one _mm256_maddubs_epi16 (u8 x s8 -> pairs of i16) and one madd with ones:
+// 4-bit nibbles are already unsigned; int8 uses llama.cpp's sign trick (|x| times w carrying x's sign).
+//
+// Weight layout (GGUF's, bit for bit): int8 values [N, K]; 4-bit values [N, K/2] where byte j of a block holds
+// element j in its low nibble and element j + 16 in its high nibble. Scales and mins are f16 [N, K/group].
+// Values may be stacked over layers ([L, N, ...]); `layer` (i32[]) then picks one without XLA copying a slice.
+//
+// Work is split over output rows in chunks handed out by an atomic counter to the caller and to tasks on
+// XLA's own intra-op pool (ffi::ThreadPool), so there is never a second pool fighting XLA's.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t QK = 32;  // block of K sharing one activation scale
+
+inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+inline float hsum(__m256 a) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+// ---- activations ------------------------------------------------------------------------------------------
+
+struct QuantizedActs {
+  int8_t* q;    // [M, K] quantized values
+  uint8_t* aq;  // [M, K] |q| (int8 path: the unsigned operand of maddubs)
+  float* d;     // [M, K/32] scales
+  float* s;     // [M, K/32] d * sum(q) (4-bit path: multiplies the weight mins)
+};
+
+void quantize_row(const float* x, int64_t K, int8_t* q, uint8_t* aq, float* d, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    __m256 v[4];
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float amax = _mm_cvtss_f32(m4);
+    const float db = amax / 127.0f;
+    const float id = db > 0.0f ? 1.0f / db : 0.0f;
+    const __m256 vid = _mm256_set1_ps(id);
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i qi[4];
+    for (int i = 0; i < 4; ++i) {
+      __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      qi[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    }
+    // i32 x 32 -> i8 x 32 (packs interleave 128-bit lanes; the permute puts them back in order)
+    __m256i p01 = _mm256_packs_epi32(qi[0], qi[1]);
+    __m256i p23 = _mm256_packs_epi32(qi[2], qi[3]);
+    __m256i p = _mm256_packs_epi16(p01, p23);
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(aq + b * QK), _mm256_sign_epi8(p, p));
+    __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    d[b] = db;
+    s[b] = db * float(_mm_cvtsi128_si32(s4));
+  }
+}
+
+// ---- weights ----------------------------------------------------------------------------------------------
+
+struct Weights {
+  const uint8_t* values;   // this layer's values: int8 [N, K] or packed 4-bit [N, K/2]
+  const uint16_t* scales;  // f16 [N, G]
+  const uint16_t* mins;    // f16 [N, G] (4-bit) or nullptr
+  int64_t N, K, G;         // G = K / group_size
+  bool four_bit;
+};
+
+// The 32 weights of block b of row n as bytes: signed values (int8) or nibbles 0..15 (4-bit).
+inline __m256i load_block(const Weights& w, int64_t n, int64_t b) {
+  if (w.four_bit) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.values + n * (w.K / 2) + b * 16));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(packed, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    return _mm256_set_m128i(hi, lo);
+  }
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.values + n * w.K + b * QK));
+}
+
+// acc[i][j] (MR x NR tiles) over all blocks; FOUR: the weight layout, compile-time so each loop is branch-free.
+template <bool FOUR, int MR, int NR>
+void tile(const Weights& w, const QuantizedActs& a, int64_t m0, int64_t n0, float* y, int64_t ldy) {
+  const int64_t K = w.K, B = K / QK, per_group = (K / w.G) / QK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MR][NR];
+  float msum[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      acc[i][j] = _mm256_setzero_ps();
+      msum[i][j] = 0.0f;
+    }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t g = b / per_group;
+    __m256i wb[NR];
+    float dw[NR], mw[NR];
+    for (int j = 0; j < NR; ++j) {
+      wb[j] = load_block(w, n0 + j, b);
+      dw[j] = f16_to_f32(w.scales[(n0 + j) * w.G + g]);
+      if (FOUR) mw[j] = f16_to_f32(w.mins[(n0 + j) * w.G + g]);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int64_t row = (m0 + i) * K + b * QK;
+      const float dx = a.d[(m0 + i) * B + b];
+      __m256i xu, xs;
+      if (FOUR) {
+        xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + row));
+      } else {
+        xu = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.aq + row));
+        xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + row));
+      }
+      for (int j = 0; j < NR; ++j) {
+        __m256i p16 = FOUR ? _mm256_maddubs_epi16(wb[j], xs)
+                           : _mm256_maddubs_epi16(xu, _mm256_sign_epi8(wb[j], xs));
+        __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        acc[i][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dw[j]), acc[i][j]);
+        if (FOUR) msum[i][j] += mw[j] * a.s[(m0 + i) * B + b];
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[(m0 + i) * ldy + n0 + j] = hsum(acc[i][j]) + msum[i][j];
+}
+
+template <bool FOUR, int NR>
+void rows_block(const Weights& w, const QuantizedActs& a, int64_t M, int64_t n0, float* y) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile<FOUR, 4, NR>(w, a, m, n0, y, w.N);
+  for (; m + 2 <= M; m += 2) tile<FOUR, 2, NR>(w, a, m, n0, y, w.N);
+  for (; m < M; ++m) tile<FOUR, 1, NR>(w, a, m, n0, y, w.N);
+}
+
+// Output columns [n0, n1): NR = 4 weight rows at a time for few activation rows (GEMV: more independent
+// accumulators), 2 for many (the 4 x 2 tile reuses each weight block over 4 rows).
+template <bool FOUR>
+void columns(const Weights& w, const QuantizedActs& a, int64_t M, int64_t n0, int64_t n1, float* y) {
+  int64_t n = n0;
+  if (M < 4) {
+    for (; n + 4 <= n1; n += 4) rows_block<FOUR, 4>(w, a, M, n, y);
+  }
+  for (; n + 2 <= n1; n += 2) rows_block<FOUR, 2>(w, a, M, n, y);
+  for (; n < n1; ++n) rows_block<FOUR, 1>(w, a, M, n, y);
+}
+
+// Chunks of output columns handed out by an atomic counter. The state lives in a shared_ptr so a pool task
+// that starts after the caller has finished every chunk finds nothing left and touches no freed memory.
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+template <typename F>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t num_chunks, int64_t threads, F body) {
+  if (threads <= 1 || num_chunks <= 1) {
+    for (int64_t c = 0; c < num_chunks; ++c) body(c);
+    return;
+  }
+  auto st = std::make_shared<Shared>();
+  auto run = [st, num_chunks, body]() {
+    for (int64_t c; (c = st->next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
+      body(c);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run] { run(); });
+  run();
+  for (int spins = 0; st->done.load(std::memory_order_acquire) < num_chunks; ++spins) {
+    if (spins < 4096) _mm_pause(); else std::this_thread::yield();
+  }
+}
+
+ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
+                   ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
+                   bool four_bit) {
+  auto xd = x.dimensions(), vd = values.dimensions(), sd = scales.dimensions();
+  if (xd.size() != 2 || (vd.size() != 2 && vd.size() != 3) || sd.size() != vd.size())
+    return ffi::Error::InvalidArgument("qmatmul: x must be [M, K], values [(L,) N, Kv], scales [(L,) N, G]");
+  const int64_t M = xd[0], K = xd[1];
+  const bool stacked = vd.size() == 3;
+  const int64_t L = stacked ? vd[0] : 1, N = vd[vd.size() - 2], Kv = vd[vd.size() - 1];
+  const int64_t G = sd[sd.size() - 1];
+  if (Kv != (four_bit ? K / 2 : K) || K % QK || G < 1 || K % G || (K / G) % QK || sd[sd.size() - 2] != N)
+    return ffi::Error::InvalidArgument("qmatmul: shapes of x, values and scales do not agree");
+  const int64_t l = stacked ? layer.typed_data()[0] : 0;
+  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("qmatmul: layer index out of range");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+
+  Weights w;
+  w.N = N, w.K = K, w.G = G, w.four_bit = four_bit;
+  w.values = static_cast<const uint8_t*>(values.untyped_data()) + l * N * Kv;
+  w.scales = static_cast<const uint16_t*>(scales.untyped_data()) + l * N * G;
+  w.mins = four_bit ? static_cast<const uint16_t*>(mins.untyped_data()) + l * N * G : nullptr;
+
+  // Activation scratch, reused across calls on the calling thread (workers only read it while we wait).
+  thread_local std::vector<uint8_t> scratch;
+  const int64_t B = K / QK;
+  scratch.resize(size_t(M * K * 2 + M * B * 8 + 64));
+  QuantizedActs a;
+  a.q = reinterpret_cast<int8_t*>(scratch.data());
+  a.aq = scratch.data() + M * K;
+  a.d = reinterpret_cast<float*>(scratch.data() + 2 * M * K);
+  a.s = a.d + M * B;
+  const float* xp = x.typed_data();
+  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, a.q + m * K, a.aq + m * K, a.d + m * B, a.s + m * B);
+
+  float* yp = y->typed_data();
+  // Chunks of 16 columns; threads only when the work pays for a task hand-off (~a few microseconds).
+  const int64_t chunk = 16, num_chunks = (N + chunk - 1) / chunk;
+  const int64_t work = M * N * K;
+  const int64_t threads = work < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  parallel_chunks(pool, num_chunks, threads, [w, a, M, yp, N](int64_t c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    if (w.four_bit) columns<true>(w, a, M, n0, n1, yp); else columns<false>(w, a, M, n0, n1, yp);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error QMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
+                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  return qmatmul(pool, x, values, scales, scales, layer, y, false);
+}
+
+ffi::Error QMatmulInt4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
+                       ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  return qmatmul(pool, x, values, scales, mins, layer, y, true);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmulInt8, QMatmulInt8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::AnyBuffer>()         // values s8 [(L,) N, K]
+                                  .Arg<ffi::AnyBuffer>()         // scales f16 [(L,) N, G]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmulInt4, QMatmulInt4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::AnyBuffer>()         // values u8 [(L,) N, K / 2]
+                                  .Arg<ffi::AnyBuffer>()         // scales f16 [(L,) N, G]
+                                  .Arg<ffi::AnyBuffer>()         // mins f16 [(L,) N, G]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,121 @@
+"""Quantized matmul: y = x . w^T with int8 or 4-bit weights in blocks along K and activations quantized on the fly.
+
+    x       f32[M, K]                   activations (any float dtype; computed in f32)
+    values  int8[(L,) N, K]             int8 weights, or
+            uint8[(L,) N, K // 2]       4-bit weights, two per byte: in each block of 32, byte j holds element j
+                                        (low nibble) and element j + 16 (high nibble), as GGUF's Q4_0/Q4_1
+    scales  f16[(L,) N, K // group]     one per group of `group` (a multiple of 32) weights of a row
+    mins    f16[(L,) N, K // group]     4-bit only: weight = nibble * scale + min   (Q4_0: min = -8 * scale)
+    layer   i32[] or None               values stacked over layers: use this one (the CPU kernel offsets its
+                                        pointers instead of XLA copying a slice inside the layer scan)
+    -> f32[M, N]
+
+Activations are quantized per row and per block of 32 (llama.cpp's Q8_0 x Q8_1 / vLLM's dynamic W8A8):
+d = amax / 127, q = round_half_even(x * (1 / d)). The reference does exactly that, then dequantizes both sides and
+runs XLA's f32 dot: the oracle of the C++ kernel, and the path on TPU and GPU until Pallas kernels replace it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 32  # activation block; weight groups are multiples of it
+QUANT_BACKENDS = ("auto", "reference", "cpu")
+
+
+def resolve_quant_backend(backend: str) -> str:
+    """"auto": the C++ FFI kernel on CPU, the reference (dequantize + XLA dot) elsewhere. Attention backend
+    names are accepted too: "reference" forces the reference, the Pallas names mean an accelerator."""
+    if backend in ("pallas_tpu", "pallas_gpu"):
+        return "reference"
+    if backend not in QUANT_BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {QUANT_BACKENDS}")
+    if backend == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "reference"
+    return backend
+
+
+def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
+    """Trace-time checks naming what is wrong; returns (M, K, N, four_bit)."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, K]; got shape {x.shape}")
+    m, k = x.shape
+    if values.ndim not in (2, 3) or scales.ndim != values.ndim:
+        raise ValueError(f"values must be [(L,) N, Kv] and scales [(L,) N, G] alike; got {values.shape}, {scales.shape}")
+    if (values.ndim == 3) != (layer is not None):
+        raise ValueError("stacked values [L, N, Kv] need a layer index, and only they take one")
+    four_bit = values.dtype == jnp.uint8
+    if not four_bit and values.dtype != jnp.int8:
+        raise ValueError(f"values must be int8 (8-bit) or uint8 (packed 4-bit); got {values.dtype}")
+    n, kv = values.shape[-2:]
+    if k % BLOCK or kv != (k // 2 if four_bit else k):
+        raise ValueError(f"x has K={k} but values {values.shape} ({values.dtype}) imply K={kv * (2 if four_bit else 1)}; "
+                         f"K must be a multiple of {BLOCK}")  # fmt: skip
+    g = scales.shape[-1]
+    if scales.shape[:-1] != values.shape[:-1] or g < 1 or k % g or (k // g) % BLOCK:
+        raise ValueError(f"scales {scales.shape} must be [(L,) N, K / group] with the group a multiple of {BLOCK}")
+    if scales.dtype != jnp.float16:
+        raise ValueError(f"scales must be float16; got {scales.dtype}")
+    if four_bit != (mins is not None) or (mins is not None and (mins.shape != scales.shape or mins.dtype != jnp.float16)):
+        raise ValueError("4-bit weights need f16 mins shaped like the scales; int8 weights take none")
+    if layer is not None and (jnp.shape(layer) != () or jnp.result_type(layer) != jnp.int32):
+        raise ValueError(f"layer must be an i32 scalar; got {jnp.shape(layer)} {jnp.result_type(layer)}")
+    return m, k, n, four_bit
+
+
+def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str = "auto") -> jax.Array:
+    """x [M, K] . dequantized(values)^T -> f32[M, N]. See the module docstring for the layouts."""
+    m, k, n, four_bit = check_inputs(x, values, scales, mins, layer)
+    if resolve_quant_backend(backend) == "reference":
+        return quantized_matmul_ref(x, values, scales, mins, layer)
+    from kernels_pallas.cpu import ensure_registered
+
+    ensure_registered()
+    layer_arg = jnp.zeros((), jnp.int32) if layer is None else layer
+    target = "jaxserve_qmatmul_int4" if four_bit else "jaxserve_qmatmul_int8"
+    args = (x.astype(jnp.float32), values, scales, *((mins,) if four_bit else ()), layer_arg)
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(*args)
+
+
+def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """f32[M, K] -> int8 q [M, K], f32 d [M, K / 32]: per row and block, d = amax / 127, q = round(x / d)."""
+    m, k = x.shape
+    xb = x.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK)
+    d = jnp.max(jnp.abs(xb), axis=-1) / 127.0
+    inv = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
+    q = jnp.clip(jnp.round(xb * inv[..., None]), -127, 127).astype(jnp.int8)
+    return q.reshape(m, k), d
+
+
+def unpack_4bit(values: jax.Array) -> jax.Array:
+    """uint8[..., N, K / 2] (GGUF Q4 block order) -> uint8[..., N, K] nibbles in element order."""
+    *lead, n, half = values.shape
+    blocks = values.reshape(*lead, n, half // 16, 16)
+    lo, hi = blocks & 0x0F, blocks >> 4
+    return jnp.concatenate([lo, hi], axis=-1).reshape(*lead, n, half * 2)
+
+
+def dequantize(values, scales, mins=None) -> jax.Array:
+    """The weights as f32[..., N, K]."""
+    four_bit = mins is not None
+    q = unpack_4bit(values) if four_bit else values
+    *lead, n, k = q.shape
+    g = scales.shape[-1]
+    w = q.astype(jnp.float32).reshape(*lead, n, g, k // g) * scales.astype(jnp.float32)[..., None]
+    if four_bit:
+        w = w + mins.astype(jnp.float32)[..., None]
+    return w.reshape(*lead, n, k)
+
+
+def quantized_matmul_ref(x, values, scales, mins=None, layer=None) -> jax.Array:
+    """Pure jnp: quantize x as the kernel does, dequantize both, f32 dot at full precision."""
+    if layer is not None:
+        pick = lambda a: jax.lax.dynamic_index_in_dim(jnp.asarray(a), layer, keepdims=False)  # noqa: E731
+        values, scales = pick(values), pick(scales)
+        mins = None if mins is None else pick(mins)
+    q, d = quantize_activations(x)
+    m, k = q.shape
+    xf = (q.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK) * d[..., None]).reshape(m, k)
+    w = dequantize(values, scales, mins)
+    return jnp.dot(xf, w.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)

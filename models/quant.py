@@ -1,0 +1,160 @@
+"""Quantized weights: the pytree every projection takes in place of a dense array, the one `linear()` they all
+call, and the load-time quantizers (numpy, host side).
+
+Modes (vLLM's `quantization=` names):
+    none   dense weights in the model dtype (today's path)
+    int8   int8 per block of 32 along K with an f16 scale (GGUF's Q8_0), activations int8 per row and block (W8A8)
+    int4   4-bit per block of 32 with an f16 scale and min (GGUF's Q4_1), activations int8 (W4A8)
+    auto   keep a GGUF file's own precision: Q8_0 stays int8 and Q4_0/Q4_1 stay 4-bit bit for bit (Q4_0 becomes
+           Q4_1's form with min = -8 * scale, exact in f16); other quantized types are requantized (Q5/Q6/Q8_K to
+           int8, the 2-4 bit K-quants to int4); f16/bf16/f32 matrices stay dense.
+The embedding and the (tied) LM head stay int8 in int4 mode, as in llama.cpp's Q4_1 files (token_embd is
+Q8_0 there): the LM head is 20% of the weights and the one projection whose error every logit sees.
+
+Quantized weights are stored [out, in] ("NT", as GGUF and llama.cpp keep them): each output channel's blocks are
+contiguous, which is what a GEMV streams. Dense weights stay [in, out].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas.quantized_matmul import BLOCK, dequantize, quantized_matmul, unpack_4bit
+
+QUANTIZATIONS = ("none", "int8", "int4", "auto")
+# At and above this many rows a step dequantizes to f32 and runs XLA's dot (YNNPACK's tiled GEMM outruns an
+# AVX2 int8 dot without VNNI there); below it the quantized kernel reads 4-8x fewer bytes than f32.
+DEQUANT_MIN_ROWS = 128
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """A [N, K] weight (or [L, N, K] stacked over layers) in blocks of `group` along K."""
+
+    values: jax.Array  # int8[(L,) N, K] (bits 8) | uint8[(L,) N, K // 2] (bits 4, GGUF Q4 nibble order)
+    scales: jax.Array  # f16[(L,) N, K // group]
+    mins: jax.Array | None  # f16[(L,) N, K // group] (bits 4: weight = nibble * scale + min) | None (bits 8)
+    layer: jax.Array | None = None  # i32[]: set inside the layer scan; values are stacked and this picks one
+    bits: int = 8  # static
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dense shape [..., N, K] this weight stands for."""
+        *lead, n, kv = self.values.shape
+        return (*lead, n, kv * 2 if self.bits == 4 else kv)
+
+    def at_layer(self, layer: jax.Array) -> QuantizedWeight:
+        return dataclasses.replace(self, layer=layer)
+
+    def dequantize(self) -> jax.Array:
+        if self.layer is not None:
+            pick = lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, keepdims=False)  # noqa: E731
+            return dequantize(pick(self.values), pick(self.scales), None if self.mins is None else pick(self.mins))
+        return dequantize(self.values, self.scales, self.mins)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in (self.values, self.scales, self.mins)
+                   if a is not None)  # fmt: skip
+
+
+jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["values", "scales", "mins", "layer"],
+                                 meta_fields=["bits"])  # fmt: skip
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, QuantizedWeight)
+
+
+def linear(x: jax.Array, w, *, backend: str = "auto") -> jax.Array:
+    """x [M, K] times a weight: dense [K, N] (x @ w) or quantized [N, K] (the quantized matmul). -> [M, N]"""
+    if not is_quantized(w):
+        return x @ w
+    if x.shape[0] >= DEQUANT_MIN_ROWS:
+        return jnp.dot(x, w.dequantize().astype(x.dtype).T)
+    return quantized_matmul(x, w.values, w.scales, w.mins, w.layer, backend=backend).astype(x.dtype)
+
+
+def embed_lookup(table, token_ids: jax.Array, dtype) -> jax.Array:
+    """Rows of the embedding table [V, E] (dense, or quantized: only the looked-up rows are dequantized)."""
+    if not is_quantized(table):
+        return table[token_ids]
+    values = table.values[token_ids]
+    scales = table.scales[token_ids]
+    mins = None if table.mins is None else table.mins[token_ids]
+    return dequantize(values, scales, mins).astype(dtype)
+
+
+# ---- load-time quantizers (numpy, host) ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class HostQuantized:
+    """A quantized weight on the host, before it is placed on devices (numpy arrays, same layouts)."""
+
+    values: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray | None
+    bits: int
+
+    def to_device(self) -> QuantizedWeight:
+        return QuantizedWeight(jnp.asarray(self.values), jnp.asarray(self.scales),
+                               None if self.mins is None else jnp.asarray(self.mins), None, self.bits)  # fmt: skip
+
+    def take_rows(self, index: np.ndarray) -> HostQuantized:
+        """Rows (output channels) permuted or selected: values, scales and mins move together."""
+        return HostQuantized(self.values[..., index, :], self.scales[..., index, :],
+                             None if self.mins is None else self.mins[..., index, :], self.bits)  # fmt: skip
+
+
+def quantizable(shape: tuple[int, ...], group: int = BLOCK) -> bool:
+    return len(shape) >= 2 and shape[-1] % group == 0 and group % BLOCK == 0
+
+
+def quantize_int8(w: np.ndarray, group: int = BLOCK) -> HostQuantized:
+    """f32[..., N, K] -> int8 values and one f16 scale per group: scale = amax / 127 (GGUF Q8_0 for group 32)."""
+    *lead, n, k = w.shape
+    wb = np.asarray(w, np.float32).reshape(*lead, n, k // group, group)
+    scale = (np.abs(wb).max(axis=-1) / 127.0).astype(np.float16)
+    s = scale.astype(np.float32)[..., None]
+    q = np.where(s > 0, np.rint(wb / np.where(s > 0, s, 1)), 0)
+    return HostQuantized(np.clip(q, -127, 127).astype(np.int8).reshape(*lead, n, k), scale, None, 8)
+
+
+def quantize_int4(w: np.ndarray, group: int = BLOCK) -> HostQuantized:
+    """f32[..., N, K] -> 4-bit nibbles with an f16 scale and min per group (GGUF Q4_1 for group 32)."""
+    *lead, n, k = w.shape
+    wb = np.asarray(w, np.float32).reshape(*lead, n, k // group, group)
+    lo, hi = wb.min(axis=-1), wb.max(axis=-1)
+    scale = ((hi - lo) / 15.0).astype(np.float16)
+    mins = lo.astype(np.float16)
+    s, m = scale.astype(np.float32)[..., None], mins.astype(np.float32)[..., None]
+    q = np.where(s > 0, np.rint((wb - m) / np.where(s > 0, s, 1)), 0)
+    q = np.clip(q, 0, 15).astype(np.uint8).reshape(*lead, n, k)
+    return HostQuantized(pack_4bit(q), scale, mins, 4)
+
+
+def pack_4bit(q: np.ndarray) -> np.ndarray:
+    """uint8 nibbles [..., N, K] -> [..., N, K / 2]: per block of 32, byte j = q[j] | q[j + 16] << 4."""
+    *lead, n, k = q.shape
+    b = q.reshape(*lead, n, k // BLOCK, 2, BLOCK // 2)
+    return (b[..., 0, :] | (b[..., 1, :] << 4)).astype(np.uint8).reshape(*lead, n, k // 2)
+
+
+def host_dequantize(h: HostQuantized) -> np.ndarray:
+    """f32[..., N, K] of a host-side quantized weight (numpy; tests and requantization)."""
+    return np.asarray(dequantize(jnp.asarray(h.values), jnp.asarray(h.scales),
+                                 None if h.mins is None else jnp.asarray(h.mins)))  # fmt: skip
+
+
+def unpack_4bit_np(values: np.ndarray) -> np.ndarray:
+    return np.asarray(unpack_4bit(jnp.asarray(values)))
+
+
+def quantize(w: np.ndarray, mode: str) -> HostQuantized:
+    """f32[..., N, K] in mode "int8" or "int4"."""
+    return quantize_int8(w) if mode == "int8" else quantize_int4(w)

@@ -1,0 +1,138 @@
+"""The quantized matmul: the C++ FFI kernel equals the jnp reference, the reference equals a float64
+dequantize-then-matmul, over shapes, group sizes, M from 1 to 512 and odd sizes; the load-time quantizers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels_pallas.quantized_matmul import (
+    BLOCK, check_inputs, dequantize, quantize_activations, quantized_matmul, quantized_matmul_ref, unpack_4bit,
+)  # fmt: skip
+from models.quant import host_dequantize, pack_4bit, quantize_int4, quantize_int8
+
+
+def random_weight(rng, n, k, bits, group, layers=None):
+    lead = () if layers is None else (layers,)
+    g = k // group
+    if bits == 4:
+        values = rng.integers(0, 256, (*lead, n, k // 2), dtype=np.uint8)
+        mins = (rng.standard_normal((*lead, n, g)) * 0.05).astype(np.float16)
+    else:
+        values = rng.integers(-127, 128, (*lead, n, k), dtype=np.int8)
+        mins = None
+    scales = (rng.random((*lead, n, g)) * 0.02 + 1e-3).astype(np.float16)
+    return values, scales, mins
+
+
+def f64_oracle(x, values, scales, mins):
+    """Quantize x as the kernel does (f32 ops), then everything in float64."""
+    q, d = (np.asarray(a) for a in quantize_activations(jnp.asarray(x)))
+    m, k = q.shape
+    xf = (q.astype(np.float64).reshape(m, k // BLOCK, BLOCK) * d.astype(np.float64)[..., None]).reshape(m, k)
+    nib = np.asarray(unpack_4bit(jnp.asarray(values))) if mins is not None else values
+    n = nib.shape[0]
+    g = scales.shape[-1]
+    w = nib.astype(np.float64).reshape(n, g, k // g) * scales.astype(np.float64)[..., None]
+    if mins is not None:
+        w = w + mins.astype(np.float64)[..., None]
+    return xf @ w.reshape(n, k).T
+
+
+def tolerance(x, values, scales, mins):
+    """Error allowed for f32 accumulation: a few ulps of sum |x| |w| per output."""
+    w = np.abs(np.asarray(dequantize(jnp.asarray(values), jnp.asarray(scales), None if mins is None else jnp.asarray(mins))))
+    return 1e-5 * (np.abs(x) @ w.T) + 1e-6
+
+
+KERNEL = jax.jit(quantized_matmul)
+REF = jax.jit(quantized_matmul_ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 70), n=st.integers(1, 70), kb=st.integers(1, 12), bits=st.sampled_from([4, 8]),
+       group_blocks=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 1.0, 50.0]))  # fmt: skip
+def test_kernel_equals_reference_and_f64(m, n, kb, bits, group_blocks, seed, scale):
+    kb = kb * group_blocks  # K holds whole groups
+    k = kb * BLOCK
+    rng = np.random.default_rng(seed)
+    values, scales, mins = random_weight(rng, n, k, bits, BLOCK * group_blocks)
+    x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
+    x[rng.random((m, k)) < 0.05] = 0.0  # zero blocks and entries (scale 0 paths)
+    got, ref = np.asarray(KERNEL(x, values, scales, mins)), np.asarray(REF(x, values, scales, mins))
+    tol = tolerance(x, values, scales, mins)
+    assert got.shape == ref.shape == (m, n)
+    assert np.all(np.abs(got - ref) <= tol)
+    assert np.all(np.abs(ref - f64_oracle(x, values, scales, mins)) <= tol)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 31, 64, 127, 128, 255, 512])
+def test_every_bucket_size(m, bits):
+    """The M the buckets use, on SmolLM2's widest projection shape (threads and every tile remainder)."""
+    rng = np.random.default_rng(m)
+    values, scales, mins = random_weight(rng, 1536 + 3, 576, bits, BLOCK)
+    x = rng.standard_normal((m, 576)).astype(np.float32)
+    got, ref = np.asarray(KERNEL(x, values, scales, mins)), np.asarray(REF(x, values, scales, mins))
+    assert np.all(np.abs(got - ref) <= tolerance(x, values, scales, mins))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stacked_layers_pick_their_layer(bits):
+    """Values stacked [L, N, K] with a traced layer index read that layer (inside a scan, as the model does)."""
+    rng = np.random.default_rng(1)
+    values, scales, mins = random_weight(rng, 40, 96, bits, BLOCK, layers=3)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+
+    def scan(fn):
+        def body(c, i):
+            return c, fn(x, values, scales, mins, i)
+
+        return jax.jit(lambda: jax.lax.scan(body, 0, jnp.arange(3, dtype=jnp.int32))[1])()
+
+    got, ref = np.asarray(scan(quantized_matmul)), np.asarray(scan(quantized_matmul_ref))
+    for layer in range(3):
+        one = np.asarray(REF(x, values[layer], scales[layer], None if mins is None else mins[layer]))
+        np.testing.assert_array_equal(ref[layer], one)
+        assert np.all(np.abs(got[layer] - one) <= 1e-5 * np.abs(one).max() + 1e-6)
+    assert not np.allclose(ref[0], ref[1])
+
+
+def test_activation_quantization_matches_its_definition():
+    x = np.array([[0.5, -1.27, 0.0, 0.004] * 8, [0.0] * 32], np.float32)
+    q, d = (np.asarray(a) for a in quantize_activations(jnp.asarray(x)))
+    assert d[0, 0] == np.float32(1.27) / np.float32(127) and d[1, 0] == 0
+    assert q[0, 1] == -127 and q[0, 2] == 0 and np.all(q[1] == 0)
+    np.testing.assert_array_equal(q[0, :4], np.rint(x[0, :4] * (np.float32(1) / d[0, 0])).astype(np.int8))
+
+
+def test_quantizers_round_trip_within_half_a_step():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 48, 128)).astype(np.float32)
+    q8, q4 = quantize_int8(w), quantize_int4(w)
+    step8 = q8.scales.astype(np.float32).repeat(BLOCK, axis=-1)
+    step4 = q4.scales.astype(np.float32).repeat(BLOCK, axis=-1)
+    assert np.all(np.abs(host_dequantize(q8) - w) <= 0.5 * step8 + 1e-6)
+    assert np.all(np.abs(host_dequantize(q4) - w) <= 0.5 * step4 + 2e-3 * np.abs(w).max())  # f16 min rounding
+    nib = rng.integers(0, 16, (3, 64), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(unpack_4bit(jnp.asarray(pack_4bit(nib)))), nib)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=np.zeros((2, 40), np.float32)), "multiple of 32"),
+    (dict(values=np.zeros((4, 64), np.int16)), "int8"),
+    (dict(scales=np.zeros((4, 3), np.float16)), "group"),
+    (dict(scales=np.zeros((4, 2), np.float32)), "float16"),
+    (dict(mins=np.zeros((4, 2), np.float16)), "mins"),
+    (dict(layer=np.int32(0)), "layer"),
+])  # fmt: skip
+def test_bad_inputs_name_the_problem(bad, match):
+    args = dict(x=np.zeros((2, 64), np.float32), values=np.zeros((4, 64), np.int8),
+                scales=np.zeros((4, 2), np.float16), mins=None, layer=None)  # fmt: skip
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        check_inputs(*args.values())

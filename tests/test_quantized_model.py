@@ -1,0 +1,141 @@
+"""Quantized weights through the model: loaders (GGUF blocks kept bit for bit, dense checkpoints quantized at
+load), the tiny model's quantized forward against its dense twin, and the real SmolLM2 in int8 / int4 / auto."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.gguf_loader import GGUFFile, unpermute_rows
+from models.loader import load_model
+from models.quant import QuantizedWeight, host_dequantize, is_quantized
+from tests.tiny_models import TINY, random_arrays, write_gguf
+
+
+def _weights(model):
+    return {k: v for k, v in vars(model.params.layers).items() if v is not None}
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("q") / "tiny.gguf")
+    write_gguf(path, TINY, random_arrays(TINY, seed=3))
+    return path
+
+
+@pytest.mark.parametrize("mode, bits", [("int8", 8), ("int4", 4)])
+def test_f32_checkpoint_quantized_at_load_is_close_to_dense(tiny_gguf, mode, bits):
+    dense = load_model(tiny_gguf)
+    quant = load_model(tiny_gguf, quantization=mode)
+    for name, w in _weights(quant).items():
+        if name.endswith("norm"):
+            assert not is_quantized(w)
+            continue
+        assert is_quantized(w) and w.bits == bits, name
+        ref = np.asarray(_weights(dense)[name]).swapaxes(-1, -2)  # dense [L, in, out] -> [L, out, in]
+        err = np.abs(np.asarray(w.dequantize()) - ref).max()
+        assert err <= (0.01 if bits == 8 else 0.1) * np.abs(ref).max(), (name, err)
+    assert quant.params.embed.bits == 8  # the embedding / tied LM head stays int8 under int4
+    assert "quantization=" + mode in quant.describe_weights()
+
+
+def test_bad_mode_is_refused(tiny_gguf):
+    with pytest.raises(ValueError, match="quantization='int3'"):
+        load_model(tiny_gguf, quantization="int3")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_tiny_quantized_forward_is_the_dense_forward_of_its_weights(tiny_gguf, mode):
+    """The quantized model equals a dense model holding its dequantized weights, up to activation quantization
+    (int8 per block of 32: ~0.4% relative), through the CPU kernel and through the reference."""
+    from tests.test_model import _dense_reference
+
+    quant = load_model(tiny_gguf, quantization=mode)
+    arrays = {}
+    for f in ("embed", "final_norm", "lm_head"):
+        a = getattr(quant.params, f)
+        if a is not None:
+            a = np.asarray(a.dequantize() if is_quantized(a) else a)
+            arrays[f] = a.T if f == "lm_head" else a  # quantized LM head [V, E] -> dense [E, V]
+    for name, w in _weights(quant).items():
+        arrays[name] = np.asarray(w.dequantize()).swapaxes(-1, -2) if is_quantized(w) else np.asarray(w)
+    ids = list(range(3, 40))
+    want = _dense_reference(arrays, TINY, ids)
+    from jaxserve.generate import Generator
+
+    got = Generator(quant, max_model_len=64).prompt_logits(ids)
+    assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+# ---- the real model -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_auto_keeps_the_files_blocks_bit_for_bit(gguf_path):
+    """Q4_1 layers and the Q8_0 embedding: values, scales and mins are the file's bytes (Q rows unpermuted)."""
+    f = GGUFFile(gguf_path)
+    cfg = f.config()
+    model = load_model(gguf_path, quantization="auto")
+    wq, up, emb = model.params.layers.wq, model.params.layers.w_up, model.params.embed
+    assert (wq.bits, up.bits, emb.bits) == (4, 4, 8)
+    for layer in (0, cfg.num_layers - 1):
+        raw = np.asarray(f.tensors[f"blk.{layer}.ffn_up.weight"].data).reshape(cfg.intermediate_size, -1, 20)
+        np.testing.assert_array_equal(np.asarray(up.values[layer]), raw[..., 4:].reshape(cfg.intermediate_size, -1))
+        np.testing.assert_array_equal(np.asarray(up.scales[layer]).view(np.uint16),
+                                      raw[..., 0:2].copy().view(np.uint16)[..., 0])  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(up.mins[layer]).view(np.uint16),
+                                      raw[..., 2:4].copy().view(np.uint16)[..., 0])  # fmt: skip
+        rawq = np.asarray(f.tensors[f"blk.{layer}.attn_q.weight"].data).reshape(cfg.hidden_size, -1, 20)
+        rows = unpermute_rows(np.arange(cfg.hidden_size), cfg.num_heads)
+        np.testing.assert_array_equal(np.asarray(wq.values[layer]), rawq[rows, :, 4:].reshape(cfg.hidden_size, -1))
+    raw = np.asarray(f.tensors["token_embd.weight"].data).reshape(cfg.vocab_size, -1, 34)
+    np.testing.assert_array_equal(np.asarray(emb.values), raw[..., 2:].copy().view(np.int8).reshape(cfg.vocab_size, -1))
+    # ... and they dequantize to what the f32 loader reads (gguf's own dequantizer)
+    dense = f.load_arrays(cfg)
+    np.testing.assert_allclose(np.asarray(up.dequantize()).swapaxes(-1, -2), dense["w_up"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(wq.dequantize()).swapaxes(-1, -2), dense["wq"], rtol=1e-6, atol=1e-7)
+    assert model.load_seconds < load_model(gguf_path).load_seconds * 2
+    assert "0.9" in model.describe_weights().split("(")[-1] or "1.0" in model.describe_weights().split("(")[-1]
+
+
+@pytest.fixture(scope="module")
+def teacher_forced(gguf_path, real_model):
+    """Top-1 agreement of each mode's teacher-forced logits with fp32 over a fixed ~200-token text."""
+    from jaxserve.generate import Generator
+
+    text = ("Photosynthesis is the process by which green plants and some other organisms use sunlight to "
+            "synthesize foods from carbon dioxide and water. It generally involves the green pigment chlorophyll "
+            "and generates oxygen as a byproduct. The process takes place mainly in the leaves, inside cells "
+            "that contain chloroplasts, and it is the source of nearly all the oxygen in the atmosphere. In the "
+            "first stage, light is absorbed and its energy is stored in ATP and NADPH; in the second, the Calvin "
+            "cycle fixes carbon dioxide into sugars that the plant uses to grow.")  # fmt: skip
+    ids = real_model.tokenizer.encode(text)
+    ref = Generator(real_model, max_model_len=512).prompt_logits(ids)
+    out = {}
+    for mode in ("int8", "int4", "auto"):
+        logits = Generator(load_model(gguf_path, quantization=mode), max_model_len=512).prompt_logits(ids)
+        out[mode] = float((logits.argmax(-1) == ref.argmax(-1)).mean())
+    return out
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("mode, floor", [("int8", 0.9), ("int4", 0.85), ("auto", 0.9)])
+def test_real_model_quantized_agrees_with_fp32(teacher_forced, mode, floor):
+    assert teacher_forced[mode] >= floor, teacher_forced
+
+
+@pytest.mark.real_model
+def test_real_model_int4_engine_answers(gguf_path):
+    from jaxserve.llm import LLM
+    from jaxserve.sampling import SamplingParams
+
+    llm = LLM(gguf_path, quantization="int4", quiet=True, max_model_len=256, max_num_seqs=4,
+              max_num_batched_tokens=64, token_buckets=(4, 64))  # fmt: skip
+    assert isinstance(llm.engine.runner.params.layers.w_gate, QuantizedWeight)
+    outs = llm.generate(["The capital of France is", "def add(a, b):"], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+    assert "Paris" in outs[0].outputs[0].text
+    assert llm.engine.runner.compiles_since_warmup == 0
+    assert jax.tree.leaves(llm.engine.runner.params.layers.w_gate)[0].dtype == jnp.uint8
