@@ -106,7 +106,7 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.data_parallel_size
 
 
-ATTENTION_BACKENDS = ("auto", "reference", "pallas_tpu", "pallas_gpu")
+ATTENTION_BACKENDS = ("auto", "reference", "pallas_tpu", "pallas_gpu", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)

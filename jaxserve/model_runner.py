@@ -47,8 +47,9 @@ class StepInputs:
 def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingTensors, *, cfg, backend, mesh):
     hidden, cache = forward(params, cfg, inputs.token_ids, inputs.positions, cache, inputs.meta,
                             attention_backend=backend, mesh=mesh)  # fmt: skip
+    with jax.named_scope("lm_head"):  # only the rows that are sampled
+        logits = compute_logits(params, hidden[inputs.sample_idx], backend=matmul_backend(backend, mesh))
     with jax.named_scope("sample"):
-        logits = compute_logits(params, hidden[inputs.sample_idx], backend=matmul_backend(backend, mesh))  # sampled rows only
         return sample(logits, st), cache
 
 

@@ -10,30 +10,24 @@
                                         pointers instead of XLA copying a slice inside the layer scan)
     -> f32[M, N]
 
-Activations are quantized per row and per block of 32 (llama.cpp's Q8_0 x Q8_1 / vLLM's dynamic W8A8):
-d = amax / 127, q = round_half_even(x * (1 / d)). The reference does exactly that, then dequantizes both sides and
-runs XLA's f32 dot: the oracle of the C++ kernel, and the path on TPU and GPU until Pallas kernels replace it.
+For M < F32_MIN_ROWS activations are quantized per row and per block of 32 (llama.cpp's Q8_0 x Q8_1 / vLLM's
+dynamic W8A8): d = amax / 127, q = round_half_even(x * (1 / d)), and the integer dots read 4-8x fewer weight bytes
+than f32 (decode is bandwidth-bound). From F32_MIN_ROWS rows on (prefill, big batches: compute-bound) the
+weights are dequantized and x stays f32: on AVX2 without VNNI an int8 dot costs more instructions than f32 FMAs.
+The reference does exactly the same, then runs XLA's f32 dot: the oracle of the C++ kernel, and the path on TPU
+and GPU until Pallas kernels replace it.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas.backend import resolve_backend
 
 BLOCK = 32  # activation block; weight groups are multiples of it
-QUANT_BACKENDS = ("auto", "reference", "cpu")
-
-
-def resolve_quant_backend(backend: str) -> str:
-    """"auto": the C++ FFI kernel on CPU, the reference (dequantize + XLA dot) elsewhere. Attention backend
-    names are accepted too: "reference" forces the reference, the Pallas names mean an accelerator."""
-    if backend in ("pallas_tpu", "pallas_gpu"):
-        return "reference"
-    if backend not in QUANT_BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {QUANT_BACKENDS}")
-    if backend == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "reference"
-    return backend
+F32_MIN_ROWS = 16  # from this many rows of x on, x stays f32 and the weights are dequantized (see above)
 
 
 def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
@@ -67,7 +61,7 @@ def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
 def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str = "auto") -> jax.Array:
     """x [M, K] . dequantized(values)^T -> f32[M, N]. See the module docstring for the layouts."""
     m, k, n, four_bit = check_inputs(x, values, scales, mins, layer)
-    if resolve_quant_backend(backend) == "reference":
+    if resolve_backend(backend) != "cpu":  # TPU / GPU: the reference until Pallas kernels come
         return quantized_matmul_ref(x, values, scales, mins, layer)
     from kernels_pallas.cpu import ensure_registered
 
@@ -75,7 +69,7 @@ def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str =
     layer_arg = jnp.zeros((), jnp.int32) if layer is None else layer
     target = "jaxserve_qmatmul_int4" if four_bit else "jaxserve_qmatmul_int8"
     args = (x.astype(jnp.float32), values, scales, *((mins,) if four_bit else ()), layer_arg)
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(*args)
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(*args, f32_min_rows=np.int64(F32_MIN_ROWS))
 
 
 def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -114,8 +108,11 @@ def quantized_matmul_ref(x, values, scales, mins=None, layer=None) -> jax.Array:
         pick = lambda a: jax.lax.dynamic_index_in_dim(jnp.asarray(a), layer, keepdims=False)  # noqa: E731
         values, scales = pick(values), pick(scales)
         mins = None if mins is None else pick(mins)
-    q, d = quantize_activations(x)
-    m, k = q.shape
-    xf = (q.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK) * d[..., None]).reshape(m, k)
+    m, k = x.shape
+    if m >= F32_MIN_ROWS:
+        xf = x.astype(jnp.float32)
+    else:
+        q, d = quantize_activations(x)
+        xf = (q.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK) * d[..., None]).reshape(m, k)
     w = dequantize(values, scales, mins)
     return jnp.dot(xf, w.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)

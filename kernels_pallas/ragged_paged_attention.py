@@ -10,8 +10,9 @@ cached tokens (the new ones were written to the cache before attention), so the 
 length n sits at absolute position kv_lens[i] - n + j and attends causally to cache positions <= that.
 Cache position p of sequence i lives in page block_tables[i, p // page_size] at offset p % page_size.
 
-This file holds the pure-jnp reference (the CPU path and the test oracle). The Pallas TPU and GPU kernels come
-with the paged-KV issue behind the same `ragged_paged_attention` entry point.
+This file holds the pure-jnp reference (the test oracle, and the path wherever no kernel applies). The Pallas TPU
+and GPU kernels (rpa_tpu.py, rpa_gpu.py) and the C++ CPU kernel (cpu_attention.py) sit behind the same
+`ragged_paged_attention` entry point.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def ragged_paged_attention(
         return ragged_paged_attention_tpu(
             q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
             sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+        )  # fmt: skip
+    if backend == "cpu":
+        from kernels_pallas.cpu_attention import ragged_paged_attention_cpu
+
+        return ragged_paged_attention_cpu(
+            q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
+            sliding_window=sliding_window, soft_cap=soft_cap,
         )  # fmt: skip
     if backend == "pallas_gpu":
         from kernels_pallas.rpa_gpu import ragged_paged_attention_gpu

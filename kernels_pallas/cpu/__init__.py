@@ -20,10 +20,12 @@ import threading
 import jax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("qmatmul.cc",)
+SOURCES = ("qmatmul.cc", "attention.cc")
+HEADERS = ("common.h",)
 CXXFLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 # FFI handler symbol -> the target name XLA knows it by.
-TARGETS = {"JaxserveQMatmulInt8": "jaxserve_qmatmul_int8", "JaxserveQMatmulInt4": "jaxserve_qmatmul_int4"}
+TARGETS = {"JaxserveQMatmulInt8": "jaxserve_qmatmul_int8", "JaxserveQMatmulInt4": "jaxserve_qmatmul_int4",
+           "JaxserveRaggedPagedAttention": "jaxserve_ragged_paged_attention"}
 _lock = threading.Lock()
 
 
@@ -43,7 +45,7 @@ def cpu_supports_kernels() -> bool:
 
 def _build_id() -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         with open(os.path.join(HERE, name), "rb") as f:
             h.update(f.read())
     h.update(" ".join(CXXFLAGS).encode())

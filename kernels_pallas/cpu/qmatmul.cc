@@ -29,22 +29,19 @@
 #include <thread>
 #include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using jaxserve_cpu::hsum;
+using jaxserve_cpu::parallel_chunks;
+
 constexpr int64_t QK = 32;  // block of K sharing one activation scale
 
 inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
-
-inline float hsum(__m256 a) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-  return _mm_cvtss_f32(lo);
-}
 
 // ---- activations ------------------------------------------------------------------------------------------
 
@@ -116,27 +113,32 @@ inline __m256i load_block(const Weights& w, int64_t n, int64_t b) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.values + n * w.K + b * QK));
 }
 
+// A chunk of output rows' scales and mins, converted from f16 once per call (not once per block and row).
+struct ChunkScales {
+  const float* d;  // [rows, G]
+  const float* m;  // [rows, G] (4-bit) or nullptr
+  int64_t n0;      // first row of the chunk
+};
+
 // acc[i][j] (MR x NR tiles) over all blocks; FOUR: the weight layout, compile-time so each loop is branch-free.
+// The 4-bit mins contribute sum_b min[g(b)] * s[b] per (row, column), accumulated beside the integer dots.
 template <bool FOUR, int MR, int NR>
-void tile(const Weights& w, const QuantizedActs& a, int64_t m0, int64_t n0, float* y, int64_t ldy) {
-  const int64_t K = w.K, B = K / QK, per_group = (K / w.G) / QK;
+void tile(const Weights& w, const QuantizedActs& a, const ChunkScales& cs, int64_t m0, int64_t n0, float* y,
+          int64_t ldy) {
+  const int64_t K = w.K, B = K / QK, G = w.G, per_group = (K / G) / QK;
   const __m256i ones = _mm256_set1_epi16(1);
+  const float *dw[NR], *mw[NR];
+  for (int j = 0; j < NR; ++j) {
+    dw[j] = cs.d + (n0 + j - cs.n0) * G;
+    mw[j] = FOUR ? cs.m + (n0 + j - cs.n0) * G : nullptr;
+  }
   __m256 acc[MR][NR];
   float msum[MR][NR];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      acc[i][j] = _mm256_setzero_ps();
-      msum[i][j] = 0.0f;
-    }
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t g = b / per_group;
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps(), msum[i][j] = 0.0f;
+  for (int64_t b = 0, g = 0, in_group = 0; b < B; ++b) {  // g = b / per_group, without a divide per block
     __m256i wb[NR];
-    float dw[NR], mw[NR];
-    for (int j = 0; j < NR; ++j) {
-      wb[j] = load_block(w, n0 + j, b);
-      dw[j] = f16_to_f32(w.scales[(n0 + j) * w.G + g]);
-      if (FOUR) mw[j] = f16_to_f32(w.mins[(n0 + j) * w.G + g]);
-    }
+    for (int j = 0; j < NR; ++j) wb[j] = load_block(w, n0 + j, b);
     for (int i = 0; i < MR; ++i) {
       const int64_t row = (m0 + i) * K + b * QK;
       const float dx = a.d[(m0 + i) * B + b];
@@ -151,65 +153,108 @@ void tile(const Weights& w, const QuantizedActs& a, int64_t m0, int64_t n0, floa
         __m256i p16 = FOUR ? _mm256_maddubs_epi16(wb[j], xs)
                            : _mm256_maddubs_epi16(xu, _mm256_sign_epi8(wb[j], xs));
         __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-        acc[i][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dw[j]), acc[i][j]);
-        if (FOUR) msum[i][j] += mw[j] * a.s[(m0 + i) * B + b];
+        acc[i][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx * dw[j][g]), acc[i][j]);
+        if (FOUR) msum[i][j] += mw[j][g] * a.s[(m0 + i) * B + b];  // NR independent chains: latency hidden
       }
     }
+    if (++in_group == per_group) in_group = 0, ++g;
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) y[(m0 + i) * ldy + n0 + j] = hsum(acc[i][j]) + msum[i][j];
 }
 
 template <bool FOUR, int NR>
-void rows_block(const Weights& w, const QuantizedActs& a, int64_t M, int64_t n0, float* y) {
+void rows_block(const Weights& w, const QuantizedActs& a, const ChunkScales& cs, int64_t M, int64_t n0, float* y) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<FOUR, 4, NR>(w, a, m, n0, y, w.N);
-  for (; m + 2 <= M; m += 2) tile<FOUR, 2, NR>(w, a, m, n0, y, w.N);
-  for (; m < M; ++m) tile<FOUR, 1, NR>(w, a, m, n0, y, w.N);
+  for (; m + 4 <= M; m += 4) tile<FOUR, 4, NR>(w, a, cs, m, n0, y, w.N);
+  for (; m + 2 <= M; m += 2) tile<FOUR, 2, NR>(w, a, cs, m, n0, y, w.N);
+  for (; m < M; ++m) tile<FOUR, 1, NR>(w, a, cs, m, n0, y, w.N);
 }
 
 // Output columns [n0, n1): NR = 4 weight rows at a time for few activation rows (GEMV: more independent
 // accumulators), 2 for many (the 4 x 2 tile reuses each weight block over 4 rows).
 template <bool FOUR>
 void columns(const Weights& w, const QuantizedActs& a, int64_t M, int64_t n0, int64_t n1, float* y) {
+  thread_local std::vector<float> conv;
+  const int64_t rows = n1 - n0, G = w.G;
+  conv.resize(size_t(2 * rows * G));
+  for (int64_t r = 0; r < rows * G; ++r) {
+    conv[r] = f16_to_f32(w.scales[n0 * G + r]);
+    if (FOUR) conv[rows * G + r] = f16_to_f32(w.mins[n0 * G + r]);
+  }
+  const ChunkScales cs{conv.data(), FOUR ? conv.data() + rows * G : nullptr, n0};
   int64_t n = n0;
   if (M < 4) {
-    for (; n + 4 <= n1; n += 4) rows_block<FOUR, 4>(w, a, M, n, y);
+    for (; n + 4 <= n1; n += 4) rows_block<FOUR, 4>(w, a, cs, M, n, y);
   }
-  for (; n + 2 <= n1; n += 2) rows_block<FOUR, 2>(w, a, M, n, y);
-  for (; n < n1; ++n) rows_block<FOUR, 1>(w, a, M, n, y);
+  for (; n + 2 <= n1; n += 2) rows_block<FOUR, 2>(w, a, cs, M, n, y);
+  for (; n < n1; ++n) rows_block<FOUR, 1>(w, a, cs, M, n, y);
 }
 
-// Chunks of output columns handed out by an atomic counter. The state lives in a shared_ptr so a pool task
-// that starts after the caller has finished every chunk finds nothing left and touches no freed memory.
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
+// ---- many rows: weights dequantized to f32 once per panel, then an FMA tile ---------------------------------
+//
+// Without VNNI an int8 dot costs maddubs + madd + cvt + fmadd per 32 products, more than the 4 FMAs of f32,
+// so once a weight row is reused by enough activation rows it pays to dequantize it (into L1, once per call)
+// and run f32: x is not quantized on this path (the reference does the same for M >= f32_min_rows).
 
-template <typename F>
-void parallel_chunks(ffi::ThreadPool& pool, int64_t num_chunks, int64_t threads, F body) {
-  if (threads <= 1 || num_chunks <= 1) {
-    for (int64_t c = 0; c < num_chunks; ++c) body(c);
-    return;
-  }
-  auto st = std::make_shared<Shared>();
-  auto run = [st, num_chunks, body]() {
-    for (int64_t c; (c = st->next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
-      body(c);
-      st->done.fetch_add(1, std::memory_order_release);
+inline void dequantize_row(const Weights& w, int64_t n, float* out) {
+  const int64_t per_group = (w.K / w.G) / QK;
+  for (int64_t b = 0; b < w.K / QK; ++b) {
+    const int64_t g = per_group == 1 ? b : b / per_group;
+    const __m256 d = _mm256_set1_ps(f16_to_f32(w.scales[n * w.G + g]));
+    const __m256 m = _mm256_set1_ps(w.four_bit ? f16_to_f32(w.mins[n * w.G + g]) : 0.0f);
+    const __m256i q = load_block(w, n, b);  // 32 bytes: signed (int8) or nibbles
+    for (int i = 0; i < 4; ++i) {
+      const __m128i part = i < 2 ? _mm256_castsi256_si128(q) : _mm256_extracti128_si256(q, 1);
+      const __m128i eight = (i & 1) ? _mm_srli_si128(part, 8) : part;
+      const __m256i wide = w.four_bit ? _mm256_cvtepu8_epi32(eight) : _mm256_cvtepi8_epi32(eight);
+      _mm256_storeu_ps(out + b * QK + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), d, m));
     }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run] { run(); });
-  run();
-  for (int spins = 0; st->done.load(std::memory_order_acquire) < num_chunks; ++spins) {
-    if (spins < 4096) _mm_pause(); else std::this_thread::yield();
+  }
+}
+
+template <int MR, int NR>
+void tile_f32(const float* x, const float* wrows, int64_t K, int64_t m0, int64_t n0, float* y, int64_t ldy) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(wrows + j * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[(m0 + i) * ldy + n0 + j] = hsum(acc[i][j]);
+}
+
+template <int NR>
+void rows_f32(const float* x, const float* wrows, int64_t M, int64_t K, int64_t n0, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile_f32<4, NR>(x, wrows, K, m, n0, y, ldy);
+  for (; m + 2 <= M; m += 2) tile_f32<2, NR>(x, wrows, K, m, n0, y, ldy);
+  for (; m < M; ++m) tile_f32<1, NR>(x, wrows, K, m, n0, y, ldy);
+}
+
+void columns_f32(const Weights& w, const float* x, int64_t M, int64_t n0, int64_t n1, float* y) {
+  thread_local std::vector<float> panel;  // 3 dequantized weight rows (18 KB at K = 1536: stays in L1)
+  panel.resize(size_t(3 * w.K));
+  int64_t n = n0;
+  for (; n + 3 <= n1; n += 3) {
+    for (int j = 0; j < 3; ++j) dequantize_row(w, n + j, panel.data() + j * w.K);
+    rows_f32<3>(x, panel.data(), M, w.K, n, y, w.N);
+  }
+  for (; n < n1; ++n) {
+    dequantize_row(w, n, panel.data());
+    rows_f32<1>(x, panel.data(), M, w.K, n, y, w.N);
   }
 }
 
 ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
                    ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
-                   bool four_bit) {
+                   bool four_bit, int64_t f32_min_rows) {
   auto xd = x.dimensions(), vd = values.dimensions(), sd = scales.dimensions();
   if (xd.size() != 2 || (vd.size() != 2 && vd.size() != 3) || sd.size() != vd.size())
     return ffi::Error::InvalidArgument("qmatmul: x must be [M, K], values [(L,) N, Kv], scales [(L,) N, G]");
@@ -229,6 +274,19 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   w.scales = static_cast<const uint16_t*>(scales.untyped_data()) + l * N * G;
   w.mins = four_bit ? static_cast<const uint16_t*>(mins.untyped_data()) + l * N * G : nullptr;
 
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  // Chunks of 16 columns; threads only when the work pays for a task hand-off (~a few microseconds).
+  const int64_t chunk = 16, num_chunks = (N + chunk - 1) / chunk;
+  const int64_t work = M * N * K;
+  const int64_t threads = work < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  if (M >= f32_min_rows) {
+    parallel_chunks(pool, num_chunks, threads, [w, xp, M, yp, N](int64_t c) {
+      columns_f32(w, xp, M, c * chunk, std::min(N, c * chunk + chunk), yp);
+    });
+    return ffi::Error::Success();
+  }
+
   // Activation scratch, reused across calls on the calling thread (workers only read it while we wait).
   thread_local std::vector<uint8_t> scratch;
   const int64_t B = K / QK;
@@ -238,14 +296,8 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   a.aq = scratch.data() + M * K;
   a.d = reinterpret_cast<float*>(scratch.data() + 2 * M * K);
   a.s = a.d + M * B;
-  const float* xp = x.typed_data();
   for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, a.q + m * K, a.aq + m * K, a.d + m * B, a.s + m * B);
 
-  float* yp = y->typed_data();
-  // Chunks of 16 columns; threads only when the work pays for a task hand-off (~a few microseconds).
-  const int64_t chunk = 16, num_chunks = (N + chunk - 1) / chunk;
-  const int64_t work = M * N * K;
-  const int64_t threads = work < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
   parallel_chunks(pool, num_chunks, threads, [w, a, M, yp, N](int64_t c) {
     const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
     if (w.four_bit) columns<true>(w, a, M, n0, n1, yp); else columns<false>(w, a, M, n0, n1, yp);
@@ -254,13 +306,14 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
 }
 
 ffi::Error QMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
-                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
-  return qmatmul(pool, x, values, scales, scales, layer, y, false);
+                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t f32_min_rows) {
+  return qmatmul(pool, x, values, scales, scales, layer, y, false, f32_min_rows);
 }
 
 ffi::Error QMatmulInt4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
-                       ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
-  return qmatmul(pool, x, values, scales, mins, layer, y, true);
+                       ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
+                       int64_t f32_min_rows) {
+  return qmatmul(pool, x, values, scales, mins, layer, y, true, f32_min_rows);
 }
 
 }  // namespace
@@ -272,7 +325,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmulInt8, QMatmulInt8,
                                   .Arg<ffi::AnyBuffer>()         // values s8 [(L,) N, K]
                                   .Arg<ffi::AnyBuffer>()         // scales f16 [(L,) N, G]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("f32_min_rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmulInt4, QMatmulInt4,
                               ffi::Ffi::Bind()
@@ -282,4 +336,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmulInt4, QMatmulInt4,
                                   .Arg<ffi::AnyBuffer>()         // scales f16 [(L,) N, G]
                                   .Arg<ffi::AnyBuffer>()         // mins f16 [(L,) N, G]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("f32_min_rows"));

@@ -1,0 +1,206 @@
+// Ragged paged attention for XLA:CPU (AVX2 + FMA), called through XLA FFI: the signature and semantics of
+// kernels_pallas/ragged_paged_attention.py's reference (which is its oracle in tests).
+//
+//   q            f32[T, H, D]        query rows of S sequences, flattened (sequence i owns rows qsl[i]:qsl[i+1])
+//   k/v_pages    f32[N, P, Kh, D]    the paged cache, this step's K/V already written
+//   kv_lens      i32[S]              cached tokens per sequence (this step's included)
+//   block_tables i32[S, W]           page ids of each sequence
+//   qsl          i32[S + 1]          query_start_loc
+//   num_seqs     i32[1]
+//   -> out       f32[T, H, D]        rows past qsl[num_seqs] are 0
+//
+// Row t of sequence i sits at position p = kv_lens[i] - (qsl[i+1] - t) and sees cache positions
+// [max(0, p - window + 1), p]. Work units are (sequence, KV head, block of up to 16 rows): each reads its
+// sequence's pages once per block of positions for all its rows and the H / Kh query heads sharing that KV head,
+// with an online softmax (flash attention's recurrence) over blocks of up to 16 positions within a page.
+// Units are spread over XLA's intra-op pool.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using jaxserve_cpu::exp256;
+using jaxserve_cpu::hmax;
+using jaxserve_cpu::hsum;
+using jaxserve_cpu::parallel_chunks;
+
+constexpr int kRows = 16;  // rows per unit
+constexpr int kBlock = 16;  // positions per softmax block
+
+struct Unit {
+  int32_t seq, kv_head, row0, row1;
+};
+
+struct Problem {
+  const float *q, *k, *v;
+  const int32_t *kv_lens, *tables, *qsl;
+  float* out;
+  int64_t H, D, Kh, P, N, W;
+  float scale, soft_cap;
+  int64_t window;  // 0: none
+};
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
+  }
+  for (; d < D; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+  return hsum(_mm256_add_ps(s0, s1));
+}
+
+void run_unit(const Problem& pb, const Unit& u) {
+  const int64_t G = pb.H / pb.Kh, D = pb.D, R = u.row1 - u.row0, pairs = R * G;
+  const int64_t kv_len = pb.kv_lens[u.seq], q_end = pb.qsl[u.seq + 1];
+  const int32_t* table = pb.tables + int64_t(u.seq) * pb.W;
+  thread_local std::vector<float> buf;
+  buf.resize(size_t(pairs * (2 * D + kBlock + 2)));
+  float* qs = buf.data();              // [pairs, D] scaled queries
+  float* acc = qs + pairs * D;         // [pairs, D]
+  float* sc = acc + pairs * D;         // [pairs, kBlock] scores, then probabilities
+  float* m = sc + pairs * kBlock;      // [pairs] running max
+  float* l = m + pairs;                // [pairs] running sum
+  int64_t lo[kRows], hi[kRows];
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t pos = kv_len - (q_end - (u.row0 + r));
+    hi[r] = pos;
+    lo[r] = pb.window > 0 ? std::max<int64_t>(0, pos - pb.window + 1) : 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t pr = r * G + g, head = u.kv_head * G + g;
+      const float* src = pb.q + ((u.row0 + r) * pb.H + head) * D;
+      for (int64_t d = 0; d < D; ++d) qs[pr * D + d] = src[d] * pb.scale;
+      m[pr] = -std::numeric_limits<float>::infinity();
+      l[pr] = 0.0f;
+    }
+  }
+  std::fill(acc, acc + pairs * D, 0.0f);
+  const int64_t first = *std::min_element(lo, lo + R), last = *std::max_element(hi, hi + R);
+  const int64_t row_stride = pb.Kh * D;  // between consecutive positions of one page
+  for (int64_t start = first; start <= last;) {
+    const int64_t page = table[start / pb.P], off = start % pb.P;
+    const int64_t n = std::min<int64_t>({kBlock, pb.P - off, last - start + 1});
+    const float* kb = pb.k + ((page * pb.P + off) * pb.Kh + u.kv_head) * D;
+    const float* vb = pb.v + ((page * pb.P + off) * pb.Kh + u.kv_head) * D;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t a = std::max<int64_t>(lo[r] - start, 0), b = std::min<int64_t>(hi[r] - start + 1, n);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t pr = r * G + g;
+        float* s = sc + pr * kBlock;
+        if (a >= b) {  // this row sees nothing of this block
+          std::fill(s, s + kBlock, 0.0f);
+          continue;
+        }
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < kBlock; ++j) {
+          float x = -std::numeric_limits<float>::infinity();
+          if (j >= a && j < b) {
+            x = dot(qs + pr * D, kb + j * row_stride, D);
+            if (pb.soft_cap > 0.0f) x = pb.soft_cap * std::tanh(x / pb.soft_cap);
+            mx = std::max(mx, x);
+          }
+          s[j] = x;
+        }
+        const float m_new = std::max(m[pr], mx);
+        const float corr = std::exp(m[pr] - m_new);  // 0 when nothing was seen before (m = -inf)
+        const __m256 mv = _mm256_set1_ps(m_new);
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < kBlock; j += 8) {
+          const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));  // -inf -> exactly 0
+          _mm256_storeu_ps(s + j, p);
+          sum = _mm256_add_ps(sum, p);
+        }
+        l[pr] = l[pr] * corr + hsum(sum);
+        m[pr] = m_new;
+        float* ac = acc + pr * D;
+        if (corr != 1.0f) {
+          const __m256 cv = _mm256_set1_ps(corr);
+          for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(ac + d, _mm256_mul_ps(_mm256_loadu_ps(ac + d), cv));
+        }
+        for (int64_t d = 0; d < D; d += 8) {
+          __m256 o = _mm256_loadu_ps(ac + d);
+          for (int64_t j = a; j < b; ++j)
+            o = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(vb + j * row_stride + d), o);
+          _mm256_storeu_ps(ac + d, o);
+        }
+      }
+    }
+    start += n;
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t pr = r * G + g, head = u.kv_head * G + g;
+      float* dst = pb.out + ((u.row0 + r) * pb.H + head) * D;
+      const float inv = l[pr] > 0.0f ? 1.0f / l[pr] : 0.0f;
+      for (int64_t d = 0; d < D; ++d) dst[d] = acc[pr * D + d] * inv;
+    }
+}
+
+ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
+                                    ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> kv_lens,
+                                    ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> query_start_loc,
+                                    ffi::Buffer<ffi::S32> num_seqs, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
+                                    int64_t sliding_window, float soft_cap) {
+  auto qd = q.dimensions(), kd = k_pages.dimensions(), td = block_tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument("ragged_paged_attention: q [T, H, D], pages [N, P, Kh, D], tables [S, W]");
+  Problem pb;
+  const int64_t T = qd[0];
+  pb.H = qd[1], pb.D = qd[2], pb.N = kd[0], pb.P = kd[1], pb.Kh = kd[2], pb.W = td[1];
+  const int64_t S = td[0];
+  if (kd[3] != pb.D || pb.D % 8 || pb.H % pb.Kh)
+    return ffi::Error::InvalidArgument("ragged_paged_attention: head_dim must agree and be a multiple of 8");
+  pb.q = q.typed_data(), pb.k = k_pages.typed_data(), pb.v = v_pages.typed_data();
+  pb.kv_lens = kv_lens.typed_data(), pb.tables = block_tables.typed_data(), pb.qsl = query_start_loc.typed_data();
+  pb.out = out->typed_data();
+  pb.scale = sm_scale, pb.soft_cap = soft_cap, pb.window = sliding_window;
+  const int64_t ns = std::min<int64_t>(std::max(num_seqs.typed_data()[0], 0), S);
+
+  std::fill(pb.out, pb.out + T * pb.H * pb.D, 0.0f);
+  thread_local std::vector<Unit> units;
+  units.clear();
+  for (int32_t s = 0; s < ns; ++s) {
+    const int32_t r0 = pb.qsl[s], r1 = pb.qsl[s + 1];
+    const int64_t kv_len = pb.kv_lens[s];
+    if (r0 < 0 || r1 > T || r1 < r0 || kv_len < r1 - r0 || kv_len > pb.W * pb.P)
+      return ffi::Error::InvalidArgument("ragged_paged_attention: query_start_loc / kv_lens out of range");
+    for (int64_t p = 0; p < (kv_len + pb.P - 1) / pb.P; ++p) {
+      const int32_t page = pb.tables[s * pb.W + p];
+      if (page < 0 || page >= pb.N) return ffi::Error::InvalidArgument("ragged_paged_attention: page id out of range");
+    }
+    for (int32_t r = r0; r < r1; r += kRows)
+      for (int32_t kh = 0; kh < pb.Kh; ++kh) units.push_back({s, kh, r, std::min(r + kRows, r1)});
+  }
+  const Unit* up = units.data();
+  const int64_t threads = units.size() < 2 ? 1 : std::max<int64_t>(1, pool.num_threads());
+  parallel_chunks(pool, int64_t(units.size()), threads, [pb, up](int64_t c) { run_unit(pb, up[c]); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveRaggedPagedAttention, RaggedPagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [T, H, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_pages [N, P, Kh, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pages
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens [S]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_tables [S, W]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // query_start_loc [S + 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_seqs [1]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [T, H, D]
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap"));

@@ -1,0 +1,81 @@
+// Shared helpers of jaxserve's CPU kernels: horizontal sums, a vector exp, and work split over XLA's own pool.
+#pragma once
+
+#include <immintrin.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxserve_cpu {
+
+namespace ffi = xla::ffi;
+
+inline float hsum(__m256 a) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+inline float hmax(__m256 a) {
+  __m128 lo = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_max_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+// e^x for 8 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp on [-87, 88]).
+// x <= -88 gives exactly 0 (so -inf scores vanish), x >= 88 saturates.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-88.0f), hi = _mm256_set1_ps(88.0f);
+  const __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_GT_OQ);  // false for x <= -88 and NaN-free -inf
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), zero_mask);
+}
+
+// Chunks handed out by an atomic counter to the caller and to tasks on XLA's intra-op pool (ffi::ThreadPool), so
+// there is never a second pool fighting XLA's. The state lives in a shared_ptr: a task that starts after the
+// caller has finished every chunk finds nothing left and touches no freed memory.
+struct ChunkCounter {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+template <typename F>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t num_chunks, int64_t threads, F body) {
+  if (threads <= 1 || num_chunks <= 1) {
+    for (int64_t c = 0; c < num_chunks; ++c) body(c);
+    return;
+  }
+  auto st = std::make_shared<ChunkCounter>();
+  auto run = [st, num_chunks, body]() {
+    for (int64_t c; (c = st->next.fetch_add(1, std::memory_order_relaxed)) < num_chunks;) {
+      body(c);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < std::min(threads, num_chunks); ++t) pool.Schedule([run] { run(); });
+  run();
+  for (int spins = 0; st->done.load(std::memory_order_acquire) < num_chunks; ++spins) {
+    if (spins < 4096) _mm_pause(); else std::this_thread::yield();
+  }
+}
+
+}  // namespace jaxserve_cpu

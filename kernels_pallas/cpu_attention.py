@@ -1,0 +1,42 @@
+"""Ragged paged attention on CPU: our C++ kernel (kernels_pallas/cpu/attention.cc) through XLA FFI.
+
+Same signature and semantics as `ragged_paged_attention_ref` (its oracle in tests): fp32 pages, head_dim a
+multiple of 8. Other page dtypes run the reference (the caller's `ragged_paged_attention` picks it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def cpu_kernel_supports(q, k_pages) -> bool:
+    return q.dtype == k_pages.dtype == jnp.float32 and q.shape[-1] % 8 == 0
+
+
+def ragged_paged_attention_cpu(
+    q: jax.Array,  # f32[T, num_q_heads, head_dim]
+    k_pages: jax.Array,  # f32[num_pages, page_size, num_kv_heads, head_dim]
+    v_pages: jax.Array,  # f32[num_pages, page_size, num_kv_heads, head_dim]
+    kv_lens: jax.Array,  # i32[S]
+    block_tables: jax.Array,  # i32[S, max_pages_per_seq]
+    query_start_loc: jax.Array,  # i32[S + 1]
+    num_seqs: jax.Array,  # i32[1]
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:  # f32[T, num_q_heads, head_dim]
+    if not cpu_kernel_supports(q, k_pages):
+        from kernels_pallas.ragged_paged_attention import ragged_paged_attention_ref
+
+        return ragged_paged_attention_ref(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs,
+                                          sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)  # fmt: skip
+    from kernels_pallas.cpu import ensure_registered
+
+    ensure_registered()
+    call = jax.ffi.ffi_call("jaxserve_ragged_paged_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, jnp.reshape(num_seqs, (1,)),
+                sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
+                soft_cap=np.float32(soft_cap or 0.0))  # fmt: skip

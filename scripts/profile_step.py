@@ -1,0 +1,136 @@
+"""Where one engine step's time goes, from a jax.profiler trace: matmuls, attention, LM head, sampler, host.
+
+    .venv/bin/python scripts/profile_step.py [--quantization int8] [--num-seqs 64] [--context 128] [--steps 5]
+
+It fills the engine with --num-seqs requests of --context prompt tokens, runs their prefill and a few decode
+steps untimed, then traces --steps decode steps (every sequence decoding one token: workload A's steady state).
+Each XLA:CPU thunk in the trace is put in a phase by what it is and by the named scope it was traced under
+(the compiled HLO's op_name metadata): dots and our FFI matmul calls are "matmuls" (the LM head apart), the rest
+of the `attention` scope is "attention" (KV write, RoPE, norms, the paged attention), `mlp` elementwise work,
+`sample` the sampler; "host" is the engine step's wall time less the device's. Times are exclusive (a loop's
+own time excludes the thunks inside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+PHASES = ("matmuls", "attention", "mlp elementwise", "LM head", "sampler", "other device", "host")
+
+
+def scopes_of(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its op_name metadata."""
+    out = {}
+    for m in re.finditer(r"%?([\w.\-]+) = [^\n]*?metadata=\{[^}]*op_name=\"([^\"]*)\"", hlo_text):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def phase_of(name: str, scope: str) -> str:
+    is_matmul = name.startswith(("ffi_call", "custom-call", "dot", "ynn_fusion", "onednn")) or "dot" in name
+    if "lm_head" in scope:
+        return "LM head"
+    if is_matmul:
+        return "matmuls"
+    if "/sample" in scope or scope.startswith("sample"):
+        return "sampler"
+    if "attention" in scope:
+        return "attention"
+    if "mlp" in scope:
+        return "mlp elementwise"
+    return "other device"
+
+
+def exclusive_times(events: list[dict]) -> list[tuple[str, float]]:
+    """(name, exclusive microseconds) of complete events, nesting by time on each thread."""
+    by_tid = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            by_tid[(e.get("pid"), e.get("tid"))].append(e)
+    out = []
+    for evs in by_tid.values():
+        evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[list] = []  # [event, child time]
+        def close(until):
+            while stack and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= until:
+                e, child = stack.pop()
+                out.append((e["name"], e["dur"] - child))
+                if stack:
+                    stack[-1][1] += e["dur"]
+        for e in evs:
+            close(e["ts"])
+            stack.append([e, 0.0])
+        close(float("inf"))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quantization", default="none")
+    ap.add_argument("--num-seqs", type=int, default=64)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--attention-backend", default="auto")
+    args = ap.parse_args()
+
+    from jaxserve.llm import build_engine
+    from jaxserve.sampling import SamplingParams
+
+    engine = build_engine(None, quantization=args.quantization, attention_backend=args.attention_backend,
+                          max_model_len=512, max_num_seqs=max(args.num_seqs, 1), max_num_batched_tokens=512,
+                          quiet=True, progress=False)  # fmt: skip
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    for i in range(args.num_seqs):
+        engine.add_request(f"p{i}", [int(x) for x in rng.integers(100, 40000, args.context)], params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
+            engine.scheduler.waiting:  # fmt: skip
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    bucket = engine.runner.bucket_for(args.num_seqs)
+    scopes = scopes_of(engine.runner.compiled[bucket].as_text())
+
+    trace_dir = tempfile.mkdtemp(prefix="jaxserve-trace-")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    totals = collections.Counter()
+    device = 0.0
+    for name, us in exclusive_times(events):
+        if name in scopes:
+            totals[phase_of(name, scopes[name])] += us / 1e3
+    device = sum(totals.values())
+    totals["host"] = max(0.0, wall * 1e3 - device)
+    per_step = {k: totals[k] / args.steps for k in PHASES}
+    total = sum(per_step.values())
+    print(f"quantization={args.quantization}, {args.num_seqs} sequences decoding at context ~{args.context}: "
+          f"bucket T{bucket}, {total:.1f} ms per step ({args.num_seqs / total * 1e3:.0f} tok/s)")
+    for k in PHASES:
+        print(f"  {k:<16} {per_step[k]:8.2f} ms  {100 * per_step[k] / total:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
