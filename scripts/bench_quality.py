@@ -1,0 +1,220 @@
+"""Quality of jaxserve's quantization modes on the real model, next to llama.cpp on the same Q4_1 file.
+
+    .venv/bin/python scripts/bench_quality.py [--modes none,int8,int4,auto] [--tokens 4096] [--json out.json]
+
+Perplexity: teacher-forced on a fixed English text of --tokens (>= 4096) tokens that no test uses: the Python
+reference manual's topic texts shipped with CPython (`pydoc_data.topics`, keys in sorted order; the script prints
+the Python version and the text's sha256, since the text follows the interpreter). The ids are jaxserve's
+tokenization, fed unchanged to every engine. They are scored in independent windows of --window (512) tokens
+(each window starts with an empty cache; every token after a window's first is predicted from the window's
+earlier tokens), fed --rows (8) rows per step: under 16 rows the quantized matmul quantizes activations, as in
+decode, so this is the W8A8 / W4A8 arithmetic a served stream sees (prefill chunks of 16+ rows keep x in f32).
+llama.cpp (llama-cpp-python, if installed) evaluates the same windows with logits for every position.
+
+Greedy agreement: 32 fixed prompts (chat-templated), 32 greedy tokens each, per mode against fp32 ("none"):
+`exact` = prompts whose 32 tokens all equal fp32's; `prefix` = mean length of the common prefix (of 32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxserve/xla"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+QUESTIONS = [
+    "What is the capital of France?", "Explain photosynthesis in one sentence.", "Write a haiku about rain.",
+    "What is 17 times 3?", "Name three primary colors.", "How do vaccines work?", "What is a black hole?",
+    "Give me a synonym for happy.", "Why is the sky blue?", "What does a CPU do?", "Translate 'thank you' to French.",
+    "What is the boiling point of water?", "Who wrote Romeo and Juliet?", "Describe a cat in five words.",
+    "What is machine learning?", "How many legs does a spider have?", "What causes tides?",
+    "Write a Python function that adds two numbers.", "What is the largest planet?", "Define gravity.",
+    "List two benefits of exercise.", "What is an atom?", "How does a rainbow form?", "What is democracy?",
+    "Suggest a name for a pet fish.", "What is the speed of light?", "Why do leaves change color?",
+    "What is a prime number?", "Explain what an API is.", "What language is spoken in Brazil?",
+    "How do bees make honey?", "What is the Pythagorean theorem?",
+]  # fmt: skip
+
+
+def reference_text() -> tuple[str, str]:
+    from pydoc_data import topics
+
+    text = "\n\n".join(topics.topics[k].strip() for k in sorted(topics.topics))
+    return text, hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def windows(ids: list[int], window: int) -> list[list[int]]:
+    return [ids[i : i + window] for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
+
+
+def nll_of(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
+    """Sum of -log p(ids[t + 1] | ids[:t + 1]) over a window, and how many tokens that scored."""
+    x = logits[: len(ids) - 1].astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    lse = np.log(np.exp(x).sum(-1))
+    tgt = x[np.arange(len(ids) - 1), ids[1:]]
+    return float((lse - tgt).sum()), len(ids) - 1
+
+
+class Scorer:
+    """Teacher-forced logits of one window at a time: `rows` tokens per step through the model's ragged forward
+    over a fresh single-sequence paged cache (pages 1.., page 0 the null page), as the engine lays them out."""
+
+    def __init__(self, model, window: int, rows: int, page_size: int = 16, kv_dtype=None):
+        from models.cache import AttentionMetadata, KVCache
+        from models.llama import compute_logits, forward
+
+        cfg = model.config
+        self.model, self.rows, self.page_size = model, rows, page_size
+        self.pages = -(-window // page_size) + 1
+        self.kv_dtype = kv_dtype or model.params.dtype
+        self._meta = AttentionMetadata
+        self._kv = KVCache
+
+        def step(params, cache, token_ids, positions, meta):
+            hidden, cache = forward(params, cfg, token_ids, positions, cache, meta)
+            return compute_logits(params, hidden), cache
+
+        self._step = jax.jit(step, donate_argnums=(1,))
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        cfg, ps, r = self.model.config, self.page_size, self.rows
+        cache = self._kv.zeros(cfg.num_layers, self.pages, ps, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
+        table = np.arange(1, self.pages, dtype=np.int32)[None, :]
+        out = []
+        for start in range(0, len(ids), r):
+            chunk = ids[start : start + r]
+            n = len(chunk)
+            tok = np.zeros(r, np.int32)
+            tok[:n] = chunk
+            pos = np.zeros(r, np.int32)
+            pos[:n] = np.arange(start, start + n)
+            slots = np.full(r, -1, np.int32)
+            slots[:n] = pos[:n] + ps  # block table [1, 2, ...]: slot = position + one page
+            meta = self._meta(slots, np.array([0, n], np.int32), np.array([start + n], np.int32), table,
+                              np.array(1, np.int32))  # fmt: skip
+            logits, cache = self._step(self.model.params, cache, tok, pos, meta)
+            out.append(np.asarray(logits)[:n])
+        return np.concatenate(out)
+
+
+def perplexity_jaxserve(model, wins, rows: int) -> tuple[float, float]:
+    scorer = Scorer(model, max(len(w) for w in wins), rows)
+    t = time.perf_counter()
+    total, count = 0.0, 0
+    for w in wins:
+        s, n = nll_of(scorer.logits(w), w)
+        total, count = total + s, count + n
+    return math.exp(total / count), time.perf_counter() - t
+
+
+def perplexity_llama_cpp(path: str, wins) -> tuple[float, float] | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    n = max(len(w) for w in wins)
+    llm = Llama(model_path=path, n_ctx=n, n_batch=n, n_threads=os.cpu_count() or 2, logits_all=True, verbose=False)
+    t = time.perf_counter()
+    total, count = 0.0, 0
+    for w in wins:
+        llm.reset()
+        llm.eval(w)
+        s, k = nll_of(np.asarray(llm.scores[: len(w)]), w)
+        total, count = total + s, count + k
+    return math.exp(total / count), time.perf_counter() - t
+
+
+def greedy_tokens(path: str, mode: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+    from jaxserve.llm import LLM
+    from jaxserve.sampling import SamplingParams
+
+    llm = LLM(path, quantization=mode, quiet=True, max_model_len=256, max_num_seqs=32, max_num_batched_tokens=256,
+              token_buckets=(8, 32, 256))  # fmt: skip
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)  # fmt: skip
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    prefix = []
+    for x, y in zip(a, b):
+        k = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        prefix.append(k)
+    return {"exact": sum(x == y for x, y in zip(a, b)) / len(a), "prefix": float(np.mean(prefix))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default="none,int8,int4,auto")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--rows", type=int, default=8, help="rows per step (< 16: activations quantized, as decode)")
+    ap.add_argument("--greedy-tokens", type=int, default=32)
+    ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    if args.tokens < 4096:
+        ap.error("--tokens must be >= 4096")
+    from models.loader import default_model_path, load_model
+
+    path = default_model_path()
+    modes = [m for m in args.modes.split(",") if m]
+    text, digest = reference_text()
+    base = load_model(path, quantization="none")
+    ids = base.tokenizer.encode(text, add_special_tokens=False)[: args.tokens]
+    if len(ids) < args.tokens:
+        raise SystemExit(f"the reference text has only {len(ids)} tokens")
+    wins = windows(ids, args.window)
+    print(f"model {path}\ntext: pydoc_data.topics (Python {sys.version.split()[0]}, sha256 {digest}), "
+          f"{len(ids)} tokens in {len(wins)} windows of {args.window}, {args.rows} rows per step")
+    tok = base.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
+    rows, ref_tokens = [], None
+    for mode in modes:
+        model = base if mode == "none" else load_model(path, quantization=mode)
+        ppl, secs = perplexity_jaxserve(model, wins, args.rows)
+        toks = greedy_tokens(path, mode, prompts, args.greedy_tokens)
+        ref_tokens = toks if mode == "none" else ref_tokens
+        row = {"engine": f"jaxserve {mode}", "ppl": ppl, "seconds": secs, "load_s": model.load_seconds,
+               "weights": model.describe_weights()}  # fmt: skip
+        if ref_tokens is not None:
+            row.update(agreement(toks, ref_tokens))
+        rows.append(row)
+        print(f"  {row['engine']}: ppl {ppl:.4f} ({secs:.0f}s); {row['weights']}", flush=True)
+        del model
+    if not args.skip_llama_cpp:
+        res = perplexity_llama_cpp(path, wins)
+        if res is None:
+            print("  llama.cpp: llama-cpp-python not installed: skipped")
+        else:
+            rows.append({"engine": "llama.cpp (Q4_1 file)", "ppl": res[0], "seconds": res[1]})
+    fp32 = next((r["ppl"] for r in rows if r["engine"] == "jaxserve none"), None)
+    print(f"\n{'engine':<24}{'perplexity':>12}{'vs fp32':>10}{'greedy exact':>14}{'prefix /32':>12}")
+    for r in rows:
+        rel = f"{100 * (r['ppl'] / fp32 - 1):+.2f}%" if fp32 else ""
+        ex = f"{r['exact']:.0%}" if "exact" in r else ""
+        pre = f"{r['prefix']:.1f}" if "prefix" in r else ""
+        print(f"{r['engine']:<24}{r['ppl']:>12.4f}{rel:>10}{ex:>14}{pre:>12}")
+    print("(greedy columns: 32 chat prompts x 32 tokens against jaxserve none)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": path, "text_sha256": digest, "tokens": len(ids), "args": vars(args), "rows": rows}, f,
+                      indent=1)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
