@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 MAX_PAGE_SIZE = 1024
 
 
@@ -12,7 +12,8 @@ MAX_PAGE_SIZE = 1024
 class CacheConfig:
     """The paged KV cache.
 
-    page_size: tokens per page. kv_cache_dtype: "auto" follows the model's dtype.
+    page_size: tokens per page. kv_cache_dtype: "auto" follows the model's dtype; "int8" keeps each token's K and V
+    per KV head as int8 with an f32 scale beside it (kernels_pallas/kv_quant.py; ~3.8x the tokens of float32).
     kv_cache_memory: bytes for K and V pages of all layers; None -> kv_cache_memory_fraction of the memory the
     device has free after the weights (the engine issue refines this with the compiled step's own needs).
     """

@@ -27,6 +27,7 @@ from jaxserve.kv_cache.pool import PoolPlan, allocate_kv_cache, plan_kv_pool
 from jaxserve.multihost import StepChannel, broadcast_from_leader, spans_processes
 from jaxserve.sampling import SampleRow, SamplerOutput, SamplingTensors, sample
 from jaxserve.scheduler import ScheduledRequest
+from kernels_pallas.kv_quant import row_width
 from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
 from models.llama import LlamaParams, compute_logits, forward, matmul_backend
@@ -164,7 +165,8 @@ class ModelRunner:
                             meta, jax.ShapeDtypeStruct((s,), i32))  # fmt: skip
         st = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                           SamplingTensors.build([], s, self.max_model_len))  # fmt: skip
-        shape = (self.cfg.num_layers, num_pages, self.page_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        shape = (self.cfg.num_layers, num_pages, self.page_size, self.cfg.num_kv_heads,
+                 row_width(self.cfg.head_dim, kv_dtype))
         cache = KVCache(jax.ShapeDtypeStruct(shape, kv_dtype), jax.ShapeDtypeStruct(shape, kv_dtype))
         return cache, inputs, st
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kernels_pallas.kv_quant import head_dim_of
+
 
 def check_attention_inputs(
     q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, *, sliding_window=None, soft_cap=None,
@@ -20,7 +22,8 @@ def check_attention_inputs(
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads, kv_head_dim = k_pages.shape[2:]
+    num_kv_heads = k_pages.shape[2]
+    kv_head_dim = head_dim_of(k_pages)  # int8 pages carry 4 scale bytes per row
     if num_tokens == 0:
         raise ValueError("q has no rows: T must be at least 1")
     if kv_head_dim != head_dim:

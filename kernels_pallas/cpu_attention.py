@@ -1,7 +1,8 @@
 """Ragged paged attention on CPU: our C++ kernel (kernels_pallas/cpu/attention.cc) through XLA FFI.
 
-Same signature and semantics as `ragged_paged_attention_ref` (its oracle in tests): fp32 pages, head_dim a
-multiple of 8. Other page dtypes run the reference (the caller's `ragged_paged_attention` picks it).
+Same signature and semantics as `ragged_paged_attention_ref` (its oracle in tests): f32 q, f32 or int8 pages
+(kernels_pallas/kv_quant.py: dequantized as read), head_dim a multiple of 8. Anything else (bf16) runs the
+reference.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 
 
 def cpu_kernel_supports(q, k_pages) -> bool:
-    return q.dtype == k_pages.dtype == jnp.float32 and q.shape[-1] % 8 == 0
+    pages_ok = k_pages.dtype in (jnp.float32, jnp.int8)
+    return q.dtype == jnp.float32 and pages_ok and q.shape[-1] % 8 == 0
 
 
 def ragged_paged_attention_cpu(

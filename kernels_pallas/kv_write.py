@@ -17,11 +17,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels_pallas.backend import resolve_backend
+from kernels_pallas.kv_quant import is_int8_pages, quantize_rows
 
 
 def _check(k_pages, v_pages, k, v, slot_mapping) -> None:
     if k_pages.shape != v_pages.shape or k.shape != v.shape:
         raise ValueError(f"K/V shapes differ: pages {k_pages.shape} vs {v_pages.shape}, rows {k.shape} vs {v.shape}")
+    if is_int8_pages(k_pages):
+        raise ValueError("the Pallas KV write takes float pages; int8 KV pages (kv_cache_dtype='int8') run on CPU "
+                         "until the accelerator issue brings int8 Pallas kernels")  # fmt: skip
     if k.ndim != 3 or k.shape[1:] != k_pages.shape[2:]:
         raise ValueError(f"rows {k.shape} must be [T, num_kv_heads, head_dim] matching pages {k_pages.shape}")
     if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != jnp.int32:
@@ -62,6 +66,8 @@ def write_kv_ref(
     num_pages, page_size = k_pages.shape[:2]
     page = jnp.where(slot_mapping < 0, num_pages, slot_mapping // page_size)  # out of range -> dropped
     offset = slot_mapping % page_size
+    if is_int8_pages(k_pages):  # each row quantized with its own scale (kernels_pallas/kv_quant.py)
+        k, v = quantize_rows(k), quantize_rows(v)
     k_pages = k_pages.at[page, offset].set(k.astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.at[page, offset].set(v.astype(v_pages.dtype), mode="drop")
     return k_pages, v_pages

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.checks import check_attention_inputs
+from kernels_pallas.kv_quant import is_int8_pages, read_rows
 
 
 def ragged_paged_attention(
@@ -44,6 +45,9 @@ def ragged_paged_attention(
     num_seqs = jnp.reshape(num_seqs, (1,)).astype(jnp.int32)
     check_attention_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs,
                            sliding_window=sliding_window, soft_cap=soft_cap)  # fmt: skip
+    if backend in ("pallas_tpu", "pallas_gpu") and is_int8_pages(k_pages):
+        raise ValueError(f"backend={backend!r} takes float KV pages; int8 pages (kv_cache_dtype='int8') run on CPU "
+                         f"(backend 'cpu' or 'reference') until the accelerator issue brings int8 Pallas kernels")
     if backend == "pallas_tpu":
         from kernels_pallas.rpa_tpu import ragged_paged_attention_tpu
 
@@ -122,8 +126,8 @@ def ragged_paged_attention_ref(
     # ---- in-step: the rows' own K/V, read back from the pages they were just written to ----------------------
     page = block_tables[seq, jnp.clip(qpos, 0) // page_size]
     okr = valid[:, None, None]
-    k_new = jnp.where(okr, k_pages[page, jnp.clip(qpos, 0) % page_size].astype(jnp.float32), 0)  # [T, K, D]
-    v_new = jnp.where(okr, v_pages[page, jnp.clip(qpos, 0) % page_size].astype(jnp.float32), 0)
+    k_new = jnp.where(okr, read_rows(k_pages, page, jnp.clip(qpos, 0) % page_size), 0)  # [T, K, D]
+    v_new = jnp.where(okr, read_rows(v_pages, page, jnp.clip(qpos, 0) % page_size), 0)
     # Row t sees rows [first row of its sequence, t]. `first` comes from a cumulative max, which XLA materializes:
     # a mask built from `seq` (a searchsorted result) got fused into every element of the [K, G, T, T] passes
     # below and recomputed there, 5x slower at T = 512.
@@ -179,9 +183,9 @@ def ragged_paged_attention_ref(
             _, okb = kv_mask(j, b_qpos, b_hist)
             pg = jax.lax.dynamic_slice_in_dim(b_tables, j * pages_per_step, pages_per_step, axis=1)  # [n, bp]
             # Unseen slots' scores are replaced by -inf, so K needs no zeroing; V does (0 * NaN would leak).
-            k = k_pages[pg].reshape(n, block, num_kv_heads, head_dim).astype(jnp.float32)
-            v = jnp.where(okb[:, :, None, None],
-                          v_pages[pg].reshape(n, block, num_kv_heads, head_dim).astype(jnp.float32), 0)  # fmt: skip
+            k = read_rows(k_pages, pg).reshape(n, block, num_kv_heads, head_dim)
+            v = jnp.where(okb[:, :, None, None], read_rows(v_pages, pg).reshape(n, block, num_kv_heads, head_dim),
+                          0)  # fmt: skip
             raw = jnp.einsum("tkgd,tbkd->tkgb", b_q, k)
             return online(*c, raw, okb[:, None, None, :], lambda p: jnp.einsum("tkgb,tbkd->tkgd", p, v))
 
@@ -198,9 +202,9 @@ def ragged_paged_attention_ref(
         def kv_step(j, c):
             kpos, okb = kv_mask(j, b_qpos, b_hist)
             pg = jax.lax.dynamic_slice_in_dim(tables[s0], j * pages_per_step, pages_per_step)  # [bp]
-            k = k_pages[pg].reshape(block, num_kv_heads, head_dim).astype(jnp.float32)
+            k = read_rows(k_pages, pg).reshape(block, num_kv_heads, head_dim)
             okv = (kpos < jnp.max(b_hist))[:, None, None]
-            v = jnp.where(okv, v_pages[pg].reshape(block, num_kv_heads, head_dim).astype(jnp.float32), 0)
+            v = jnp.where(okv, read_rows(v_pages, pg).reshape(block, num_kv_heads, head_dim), 0)
             raw = jnp.einsum("kgtd,bkd->kgtb", qh, k)
             return online(*c, raw, okb[None, None], lambda p: jnp.einsum("kgtb,bkd->kgtd", p, v))
 

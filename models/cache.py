@@ -16,7 +16,7 @@ import jax.numpy as jnp
 class KVCache:
     """Per-layer K and V pages, separate buffers so each can be donated."""
 
-    k: jax.Array  # [num_layers, num_pages, page_size, num_kv_heads, head_dim]
+    k: jax.Array  # [num_layers, num_pages, page_size, num_kv_heads, head_dim] (int8: head_dim + 4, kv_quant.py)
     v: jax.Array  # [num_layers, num_pages, page_size, num_kv_heads, head_dim]
 
     @property
@@ -29,7 +29,9 @@ class KVCache:
 
     @classmethod
     def zeros(cls, num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype) -> "KVCache":
-        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        from kernels_pallas.kv_quant import row_width
+
+        shape = (num_layers, num_pages, page_size, num_kv_heads, row_width(head_dim, dtype))
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 

@@ -1,6 +1,9 @@
 """Quality of jaxserve's quantization modes on the real model, next to llama.cpp on the same Q4_1 file.
 
-    .venv/bin/python scripts/bench_quality.py [--modes none,int8,int4,auto] [--tokens 4096] [--json out.json]
+    .venv/bin/python scripts/bench_quality.py [--modes none,int8,int4,auto,none+kv8] [--tokens 4096] [--json out.json]
+
+A mode is a `quantization=` value, optionally with "+kv8": the same weights over an int8 KV cache
+(kv_cache_dtype="int8").
 
 Perplexity: teacher-forced on a fixed English text of --tokens (>= 4096) tokens that no test uses: the Python
 reference manual's topic texts shipped with CPython (`pydoc_data.topics`, keys in sorted order; the script prints
@@ -110,8 +113,8 @@ class Scorer:
         return np.concatenate(out)
 
 
-def perplexity_jaxserve(model, wins, rows: int) -> tuple[float, float]:
-    scorer = Scorer(model, max(len(w) for w in wins), rows)
+def perplexity_jaxserve(model, wins, rows: int, kv_dtype=None) -> tuple[float, float]:
+    scorer = Scorer(model, max(len(w) for w in wins), rows, kv_dtype=kv_dtype)
     t = time.perf_counter()
     total, count = 0.0, 0
     for w in wins:
@@ -137,12 +140,12 @@ def perplexity_llama_cpp(path: str, wins) -> tuple[float, float] | None:
     return math.exp(total / count), time.perf_counter() - t
 
 
-def greedy_tokens(path: str, mode: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+def greedy_tokens(path: str, mode: str, prompts: list[list[int]], n: int, kv: str = "auto") -> list[list[int]]:
     from jaxserve.llm import LLM
     from jaxserve.sampling import SamplingParams
 
-    llm = LLM(path, quantization=mode, quiet=True, max_model_len=256, max_num_seqs=32, max_num_batched_tokens=256,
-              token_buckets=(8, 32, 256))  # fmt: skip
+    llm = LLM(path, quantization=mode, kv_cache_dtype=kv, quiet=True, max_model_len=256, max_num_seqs=32,
+              max_num_batched_tokens=256, token_buckets=(8, 32, 256))  # fmt: skip
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)  # fmt: skip
     return [list(o.outputs[0].token_ids) for o in outs]
@@ -158,7 +161,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="none,int8,int4,auto")
+    ap.add_argument("--modes", default="none,int8,int4,auto,none+kv8")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--rows", type=int, default=8, help="rows per step (< 16: activations quantized, as decode)")
@@ -183,12 +186,13 @@ def main() -> int:
     tok = base.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     rows, ref_tokens = [], None
-    for mode in modes:
+    for name in modes:
+        mode, _, kv = name.partition("+")
         model = base if mode == "none" else load_model(path, quantization=mode)
-        ppl, secs = perplexity_jaxserve(model, wins, args.rows)
-        toks = greedy_tokens(path, mode, prompts, args.greedy_tokens)
-        ref_tokens = toks if mode == "none" else ref_tokens
-        row = {"engine": f"jaxserve {mode}", "ppl": ppl, "seconds": secs, "load_s": model.load_seconds,
+        ppl, secs = perplexity_jaxserve(model, wins, args.rows, kv_dtype=jnp.int8 if kv == "kv8" else None)
+        toks = greedy_tokens(path, mode, prompts, args.greedy_tokens, kv="int8" if kv == "kv8" else "auto")
+        ref_tokens = toks if name == "none" else ref_tokens
+        row = {"engine": f"jaxserve {name}", "ppl": ppl, "seconds": secs, "load_s": model.load_seconds,
                "weights": model.describe_weights()}  # fmt: skip
         if ref_tokens is not None:
             row.update(agreement(toks, ref_tokens))

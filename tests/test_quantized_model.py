@@ -139,3 +139,20 @@ def test_real_model_int4_engine_answers(gguf_path):
     assert "Paris" in outs[0].outputs[0].text
     assert llm.engine.runner.compiles_since_warmup == 0
     assert jax.tree.leaves(llm.engine.runner.params.layers.w_gate)[0].dtype == jnp.uint8
+
+
+@pytest.mark.real_model
+def test_real_model_int8_kv_cache_answers_and_holds_more_tokens(gguf_path):
+    from jaxserve.llm import LLM
+    from jaxserve.sampling import SamplingParams
+
+    kw = dict(quiet=True, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, token_buckets=(4, 64),
+              kv_cache_memory=16 << 20)  # fmt: skip
+    llm = LLM(gguf_path, kv_cache_dtype="int8", **kw)
+    pool = llm.engine.runner.pool
+    assert pool.dtype == "int8" and "3.76x" in pool.describe()
+    assert llm.engine.runner.cache.k.shape[-1] == 64 + 4 and llm.engine.runner.cache.k.dtype == jnp.int8
+    f32_pages = (16 << 20) // (2 * 30 * 16 * 3 * 64 * 4)
+    assert pool.num_pages >= 3.7 * f32_pages
+    outs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+    assert "Paris" in outs[0].outputs[0].text

@@ -91,3 +91,54 @@ def test_cpu_kernel_sliding_window_and_soft_cap():
     case = make_case(rng, [20, 1, 5], [40, 70, 5], page_size=8, num_q_heads=4, num_kv_heads=2, head_dim=32,
                      sliding_window=12, soft_cap=30.0)  # fmt: skip
     _check(case, _run(case, backend="cpu"))
+
+
+# ---- int8 KV pages (kernels_pallas/kv_quant.py) -----------------------------------------------------------
+
+
+def _int8_case(case):
+    """The case's pages quantized per row (NaN rows get a NaN scale: reading them still poisons the output), and
+    the float case of the dequantized pages: the oracle's input."""
+    import dataclasses
+
+    from kernels_pallas.kv_quant import dequantize_rows, quantize_rows
+
+    kq, vq = (np.asarray(quantize_rows(jnp.asarray(p))) for p in (case.k_pages, case.v_pages))
+    exact = dataclasses.replace(case, k_pages=np.asarray(dequantize_rows(jnp.asarray(kq))),
+                                v_pages=np.asarray(dequantize_rows(jnp.asarray(vq))))  # fmt: skip
+    return dataclasses.replace(case, k_pages=kq, v_pages=vq), exact
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=ragged_cases())
+def test_int8_pages_reference_and_cpu_kernel_equal_dense_of_dequantized(case):
+    q8, exact = _int8_case(case)
+    want = dense_attention(exact)
+    rows = case.num_valid_rows
+    for backend in ("reference", "cpu"):
+        out = _run(q8, backend=backend)
+        assert np.all(np.isfinite(out[:rows])), backend
+        np.testing.assert_allclose(out[:rows], want[:rows], atol=2e-5, rtol=1e-5, err_msg=backend)
+
+
+def test_int8_rows_round_trip_and_write():
+    from kernels_pallas.kv_quant import dequantize_rows, quantize_rows
+
+    x = np.random.default_rng(0).standard_normal((5, 2, 16)).astype(np.float32)
+    x[1, 0] = 0.0
+    back = np.asarray(dequantize_rows(quantize_rows(jnp.asarray(x))))
+    step = np.abs(x).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(back - x) <= 0.5 * step + 1e-7) and np.all(back[1, 0] == 0)
+    pages = jnp.zeros((3, 4, 2, 20), jnp.int8)
+    k2, v2 = write_kv(pages, pages + 0, jnp.asarray(x[:2]), jnp.asarray(-x[:2]), jnp.array([5, -1], jnp.int32))
+    np.testing.assert_allclose(np.asarray(dequantize_rows(k2[1, 1])), back[0], rtol=0, atol=0)
+    assert np.all(np.asarray(k2[0]) == 0) and np.all(np.asarray(k2[2]) == 0)  # padding row dropped
+
+
+def test_pallas_backends_refuse_int8_pages():
+    case = make_case(np.random.default_rng(1), [3, 1], [10, 7], page_size=8, num_q_heads=4, num_kv_heads=2,
+                     head_dim=16)  # fmt: skip
+    q8, _ = _int8_case(case)
+    for backend in ("pallas_tpu", "pallas_gpu"):
+        with pytest.raises(ValueError, match="int8"):
+            _run(q8, backend=backend, interpret=True)

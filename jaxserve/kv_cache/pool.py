@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import CacheConfig
+from kernels_pallas.kv_quant import row_width
 from models.cache import KVCache
 from models.config import LlamaConfig
 
@@ -32,11 +33,22 @@ class PoolPlan:
         return self.num_pages * self.bytes_per_page
 
     def describe(self) -> str:
+        what = self.dtype
+        if self.dtype == "int8":
+            what = (f"int8 with an f32 scale per token and KV head ({self.tokens_vs_float32:.2f}x the tokens float32 "
+                    f"holds in the same memory)")  # fmt: skip
         return (
             f"KV cache: {self.num_pages} pages x {self.page_size} tokens ({self.num_tokens} usable tokens), "
-            f"{self.dtype}, {self.total_bytes / 2**20:.1f} MiB of a {self.budget_bytes / 2**20:.1f} MiB budget "
+            f"{what}, {self.total_bytes / 2**20:.1f} MiB of a {self.budget_bytes / 2**20:.1f} MiB budget "
             f"({self.budget_source})"
         )
+
+    head_dim: int = 0  # for tokens_vs_float32
+
+    @property
+    def tokens_vs_float32(self) -> float:
+        """Tokens per byte relative to float32 pages (int8: 4 * head_dim / (head_dim + 4))."""
+        return 4 * self.head_dim / (row_width(self.head_dim, self.dtype) * jnp.dtype(self.dtype).itemsize)
 
 
 def free_device_memory(device: jax.Device) -> tuple[int, str]:
@@ -70,7 +82,8 @@ def plan_kv_pool(
     (weights already loaded) after `reserve_bytes` (the compiled step's scratch); at most `max_tokens` tokens."""
     dtype = jnp.dtype(model_dtype if cache.kv_cache_dtype == "auto" else cache.kv_cache_dtype)
     # kv_shards: devices the KV heads are split over; the budget is per device, so a page costs 1/kv_shards.
-    bytes_per_page = (2 * model.num_layers * cache.page_size * model.num_kv_heads * model.head_dim * dtype.itemsize
+    row = row_width(model.head_dim, dtype)  # int8 rows carry their f32 scale
+    bytes_per_page = (2 * model.num_layers * cache.page_size * model.num_kv_heads * row * dtype.itemsize
                       // kv_shards)  # fmt: skip
     if cache.kv_cache_memory is not None:
         budget, source = cache.kv_cache_memory, "kv_cache_memory"
@@ -89,12 +102,12 @@ def plan_kv_pool(
             f"KV cache budget of {budget} bytes ({source}) holds {num_pages} page(s) of {bytes_per_page} bytes; "
             f"at least 2 are needed (raise kv_cache_memory or lower page_size)"
         )
-    return PoolPlan(int(num_pages), cache.page_size, dtype.name, bytes_per_page, budget, source)
+    return PoolPlan(int(num_pages), cache.page_size, dtype.name, bytes_per_page, budget, source, model.head_dim)
 
 
 def allocate_kv_cache(plan: PoolPlan, model: LlamaConfig, sharding=None) -> KVCache:
     """Zeroed K and V pages as two separate buffers (each donated to the step on its own)."""
-    shape = (model.num_layers, plan.num_pages, plan.page_size, model.num_kv_heads, model.head_dim)
+    shape = (model.num_layers, plan.num_pages, plan.page_size, model.num_kv_heads, row_width(model.head_dim, plan.dtype))
     zeros = jax.jit(lambda: jnp.zeros(shape, plan.dtype), out_shardings=sharding)
     return KVCache(zeros(), zeros())
 

@@ -405,7 +405,8 @@ def define_flags(fv=None) -> None:
                       "weights: int8 / int4 blocks of 32, auto = a GGUF file's own blocks", flag_values=fv)
     flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_tpu", "pallas_gpu"],
                       "kernels (reference: the pure-jnp ones)", flag_values=fv)
-    flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "float32", "bfloat16"], "KV cache dtype", flag_values=fv)
+    flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "float32", "bfloat16", "int8"], "KV cache dtype",
+                      flag_values=fv)
 
 
 def engine_options_from_flags(fv) -> dict:

@@ -2,7 +2,9 @@
 // kernels_pallas/ragged_paged_attention.py's reference (which is its oracle in tests).
 //
 //   q            f32[T, H, D]        query rows of S sequences, flattened (sequence i owns rows qsl[i]:qsl[i+1])
-//   k/v_pages    f32[N, P, Kh, D]    the paged cache, this step's K/V already written
+//   k/v_pages    f32[N, P, Kh, D]    the paged cache, this step's K/V already written, or
+//                s8[N, P, Kh, D + 4] int8 rows with their f32 scale in the last 4 bytes (kernels_pallas/kv_quant.py),
+//                dequantized as they are read
 //   kv_lens      i32[S]              cached tokens per sequence (this step's included)
 //   block_tables i32[S, W]           page ids of each sequence
 //   qsl          i32[S + 1]          query_start_loc
@@ -19,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -42,7 +45,8 @@ struct Unit {
 };
 
 struct Problem {
-  const float *q, *k, *v;
+  const float* q;
+  const void *k, *v;  // float or int8 rows (Q8)
   const int32_t *kv_lens, *tables, *qsl;
   float* out;
   int64_t H, D, Kh, P, N, W;
@@ -50,7 +54,7 @@ struct Problem {
   int64_t window;  // 0: none
 };
 
-inline float dot(const float* a, const float* b, int64_t D) {
+inline float jaxserve_dot(const float* a, const float* b, int64_t D) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
@@ -61,7 +65,44 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return hsum(_mm256_add_ps(s0, s1));
 }
 
+// One cache row (position, KV head) as f32 or int8 + scale: q . row, and acc += p * row.
+template <bool Q8>
+struct Rows {
+  const uint8_t* base;
+  int64_t D, stride;  // stride: bytes from one position to the next in a page
+
+  const uint8_t* at(int64_t page, int64_t off, int64_t P, int64_t Kh, int64_t kh) const {
+    return base + ((page * P + off) * Kh + kh) * (Q8 ? D + 4 : D * 4);
+  }
+  float scale(const uint8_t* row) const {
+    float sc = 1.0f;
+    if (Q8) std::memcpy(&sc, row + D, sizeof(float));
+    return sc;
+  }
+  float dot(const float* q, const uint8_t* row) const {
+    if (!Q8) return jaxserve_dot(q, reinterpret_cast<const float*>(row), D);
+    const int8_t* r = reinterpret_cast<const int8_t*>(row);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), widen(r + d), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), widen(r + d + 8), s1);
+    }
+    for (; d < D; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), widen(r + d), s0);
+    return hsum(_mm256_add_ps(s0, s1)) * scale(row);
+  }
+  __m256 load8(const uint8_t* row, int64_t d) const {
+    return Q8 ? widen(reinterpret_cast<const int8_t*>(row) + d) : _mm256_loadu_ps(reinterpret_cast<const float*>(row) + d);
+  }
+  static __m256 widen(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+template <bool Q8>
 void run_unit(const Problem& pb, const Unit& u) {
+  const Rows<Q8> krows{static_cast<const uint8_t*>(pb.k), pb.D, pb.Kh * (Q8 ? pb.D + 4 : pb.D * 4)};
+  const Rows<Q8> vrows{static_cast<const uint8_t*>(pb.v), pb.D, krows.stride};
   const int64_t G = pb.H / pb.Kh, D = pb.D, R = u.row1 - u.row0, pairs = R * G;
   const int64_t kv_len = pb.kv_lens[u.seq], q_end = pb.qsl[u.seq + 1];
   const int32_t* table = pb.tables + int64_t(u.seq) * pb.W;
@@ -87,12 +128,13 @@ void run_unit(const Problem& pb, const Unit& u) {
   }
   std::fill(acc, acc + pairs * D, 0.0f);
   const int64_t first = *std::min_element(lo, lo + R), last = *std::max_element(hi, hi + R);
-  const int64_t row_stride = pb.Kh * D;  // between consecutive positions of one page
   for (int64_t start = first; start <= last;) {
     const int64_t page = table[start / pb.P], off = start % pb.P;
     const int64_t n = std::min<int64_t>({kBlock, pb.P - off, last - start + 1});
-    const float* kb = pb.k + ((page * pb.P + off) * pb.Kh + u.kv_head) * D;
-    const float* vb = pb.v + ((page * pb.P + off) * pb.Kh + u.kv_head) * D;
+    const uint8_t* kb = krows.at(page, off, pb.P, pb.Kh, u.kv_head);
+    const uint8_t* vb = vrows.at(page, off, pb.P, pb.Kh, u.kv_head);
+    float vscale[kBlock];
+    for (int64_t j = 0; j < n; ++j) vscale[j] = vrows.scale(vb + j * vrows.stride);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t a = std::max<int64_t>(lo[r] - start, 0), b = std::min<int64_t>(hi[r] - start + 1, n);
       for (int64_t g = 0; g < G; ++g) {
@@ -106,7 +148,7 @@ void run_unit(const Problem& pb, const Unit& u) {
         for (int64_t j = 0; j < kBlock; ++j) {
           float x = -std::numeric_limits<float>::infinity();
           if (j >= a && j < b) {
-            x = dot(qs + pr * D, kb + j * row_stride, D);
+            x = krows.dot(qs + pr * D, kb + j * krows.stride);
             if (pb.soft_cap > 0.0f) x = pb.soft_cap * std::tanh(x / pb.soft_cap);
             mx = std::max(mx, x);
           }
@@ -128,10 +170,12 @@ void run_unit(const Problem& pb, const Unit& u) {
           const __m256 cv = _mm256_set1_ps(corr);
           for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(ac + d, _mm256_mul_ps(_mm256_loadu_ps(ac + d), cv));
         }
+        if (Q8)
+          for (int64_t j = a; j < b; ++j) s[j] *= vscale[j];  // p * the row's scale, once per row
         for (int64_t d = 0; d < D; d += 8) {
           __m256 o = _mm256_loadu_ps(ac + d);
           for (int64_t j = a; j < b; ++j)
-            o = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(vb + j * row_stride + d), o);
+            o = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), vrows.load8(vb + j * vrows.stride, d), o);
           _mm256_storeu_ps(ac + d, o);
         }
       }
@@ -147,8 +191,8 @@ void run_unit(const Problem& pb, const Unit& u) {
     }
 }
 
-ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
-                                    ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> kv_lens,
+ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
+                                    ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> kv_lens,
                                     ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> query_start_loc,
                                     ffi::Buffer<ffi::S32> num_seqs, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
                                     int64_t sliding_window, float soft_cap) {
@@ -159,9 +203,12 @@ ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   const int64_t T = qd[0];
   pb.H = qd[1], pb.D = qd[2], pb.N = kd[0], pb.P = kd[1], pb.Kh = kd[2], pb.W = td[1];
   const int64_t S = td[0];
-  if (kd[3] != pb.D || pb.D % 8 || pb.H % pb.Kh)
+  const bool q8 = k_pages.element_type() == ffi::DataType::S8;
+  if (k_pages.element_type() != v_pages.element_type() || (!q8 && k_pages.element_type() != ffi::DataType::F32))
+    return ffi::Error::InvalidArgument("ragged_paged_attention: pages must both be f32 or both int8");
+  if (kd[3] != pb.D + (q8 ? 4 : 0) || pb.D % 8 || pb.H % pb.Kh)
     return ffi::Error::InvalidArgument("ragged_paged_attention: head_dim must agree and be a multiple of 8");
-  pb.q = q.typed_data(), pb.k = k_pages.typed_data(), pb.v = v_pages.typed_data();
+  pb.q = q.typed_data(), pb.k = k_pages.untyped_data(), pb.v = v_pages.untyped_data();
   pb.kv_lens = kv_lens.typed_data(), pb.tables = block_tables.typed_data(), pb.qsl = query_start_loc.typed_data();
   pb.out = out->typed_data();
   pb.scale = sm_scale, pb.soft_cap = soft_cap, pb.window = sliding_window;
@@ -184,7 +231,9 @@ ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   }
   const Unit* up = units.data();
   const int64_t threads = units.size() < 2 ? 1 : std::max<int64_t>(1, pool.num_threads());
-  parallel_chunks(pool, int64_t(units.size()), threads, [pb, up](int64_t c) { run_unit(pb, up[c]); });
+  parallel_chunks(pool, int64_t(units.size()), threads, [pb, up, q8](int64_t c) {
+    if (q8) run_unit<true>(pb, up[c]); else run_unit<false>(pb, up[c]);
+  });
   return ffi::Error::Success();
 }
 
@@ -194,8 +243,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveRaggedPagedAttention, RaggedPagedAttention
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q [T, H, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_pages [N, P, Kh, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pages
+                                  .Arg<ffi::AnyBuffer>()         // k_pages f32 [N, P, Kh, D] | s8 [.., D + 4]
+                                  .Arg<ffi::AnyBuffer>()         // v_pages
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens [S]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // block_tables [S, W]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // query_start_loc [S + 1]
