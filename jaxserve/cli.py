@@ -29,7 +29,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", choices=("none", "int8", "int4", "auto"), default="none",
                    help="weights: int8 (W8A8) or int4 (W4A8) blocks of 32, auto keeps a GGUF file's own "
                         "Q8_0/Q4_0/Q4_1 blocks, none is dense --dtype")
-    p.add_argument("--attention-backend", choices=("auto", "reference", "pallas_tpu", "pallas_gpu"), default="auto",
+    p.add_argument("--attention-backend", choices=("auto", "reference", "pallas_tpu", "pallas_gpu", "cpu"),
+                   default="auto",
                    help="kernels: auto picks the Pallas ones on TPU/GPU and the C++ ones on CPU; reference runs "
                         "the pure-jnp kernels everywhere")
     p.add_argument("--max-model-len", type=int, default=None,

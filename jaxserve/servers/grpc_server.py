@@ -403,7 +403,7 @@ def define_flags(fv=None) -> None:
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and activations", flag_values=fv)
     flags.DEFINE_enum("quantization", "none", ["none", "int8", "int4", "auto"],
                       "weights: int8 / int4 blocks of 32, auto = a GGUF file's own blocks", flag_values=fv)
-    flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_tpu", "pallas_gpu"],
+    flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_tpu", "pallas_gpu", "cpu"],
                       "kernels (reference: the pure-jnp ones)", flag_values=fv)
     flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "float32", "bfloat16", "int8"], "KV cache dtype",
                       flag_values=fv)

@@ -33,16 +33,6 @@ class CpuKernelsUnavailable(RuntimeError):
     """The C++ kernels cannot be built or loaded here (no compiler, no AVX2): run the jnp reference instead."""
 
 
-def cpu_supports_kernels() -> bool:
-    """AVX2, FMA and F16C, read from /proc/cpuinfo (Linux x86-64)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
-
-
 def _build_id() -> str:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
@@ -82,6 +72,17 @@ def build(verbose: bool = False) -> str:
         if old.startswith("libjaxserve_cpu-") and old != os.path.basename(path) and old.endswith(".so"):
             os.remove(os.path.join(os.path.dirname(path), old))
     return path
+
+
+@functools.cache
+def cpu_supports_kernels() -> bool:
+    """AVX2, FMA and F16C, read from /proc/cpuinfo (Linux x86-64)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
 
 
 @functools.cache
