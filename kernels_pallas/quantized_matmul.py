@@ -58,8 +58,15 @@ def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
     return m, k, n, four_bit
 
 
-def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str = "auto") -> jax.Array:
-    """x [M, K] . dequantized(values)^T -> f32[M, N]. See the module docstring for the layouts."""
+ISAS = {"auto": 0, "avx2": 1}
+
+
+def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str = "auto", isa: str = "auto") -> jax.Array:
+    """x [M, K] . dequantized(values)^T -> f32[M, N]. See the module docstring for the layouts.
+
+    isa (CPU kernel): "auto" uses AVX-512 for the f32 tile where the CPU has it; "avx2" pins the baseline path."""
+    if isa not in ISAS:
+        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
     m, k, n, four_bit = check_inputs(x, values, scales, mins, layer)
     if resolve_backend(backend) != "cpu":  # TPU / GPU: the reference until Pallas kernels come
         return quantized_matmul_ref(x, values, scales, mins, layer)
@@ -69,7 +76,8 @@ def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str =
     layer_arg = jnp.zeros((), jnp.int32) if layer is None else layer
     target = "jaxserve_qmatmul_int4" if four_bit else "jaxserve_qmatmul_int8"
     args = (x.astype(jnp.float32), values, scales, *((mins,) if four_bit else ()), layer_arg)
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(*args, f32_min_rows=np.int64(F32_MIN_ROWS))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))
+    return call(*args, f32_min_rows=np.int64(F32_MIN_ROWS), isa=np.int64(ISAS[isa]))
 
 
 def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:

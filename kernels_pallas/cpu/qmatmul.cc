@@ -50,7 +50,27 @@ struct QuantizedActs {
   uint8_t* aq;  // [M, K] |q| (int8 path: the unsigned operand of maddubs)
   float* d;     // [M, K/32] scales
   float* s;     // [M, K/32] d * sum(q) (4-bit path: multiplies the weight mins)
+  // 4-bit pair path (K/32 even): per pair of blocks (2p, 2p+1), the values in the order one 32-byte load of
+  // the two blocks' weights unpacks to (see tile_pair), and 8-lane vectors of their scales.
+  int8_t* qp;   // [M, K/64, 64]: x[2p][0:16] x[2p+1][0:16] | x[2p][16:32] x[2p+1][16:32]
+  float* dv;    // [M, K/64, 8]: d[2p] x 4, d[2p+1] x 4
+  float* sv;    // [M, K/64, 8]: s[2p] / 4 x 4, s[2p+1] / 4 x 4 (four lanes each sum back to s)
 };
+
+// The pair layout of one quantized row (from q, d, s of quantize_row).
+void pair_layout(const int8_t* q, const float* d, const float* s, int64_t K, int8_t* qp, float* dv, float* sv) {
+  for (int64_t p = 0; p < K / (2 * QK); ++p) {
+    const int8_t* b0 = q + 2 * p * QK;
+    const int8_t* b1 = b0 + QK;
+    int8_t* o = qp + p * 2 * QK;
+    std::memcpy(o, b0, 16), std::memcpy(o + 16, b1, 16), std::memcpy(o + 32, b0 + 16, 16);
+    std::memcpy(o + 48, b1 + 16, 16);
+    for (int l = 0; l < 4; ++l) {
+      dv[p * 8 + l] = d[2 * p], dv[p * 8 + 4 + l] = d[2 * p + 1];
+      sv[p * 8 + l] = 0.25f * s[2 * p], sv[p * 8 + 4 + l] = 0.25f * s[2 * p + 1];
+    }
+  }
+}
 
 void quantize_row(const float* x, int64_t K, int8_t* q, uint8_t* aq, float* d, float* s) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -115,10 +135,60 @@ inline __m256i load_block(const Weights& w, int64_t n, int64_t b) {
 
 // A chunk of output rows' scales and mins, converted from f16 once per call (not once per block and row).
 struct ChunkScales {
-  const float* d;  // [rows, G]
-  const float* m;  // [rows, G] (4-bit) or nullptr
-  int64_t n0;      // first row of the chunk
+  const float* d;   // [rows, G]
+  const float* m;   // [rows, G] (4-bit) or nullptr
+  bool pairs;       // 4-bit, groups of 32, an even number of blocks: tile_pair
+  int64_t n0;       // first row of the chunk
 };
+
+// 4-bit weights, a pair of blocks at a time: one 32-byte load holds blocks 2p and 2p+1 (16 bytes each); its low
+// nibbles are elements 0-15 of both blocks, its high nibbles elements 16-31, which is the order pair_layout put
+// x in. Two maddubs, an add and one madd give 8 i32 lanes: 4 partial sums of block 2p, then 4 of block 2p+1, so
+// one 8-lane scale vector (dx * dw per block, 4 lanes each) scales both, and the min term rides in the same
+// accumulator (mins x s / 4 per lane). The two blocks' f16 scales (and mins) are adjacent (groups of 32): one
+// 4-byte load, one cvtph and one permute make each 8-lane vector. About half the instructions of a block at a
+// time.
+inline __m256 pair_vector(const uint16_t* two_f16) {
+  int32_t bits;
+  std::memcpy(&bits, two_f16, sizeof(bits));
+  const __m256 d2 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+  return _mm256_permutevar8x32_ps(d2, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+template <int MR, int NR>
+void tile_pair(const Weights& w, const QuantizedActs& a, const ChunkScales& cs, int64_t m0, int64_t n0, float* y,
+               int64_t ldy) {
+  const int64_t K = w.K, PB = K / (2 * QK);
+  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0f);
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < PB; ++p) {
+    __m256i lo[NR], hi[NR];
+    __m256 dw[NR], mw[NR];
+    for (int j = 0; j < NR; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.values + (n0 + j) * (K / 2) + p * 32));
+      lo[j] = _mm256_and_si256(v, mask);
+      hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      dw[j] = pair_vector(w.scales + (n0 + j) * w.G + 2 * p);
+      mw[j] = pair_vector(w.mins + (n0 + j) * w.G + 2 * p);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int64_t at = (m0 + i) * PB + p;
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qp + at * 64));
+      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qp + at * 64 + 32));
+      const __m256 dx = _mm256_loadu_ps(a.dv + at * 8), sx = _mm256_loadu_ps(a.sv + at * 8);
+      for (int j = 0; j < NR; ++j) {
+        const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], xa), _mm256_maddubs_epi16(hi[j], xb));
+        const __m256 pf = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        acc[i][j] = _mm256_fmadd_ps(pf, _mm256_mul_ps(dx, dw[j]), acc[i][j]);
+        acc[i][j] = _mm256_fmadd_ps(mw[j], sx, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[(m0 + i) * ldy + n0 + j] = hsum(acc[i][j]);
+}
 
 // acc[i][j] (MR x NR tiles) over all blocks; FOUR: the weight layout, compile-time so each loop is branch-free.
 // The 4-bit mins contribute sum_b min[g(b)] * s[b] per (row, column), accumulated beside the integer dots.
@@ -166,6 +236,12 @@ void tile(const Weights& w, const QuantizedActs& a, const ChunkScales& cs, int64
 template <bool FOUR, int NR>
 void rows_block(const Weights& w, const QuantizedActs& a, const ChunkScales& cs, int64_t M, int64_t n0, float* y) {
   int64_t m = 0;
+  if (FOUR && cs.pairs) {
+    for (; m + 4 <= M; m += 4) tile_pair<4, NR>(w, a, cs, m, n0, y, w.N);
+    for (; m + 2 <= M; m += 2) tile_pair<2, NR>(w, a, cs, m, n0, y, w.N);
+    for (; m < M; ++m) tile_pair<1, NR>(w, a, cs, m, n0, y, w.N);
+    return;
+  }
   for (; m + 4 <= M; m += 4) tile<FOUR, 4, NR>(w, a, cs, m, n0, y, w.N);
   for (; m + 2 <= M; m += 2) tile<FOUR, 2, NR>(w, a, cs, m, n0, y, w.N);
   for (; m < M; ++m) tile<FOUR, 1, NR>(w, a, cs, m, n0, y, w.N);
@@ -177,12 +253,14 @@ template <bool FOUR>
 void columns(const Weights& w, const QuantizedActs& a, int64_t M, int64_t n0, int64_t n1, float* y) {
   thread_local std::vector<float> conv;
   const int64_t rows = n1 - n0, G = w.G;
+  const bool pairs = FOUR && a.qp != nullptr;
   conv.resize(size_t(2 * rows * G));
-  for (int64_t r = 0; r < rows * G; ++r) {
-    conv[r] = f16_to_f32(w.scales[n0 * G + r]);
-    if (FOUR) conv[rows * G + r] = f16_to_f32(w.mins[n0 * G + r]);
-  }
-  const ChunkScales cs{conv.data(), FOUR ? conv.data() + rows * G : nullptr, n0};
+  if (!pairs)  // tile_pair converts its scales in registers
+    for (int64_t r = 0; r < rows * G; ++r) {
+      conv[r] = f16_to_f32(w.scales[n0 * G + r]);
+      if (FOUR) conv[rows * G + r] = f16_to_f32(w.mins[n0 * G + r]);
+    }
+  const ChunkScales cs{conv.data(), FOUR ? conv.data() + rows * G : nullptr, pairs, n0};
   int64_t n = n0;
   if (M < 4) {
     for (; n + 4 <= n1; n += 4) rows_block<FOUR, 4>(w, a, cs, M, n, y);
@@ -195,7 +273,8 @@ void columns(const Weights& w, const QuantizedActs& a, int64_t M, int64_t n0, in
 //
 // Without VNNI an int8 dot costs maddubs + madd + cvt + fmadd per 32 products, more than the 4 FMAs of f32,
 // so once a weight row is reused by enough activation rows it pays to dequantize it (into L1, once per call)
-// and run f32: x is not quantized on this path (the reference does the same for M >= f32_min_rows).
+// and run f32: x is not quantized on this path (the reference does the same for M >= f32_min_rows). On CPUs with
+// AVX-512 the tile runs 16 lanes wide (picked at run time; the `isa` attribute 1 pins the AVX2 tile).
 
 inline void dequantize_row(const Weights& w, int64_t n, float* out) {
   const int64_t per_group = (w.K / w.G) / QK;
@@ -238,23 +317,56 @@ void rows_f32(const float* x, const float* wrows, int64_t M, int64_t K, int64_t 
   for (; m < M; ++m) tile_f32<1, NR>(x, wrows, K, m, n0, y, ldy);
 }
 
-void columns_f32(const Weights& w, const float* x, int64_t M, int64_t n0, int64_t n1, float* y) {
+// The same tile 16 lanes wide, for CPUs with AVX-512 (chosen at run time; K is a multiple of 32).
+template <int MR, int NR>
+__attribute__((target("avx512f"))) void tile_f32_512(const float* x, const float* wrows, int64_t K, int64_t m0,
+                                                     int64_t n0, float* y, int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_ps(wrows + j * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[(m0 + i) * ldy + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int NR>
+__attribute__((target("avx512f"))) void rows_f32_512(const float* x, const float* wrows, int64_t M, int64_t K,
+                                                     int64_t n0, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile_f32_512<4, NR>(x, wrows, K, m, n0, y, ldy);
+  for (; m + 2 <= M; m += 2) tile_f32_512<2, NR>(x, wrows, K, m, n0, y, ldy);
+  for (; m < M; ++m) tile_f32_512<1, NR>(x, wrows, K, m, n0, y, ldy);
+}
+
+bool use_avx512(int64_t isa) {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return isa == 0 && has;  // isa 1: AVX2 only (tests and benchmarks of the baseline path)
+}
+
+void columns_f32(const Weights& w, const float* x, int64_t M, int64_t n0, int64_t n1, float* y, bool wide) {
   thread_local std::vector<float> panel;  // 3 dequantized weight rows (18 KB at K = 1536: stays in L1)
   panel.resize(size_t(3 * w.K));
   int64_t n = n0;
   for (; n + 3 <= n1; n += 3) {
     for (int j = 0; j < 3; ++j) dequantize_row(w, n + j, panel.data() + j * w.K);
-    rows_f32<3>(x, panel.data(), M, w.K, n, y, w.N);
+    if (wide) rows_f32_512<3>(x, panel.data(), M, w.K, n, y, w.N); else rows_f32<3>(x, panel.data(), M, w.K, n, y, w.N);
   }
   for (; n < n1; ++n) {
     dequantize_row(w, n, panel.data());
-    rows_f32<1>(x, panel.data(), M, w.K, n, y, w.N);
+    if (wide) rows_f32_512<1>(x, panel.data(), M, w.K, n, y, w.N); else rows_f32<1>(x, panel.data(), M, w.K, n, y, w.N);
   }
 }
 
 ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
                    ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
-                   bool four_bit, int64_t f32_min_rows) {
+                   bool four_bit, int64_t f32_min_rows, int64_t isa) {
   auto xd = x.dimensions(), vd = values.dimensions(), sd = scales.dimensions();
   if (xd.size() != 2 || (vd.size() != 2 && vd.size() != 3) || sd.size() != vd.size())
     return ffi::Error::InvalidArgument("qmatmul: x must be [M, K], values [(L,) N, Kv], scales [(L,) N, G]");
@@ -281,8 +393,9 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   const int64_t work = M * N * K;
   const int64_t threads = work < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
   if (M >= f32_min_rows) {
-    parallel_chunks(pool, num_chunks, threads, [w, xp, M, yp, N](int64_t c) {
-      columns_f32(w, xp, M, c * chunk, std::min(N, c * chunk + chunk), yp);
+    const bool wide = use_avx512(isa);
+    parallel_chunks(pool, num_chunks, threads, [w, xp, M, yp, N, wide](int64_t c) {
+      columns_f32(w, xp, M, c * chunk, std::min(N, c * chunk + chunk), yp, wide);
     });
     return ffi::Error::Success();
   }
@@ -290,13 +403,20 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   // Activation scratch, reused across calls on the calling thread (workers only read it while we wait).
   thread_local std::vector<uint8_t> scratch;
   const int64_t B = K / QK;
-  scratch.resize(size_t(M * K * 2 + M * B * 8 + 64));
+  const bool pairs = four_bit && B % 2 == 0 && G == B;  // groups of 32 (GGUF's Q4_0 / Q4_1)
+  scratch.resize(size_t(M * K * 3 + M * B * 40 + 64));  // q, |q|, qp; d, s; dv, sv (8 floats per pair each)
   QuantizedActs a;
   a.q = reinterpret_cast<int8_t*>(scratch.data());
   a.aq = scratch.data() + M * K;
   a.d = reinterpret_cast<float*>(scratch.data() + 2 * M * K);
   a.s = a.d + M * B;
-  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, a.q + m * K, a.aq + m * K, a.d + m * B, a.s + m * B);
+  a.qp = pairs ? reinterpret_cast<int8_t*>(a.s + M * B) : nullptr;
+  a.dv = pairs ? reinterpret_cast<float*>(a.qp + M * K) : nullptr;
+  a.sv = pairs ? a.dv + M * B * 4 : nullptr;
+  for (int64_t m = 0; m < M; ++m) {
+    quantize_row(xp + m * K, K, a.q + m * K, a.aq + m * K, a.d + m * B, a.s + m * B);
+    if (pairs) pair_layout(a.q + m * K, a.d + m * B, a.s + m * B, K, a.qp + m * K, a.dv + m * B * 4, a.sv + m * B * 4);
+  }
 
   parallel_chunks(pool, num_chunks, threads, [w, a, M, yp, N](int64_t c) {
     const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
@@ -306,14 +426,15 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
 }
 
 ffi::Error QMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
-                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t f32_min_rows) {
-  return qmatmul(pool, x, values, scales, scales, layer, y, false, f32_min_rows);
+                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t f32_min_rows,
+                       int64_t isa) {
+  return qmatmul(pool, x, values, scales, scales, layer, y, false, f32_min_rows, isa);
 }
 
 ffi::Error QMatmulInt4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
                        ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
-                       int64_t f32_min_rows) {
-  return qmatmul(pool, x, values, scales, mins, layer, y, true, f32_min_rows);
+                       int64_t f32_min_rows, int64_t isa) {
+  return qmatmul(pool, x, values, scales, mins, layer, y, true, f32_min_rows, isa);
 }
 
 }  // namespace
@@ -326,7 +447,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmulInt8, QMatmulInt8,
                                   .Arg<ffi::AnyBuffer>()         // scales f16 [(L,) N, G]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("f32_min_rows"));
+                                  .Attr<int64_t>("f32_min_rows")
+                                  .Attr<int64_t>("isa"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmulInt4, QMatmulInt4,
                               ffi::Ffi::Bind()
@@ -337,4 +459,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmulInt4, QMatmulInt4,
                                   .Arg<ffi::AnyBuffer>()         // mins f16 [(L,) N, G]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("f32_min_rows"));
+                                  .Attr<int64_t>("f32_min_rows")
+                                  .Attr<int64_t>("isa"));
