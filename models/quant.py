@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.quantized_matmul import BLOCK, dequantize, quantized_matmul, unpack_4bit
+from kernels_pallas.quantized_matmul import BLOCK, dequantize, quantized_matmul
 
 QUANTIZATIONS = ("none", "int8", "int4", "auto")
 
@@ -144,10 +144,6 @@ def host_dequantize(h: HostQuantized) -> np.ndarray:
     """f32[..., N, K] of a host-side quantized weight (numpy; tests and requantization)."""
     return np.asarray(dequantize(jnp.asarray(h.values), jnp.asarray(h.scales),
                                  None if h.mins is None else jnp.asarray(h.mins)))  # fmt: skip
-
-
-def unpack_4bit_np(values: np.ndarray) -> np.ndarray:
-    return np.asarray(unpack_4bit(jnp.asarray(values)))
 
 
 def quantize(w: np.ndarray, mode: str) -> HostQuantized:
