@@ -33,16 +33,23 @@ PHASES = ("matmuls", "attention", "mlp elementwise", "LM head", "sampler", "othe
 
 
 def scopes_of(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> its op_name metadata."""
+    """HLO instruction name -> its op_name metadata, with the custom-call target (our FFI kernels) prefixed."""
     out = {}
-    for m in re.finditer(r"%?([\w.\-]+) = [^\n]*?metadata=\{[^}]*op_name=\"([^\"]*)\"", hlo_text):
-        out[m.group(1)] = m.group(2)
+    for line in hlo_text.splitlines():
+        m = re.search(r"%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"", line)
+        if m:
+            target = re.search(r'custom_call_target="([^"]*)"', line)
+            out[m.group(1)] = (f"[{target.group(1)}] " if target else "") + m.group(2)
     return out
 
 
 def phase_of(name: str, scope: str) -> str:
-    is_matmul = name.startswith(("ffi_call", "custom-call", "dot", "ynn_fusion", "onednn")) or "dot" in name
-    if "lm_head" in scope:
+    if "[jaxserve_ragged_paged_attention]" in scope:
+        return "attention"
+    # (an einsum's op_name carries its spec, "kgtd,ukd->kgtu": those are the jnp attention's, not projections)
+    is_matmul = (name.startswith(("ffi_call", "custom-call", "dot", "ynn_fusion", "onednn")) or "dot" in name) \
+        and "->" not in scope
+    if "lm_head" in scope or ("/sample/" in scope and is_matmul):  # (older caches: the LM head under sample)
         return "LM head"
     if is_matmul:
         return "matmuls"
