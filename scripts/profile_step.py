@@ -7,8 +7,9 @@ steps untimed, then traces --steps decode steps (every sequence decoding one tok
 Each XLA:CPU thunk in the trace is put in a phase by what it is and by the named scope it was traced under
 (the compiled HLO's op_name metadata): dots and our FFI matmul calls are "matmuls" (the LM head apart), the rest
 of the `attention` scope is "attention" (KV write, RoPE, norms, the paged attention), `mlp` elementwise work,
-`sample` the sampler; "host" is the engine step's wall time less the device's. Times are exclusive (a loop's
-own time excludes the thunks inside it).
+`sample` the sampler; "host" is the engine step's wall time less the thunks' time: Python (scheduling, input
+packing, output processing, ~0.5 ms of a one-stream step) plus XLA's own gaps between thunks. Times are
+exclusive (a loop's own time excludes the thunks inside it).
 """
 
 from __future__ import annotations
