@@ -165,6 +165,10 @@ def main(case: str) -> None:
         results = run(path, layouts, prompts, SamplingParams(temperature=0.0, max_tokens=24), max_model_len=256,
                       max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(16, 64))  # fmt: skip
         results["first_text"] = tok.decode(results["1x1"]["tokens"][0], skip_special_tokens=True)
+        # int8 weights over TP 3 (values and scales split together), the reference kernels on both sides
+        results["int8"] = run(path, [(1, 1), (3, 1)], prompts, SamplingParams(temperature=0.0, max_tokens=24),
+                              quantization="int8", attention_backend="reference", max_model_len=256, max_num_seqs=8,
+                              max_num_batched_tokens=64, token_buckets=(16, 64))  # fmt: skip
     print("RESULT " + json.dumps(results))
 
 

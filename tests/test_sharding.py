@@ -78,6 +78,11 @@ def test_real_model_tp3_and_dp2_tp3_match_one_device():
     assert "Paris" in r["first_text"]
     assert r["1x3"]["tokens"] == r["1x1"]["tokens"]
     assert r["2x3"]["tokens"] == r["1x1"]["tokens"]
+    # quantization="int8" over TP 3: the same greedy tokens as one device in int8; the int8 values are split
+    # ([L, 576 / 3, 576] for wq), not replicated
+    q8 = r["int8"]
+    assert q8["1x3"]["tokens"] == q8["1x1"]["tokens"]
+    assert q8["1x3"]["layout"]["wq"] == [30, 192, 576] and q8["1x3"]["layout"]["wo"] == [30, 576, 192]
     for key in ("1x3", "2x3"):
         lay = r[key]["layout"]
         # SmolLM2: 30 layers, hidden 576, 9 query heads / 3 KV heads of 64, MLP 1536, vocab 49152 -> thirds
