@@ -156,3 +156,26 @@ def test_bad_inputs_name_the_problem(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         check_inputs(*args.values())
+
+
+def test_build_without_a_compiler_names_the_fix(monkeypatch, tmp_path):
+    """No C++ compiler: a clear error saying what to install and how to run the references instead."""
+    import kernels_pallas.cpu as cpu
+
+    monkeypatch.setattr(cpu, "library_path", lambda: str(tmp_path / "libjaxserve_cpu-x.so"))
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(cpu.CpuKernelsUnavailable, match="C\\+\\+17 compiler.*attention_backend='reference'"):
+        cpu.build()
+
+
+def test_reference_backend_runs_without_the_cpu_kernels():
+    """backend="reference" never touches the C++ library (the fallback users ask for)."""
+    rng = np.random.default_rng(5)
+    values, scales, mins = random_weight(rng, 8, 64, 4, BLOCK)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    text = jax.jit(lambda x: quantized_matmul(x, values, scales, mins, backend="reference")).lower(x).as_text()
+    assert "jaxserve_qmatmul" not in text
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: quantized_matmul(x, values, scales, mins,
+                                                                              backend="reference"))(x)),
+                               np.asarray(REF(x, values, scales, mins)), rtol=0, atol=0)  # fmt: skip
