@@ -156,3 +156,44 @@ def test_real_model_int8_kv_cache_answers_and_holds_more_tokens(gguf_path):
     assert pool.num_pages >= 3.7 * f32_pages
     outs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
     assert "Paris" in outs[0].outputs[0].text
+
+
+@pytest.mark.parametrize("qtype, bits", [("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8)])
+def test_auto_keeps_q4_0_q4_1_q8_0_blocks_of_a_tiny_file(tmp_path, qtype, bits):
+    """auto holds each kept type in its own width, and its dequantized weights are the f32 loader's (Q4_0 as
+    Q4_1's form with min = -8 * scale: the same values)."""
+    path = str(tmp_path / f"tiny-{qtype}.gguf")
+    write_gguf(path, TINY, random_arrays(TINY, seed=4), qtype=qtype)
+    dense = GGUFFile(path).load_arrays(TINY)
+    model = load_model(path, quantization="auto")
+    for name, w in _weights(model).items():
+        if name.endswith("norm"):
+            continue
+        assert w.bits == bits, name
+        np.testing.assert_allclose(np.asarray(w.dequantize()).swapaxes(-1, -2), dense[name], rtol=1e-6, atol=1e-7,
+                                   err_msg=name)  # fmt: skip
+    if qtype == "Q4_0":
+        wq = model.params.layers.wq
+        np.testing.assert_array_equal(np.asarray(wq.mins), (np.asarray(wq.scales, np.float32) * -8).astype(np.float16))
+
+
+@pytest.mark.parametrize("qtype, mode", [("Q4_K", "int4"), ("Q6_K", "int8")])
+def test_auto_requantizes_k_quants(tmp_path, qtype, mode):
+    """K-quants are not kept: auto requantizes Q2-Q4_K to int4 and Q5/Q6_K to int8, within half a step."""
+    import gguf
+
+    from tests.test_loaders import _random_blocks
+
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    w.add_tensor("t", _random_blocks(qt, 4, np.random.default_rng(1)), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = GGUFFile(tmp_path / "k.gguf")
+    assert f.tensor_mode("t", "auto") == mode and f.tensor_mode("t", "none") == "dense"
+    q = f._quantized("t", mode)
+    want = f.dequantize("t")
+    step = q.scales.astype(np.float32).repeat(32, axis=-1)
+    assert np.all(np.abs(host_dequantize(q) - want) <= 0.5 * step + 2e-3 * np.abs(want).max())
