@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.quantized_matmul import absmax_int8
+
 SCALE_BYTES = 4
 
 
@@ -32,11 +34,8 @@ def head_dim_of(pages) -> int:
 
 def quantize_rows(x: jax.Array) -> jax.Array:
     """[..., D] floats -> int8 [..., D + 4]: per row, scale = amax / 127, q = round(x / scale)."""
-    xf = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
-    inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
-    q = jnp.clip(jnp.round(xf * inv), -127, 127).astype(jnp.int8)
-    scale_bytes = jax.lax.bitcast_convert_type(scale, jnp.int8).reshape(*x.shape[:-1], SCALE_BYTES)
+    q, scale = absmax_int8(x)
+    scale_bytes = jax.lax.bitcast_convert_type(scale, jnp.int8)  # [..., 4]
     return jnp.concatenate([q, scale_bytes], axis=-1)
 
 

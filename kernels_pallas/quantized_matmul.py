@@ -80,13 +80,19 @@ def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str =
     return call(*args, f32_min_rows=np.int64(F32_MIN_ROWS), isa=np.int64(ISAS[isa]))
 
 
-def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """f32[M, K] -> int8 q [M, K], f32 d [M, K / 32]: per row and block, d = amax / 127, q = round(x / d)."""
-    m, k = x.shape
-    xb = x.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK)
-    d = jnp.max(jnp.abs(xb), axis=-1) / 127.0
+def absmax_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., n] floats -> int8 q [..., n], f32 d [...]: d = amax / 127 over the last axis, q = round(x * (1 / d))
+    (half to even, as the C++ kernels; d = 0 gives q = 0). Activations and int8 KV rows both use it."""
+    xf = x.astype(jnp.float32)
+    d = jnp.max(jnp.abs(xf), axis=-1) / 127.0
     inv = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
-    q = jnp.clip(jnp.round(xb * inv[..., None]), -127, 127).astype(jnp.int8)
+    return jnp.clip(jnp.round(xf * inv[..., None]), -127, 127).astype(jnp.int8), d
+
+
+def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """f32[M, K] -> int8 q [M, K], f32 d [M, K / 32]: per row and block of 32 (absmax_int8)."""
+    m, k = x.shape
+    q, d = absmax_int8(x.reshape(m, k // BLOCK, BLOCK))
     return q.reshape(m, k), d
 
 
