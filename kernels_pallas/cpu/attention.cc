@@ -54,17 +54,6 @@ struct Problem {
   int64_t window;  // 0: none
 };
 
-inline float jaxserve_dot(const float* a, const float* b, int64_t D) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
-  }
-  for (; d < D; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
-  return hsum(_mm256_add_ps(s0, s1));
-}
-
 // One cache row (position, KV head) as f32 or int8 + scale: q . row, and acc += p * row.
 template <bool Q8>
 struct Rows {
@@ -79,17 +68,16 @@ struct Rows {
     if (Q8) std::memcpy(&sc, row + D, sizeof(float));
     return sc;
   }
-  float dot(const float* q, const uint8_t* row) const {
-    if (!Q8) return jaxserve_dot(q, reinterpret_cast<const float*>(row), D);
-    const int8_t* r = reinterpret_cast<const int8_t*>(row);
+  float dot(const float* q, const uint8_t* row) const {  // the scale is 1 for float rows
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t d = 0;
     for (; d + 16 <= D; d += 16) {
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), widen(r + d), s0);
-      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), widen(r + d + 8), s1);
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(row, d), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(row, d + 8), s1);
     }
-    for (; d < D; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), widen(r + d), s0);
-    return hsum(_mm256_add_ps(s0, s1)) * scale(row);
+    for (; d < D; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(row, d), s0);
+    const float r = hsum(_mm256_add_ps(s0, s1));
+    return Q8 ? r * scale(row) : r;
   }
   __m256 load8(const uint8_t* row, int64_t d) const {
     return Q8 ? widen(reinterpret_cast<const int8_t*>(row) + d) : _mm256_loadu_ps(reinterpret_cast<const float*>(row) + d);
