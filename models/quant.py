@@ -146,6 +146,12 @@ def host_dequantize(h: HostQuantized) -> np.ndarray:
                                  None if h.mins is None else jnp.asarray(h.mins)))  # fmt: skip
 
 
+def held_mode(quantization: str, *, head: bool = False) -> str:
+    """The mode a weight is quantized to under `quantization` ("int8" | "int4"): the embedding and LM head
+    (`head`) stay int8 (see the module docstring)."""
+    return "int8" if head else quantization
+
+
 def quantize(w: np.ndarray, mode: str) -> HostQuantized:
     """f32[..., N, K] in mode "int8" or "int4"."""
     return quantize_int8(w) if mode == "int8" else quantize_int4(w)
