@@ -17,14 +17,13 @@ import sys
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_throughput import request_record  # noqa: E402  (numpy and the standard library only)
 
 
 def record(t0, start, first, finish, tokens):
-    n = len(tokens)
-    return {"n": n, "ttft_s": None if first is None else first - t0,
-            "svc_ttft_s": None if first is None or start is None else first - start,
-            "tpot_s": None if first is None or finish is None or n < 2 else (finish - first) / (n - 1),
-            "tokens": [int(t) for t in tokens]}  # fmt: skip
+    return request_record(t0, start, first, finish, tokens, len(tokens))
 
 
 def main() -> int:
