@@ -23,20 +23,22 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    from jaxserve.config import ATTENTION_BACKENDS, KV_CACHE_DTYPES
+    from models.config import QUANTIZATIONS
+
     p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="weights and activations (float32 is the fast path on CPUs without native bf16)")
-    p.add_argument("--quantization", "-q", choices=("none", "int8", "int4", "auto"), default="none",
+    p.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default="none",
                    help="weights: int8 (W8A8) or int4 (W4A8) blocks of 32, auto keeps a GGUF file's own "
                         "Q8_0/Q4_0/Q4_1 blocks, none is dense --dtype")
-    p.add_argument("--attention-backend", choices=("auto", "reference", "pallas_tpu", "pallas_gpu", "cpu"),
-                   default="auto",
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
                    help="kernels: auto picks the Pallas ones on TPU/GPU and the C++ ones on CPU; reference runs "
                         "the pure-jnp kernels everywhere")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length the KV cache holds (default: min(2048, the model's context))")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "int8"), default="auto",
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="KV cache dtype (auto: the model's; int8: per-token, per-head scales, ~3.8x the tokens)")
     p.add_argument("--kv-cache-memory", type=_bytes, default=None,
                    help="bytes for the KV cache, e.g. 512MiB or 2GB (default: a fraction of free memory)")
@@ -147,8 +149,8 @@ def _load(args):
         _distributed(args)
     return build_engine(
         args.model, dtype=args.dtype, quantization=args.quantization, attention_backend=args.attention_backend,
-        max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, progress=True, quiet=args.quiet, max_num_seqs=1, max_num_batched_tokens=CLI_BUCKETS[-1],
-        multihost=args.multihost,
+        max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, progress=True, quiet=args.quiet,
+        max_num_seqs=1, max_num_batched_tokens=CLI_BUCKETS[-1], multihost=args.multihost,
         token_buckets=CLI_BUCKETS, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory, seed=args.seed or 0, tensor_parallel_size=args.tensor_parallel_size,
         data_parallel_size=args.data_parallel_size,
@@ -246,7 +248,8 @@ def _batching_engine(args):
 
     return build_engine(
         args.model, dtype=args.dtype, quantization=args.quantization, attention_backend=args.attention_backend,
-        max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, quiet=args.quiet, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, quiet=args.quiet,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting_requests=args.max_waiting_requests, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,

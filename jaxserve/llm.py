@@ -53,8 +53,8 @@ def engine_config(*, max_model_len: int, max_num_seqs: int = 64, max_num_batched
 
 
 def build_engine(model: str | None = None, *, dtype: str = "float32", quantization: str = "none",
-                 max_model_len: int | None = None, compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR, progress: bool = True, quiet: bool = False,
-                 **options):  # fmt: skip
+                 max_model_len: int | None = None, compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
+                 progress: bool = True, quiet: bool = False, **options):  # fmt: skip
     """Load a model and start an engine on it (every bucket compiled before this returns)."""
     from jaxserve.engine import LLMEngine
     from models.loader import load_model
@@ -77,7 +77,8 @@ def build_engine(model: str | None = None, *, dtype: str = "float32", quantizati
     if not quiet:
         runner = engines[0].runner
         print(f"[jaxserve] {loaded.config.name} ({os.path.basename(loaded.path)}), {dtype}, loaded in "
-              f"{loaded.load_seconds:.1f}s; {loaded.describe_weights()}; {runner.pool.describe()}; {runner.describe_memory()}"
+              f"{loaded.load_seconds:.1f}s; {loaded.describe_weights()}; {runner.pool.describe()}; "
+              f"{runner.describe_memory()}"
               f"{f'; {dp} data-parallel replicas' if dp > 1 else ''}; "
               f"{runner.describe_compile_plan()}", file=sys.stderr)  # fmt: skip
     return engine

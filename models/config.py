@@ -15,6 +15,7 @@ MAX_HIDDEN = 1 << 16
 MAX_LAYERS = 512
 MAX_HEADS = 1024
 MAX_CONTEXT = 1 << 22
+QUANTIZATIONS = ("none", "int8", "int4", "auto")  # how weights are held (models/quant.py)
 
 
 @dataclasses.dataclass(frozen=True)

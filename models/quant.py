@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.quantized_matmul import BLOCK, dequantize, quantized_matmul
+from models.config import QUANTIZATIONS  # noqa: F401  (re-exported: the modes this module implements)
 
-QUANTIZATIONS = ("none", "int8", "int4", "auto")
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ class PoolPlan:
     bytes_per_page: int  # K and V of one page, all layers
     budget_bytes: int
     budget_source: str
+    head_dim: int  # values per row (tokens_vs_float32 compares row widths)
 
     @property
     def num_tokens(self) -> int:
@@ -42,8 +43,6 @@ class PoolPlan:
             f"{what}, {self.total_bytes / 2**20:.1f} MiB of a {self.budget_bytes / 2**20:.1f} MiB budget "
             f"({self.budget_source})"
         )
-
-    head_dim: int = 0  # for tokens_vs_float32
 
     @property
     def tokens_vs_float32(self) -> float:
@@ -107,7 +106,8 @@ def plan_kv_pool(
 
 def allocate_kv_cache(plan: PoolPlan, model: LlamaConfig, sharding=None) -> KVCache:
     """Zeroed K and V pages as two separate buffers (each donated to the step on its own)."""
-    shape = (model.num_layers, plan.num_pages, plan.page_size, model.num_kv_heads, row_width(model.head_dim, plan.dtype))
+    width = row_width(model.head_dim, plan.dtype)  # int8 rows carry their f32 scale
+    shape = (model.num_layers, plan.num_pages, plan.page_size, model.num_kv_heads, width)
     zeros = jax.jit(lambda: jnp.zeros(shape, plan.dtype), out_shardings=sharding)
     return KVCache(zeros(), zeros())
 

@@ -371,7 +371,9 @@ def define_flags(fv=None) -> None:
     """The command line's flags (on absl's global FLAGS unless `fv` is given)."""
     from absl import flags
 
+    from jaxserve.config import ATTENTION_BACKENDS, KV_CACHE_DTYPES
     from jaxserve.llm import DEFAULT_COMPILE_CACHE_DIR
+    from models.config import QUANTIZATIONS
 
     fv = flags.FLAGS if fv is None else fv
     text, integer, number = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
@@ -401,20 +403,19 @@ def define_flags(fv=None) -> None:
     ]:  # fmt: skip
         define(name, default, doc, flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and activations", flag_values=fv)
-    flags.DEFINE_enum("quantization", "none", ["none", "int8", "int4", "auto"],
+    flags.DEFINE_enum("quantization", "none", list(QUANTIZATIONS),
                       "weights: int8 / int4 blocks of 32, auto = a GGUF file's own blocks", flag_values=fv)
-    flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_tpu", "pallas_gpu", "cpu"],
-                      "kernels (reference: the pure-jnp ones)", flag_values=fv)
-    flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "float32", "bfloat16", "int8"], "KV cache dtype",
+    flags.DEFINE_enum("attention_backend", "auto", list(ATTENTION_BACKENDS), "kernels (reference: the pure-jnp ones)",
                       flag_values=fv)
+    flags.DEFINE_enum("kv_cache_dtype", "auto", list(KV_CACHE_DTYPES), "KV cache dtype", flag_values=fv)
 
 
 def engine_options_from_flags(fv) -> dict:
     """Parsed flags -> keyword arguments of jaxserve.llm.build_engine."""
     from jaxserve.cli import _bytes
 
-    names = ("dtype", "quantization", "attention_backend", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_dtype",
-             "enable_prefix_caching", "seed", "tensor_parallel_size", "data_parallel_size", "multihost")  # fmt: skip
+    names = ("dtype", "quantization", "attention_backend", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+             "page_size", "kv_cache_dtype", "enable_prefix_caching", "seed", "tensor_parallel_size", "data_parallel_size", "multihost")  # fmt: skip
     options = {name: getattr(fv, name) for name in names}
     options["compile_cache_dir"] = fv.compile_cache_dir or None
     if fv.kv_cache_memory:
