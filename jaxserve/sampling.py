@@ -188,8 +188,25 @@ def apply_penalties(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     return jax.lax.cond(jnp.any(active), penalize, lambda: logits)
 
 
+def argmax(x: jax.Array, block: int = 128) -> jax.Array:
+    """jnp.argmax over the last axis of f32[S, V] (the first index of the max; a NaN counts as the max, as there),
+    ~6x faster on XLA:CPU: its argmax is a variadic (value, index) reduce that does not vectorize, so this takes
+    plain maxima of blocks of `block`, then argmaxes only the [S, V / block] block maxima and the winning block.
+    XLA:CPU's vectorized max may drop NaNs: a batch holding one takes jnp.argmax instead."""
+    s, v = x.shape
+
+    def blocked():
+        padded = jnp.pad(x, ((0, 0), (0, -v % block)), constant_values=-jnp.inf)
+        blocks = padded.reshape(s, -1, block)
+        best = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)  # the first block holding the max
+        within = jnp.argmax(jnp.take_along_axis(blocks, best[:, None, None], axis=1)[:, 0], axis=-1)
+        return (best * block + within).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(jnp.isnan(x)), lambda: jnp.argmax(x, axis=-1).astype(jnp.int32), blocked)
+
+
 def _pick(logits: jax.Array, st: SamplingTensors) -> jax.Array:
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
 
     def draw():
         temp = jnp.where(st.temperature > 0, st.temperature, 1.0)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas.quantized_matmul import ISAS
+
 
 def cpu_kernel_supports(q, k_pages) -> bool:
     pages_ok = k_pages.dtype in (jnp.float32, jnp.int8)
@@ -29,6 +31,7 @@ def ragged_paged_attention_cpu(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    isa: str = "auto",  # "auto": AVX-512 where the CPU has it (head_dim 16..128); "avx2": the baseline kernel
 ) -> jax.Array:  # f32[T, num_q_heads, head_dim]
     if not cpu_kernel_supports(q, k_pages):
         from kernels_pallas.ragged_paged_attention import ragged_paged_attention_ref
@@ -37,8 +40,10 @@ def ragged_paged_attention_cpu(
                                           sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)  # fmt: skip
     from kernels_pallas.cpu import ensure_registered
 
+    if isa not in ISAS:
+        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
     ensure_registered()
     call = jax.ffi.ffi_call("jaxserve_ragged_paged_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, jnp.reshape(num_seqs, (1,)),
                 sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
-                soft_cap=np.float32(soft_cap or 0.0))  # fmt: skip
+                soft_cap=np.float32(soft_cap or 0.0), isa=np.int64(ISAS[isa]))  # fmt: skip

@@ -10,12 +10,13 @@
                                         pointers instead of XLA copying a slice inside the layer scan)
     -> f32[M, N]
 
-For M < F32_MIN_ROWS activations are quantized per row and per block of 32 (llama.cpp's Q8_0 x Q8_1 / vLLM's
-dynamic W8A8): d = amax / 127, q = round_half_even(x * (1 / d)), and the integer dots read 4-8x fewer weight bytes
-than f32 (decode is bandwidth-bound). From F32_MIN_ROWS rows on (prefill, big batches: compute-bound) the
-weights are dequantized and x stays f32: on AVX2 without VNNI an int8 dot costs more instructions than f32 FMAs.
-The reference does exactly the same, then runs XLA's f32 dot: the oracle of the C++ kernel, and the path on TPU
-and GPU until Pallas kernels replace it.
+Activations are quantized per row and per block of 32 (llama.cpp's Q8_0 x Q8_1 / vLLM's dynamic W8A8):
+d = amax * f32(1 / 127), q = round_half_even(x * (1 / d)), and the integer dots read 4-8x fewer weight bytes than f32
+(decode is bandwidth-bound). On CPUs without AVX-512 VNNI an int8 dot costs more instructions than f32 FMAs, so
+from F32_MIN_ROWS rows on (prefill, big batches: compute-bound) the weights are dequantized and x stays f32; with
+VNNI (64 integer products per instruction) the kernel's integer GEMM wins at every M and x is always quantized.
+`f32_min_rows()` says which rule holds here. The reference does exactly the same, then runs XLA's f32 dot: the
+oracle of the C++ kernel, and the path on TPU and GPU until Pallas kernels replace it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ import numpy as np
 from kernels_pallas.backend import resolve_backend
 
 BLOCK = 32  # activation block; weight groups are multiples of it
-F32_MIN_ROWS = 16  # from this many rows of x on, x stays f32 and the weights are dequantized (see above)
+F32_MIN_ROWS = 16  # without VNNI: from this many rows of x on, x stays f32 and the weights are dequantized
+NEVER = 2**31 - 1
+
+
+def f32_min_rows(isa: str = "auto") -> int:
+    """The C++ kernel's rule (see above): from how many rows on x stays f32. NEVER on a CPU with AVX-512 VNNI
+    (unless isa pins AVX2), else F32_MIN_ROWS."""
+    from kernels_pallas.cpu import cpu_has_vnni
+
+    return NEVER if isa == "auto" and cpu_has_vnni() else F32_MIN_ROWS
 
 
 def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
@@ -77,14 +87,16 @@ def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str =
     target = "jaxserve_qmatmul_int4" if four_bit else "jaxserve_qmatmul_int8"
     args = (x.astype(jnp.float32), values, scales, *((mins,) if four_bit else ()), layer_arg)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))
-    return call(*args, f32_min_rows=np.int64(F32_MIN_ROWS), isa=np.int64(ISAS[isa]))
+    return call(*args, f32_min_rows=np.int64(f32_min_rows(isa)), isa=np.int64(ISAS[isa]))
 
 
 def absmax_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[..., n] floats -> int8 q [..., n], f32 d [...]: d = amax / 127 over the last axis, q = round(x * (1 / d))
+    """[..., n] floats -> int8 q [..., n], f32 d [...]: d = amax * f32(1 / 127) over the last axis (a product,
+    not a division: XLA turns division by a constant into that product, and the C++ kernels must agree bit for
+    bit), q = round(x * (1 / d))
     (half to even, as the C++ kernels; d = 0 gives q = 0). Activations and int8 KV rows both use it."""
     xf = x.astype(jnp.float32)
-    d = jnp.max(jnp.abs(xf), axis=-1) / 127.0
+    d = jnp.max(jnp.abs(xf), axis=-1) * np.float32(1 / 127)
     inv = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
     return jnp.clip(jnp.round(xf * inv[..., None]), -127, 127).astype(jnp.int8), d
 
@@ -116,14 +128,17 @@ def dequantize(values, scales, mins=None) -> jax.Array:
     return w.reshape(*lead, n, k)
 
 
-def quantized_matmul_ref(x, values, scales, mins=None, layer=None) -> jax.Array:
-    """Pure jnp: quantize x as the kernel does, dequantize both, f32 dot at full precision."""
+def quantized_matmul_ref(x, values, scales, mins=None, layer=None, *,
+                         min_f32_rows: int = F32_MIN_ROWS) -> jax.Array:  # fmt: skip
+    """Pure jnp: quantize x below min_f32_rows rows, dequantize the weights, f32 dot at full precision. As the
+    C++ kernel's oracle it takes the kernel's rule (f32_min_rows(isa)); as the path of TPU, GPU and tensor
+    parallel, F32_MIN_ROWS (f32 activations for prefill and big batches)."""
     if layer is not None:
         pick = lambda a: jax.lax.dynamic_index_in_dim(jnp.asarray(a), layer, keepdims=False)  # noqa: E731
         values, scales = pick(values), pick(scales)
         mins = None if mins is None else pick(mins)
     m, k = x.shape
-    if m >= F32_MIN_ROWS:
+    if m >= min_f32_rows:
         xf = x.astype(jnp.float32)
     else:
         q, d = quantize_activations(x)

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from kernels_pallas.backend import resolve_backend
 from kernels_pallas.kv_write import write_kv
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
 from models.layers import apply_rope, rms_norm, rope_cos_sin
-from models.quant import HostQuantized, QuantizedWeight, embed_lookup, is_quantized, linear
+from models.quant import HostQuantized, QuantizedWeight, at_layer, embed_lookup, is_quantized, linear
 from models.sharding import MODEL, kv_heads_sharded
 
 
@@ -157,10 +158,9 @@ def forward(
 
     def layer(carry, i):
         h, k_all, v_all = carry
-        # Dense leaves are sliced to this layer; quantized ones stay stacked and carry the layer index, so the
-        # CPU kernel reads its layer in place (a slice would copy the weights every step).
-        p = jax.tree.map(lambda a: a.at_layer(i) if is_quantized(a) else a[i], params.layers, is_leaf=is_quantized)
-        mm = functools.partial(linear, backend=matmul_backend(attention_backend, mesh))
+        # With the CPU kernels the weight matrices stay stacked and carry the layer index, so the kernel reads its
+        # layer in place (a slice would copy the weights every step); norms and biases are sliced.
+        p = jax.tree.map(lambda a: at_layer(a, i, in_place=in_place), params.layers, is_leaf=is_quantized)
         with jax.named_scope("attention"):
             x = rms_norm(h, p.attn_norm, cfg.rms_norm_eps)
             q, k, v = mm(x, p.wq), mm(x, p.wk), mm(x, p.wv)
@@ -178,6 +178,8 @@ def forward(
             h = h + mm(jax.nn.silu(mm(x, p.w_gate)) * mm(x, p.w_up), p.w_down)
         return (h, k_all, v_all), None
 
+    mm = functools.partial(linear, backend=matmul_backend(attention_backend, mesh))
+    in_place = resolve_backend(matmul_backend(attention_backend, mesh)) == "cpu"
     attend = functools.partial(_write_and_attend, sm_scale=d**-0.5, sliding_window=cfg.sliding_window,
                                backend=attention_backend, interpret=interpret_kernels, kv_select=None)  # fmt: skip
     if mesh is not None and mesh.shape[MODEL] > 1:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas.dense_matmul import dense_matmul
 from kernels_pallas.quantized_matmul import BLOCK, dequantize, quantized_matmul
 from models.config import QUANTIZATIONS  # noqa: F401  (re-exported: the modes this module implements)
 
@@ -67,8 +68,30 @@ def is_quantized(w) -> bool:
     return isinstance(w, QuantizedWeight)
 
 
+@dataclasses.dataclass(frozen=True)
+class DenseAtLayer:
+    """One layer of a dense weight stacked over layers, left stacked: the CPU kernel reads it in place, where
+    `stacked[layer]` would make XLA copy the slice before its dot. Made inside the layer scan, never stored."""
+
+    stacked: jax.Array  # [L, K, N]
+    layer: jax.Array  # i32[]
+
+
+def at_layer(w, layer: jax.Array, *, in_place: bool):
+    """Layer `layer` of a stacked weight, as `linear` takes it: quantized weights carry the index; dense matrices
+    [L, K, N] stay stacked when `in_place` (the CPU kernels); anything else (norms, biases) is sliced."""
+    if is_quantized(w):
+        return w.at_layer(layer)
+    if in_place and w.ndim == 3:
+        return DenseAtLayer(w, layer)
+    return w[layer]
+
+
 def linear(x: jax.Array, w, *, backend: str = "auto") -> jax.Array:
-    """x [M, K] times a weight: dense [K, N] (x @ w) or quantized [N, K] (the quantized matmul). -> [M, N]"""
+    """x [M, K] times a weight: dense [K, N] (x @ w), one layer of a stacked dense one (DenseAtLayer), or
+    quantized [N, K] (the quantized matmul). -> [M, N]"""
+    if isinstance(w, DenseAtLayer):
+        return dense_matmul(x, w.stacked, w.layer, backend=backend)
     if not is_quantized(w):
         return x @ w
     return quantized_matmul(x, w.values, w.scales, w.mins, w.layer, backend=backend).astype(x.dtype)

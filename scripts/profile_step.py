@@ -93,6 +93,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--top", type=int, default=0, help="also list the N costliest thunks with their scopes")
     args = ap.parse_args()
 
     from jaxserve.llm import build_engine
@@ -125,10 +126,11 @@ def main() -> int:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     totals = collections.Counter()
-    device = 0.0
+    per_thunk = collections.Counter()
     for name, us in exclusive_times(events):
         if name in scopes:
             totals[phase_of(name, scopes[name])] += us / 1e3
+            per_thunk[name] += us / 1e3
     device = sum(totals.values())
     totals["host"] = max(0.0, wall * 1e3 - device)
     per_step = {k: totals[k] / args.steps for k in PHASES}
@@ -137,6 +139,8 @@ def main() -> int:
           f"bucket T{bucket}, {total:.1f} ms per step ({args.num_seqs / total * 1e3:.0f} tok/s)")
     for k in PHASES:
         print(f"  {k:<16} {per_step[k]:8.2f} ms  {100 * per_step[k] / total:5.1f}%")
+    for name, ms in per_thunk.most_common(args.top):
+        print(f"  {ms / args.steps:8.2f} ms  {phase_of(name, scopes[name]):<15} {name}  {scopes[name][:110]}")
     return 0
 
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels_pallas.quantized_matmul import (
-    BLOCK, F32_MIN_ROWS, check_inputs, dequantize, quantize_activations, quantized_matmul, quantized_matmul_ref, unpack_4bit,
+    BLOCK, F32_MIN_ROWS, NEVER, check_inputs, dequantize, f32_min_rows, quantize_activations, quantized_matmul,
+    quantized_matmul_ref, unpack_4bit,
 )  # fmt: skip
 from models.quant import host_dequantize, pack_4bit, quantize_int4, quantize_int8
 
@@ -29,10 +30,10 @@ def random_weight(rng, n, k, bits, group, layers=None):
     return values, scales, mins
 
 
-def f64_oracle(x, values, scales, mins):
-    """Quantize x as the kernel does (f32 ops; only below F32_MIN_ROWS rows), then everything in float64."""
+def f64_oracle(x, values, scales, mins, isa="auto"):
+    """Quantize x as the kernel does (f32 ops; only below f32_min_rows rows), then everything in float64."""
     m, k = x.shape
-    if m >= F32_MIN_ROWS:
+    if m >= f32_min_rows(isa):
         xf = x.astype(np.float64)
     else:
         q, d = (np.asarray(a) for a in quantize_activations(jnp.asarray(x)))
@@ -53,7 +54,7 @@ def tolerance(x, values, scales, mins):
 
 
 KERNEL = jax.jit(quantized_matmul)
-REF = jax.jit(quantized_matmul_ref)
+REF = jax.jit(lambda *a: quantized_matmul_ref(*a, min_f32_rows=f32_min_rows("auto")))  # the kernel's rule
 
 
 @settings(max_examples=20, deadline=None)
@@ -74,20 +75,23 @@ def test_kernel_equals_reference_and_f64(m, n, kb, bits, group_blocks, seed, sca
 
 
 AVX2_ONLY = jax.jit(lambda *a: quantized_matmul(*a, isa="avx2"))
+REF_AVX2 = jax.jit(lambda *a: quantized_matmul_ref(*a, min_f32_rows=f32_min_rows("avx2")))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 15, 16, 31, 64, 127, 128, 255, 512])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 31, 64, 127, 128, 255, 512])
 def test_every_bucket_size(m, bits):
-    """The M the buckets use, on SmolLM2's widest projection shape (threads and every tile remainder), with
-    the ISA the CPU offers and with the AVX2 baseline pinned (the same where the CPU has no AVX-512)."""
+    """The M the buckets use, on SmolLM2's widest projection shapes (threads, every tile remainder, a panel
+    past N), with the ISA the CPU offers (AVX-512 VNNI: the integer GEMM from 8 rows on) and with the AVX2
+    baseline pinned (the same where the CPU has neither)."""
     rng = np.random.default_rng(m)
-    values, scales, mins = random_weight(rng, 1536 + 3, 576, bits, BLOCK)
-    x = rng.standard_normal((m, 576)).astype(np.float32)
-    ref = np.asarray(REF(x, values, scales, mins))
-    for kernel in (KERNEL, AVX2_ONLY):
-        got = np.asarray(kernel(x, values, scales, mins))
-        assert np.all(np.abs(got - ref) <= tolerance(x, values, scales, mins))
+    for n, k in ((1536 + 3, 576), (40, 1536 + 32)):  # 1568: an odd number of blocks
+        values, scales, mins = random_weight(rng, n, k, bits, BLOCK)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        for kernel, ref, isa in ((KERNEL, REF, "auto"), (AVX2_ONLY, REF_AVX2, "avx2")):
+            got, want = np.asarray(kernel(x, values, scales, mins)), np.asarray(ref(x, values, scales, mins))
+            assert np.all(np.abs(got - want) <= tolerance(x, values, scales, mins)), (isa, n, k)
+            assert np.all(np.abs(want - f64_oracle(x, values, scales, mins, isa)) <= tolerance(x, values, scales, mins))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -111,21 +115,28 @@ def test_stacked_layers_pick_their_layer(bits):
     assert not np.allclose(ref[0], ref[1])
 
 
-def test_few_rows_quantize_activations_many_rows_do_not():
-    """Below F32_MIN_ROWS the result is that of int8 activations; from it on, of f32 activations."""
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+def test_where_activations_stay_f32(isa):
+    """Below f32_min_rows the result is that of int8 activations; from it on, of f32 activations. With AVX-512
+    VNNI (isa auto) x is quantized at every M; pinned to AVX2 (or without VNNI) from F32_MIN_ROWS on it is not."""
+    from kernels_pallas.cpu import cpu_has_vnni
+
+    assert f32_min_rows(isa) == (NEVER if isa == "auto" and cpu_has_vnni() else F32_MIN_ROWS)
+    kernel = KERNEL if isa == "auto" else AVX2_ONLY
     rng = np.random.default_rng(2)
     values, scales, mins = random_weight(rng, 8, 64, 8, BLOCK)
     x = rng.standard_normal((F32_MIN_ROWS, 64)).astype(np.float32)
     exact = x.astype(np.float64) @ np.asarray(dequantize(jnp.asarray(values), jnp.asarray(scales))).T.astype(np.float64)
-    many = np.asarray(KERNEL(x, values, scales, None))
-    few = np.asarray(KERNEL(x[: F32_MIN_ROWS - 1], values, scales, None))
-    assert np.abs(many - exact).max() < 1e-4 < np.abs(few - exact[: F32_MIN_ROWS - 1]).max()
+    many = np.abs(np.asarray(kernel(x, values, scales, None)) - exact).max()
+    few = np.abs(np.asarray(kernel(x[: F32_MIN_ROWS - 1], values, scales, None)) - exact[: F32_MIN_ROWS - 1]).max()
+    assert few > 1e-3  # int8 activations
+    assert (many > 1e-3) if f32_min_rows(isa) == NEVER else (many < 1e-4)
 
 
 def test_activation_quantization_matches_its_definition():
     x = np.array([[0.5, -1.27, 0.0, 0.004] * 8, [0.0] * 32], np.float32)
     q, d = (np.asarray(a) for a in quantize_activations(jnp.asarray(x)))
-    assert d[0, 0] == np.float32(1.27) / np.float32(127) and d[1, 0] == 0
+    assert d[0, 0] == np.float32(1.27) * np.float32(1 / 127) and d[1, 0] == 0
     assert q[0, 1] == -127 and q[0, 2] == 0 and np.all(q[1] == 0)
     np.testing.assert_array_equal(q[0, :4], np.rint(x[0, :4] * (np.float32(1) / d[0, 0])).astype(np.int8))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,13 +15,18 @@ from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 from tests.rpa_cases import dense_attention, make_case, ragged_cases
 
 
-def _run(case, backend="reference", **kw):
+def _run(case, backend="reference", isa=None, **kw):
+    """isa ("auto" / "avx2"): the C++ CPU kernel called directly, with that instruction set."""
     d = case.q.shape[-1]
-    fn = jax.jit(
-        lambda *a: ragged_paged_attention(
-            *a, sm_scale=d**-0.5, sliding_window=case.sliding_window, soft_cap=case.soft_cap, backend=backend, **kw
-        )
-    )
+    attn = ragged_paged_attention
+    if isa is not None:
+        from kernels_pallas.cpu_attention import ragged_paged_attention_cpu
+
+        attn = functools.partial(ragged_paged_attention_cpu, isa=isa)
+    else:
+        kw["backend"] = backend
+    fn = jax.jit(lambda *a: attn(*a, sm_scale=d**-0.5, sliding_window=case.sliding_window, soft_cap=case.soft_cap,
+                                 **kw))  # fmt: skip
     return np.asarray(fn(*case.args()))
 
 
@@ -70,27 +77,45 @@ def test_unknown_backend_is_a_clear_error():
 # ---- the C++ CPU kernel (kernels_pallas/cpu/attention.cc) ---------------------------------------------------
 
 
+# Where the CPU has AVX-512 "auto" runs the 16-lane units (head_dim 16..128) and "avx2" pins the baseline ones;
+# elsewhere both run the baseline.
+ISAS = ("auto", "avx2")
+
+
 @settings(max_examples=60, deadline=None)
 @given(case=ragged_cases())
 def test_cpu_kernel_equals_dense(case):
     _check(case, _run(case, backend="cpu"))
+    _check(case, _run(case, isa="avx2"))
 
 
-def test_cpu_kernel_decode_prefill_mixed_story_and_padding():
+@settings(max_examples=20, deadline=None)
+@given(case=ragged_cases(head_dim=64, max_kv=60))
+def test_cpu_kernel_equals_dense_at_smollm2_head_dim(case):
+    q8, exact = _int8_case(case)
+    for isa in ISAS:
+        _check(case, _run(case, isa=isa))
+        _check(exact, _run(q8, isa=isa))  # int8 pages: the dense attention of the dequantized ones
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_kernel_decode_prefill_mixed_story_and_padding(isa):
     rng = np.random.default_rng(0)
     case = make_case(rng, [37, 1, 8, 1], [37, 50, 25, 300], page_size=16, num_q_heads=9, num_kv_heads=3,
                      head_dim=64, pad_seqs=2, pad_tokens=5)  # fmt: skip
-    out = _run(case, backend="cpu")
+    out = _run(case, isa=isa)
     _check(case, out)
     assert np.all(out[case.num_valid_rows :] == 0)
     np.testing.assert_allclose(out, _run(case), atol=2e-5, rtol=1e-5)  # and equals the reference
 
 
-def test_cpu_kernel_sliding_window_and_soft_cap():
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_cpu_kernel_sliding_window_and_soft_cap(isa, head_dim):
     rng = np.random.default_rng(3)
-    case = make_case(rng, [20, 1, 5], [40, 70, 5], page_size=8, num_q_heads=4, num_kv_heads=2, head_dim=32,
+    case = make_case(rng, [20, 1, 5], [40, 70, 5], page_size=8, num_q_heads=4, num_kv_heads=2, head_dim=head_dim,
                      sliding_window=12, soft_cap=30.0)  # fmt: skip
-    _check(case, _run(case, backend="cpu"))
+    _check(case, _run(case, isa=isa))
 
 
 # ---- int8 KV pages (kernels_pallas/kv_quant.py) -----------------------------------------------------------
@@ -115,10 +140,10 @@ def test_int8_pages_reference_and_cpu_kernel_equal_dense_of_dequantized(case):
     q8, exact = _int8_case(case)
     want = dense_attention(exact)
     rows = case.num_valid_rows
-    for backend in ("reference", "cpu"):
-        out = _run(q8, backend=backend)
-        assert np.all(np.isfinite(out[:rows])), backend
-        np.testing.assert_allclose(out[:rows], want[:rows], atol=2e-5, rtol=1e-5, err_msg=backend)
+    for backend, isa in (("reference", None), ("cpu", "auto"), ("cpu", "avx2")):
+        out = _run(q8, backend=backend, isa=isa)
+        assert np.all(np.isfinite(out[:rows])), (backend, isa)
+        np.testing.assert_allclose(out[:rows], want[:rows], atol=2e-5, rtol=1e-5, err_msg=f"{backend} {isa}")
 
 
 def test_int8_rows_round_trip_and_write():

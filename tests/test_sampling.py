@@ -22,6 +22,7 @@ from jaxserve.sampling import (
     SamplingParams,
     SamplingTensors,
     _sort_descending,
+    argmax,
     apply_penalties,
     sample,
 )
@@ -199,6 +200,20 @@ def test_from_params_still_serves_the_single_stream_generator():
 
 
 # -- the sampler ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v", [1, 7, 128, 300, 49152])
+def test_blocked_argmax_equals_jnp_argmax_with_ties_nan_and_inf(v):
+    rng = np.random.default_rng(v)
+    x = rng.integers(-3, 4, (9, v)).astype(np.float32)  # small integers: many ties for the max
+    x[1] = -np.inf
+    x[2, rng.integers(0, v)] = np.inf
+    x[3, rng.integers(0, v, 2)] = np.nan
+    x[4, -1] = 100.0  # the max in the last (padded) block
+    x[5] = np.nan
+    got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    assert got.dtype == np.int32
 
 
 def test_greedy_rows_take_the_argmax_even_beside_random_rows():

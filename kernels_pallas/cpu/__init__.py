@@ -4,7 +4,8 @@ FFI headers jaxlib ships, registered with XLA:CPU on first use.
 `scripts/setup.sh` builds them (`python -m kernels_pallas.cpu.build`); a missing or stale build (the library's
 name carries a hash of its sources and flags) is rebuilt on first use when a compiler is present, and is a clear
 error naming the fix when not. The kernels target AVX2 + FMA + F16C, the x86-64 baseline of the machines we serve
-on (no AVX-512 or VNNI needed).
+on; where the CPU has AVX-512 (F, BW, VNNI) wider paths are picked at run time (functions compiled for those
+targets, chosen by `__builtin_cpu_supports`), and an `isa` attribute of "avx2" pins the baseline in tests.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import threading
 import jax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("qmatmul.cc", "attention.cc")
+SOURCES = ("qmatmul.cc", "matmul_f32.cc", "attention.cc")
 HEADERS = ("common.h",)
 CXXFLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 # FFI handler symbol -> the target name XLA knows it by.
 TARGETS = {"JaxserveQMatmulInt8": "jaxserve_qmatmul_int8", "JaxserveQMatmulInt4": "jaxserve_qmatmul_int4",
+           "JaxserveMatmulF32": "jaxserve_matmul_f32",
            "JaxserveRaggedPagedAttention": "jaxserve_ragged_paged_attention"}
 _lock = threading.Lock()
 
@@ -75,14 +77,23 @@ def build(verbose: bool = False) -> str:
 
 
 @functools.cache
-def cpu_supports_kernels() -> bool:
-    """AVX2, FMA and F16C, read from /proc/cpuinfo (Linux x86-64)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux x86-64; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
+        return frozenset()
+
+
+def cpu_supports_kernels() -> bool:
+    """AVX2, FMA and F16C: what every kernel needs."""
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
+
+
+def cpu_has_vnni() -> bool:
+    """AVX-512 VNNI (with F and BW): the quantized matmul's integer GEMM for many rows (picked at run time)."""
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
 
 
 @functools.cache

@@ -1,5 +1,5 @@
-// Ragged paged attention for XLA:CPU (AVX2 + FMA), called through XLA FFI: the signature and semantics of
-// kernels_pallas/ragged_paged_attention.py's reference (which is its oracle in tests).
+// Ragged paged attention for XLA:CPU (AVX2 + FMA; AVX-512 where the CPU has it), called through XLA FFI: the
+// signature and semantics of kernels_pallas/ragged_paged_attention.py's reference (its oracle in tests).
 //
 //   q            f32[T, H, D]        query rows of S sequences, flattened (sequence i owns rows qsl[i]:qsl[i+1])
 //   k/v_pages    f32[N, P, Kh, D]    the paged cache, this step's K/V already written, or
@@ -179,11 +179,174 @@ void run_unit(const Problem& pb, const Unit& u) {
     }
 }
 
+// ---- AVX-512 (picked at run time where the CPU has it; head_dim = 16 * DV, DV <= 8) -------------------------
+//
+// The same units and recurrence, restructured so no score needs its own horizontal sum: a block's 16 scores of
+// one query head come out of 16 row dots as one vector (a transpose-and-add tree, ~3 ops per score instead of
+// ~6), the softmax runs 16 lanes wide, and P . V keeps the head's output row in registers. int8 rows are
+// widened (times their scale) once per block into an L1 buffer shared by every query of the unit.
+#define JAXSERVE_AVX512 __attribute__((target("avx512f")))
+
+// Lane j of the result = the sum of v[j]'s 16 lanes.
+JAXSERVE_AVX512 inline __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v0 + v2, w0 + w2, v1 + v3, w1 + w3] of v = v[2i], w = v[2i+1]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of v[4i .. 4i+3]
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // lanes (0+1, 2+3) of b[2i] then of b[2i+1]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+// exp256's Cephes expf, 16 lanes; x <= -88 (and -inf) gives exactly 0.
+JAXSERVE_AVX512 inline __m512 exp512(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-88.0f), _CMP_GT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(e));
+}
+
+template <bool Q8, int DV>
+JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
+  constexpr int64_t D = 16 * DV;
+  const int64_t G = pb.H / pb.Kh, R = u.row1 - u.row0, pairs = R * G;
+  const int64_t kv_len = pb.kv_lens[u.seq], q_end = pb.qsl[u.seq + 1];
+  const int32_t* table = pb.tables + int64_t(u.seq) * pb.W;
+  const int64_t row_bytes = Q8 ? D + 4 : D * 4, stride = pb.Kh * row_bytes;  // bytes between positions
+  thread_local std::vector<float> buf;
+  buf.resize(size_t(pairs * (2 * D + 2) + (Q8 ? 2 * kBlock * D : 0)));
+  float* qs = buf.data();         // [pairs, D] scaled queries
+  float* acc = qs + pairs * D;    // [pairs, D]
+  float* m = acc + pairs * D;     // [pairs] running max
+  float* l = m + pairs;           // [pairs] running sum
+  float* kf = l + pairs;          // int8 only: [kBlock, D] this block's K rows widened, times their scales
+  float* vf = kf + kBlock * D;    //            [kBlock, D] and its V rows
+  int64_t lo[kRows], hi[kRows];
+  const __m512 scale = _mm512_set1_ps(pb.scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < R; ++r) {
+    hi[r] = kv_len - (q_end - (u.row0 + r));
+    lo[r] = pb.window > 0 ? std::max<int64_t>(0, hi[r] - pb.window + 1) : 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t pr = r * G + g;
+      const float* src = pb.q + ((u.row0 + r) * pb.H + u.kv_head * G + g) * D;
+      for (int dv = 0; dv < DV; ++dv) {
+        _mm512_storeu_ps(qs + pr * D + 16 * dv, _mm512_mul_ps(_mm512_loadu_ps(src + 16 * dv), scale));
+        _mm512_storeu_ps(acc + pr * D + 16 * dv, _mm512_setzero_ps());
+      }
+      m[pr] = -std::numeric_limits<float>::infinity();
+      l[pr] = 0.0f;
+    }
+  }
+  const int64_t first = *std::min_element(lo, lo + R), last = *std::max_element(hi, hi + R);
+  for (int64_t start = first; start <= last;) {
+    const int64_t page = table[start / pb.P], off = start % pb.P;
+    const int n = int(std::min<int64_t>({kBlock, pb.P - off, last - start + 1}));
+    const uint8_t* kb = static_cast<const uint8_t*>(pb.k) + ((page * pb.P + off) * pb.Kh + u.kv_head) * row_bytes;
+    const uint8_t* vb = static_cast<const uint8_t*>(pb.v) + ((page * pb.P + off) * pb.Kh + u.kv_head) * row_bytes;
+    const float *krow[kBlock], *vrow[kBlock];
+    for (int j = 0; j < n; ++j) {
+      if (Q8) {
+        for (int t = 0; t < 2; ++t) {
+          const uint8_t* src = (t ? vb : kb) + j * stride;
+          float sc;
+          std::memcpy(&sc, src + D, sizeof(float));
+          const __m512 scv = _mm512_set1_ps(sc);
+          float* dst = (t ? vf : kf) + j * D;
+          for (int dv = 0; dv < DV; ++dv) {
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * dv));
+            _mm512_storeu_ps(dst + 16 * dv, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), scv));
+          }
+        }
+        krow[j] = kf + j * D, vrow[j] = vf + j * D;
+      } else {
+        krow[j] = reinterpret_cast<const float*>(kb + j * stride);
+        vrow[j] = reinterpret_cast<const float*>(vb + j * stride);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t a = std::max<int64_t>(lo[r] - start, 0), b = std::min<int64_t>(hi[r] - start + 1, n);
+      if (a >= b) continue;  // this row sees nothing of this block: its state is unchanged
+      const __mmask16 seen = __mmask16(((1u << b) - 1) & ~((1u << a) - 1));
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t pr = r * G + g;
+        __m512 qv[DV], dots[kBlock];
+        for (int dv = 0; dv < DV; ++dv) qv[dv] = _mm512_loadu_ps(qs + pr * D + 16 * dv);
+        for (int j = 0; j < kBlock; ++j) {
+          if (j < n) {
+            dots[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(krow[j]));
+            for (int dv = 1; dv < DV; ++dv) dots[j] = _mm512_fmadd_ps(qv[dv], _mm512_loadu_ps(krow[j] + 16 * dv), dots[j]);
+          } else {
+            dots[j] = _mm512_setzero_ps();
+          }
+        }
+        __m512 s = _mm512_mask_mov_ps(ninf, seen, sum16(dots));  // lane j: score of position start + j
+        if (pb.soft_cap > 0.0f) {
+          alignas(64) float t[kBlock];
+          _mm512_store_ps(t, s);
+          for (int j = int(a); j < b; ++j) t[j] = pb.soft_cap * std::tanh(t[j] / pb.soft_cap);
+          s = _mm512_load_ps(t);
+        }
+        const float m_new = std::max(m[pr], _mm512_mask_reduce_max_ps(seen, s));
+        const float corr = std::exp(m[pr] - m_new);  // 0 when nothing was seen before (m = -inf)
+        const __m512 p = exp512(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));  // unseen lanes: exactly 0
+        l[pr] = l[pr] * corr + _mm512_reduce_add_ps(p);
+        m[pr] = m_new;
+        alignas(64) float pj[kBlock];
+        _mm512_store_ps(pj, p);
+        __m512 o[DV];
+        const __m512 cv = _mm512_set1_ps(corr);
+        for (int dv = 0; dv < DV; ++dv) o[dv] = _mm512_mul_ps(_mm512_loadu_ps(acc + pr * D + 16 * dv), cv);
+        for (int64_t j = a; j < b; ++j) {
+          const __m512 pv = _mm512_set1_ps(pj[j]);
+          for (int dv = 0; dv < DV; ++dv) o[dv] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vrow[j] + 16 * dv), o[dv]);
+        }
+        for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(acc + pr * D + 16 * dv, o[dv]);
+      }
+    }
+    start += n;
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t pr = r * G + g;
+      float* dst = pb.out + ((u.row0 + r) * pb.H + u.kv_head * G + g) * D;
+      const __m512 inv = _mm512_set1_ps(l[pr] > 0.0f ? 1.0f / l[pr] : 0.0f);
+      for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(dst + 16 * dv, _mm512_mul_ps(_mm512_loadu_ps(acc + pr * D + 16 * dv), inv));
+    }
+}
+
+using UnitFn = void (*)(const Problem&, const Unit&);
+
+template <bool Q8>
+UnitFn unit512(int64_t D) {
+  switch (D) {
+    case 16: return run_unit512<Q8, 1>;
+    case 32: return run_unit512<Q8, 2>;
+    case 64: return run_unit512<Q8, 4>;
+    case 128: return run_unit512<Q8, 8>;
+    default: return nullptr;
+  }
+}
+
 ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
                                     ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> kv_lens,
                                     ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> query_start_loc,
                                     ffi::Buffer<ffi::S32> num_seqs, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
-                                    int64_t sliding_window, float soft_cap) {
+                                    int64_t sliding_window, float soft_cap, int64_t isa) {
   auto qd = q.dimensions(), kd = k_pages.dimensions(), td = block_tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2)
     return ffi::Error::InvalidArgument("ragged_paged_attention: q [T, H, D], pages [N, P, Kh, D], tables [S, W]");
@@ -219,9 +382,12 @@ ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   }
   const Unit* up = units.data();
   const int64_t threads = units.size() < 2 ? 1 : std::max<int64_t>(1, pool.num_threads());
-  parallel_chunks(pool, int64_t(units.size()), threads, [pb, up, q8](int64_t c) {
-    if (q8) run_unit<true>(pb, up[c]); else run_unit<false>(pb, up[c]);
-  });
+  static const bool has512 = __builtin_cpu_supports("avx512f");
+  UnitFn fn = q8 ? run_unit<true> : run_unit<false>;  // isa 1: the AVX2 units only (tests of the baseline)
+  if (isa == 0 && has512) {
+    if (UnitFn wide = q8 ? unit512<true>(pb.D) : unit512<false>(pb.D)) fn = wide;
+  }
+  parallel_chunks(pool, int64_t(units.size()), threads, [pb, up, fn](int64_t c) { fn(pb, up[c]); });
   return ffi::Error::Success();
 }
 
@@ -240,4 +406,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveRaggedPagedAttention, RaggedPagedAttention
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [T, H, D]
                                   .Attr<float>("sm_scale")
                                   .Attr<int64_t>("sliding_window")
-                                  .Attr<float>("soft_cap"));
+                                  .Attr<float>("soft_cap")
+                                  .Attr<int64_t>("isa"));

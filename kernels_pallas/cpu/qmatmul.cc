@@ -1,9 +1,9 @@
-// Quantized matmul for XLA:CPU (AVX2 + FMA + F16C; no AVX-512, no VNNI), called through XLA FFI.
+// Quantized matmul for XLA:CPU (AVX2 + FMA + F16C; AVX-512 VNNI for many rows where the CPU has it), through XLA FFI.
 //
 //   y[M, N] = xq[M, K] . w[N, K]^T        w: int8 (W8A8) or 4-bit with a min (W4A8), blocks of 32 along K
 //
 // Activations are quantized on the fly, per row and per block of 32 (llama.cpp's Q8_0/Q8_1 activations):
-//   d = amax / 127, q = round_half_even(x * (1 / d)), s = d * sum(q)      (s: for the 4-bit mins)
+//   d = amax * (1 / 127), q = round_half_even(x * (1 / d)), s = d * sum(q)      (s: for the 4-bit mins)
 // and the reference (kernels_pallas/quantized_matmul.py) does the same f32 operations, so both see the same q.
 //
 // Per block b of 32 and weight group g(b) (group_size a multiple of 32):
@@ -86,7 +86,7 @@ void quantize_row(const float* x, int64_t K, int8_t* q, uint8_t* aq, float* d, f
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
     const float amax = _mm_cvtss_f32(m4);
-    const float db = amax / 127.0f;
+    const float db = amax * (1.0f / 127.0f);  // a product, as XLA computes the reference's amax / 127
     const float id = db > 0.0f ? 1.0f / db : 0.0f;
     const __m256 vid = _mm256_set1_ps(id);
     const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
@@ -364,6 +364,177 @@ void columns_f32(const Weights& w, const float* x, int64_t M, int64_t n0, int64_
   }
 }
 
+// ---- many rows on CPUs with AVX-512 VNNI: 64 integer products per instruction -------------------------------
+//
+// vpdpbusd multiplies 4 u8 by 4 s8 bytes per 32-bit lane and adds them to the lane's i32, 16 lanes at once.
+// Here a lane is an output column: each panel of 32 columns is repacked once per call (into L1/L2) as
+// [K/4][32 lanes][4 bytes], the activation row's bytes are broadcast 4 at a time, and each block of 32 ends in one
+// convert and one fma by dx[b] * dw[b]: activations stay quantized per block of 32 exactly as on the few-rows
+// path, so both give the same numbers (up to f32 summation order) and the reference has one rule.
+//   int8:  u8 operand = x_q + 128, s8 = the weights; each lane starts at -128 * (its block's weight sum)
+//   4-bit: u8 operand = the nibbles, s8 = x_q; the min term adds mw[g] * s[b] per block
+// The repacking (16 x 16 dword transposes) costs ~10% of the dots at 64 rows, and is why few rows stay on the
+// GEMV kernels above.
+
+#define JAXSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+constexpr int64_t kPanel = 32;  // columns per panel: two vectors of 16 lanes
+constexpr int64_t kVnniMinRows = 8;  // fewer rows: the GEMV kernels (no repacking; bandwidth-bound anyway)
+
+struct VnniPanel {
+  uint8_t* w;     // [K/4][32][4] bytes (lane c: column n0 + c; zeros past N)
+  float* dw;      // [B][32] each block's weight scale
+  float* mw;      // [B][32] 4-bit mins, else unused
+  int32_t* corr;  // [B][32] int8: -128 * the block's weight sum
+};
+
+// r[t] <- dword t of every r[c] (a 16 x 16 transpose of 32-bit elements).
+JAXSERVE_VNNI inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0 b0 a1 b1], [a2 b2 a3 b3]
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + j], 128-bit lane L: dword 4L + j of rows 4g .. 4g + 3
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // 4 x 4 transpose of 128-bit lanes: r[4L + j] lane g = u[4g + j] lane L
+    const __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_i32x4(x0, y0, 0x88), r[4 + j] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    r[8 + j] = _mm512_shuffle_i32x4(x1, y1, 0x88), r[12 + j] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
+// Blocks b and b + 1 (nb = 2) or b alone (nb = 1) of row n as 64 bytes in element order: int8 values, or nibbles.
+JAXSERVE_VNNI inline __m512i row_bytes64(const Weights& w, int64_t n, int64_t b, int nb) {
+  if (w.four_bit) {
+    const uint8_t* src = w.values + n * (w.K / 2) + b * 16;
+    const __m256i v = nb == 2 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                              : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // lo(b) lo(b+1) hi(b) hi(b+1)
+    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));                // lo(b) hi(b) lo(b+1) hi(b+1)
+  }
+  const uint8_t* src = w.values + n * w.K + b * QK;
+  return nb == 2 ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi8(__mmask64(0xFFFFFFFFull), src);
+}
+
+JAXSERVE_VNNI void pack_panel(const Weights& w, int64_t n0, const VnniPanel& p) {
+  const int64_t B = w.K / QK, per_group = (w.K / w.G) / QK;
+  for (int h = 0; h < 2; ++h) {
+    for (int64_t b = 0; b < B; b += 2) {
+      const int nb = b + 1 < B ? 2 : 1;
+      __m512i r[16];
+      for (int c = 0; c < 16; ++c) {
+        const int64_t n = n0 + 16 * h + c;
+        r[c] = n < w.N ? row_bytes64(w, n, b, nb) : _mm512_setzero_si512();
+      }
+      transpose16(r);  // r[t]: bytes 4t .. 4t + 3 of the two blocks, for each of the 16 columns
+      for (int t = 0; t < 8 * nb; ++t)
+        _mm512_storeu_si512(p.w + ((b * 8 + t) * kPanel + 16 * h) * 4, r[t]);
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    for (int c = 0; c < kPanel; ++c) {
+      const int64_t n = n0 + c, g = b / per_group;
+      p.dw[b * kPanel + c] = n < w.N ? f16_to_f32(w.scales[n * w.G + g]) : 0.0f;
+      if (w.four_bit) p.mw[b * kPanel + c] = n < w.N ? f16_to_f32(w.mins[n * w.G + g]) : 0.0f;
+    }
+    if (!w.four_bit)
+      for (int h = 0; h < 2; ++h) {
+        __m512i sum = _mm512_setzero_si512();
+        for (int t = 0; t < 8; ++t)
+          sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), _mm512_loadu_si512(p.w + ((b * 8 + t) * kPanel + 16 * h) * 4));
+        _mm512_storeu_si512(p.corr + b * kPanel + 16 * h, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+      }
+  }
+}
+
+// Rows [m0, m0 + MR) x the panel's 32 columns (n0 ...), stored masked at N. xq: the u8 (int8) / s8 (4-bit) rows.
+template <int MR, bool FOUR>
+JAXSERVE_VNNI void vnni_tile(const VnniPanel& p, const uint8_t* xq, const float* xd, const float* xs, int64_t K,
+                             int64_t m0, float* y, int64_t N, int64_t n0) {
+  const int64_t B = K / QK;
+  __m512 f[MR][2];
+  for (int i = 0; i < MR; ++i) f[i][0] = f[i][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    __m512i acc[MR][2];
+    const __m512i c0 = FOUR ? _mm512_setzero_si512() : _mm512_loadu_si512(p.corr + b * kPanel);
+    const __m512i c1 = FOUR ? _mm512_setzero_si512() : _mm512_loadu_si512(p.corr + b * kPanel + 16);
+    for (int i = 0; i < MR; ++i) acc[i][0] = c0, acc[i][1] = c1;
+    const uint8_t* wb = p.w + b * 8 * kPanel * 4;
+    const uint8_t* xb = xq + m0 * K + b * QK;
+    for (int t = 0; t < 8; ++t) {
+      const __m512i w0 = _mm512_loadu_si512(wb + t * 128), w1 = _mm512_loadu_si512(wb + t * 128 + 64);
+      for (int i = 0; i < MR; ++i) {
+        int32_t four;
+        std::memcpy(&four, xb + i * K + 4 * t, sizeof(four));
+        const __m512i xv = _mm512_set1_epi32(four);
+        if (FOUR) {
+          acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], w0, xv);
+          acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], w1, xv);
+        } else {
+          acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], xv, w0);
+          acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], xv, w1);
+        }
+      }
+    }
+    const __m512 d0 = _mm512_loadu_ps(p.dw + b * kPanel), d1 = _mm512_loadu_ps(p.dw + b * kPanel + 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 sx = _mm512_set1_ps(xd[(m0 + i) * B + b]);
+      f[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), _mm512_mul_ps(d0, sx), f[i][0]);
+      f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), _mm512_mul_ps(d1, sx), f[i][1]);
+      if (FOUR) {
+        const __m512 ss = _mm512_set1_ps(xs[(m0 + i) * B + b]);
+        f[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(p.mw + b * kPanel), ss, f[i][0]);
+        f[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(p.mw + b * kPanel + 16), ss, f[i][1]);
+      }
+    }
+  }
+  const int64_t valid = N - n0;
+  const __mmask16 k0 = valid >= 16 ? 0xFFFF : __mmask16((1u << valid) - 1);
+  const __mmask16 k1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : __mmask16((1u << (valid - 16)) - 1);
+  for (int i = 0; i < MR; ++i) {
+    _mm512_mask_storeu_ps(y + (m0 + i) * N + n0, k0, f[i][0]);
+    _mm512_mask_storeu_ps(y + (m0 + i) * N + n0 + 16, k1, f[i][1]);
+  }
+}
+
+template <bool FOUR>
+JAXSERVE_VNNI void vnni_rows(const VnniPanel& p, const uint8_t* xq, const float* xd, const float* xs, int64_t K,
+                             int64_t m0, int64_t m1, float* y, int64_t N, int64_t n0) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) vnni_tile<4, FOUR>(p, xq, xd, xs, K, m, y, N, n0);
+  for (; m + 2 <= m1; m += 2) vnni_tile<2, FOUR>(p, xq, xd, xs, K, m, y, N, n0);
+  for (; m < m1; ++m) vnni_tile<1, FOUR>(p, xq, xd, xs, K, m, y, N, n0);
+}
+
+// Columns [n0, n0 + 32) for rows [m0, m1): repack the panel into this thread's scratch, then the tiles.
+JAXSERVE_VNNI void vnni_chunk(const Weights& w, const uint8_t* xq, const float* xd, const float* xs, int64_t m0,
+                              int64_t m1, int64_t n0, float* y) {
+  const int64_t B = w.K / QK;
+  thread_local std::vector<uint8_t> scratch;
+  scratch.resize(size_t(w.K * kPanel + 3 * B * kPanel * 4 + 64));
+  uint8_t* base = scratch.data();
+  const VnniPanel p{base, reinterpret_cast<float*>(base + w.K * kPanel),
+                    reinterpret_cast<float*>(base + w.K * kPanel) + B * kPanel,
+                    reinterpret_cast<int32_t*>(base + w.K * kPanel) + 2 * B * kPanel};
+  pack_panel(w, n0, p);
+  if (w.four_bit) vnni_rows<true>(p, xq, xd, xs, w.K, m0, m1, y, w.N, n0);
+  else vnni_rows<false>(p, xq, xd, xs, w.K, m0, m1, y, w.N, n0);
+}
+
+bool use_vnni(int64_t isa) {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return isa == 0 && has;
+}
+
 ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
                    ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
                    bool four_bit, int64_t f32_min_rows, int64_t isa) {
@@ -413,9 +584,27 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   a.qp = pairs ? reinterpret_cast<int8_t*>(a.s + M * B) : nullptr;
   a.dv = pairs ? reinterpret_cast<float*>(a.qp + M * K) : nullptr;
   a.sv = pairs ? a.dv + M * B * 4 : nullptr;
+  const bool vnni = M >= kVnniMinRows && use_vnni(isa);
   for (int64_t m = 0; m < M; ++m) {
     quantize_row(xp + m * K, K, a.q + m * K, a.aq + m * K, a.d + m * B, a.s + m * B);
-    if (pairs) pair_layout(a.q + m * K, a.d + m * B, a.s + m * B, K, a.qp + m * K, a.dv + m * B * 4, a.sv + m * B * 4);
+    if (pairs && !vnni)
+      pair_layout(a.q + m * K, a.d + m * B, a.s + m * B, K, a.qp + m * K, a.dv + m * B * 4, a.sv + m * B * 4);
+  }
+  if (vnni) {
+    uint8_t* xq = reinterpret_cast<uint8_t*>(a.q);
+    if (!four_bit)  // int8: the unsigned operand is x_q + 128
+      for (int64_t i = 0; i < M * K; ++i) xq[i] ^= 0x80;
+    const int64_t panels = (N + kPanel - 1) / kPanel;
+    // Row blocks (multiples of the 4-row tile) only where too few panels would leave a thread idle.
+    const int64_t want = panels >= 4 * threads ? 1 : (4 * threads + panels - 1) / panels;
+    const int64_t mb = std::max<int64_t>(4, ((M + want - 1) / want + 3) / 4 * 4);
+    const int64_t blocks = (M + mb - 1) / mb;
+    const float *xd = a.d, *xs = a.s;
+    parallel_chunks(pool, panels * blocks, threads, [w, xq, xd, xs, M, mb, panels, yp](int64_t c) {
+      const int64_t m0 = (c / panels) * mb;
+      vnni_chunk(w, xq, xd, xs, m0, std::min(M, m0 + mb), (c % panels) * kPanel, yp);
+    });
+    return ffi::Error::Success();
   }
 
   parallel_chunks(pool, num_chunks, threads, [w, a, M, yp, N](int64_t c) {

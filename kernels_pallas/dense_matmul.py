@@ -1,0 +1,61 @@
+"""Dense f32 matmul that reads one layer of stacked weights in place: y = x . w[layer].
+
+    x       f32[M, K]
+    w       f32[(L,) K, N]      weights, stacked over layers or not
+    layer   i32[] or None       stacked weights: use this one
+    -> f32[M, N]
+
+Inside the layer scan XLA copies a dynamic slice of a stacked weight before its dot (SmolLM2: 14 MB per layer,
+~20% of a 64-sequence decode step on CPU); the C++ kernel (kernels_pallas/cpu/matmul_f32.cc) offsets its
+pointer instead. The reference is XLA's own slice and dot: the oracle in tests, and the path on TPU and GPU,
+where XLA does not copy the slice.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas.backend import resolve_backend
+from kernels_pallas.quantized_matmul import ISAS
+
+
+def check_inputs(x, w, layer) -> tuple[int, int, int]:
+    """Trace-time checks naming what is wrong; returns (M, K, N)."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, K]; got shape {x.shape}")
+    if w.ndim not in (2, 3):
+        raise ValueError(f"w must be [(L,) K, N]; got shape {w.shape}")
+    if (w.ndim == 3) != (layer is not None):
+        raise ValueError("stacked weights [L, K, N] need a layer index, and only they take one")
+    if w.shape[-2] != x.shape[1]:
+        raise ValueError(f"x {x.shape} and w {w.shape} disagree on K")
+    if layer is not None and (jnp.shape(layer) != () or jnp.result_type(layer) != jnp.int32):
+        raise ValueError(f"layer must be an i32 scalar; got {jnp.shape(layer)} {jnp.result_type(layer)}")
+    return x.shape[0], x.shape[1], w.shape[-1]
+
+
+def kernel_supports(x, w) -> bool:
+    return x.dtype == jnp.float32 and w.dtype == jnp.float32
+
+
+def dense_matmul(x, w, layer=None, *, backend: str = "auto", isa: str = "auto") -> jax.Array:
+    """x [M, K] . w[layer] [K, N] -> [M, N] in x's dtype. isa (CPU kernel): "avx2" pins the AVX2 tile."""
+    if isa not in ISAS:
+        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
+    m, _, n = check_inputs(x, w, layer)
+    if resolve_backend(backend) != "cpu" or not kernel_supports(x, w):
+        return dense_matmul_ref(x, w, layer)
+    from kernels_pallas.cpu import ensure_registered
+
+    ensure_registered()
+    layer_arg = jnp.zeros((), jnp.int32) if layer is None else layer
+    call = jax.ffi.ffi_call("jaxserve_matmul_f32", jax.ShapeDtypeStruct((m, n), jnp.float32))
+    return call(x, w, layer_arg, isa=np.int64(ISAS[isa]))
+
+
+def dense_matmul_ref(x, w, layer=None) -> jax.Array:
+    if layer is not None:
+        w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
+    return x @ w

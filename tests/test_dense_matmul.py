@@ -1,0 +1,78 @@
+"""The dense f32 matmul kernel (reads one layer of stacked weights in place) equals XLA's dot of the slice, over
+M from 1 to 512, odd N and K (tile, panel and K-block remainders), both ISAs, and inside a layer scan."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels_pallas.dense_matmul import dense_matmul, dense_matmul_ref
+
+KERNEL = jax.jit(dense_matmul)
+AVX2_ONLY = jax.jit(lambda *a: dense_matmul(*a, isa="avx2"))
+
+
+def f64(x, w):
+    return x.astype(np.float64) @ w.astype(np.float64)
+
+
+def tolerance(x, w):
+    """f32 accumulation in any order: a few ulps of sum |x| |w| per output."""
+    return 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64)) + 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 150), k=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
+def test_kernel_equals_f64_dot(m, n, k, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    for kernel in (KERNEL, AVX2_ONLY):
+        got = np.asarray(kernel(x, w))
+        assert got.shape == (m, n) and got.dtype == np.float32
+        assert np.all(np.abs(got - f64(x, w)) <= tolerance(x, w))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 12, 16, 64, 97, 128, 256, 512])
+def test_every_bucket_size(m):
+    """The M the buckets use, with K past one K block (512) and N past a whole number of panels."""
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, 600)).astype(np.float32)
+    w = rng.standard_normal((600, 200)).astype(np.float32)
+    for kernel in (KERNEL, AVX2_ONLY):
+        got = np.asarray(kernel(x, w))
+        assert np.all(np.abs(got - f64(x, w)) <= tolerance(x, w))
+
+
+def test_stacked_layers_pick_their_layer_inside_a_scan():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 48)).astype(np.float32)
+    w = rng.standard_normal((3, 48, 33)).astype(np.float32)
+
+    def scan(fn):
+        def body(c, i):
+            return c, fn(x, w, i)
+
+        return jax.jit(lambda: jax.lax.scan(body, 0, jnp.arange(3, dtype=jnp.int32))[1])()
+
+    got, ref = np.asarray(scan(dense_matmul)), np.asarray(scan(dense_matmul_ref))
+    for layer in range(3):
+        assert np.all(np.abs(got[layer] - f64(x, w[layer])) <= tolerance(x, w[layer]))
+        assert np.all(np.abs(ref[layer] - f64(x, w[layer])) <= tolerance(x, w[layer]))
+    assert not np.allclose(got[0], got[1])
+
+
+def test_non_f32_runs_the_reference_and_bad_shapes_name_the_problem():
+    x = jnp.ones((2, 8), jnp.bfloat16)
+    w = jnp.ones((8, 4), jnp.bfloat16)
+    assert dense_matmul(x, w).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="disagree on K"):
+        dense_matmul(jnp.ones((2, 8)), jnp.ones((9, 4)))
+    with pytest.raises(ValueError, match="need a layer index"):
+        dense_matmul(jnp.ones((2, 8)), jnp.ones((3, 8, 4)))
+    with pytest.raises(ValueError, match="isa"):
+        dense_matmul(jnp.ones((2, 8)), jnp.ones((8, 4)), isa="sse")
