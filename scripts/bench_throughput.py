@@ -2,7 +2,7 @@
 one run.
 
     . .venv/bin/activate && python scripts/bench_throughput.py [--workload A|B|S|both]
-        [--engines jaxserve,vllm,hf,llamacpp] [--quantization none,int8,int4]
+        [--engines jaxserve,vllm,hf,llamacpp] [--quantization none,int8,int4,int4+kv8]
         [--num-prompts 64] [--seed 0] [--quick] [--json out.json] [--max-num-seqs 64] [--max-num-batched-tokens 512]
         [--hf-batch 64] [--prompt-source random|text] [--jaxserve-arg KEY=VALUE ...] [--hf-threads N]
         [--llamacpp-threads N]
@@ -412,7 +412,9 @@ def worker_main(args: argparse.Namespace) -> int:
         wl = json.load(f)
     base, _, mode = args.worker.partition(":")
     if mode:
-        args.jaxserve_arg = [*(args.jaxserve_arg or []), ("quantization", mode)]
+        quantization, _, kv = mode.partition("+")
+        args.jaxserve_arg = [*(args.jaxserve_arg or []), ("quantization", quantization),
+                             *([("kv_cache_dtype", "int8")] if kv == "kv8" else [])]  # fmt: skip
     try:
         res = RUNNERS[base](args, wl, model_path(args))
         res["ok"] = True
@@ -551,7 +553,8 @@ def main() -> int:
                     help="comma-separated subset of jaxserve,vllm,hf,llamacpp,batch (batch: the same requests as a "
                          "`jaxserve batch` JSONL job)")
     ap.add_argument("--quantization", default="none",
-                    help="jaxserve modes to run, comma-separated (none,int8,int4,auto): one row each")
+                    help="jaxserve modes to run, comma-separated (none,int8,int4,auto; MODE+kv8 adds "
+                         "kv_cache_dtype=int8): one row each")
     ap.add_argument("--num-prompts", type=int, help="requests per workload (default 64; 8 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small smoke config (8 prompts, shorter lengths)")
@@ -582,8 +585,9 @@ def main() -> int:
         ap.error("--num-prompts and --hf-batch must be >= 1")
     engines = [e for e in ENGINES if e in engines]  # fixed order: jaxserve first
     modes = [m.strip() for m in args.quantization.split(",") if m.strip()]
-    if any(m not in ("none", "int8", "int4", "auto") for m in modes) or not modes:
-        ap.error(f"--quantization {args.quantization!r}: modes are none,int8,int4,auto")
+    if any(m.removesuffix("+kv8") not in ("none", "int8", "int4", "auto") for m in modes) or not modes:
+        ap.error(f"--quantization {args.quantization!r}: modes are none,int8,int4,auto, each optionally with "
+                 f"+kv8 (an int8 KV cache)")  # fmt: skip
     if "jaxserve" in engines:
         at = engines.index("jaxserve")
         engines[at:at + 1] = [f"jaxserve:{m}" for m in modes]

@@ -1,6 +1,7 @@
 """Where one engine step's time goes, from a jax.profiler trace: matmuls, attention, LM head, sampler, host.
 
-    .venv/bin/python scripts/profile_step.py [--quantization int8] [--num-seqs 64] [--context 128] [--steps 5]
+    .venv/bin/python scripts/profile_step.py [--quantization int8] [--kv-cache-dtype int8] [--num-seqs 64]
+        [--context 128] [--steps 5] [--top N]
 
 It fills the engine with --num-seqs requests of --context prompt tokens, runs their prefill and a few decode
 steps untimed, then traces --steps decode steps (every sequence decoding one token: workload A's steady state).
@@ -93,6 +94,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--top", type=int, default=0, help="also list the N costliest thunks with their scopes")
     args = ap.parse_args()
 
@@ -100,6 +102,7 @@ def main() -> int:
     from jaxserve.sampling import SamplingParams
 
     engine = build_engine(None, quantization=args.quantization, attention_backend=args.attention_backend,
+                          kv_cache_dtype=args.kv_cache_dtype,
                           max_model_len=512, max_num_seqs=max(args.num_seqs, 1), max_num_batched_tokens=512,
                           quiet=True, progress=False)  # fmt: skip
     rng = np.random.default_rng(0)
@@ -135,7 +138,7 @@ def main() -> int:
     totals["host"] = max(0.0, wall * 1e3 - device)
     per_step = {k: totals[k] / args.steps for k in PHASES}
     total = sum(per_step.values())
-    print(f"quantization={args.quantization}, {args.num_seqs} sequences decoding at context ~{args.context}: "
+    print(f"quantization={args.quantization}, kv_cache_dtype={args.kv_cache_dtype}, {args.num_seqs} sequences decoding at context ~{args.context}: "
           f"bucket T{bucket}, {total:.1f} ms per step ({args.num_seqs / total * 1e3:.0f} tok/s)")
     for k in PHASES:
         print(f"  {k:<16} {per_step[k]:8.2f} ms  {100 * per_step[k] / total:5.1f}%")

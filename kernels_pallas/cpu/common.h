@@ -50,6 +50,28 @@ inline __m256 exp256(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), zero_mask);
 }
 
+// r[t] <- dword t of every r[c] (a 16 x 16 transpose of 32-bit elements).
+__attribute__((target("avx512f"))) inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0 b0 a1 b1], [a2 b2 a3 b3]
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + j], 128-bit lane L: dword 4L + j of rows 4g .. 4g + 3
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // 4 x 4 transpose of 128-bit lanes: r[4L + j] lane g = u[4g + j] lane L
+    const __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_i32x4(x0, y0, 0x88), r[4 + j] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    r[8 + j] = _mm512_shuffle_i32x4(x1, y1, 0x88), r[12 + j] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
 // Chunks handed out by an atomic counter to the caller and to tasks on XLA's intra-op pool (ffi::ThreadPool), so
 // there is never a second pool fighting XLA's. The state lives in a shared_ptr: a task that starts after the
 // caller has finished every chunk finds nothing left and touches no freed memory.

@@ -51,11 +51,11 @@ struct V512 {
   JAXSERVE_AVX512 static void store(float* p, T v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
 };
 
-// One MR x (NV * lanes) tile of y over k in [k0, k1) (x rows are K long): y = the sum when k0 == 0, else y += it.
-// TAIL: the panel runs past N (masked loads and stores).
+// One MR x (NV * lanes) tile of y (rows N apart) over k in [k0, k1) (x rows are K long, w's ldw apart): y = the sum
+// when k0 == 0, else y += it. TAIL: the panel runs past N (masked loads and stores).
 template <class V, int MR, int NV, bool TAIL>
 inline __attribute__((always_inline)) void tile(const float* x, int64_t K, int64_t k0, int64_t k1, const float* w,
-                                                int64_t N, float* y, const typename V::Mask* masks) {
+                                                int64_t ldw, int64_t N, float* y, const typename V::Mask* masks) {
   typename V::T acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) {
@@ -63,7 +63,7 @@ inline __attribute__((always_inline)) void tile(const float* x, int64_t K, int64
       else acc[i][j] = TAIL ? V::load(y + i * N + j * V::kLanes, masks[j]) : V::load(y + i * N + j * V::kLanes);
     }
   for (int64_t k = k0; k < k1; ++k) {
-    const float* wk = w + k * N;
+    const float* wk = w + k * ldw;
     typename V::T b[NV];
     for (int j = 0; j < NV; ++j) b[j] = TAIL ? V::load(wk + j * V::kLanes, masks[j]) : V::load(wk + j * V::kLanes);
     for (int i = 0; i < MR; ++i) {
@@ -80,35 +80,35 @@ inline __attribute__((always_inline)) void tile(const float* x, int64_t K, int64
 
 // Rows [m0, m1) x columns [n0, n0 + NV * lanes) (clipped at N), in tiles of MR rows (then the leftover rows);
 // K in blocks of kKc so the panel's slice of w (kKc x 256 bytes) stays in L2 while the row tiles reuse it.
+// wp: the panel's first column of w (row k at wp + k * ldw).
 constexpr int64_t kKc = 512;
 template <class V, int MR, int NV, bool TAIL>
-inline __attribute__((always_inline)) void panel(const float* x, const float* w, int64_t K, int64_t N, float* y,
-                                                 int64_t m0, int64_t m1, int64_t n0) {
+inline __attribute__((always_inline)) void panel(const float* x, const float* wp, int64_t ldw, int64_t K,
+                                                 int64_t N, float* y, int64_t m0, int64_t m1, int64_t n0) {
   typename V::Mask masks[NV];
   for (int j = 0; j < NV; ++j) masks[j] = V::mask(N - n0 - j * V::kLanes);
-  const float* wp = w + n0;
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {
     const int64_t k1 = std::min(K, k0 + kKc);
     int64_t m = m0;
-    for (; m + MR <= m1; m += MR) tile<V, MR, NV, TAIL>(x + m * K, K, k0, k1, wp, N, y + m * N + n0, masks);
+    for (; m + MR <= m1; m += MR) tile<V, MR, NV, TAIL>(x + m * K, K, k0, k1, wp, ldw, N, y + m * N + n0, masks);
     const float* xm = x + m * K;
     float* ym = y + m * N + n0;
     switch (m1 - m) {  // MR <= 6
-      case 5: if constexpr (MR > 5) tile<V, 5, NV, TAIL>(xm, K, k0, k1, wp, N, ym, masks); break;
-      case 4: if constexpr (MR > 4) tile<V, 4, NV, TAIL>(xm, K, k0, k1, wp, N, ym, masks); break;
-      case 3: if constexpr (MR > 3) tile<V, 3, NV, TAIL>(xm, K, k0, k1, wp, N, ym, masks); break;
-      case 2: if constexpr (MR > 2) tile<V, 2, NV, TAIL>(xm, K, k0, k1, wp, N, ym, masks); break;
-      case 1: if constexpr (MR > 1) tile<V, 1, NV, TAIL>(xm, K, k0, k1, wp, N, ym, masks); break;
+      case 5: if constexpr (MR > 5) tile<V, 5, NV, TAIL>(xm, K, k0, k1, wp, ldw, N, ym, masks); break;
+      case 4: if constexpr (MR > 4) tile<V, 4, NV, TAIL>(xm, K, k0, k1, wp, ldw, N, ym, masks); break;
+      case 3: if constexpr (MR > 3) tile<V, 3, NV, TAIL>(xm, K, k0, k1, wp, ldw, N, ym, masks); break;
+      case 2: if constexpr (MR > 2) tile<V, 2, NV, TAIL>(xm, K, k0, k1, wp, ldw, N, ym, masks); break;
+      case 1: if constexpr (MR > 1) tile<V, 1, NV, TAIL>(xm, K, k0, k1, wp, ldw, N, ym, masks); break;
       default: break;
     }
   }
 }
 
 template <class V, int MR, int NV>
-inline __attribute__((always_inline)) void chunk(const float* x, const float* w, int64_t K, int64_t N, float* y,
-                                                 int64_t m0, int64_t m1, int64_t n0) {
-  if (n0 + NV * V::kLanes <= N) panel<V, MR, NV, false>(x, w, K, N, y, m0, m1, n0);
-  else panel<V, MR, NV, true>(x, w, K, N, y, m0, m1, n0);
+inline __attribute__((always_inline)) void chunk(const float* x, const float* wp, int64_t ldw, int64_t K,
+                                                 int64_t N, float* y, int64_t m0, int64_t m1, int64_t n0) {
+  if (n0 + NV * V::kLanes <= N) panel<V, MR, NV, false>(x, wp, ldw, K, N, y, m0, m1, n0);
+  else panel<V, MR, NV, true>(x, wp, ldw, K, N, y, m0, m1, n0);
 }
 
 // Few rows (decode): wide panels, every row in one tile. Many rows: 6 x 4 vectors (24 accumulators).
@@ -117,21 +117,47 @@ template <class V>
 constexpr int64_t panel_width(int64_t M) { return (M <= kSmallM ? 8 : 4) * V::kLanes; }
 
 template <class V>
-inline __attribute__((always_inline)) void run_chunk(const float* x, const float* w, int64_t K, int64_t N,
-                                                     float* y, int64_t M, int64_t m0, int64_t m1, int64_t n0) {
-  if (M <= kSmallM) chunk<V, kSmallM, 8>(x, w, K, N, y, m0, m1, n0);
-  else if constexpr (V::kLanes == 16) chunk<V, 6, 4>(x, w, K, N, y, m0, m1, n0);
-  else chunk<V, 3, 4>(x, w, K, N, y, m0, m1, n0);  // AVX2: 16 registers
+inline __attribute__((always_inline)) void run_chunk(const float* x, const float* wp, int64_t ldw, int64_t K,
+                                                     int64_t N, float* y, int64_t M, int64_t m0, int64_t m1,
+                                                     int64_t n0) {
+  if (M <= kSmallM) chunk<V, kSmallM, 8>(x, wp, ldw, K, N, y, m0, m1, n0);
+  else if constexpr (V::kLanes == 16) chunk<V, 6, 4>(x, wp, ldw, K, N, y, m0, m1, n0);
+  else chunk<V, 3, 4>(x, wp, ldw, K, N, y, m0, m1, n0);  // AVX2: 16 registers
 }
 
-JAXSERVE_AVX512 void run_chunk512(const float* x, const float* w, int64_t K, int64_t N, float* y, int64_t M,
-                                  int64_t m0, int64_t m1, int64_t n0) {
-  run_chunk<V512>(x, w, K, N, y, M, m0, m1, n0);
+JAXSERVE_AVX512 void run_chunk512(const float* x, const float* wp, int64_t ldw, int64_t K, int64_t N, float* y,
+                                  int64_t M, int64_t m0, int64_t m1, int64_t n0) {
+  run_chunk<V512>(x, wp, ldw, K, N, y, M, m0, m1, n0);
 }
 
-void run_chunk256(const float* x, const float* w, int64_t K, int64_t N, float* y, int64_t M, int64_t m0,
-                  int64_t m1, int64_t n0) {
-  run_chunk<V256>(x, w, K, N, y, M, m0, m1, n0);
+void run_chunk256(const float* x, const float* wp, int64_t ldw, int64_t K, int64_t N, float* y, int64_t M,
+                  int64_t m0, int64_t m1, int64_t n0) {
+  run_chunk<V256>(x, wp, ldw, K, N, y, M, m0, m1, n0);
+}
+
+// (row block, column panel) chunks over XLA's pool. Row blocks of up to 96 (16 tiles of 6) keep a block of x in
+// L2 while a panel of w is reused over its rows; smaller (whole tiles) where there are too few panels to give
+// every thread ~4 chunks.
+template <typename F>
+void over_chunks(ffi::ThreadPool& pool, int64_t M, int64_t N, int64_t K, int64_t pw, F body) {
+  const int64_t panels = (N + pw - 1) / pw;
+  const int64_t work = M * N * K;
+  const int64_t threads = work < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  int64_t mb = M <= kSmallM ? M : 96;
+  if (M > kSmallM && threads > 1 && panels * ((M + mb - 1) / mb) < 4 * threads) {
+    const int64_t want = (4 * threads + panels - 1) / panels;
+    mb = std::max<int64_t>(6, ((M + want - 1) / want + 5) / 6 * 6);
+  }
+  const int64_t blocks = (M + mb - 1) / mb;
+  parallel_chunks(pool, panels * blocks, threads, [=](int64_t c) {
+    const int64_t m0 = (c / panels) * mb;
+    body(m0, std::min(M, m0 + mb), (c % panels) * pw);
+  });
+}
+
+bool use_avx512(int64_t isa) {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return isa == 0 && has;
 }
 
 ffi::Error MatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -147,27 +173,14 @@ ffi::Error MatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("matmul_f32: layer index out of range");
   if (M == 0 || N == 0) return ffi::Error::Success();
 
-  static const bool has512 = __builtin_cpu_supports("avx512f");
-  const bool wide = isa == 0 && has512;
+  const bool wide = use_avx512(isa);
   const float* xp = x.typed_data();
   const float* wp = w.typed_data() + l * K * N;
   float* yp = y->typed_data();
   const int64_t pw = wide ? panel_width<V512>(M) : panel_width<V256>(M);
-  const int64_t panels = (N + pw - 1) / pw;
-  const int64_t work = M * N * K;
-  const int64_t threads = work < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
-  // Row blocks of up to 96 (16 tiles of 6) keep a block of x in L2 while a panel of w is reused over its rows;
-  // smaller (whole tiles) where there are too few panels to give every thread ~4 chunks.
-  int64_t mb = M <= kSmallM ? M : 96;
-  if (M > kSmallM && threads > 1 && panels * ((M + mb - 1) / mb) < 4 * threads) {
-    const int64_t want = (4 * threads + panels - 1) / panels;
-    mb = std::max<int64_t>(6, ((M + want - 1) / want + 5) / 6 * 6);
-  }
-  const int64_t blocks = (M + mb - 1) / mb;
-  parallel_chunks(pool, panels * blocks, threads, [=](int64_t c) {
-    const int64_t n0 = (c % panels) * pw, m0 = (c / panels) * mb, m1 = std::min(M, m0 + mb);
-    if (wide) run_chunk512(xp, wp, K, N, yp, M, m0, m1, n0);
-    else run_chunk256(xp, wp, K, N, yp, M, m0, m1, n0);
+  over_chunks(pool, M, N, K, pw, [=](int64_t m0, int64_t m1, int64_t n0) {
+    if (wide) run_chunk512(xp, wp + n0, N, K, N, yp, M, m0, m1, n0);
+    else run_chunk256(xp, wp + n0, N, K, N, yp, M, m0, m1, n0);
   });
   return ffi::Error::Success();
 }

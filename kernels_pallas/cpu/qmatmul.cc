@@ -38,6 +38,7 @@ namespace {
 
 using jaxserve_cpu::hsum;
 using jaxserve_cpu::parallel_chunks;
+using jaxserve_cpu::transpose16;
 
 constexpr int64_t QK = 32;  // block of K sharing one activation scale
 
@@ -386,28 +387,6 @@ struct VnniPanel {
   float* mw;      // [B][32] 4-bit mins, else unused
   int32_t* corr;  // [B][32] int8: -128 * the block's weight sum
 };
-
-// r[t] <- dword t of every r[c] (a 16 x 16 transpose of 32-bit elements).
-JAXSERVE_VNNI inline void transpose16(__m512i* r) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0 b0 a1 b1], [a2 b2 a3 b3]
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // u[4g + j], 128-bit lane L: dword 4L + j of rows 4g .. 4g + 3
-    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {  // 4 x 4 transpose of 128-bit lanes: r[4L + j] lane g = u[4g + j] lane L
-    const __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
-    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
-    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
-    r[j] = _mm512_shuffle_i32x4(x0, y0, 0x88), r[4 + j] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
-    r[8 + j] = _mm512_shuffle_i32x4(x1, y1, 0x88), r[12 + j] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
-  }
-}
 
 // Blocks b and b + 1 (nb = 2) or b alone (nb = 1) of row n as 64 bytes in element order: int8 values, or nibbles.
 JAXSERVE_VNNI inline __m512i row_bytes64(const Weights& w, int64_t n, int64_t b, int nb) {
