@@ -149,9 +149,11 @@ void over_chunks(ffi::ThreadPool& pool, int64_t M, int64_t N, int64_t K, int64_t
     mb = std::max<int64_t>(6, ((M + want - 1) / want + 5) / 6 * 6);
   }
   const int64_t blocks = (M + mb - 1) / mb;
-  parallel_chunks(pool, panels * blocks, threads, [=](int64_t c) {
-    const int64_t m0 = (c / panels) * mb;
-    body(m0, std::min(M, m0 + mb), (c % panels) * pw);
+  // Chunks of contiguous panels, ~4 per thread: each thread streams its stretch of w's columns in order.
+  const int64_t run = std::max<int64_t>(1, panels / (4 * threads)), runs = (panels + run - 1) / run;
+  parallel_chunks(pool, runs * blocks, threads, [=](int64_t c) {
+    const int64_t m0 = (c / runs) * mb, p0 = (c % runs) * run;
+    for (int64_t p = p0; p < std::min(panels, p0 + run); ++p) body(m0, std::min(M, m0 + mb), p * pw);
   });
 }
 

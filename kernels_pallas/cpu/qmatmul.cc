@@ -476,6 +476,15 @@ JAXSERVE_VNNI void vnni_tile(const VnniPanel& p, const uint8_t* xq, const float*
     }
   }
   const int64_t valid = N - n0;
+  if (valid >= 32 && N % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0) {
+    // Streaming stores: y (the LM head's logits: 12 MB at 64 rows) is not read back by this call, and a normal
+    // store would first read each line from memory.
+    for (int i = 0; i < MR; ++i) {
+      _mm512_stream_ps(y + (m0 + i) * N + n0, f[i][0]);
+      _mm512_stream_ps(y + (m0 + i) * N + n0 + 16, f[i][1]);
+    }
+    return;
+  }
   const __mmask16 k0 = valid >= 16 ? 0xFFFF : __mmask16((1u << valid) - 1);
   const __mmask16 k1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : __mmask16((1u << (valid - 16)) - 1);
   for (int i = 0; i < MR; ++i) {
@@ -574,20 +583,27 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
     if (!four_bit)  // int8: the unsigned operand is x_q + 128
       for (int64_t i = 0; i < M * K; ++i) xq[i] ^= 0x80;
     const int64_t panels = (N + kPanel - 1) / kPanel;
-    // Row blocks (multiples of the 4-row tile) only where too few panels would leave a thread idle.
+    // Chunks of contiguous panels (w streamed in order), ~4 per thread; row blocks (multiples of the 4-row tile)
+    // only where too few panels would leave a thread idle.
     const int64_t want = panels >= 4 * threads ? 1 : (4 * threads + panels - 1) / panels;
     const int64_t mb = std::max<int64_t>(4, ((M + want - 1) / want + 3) / 4 * 4);
     const int64_t blocks = (M + mb - 1) / mb;
+    const int64_t run = std::max<int64_t>(1, panels / (4 * threads)), runs = (panels + run - 1) / run;
     const float *xd = a.d, *xs = a.s;
-    parallel_chunks(pool, panels * blocks, threads, [w, xq, xd, xs, M, mb, panels, yp](int64_t c) {
-      const int64_t m0 = (c / panels) * mb;
-      vnni_chunk(w, xq, xd, xs, m0, std::min(M, m0 + mb), (c % panels) * kPanel, yp);
+    parallel_chunks(pool, runs * blocks, threads, [w, xq, xd, xs, M, mb, runs, run, panels, yp](int64_t c) {
+      const int64_t m0 = (c / runs) * mb, p0 = (c % runs) * run;
+      for (int64_t p = p0; p < std::min(panels, p0 + run); ++p)
+        vnni_chunk(w, xq, xd, xs, m0, std::min(M, m0 + mb), p * kPanel, yp);
+      _mm_sfence();  // this thread's streaming stores are visible before its chunk counts as done
     });
     return ffi::Error::Success();
   }
 
-  parallel_chunks(pool, num_chunks, threads, [w, a, M, yp, N](int64_t c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+  // Few rows are bandwidth-bound: each chunk is a contiguous run of rows of w (a few per thread, for balance), so
+  // every thread streams its own stretch of memory in order and the hardware prefetchers keep up.
+  const int64_t run = std::max<int64_t>(chunk, (N + 4 * threads - 1) / (4 * threads) + chunk - 1) / chunk * chunk;
+  parallel_chunks(pool, (N + run - 1) / run, threads, [w, a, M, yp, N, run](int64_t c) {
+    const int64_t n0 = c * run, n1 = std::min(N, n0 + run);
     if (w.four_bit) columns<true>(w, a, M, n0, n1, yp); else columns<false>(w, a, M, n0, n1, yp);
   });
   return ffi::Error::Success();
