@@ -90,6 +90,30 @@ def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str =
     return call(*args, f32_min_rows=np.int64(f32_min_rows(isa)), isa=np.int64(ISAS[isa]))
 
 
+def quantized_matmul_many(x, weights, layer=None, *, backend: str = "auto", isa: str = "auto") -> list[jax.Array]:
+    """[quantized_matmul(x, *w, layer) for w in weights], weights = [(values, scales, mins), ...] of one bit width:
+    on CPU one kernel call (x quantized once, the work of every weight spread over the threads together; the
+    projections that share an input: q, k, v and gate, up)."""
+    if isa not in ISAS:
+        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
+    shapes = [check_inputs(x, v, s, m, layer) for v, s, m in weights]
+    four_bit = {fb for *_, fb in shapes}
+    if len(four_bit) != 1:
+        raise ValueError("quantized_matmul_many takes weights of one bit width")
+    if resolve_backend(backend) != "cpu" or len(weights) == 1:
+        return [quantized_matmul(x, v, s, m, layer, backend=backend, isa=isa) for v, s, m in weights]
+    from kernels_pallas.cpu import ensure_registered
+
+    ensure_registered()
+    four_bit = four_bit.pop()
+    layer_arg = jnp.zeros((), jnp.int32) if layer is None else layer
+    flat = [a for v, s, m in weights for a in ((v, s, m) if four_bit else (v, s))]
+    outs = [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for _, _, n, _ in shapes]
+    call = jax.ffi.ffi_call("jaxserve_qmatmul_multi", outs)
+    return list(call(x.astype(jnp.float32), layer_arg, *flat, bits=np.int64(4 if four_bit else 8),
+                     f32_min_rows=np.int64(f32_min_rows(isa)), isa=np.int64(ISAS[isa])))  # fmt: skip
+
+
 def absmax_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[..., n] floats -> int8 q [..., n], f32 d [...]: d = amax * f32(1 / 127) over the last axis (a product,
     not a division: XLA turns division by a constant into that product, and the C++ kernels must agree bit for

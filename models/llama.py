@@ -21,7 +21,9 @@ from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
 from models.layers import apply_rope, rms_norm, rope_cos_sin
-from models.quant import HostQuantized, QuantizedWeight, at_layer, embed_lookup, is_quantized, linear
+from models.quant import (
+    HostQuantized, QuantizedWeight, at_layer, embed_lookup, is_quantized, linear, linear_many,
+)  # fmt: skip
 from models.sharding import MODEL, kv_heads_sharded
 
 
@@ -163,7 +165,7 @@ def forward(
         p = jax.tree.map(lambda a: at_layer(a, i, in_place=in_place), params.layers, is_leaf=is_quantized)
         with jax.named_scope("attention"):
             x = rms_norm(h, p.attn_norm, cfg.rms_norm_eps)
-            q, k, v = mm(x, p.wq), mm(x, p.wk), mm(x, p.wv)
+            q, k, v = mm_many(x, (p.wq, p.wk, p.wv))
             if p.bq is not None:
                 q, k, v = q + p.bq, k + p.bk, v + p.bv
             q = apply_rope(q.reshape(num_tokens, h_dim, d), cos, sin)
@@ -175,10 +177,12 @@ def forward(
             h = h + mm(o.reshape(num_tokens, h_dim * d), p.wo)
         with jax.named_scope("mlp"):
             x = rms_norm(h, p.mlp_norm, cfg.rms_norm_eps)
-            h = h + mm(jax.nn.silu(mm(x, p.w_gate)) * mm(x, p.w_up), p.w_down)
+            gate, up = mm_many(x, (p.w_gate, p.w_up))
+            h = h + mm(jax.nn.silu(gate) * up, p.w_down)
         return (h, k_all, v_all), None
 
     mm = functools.partial(linear, backend=matmul_backend(attention_backend, mesh))
+    mm_many = functools.partial(linear_many, backend=matmul_backend(attention_backend, mesh))
     in_place = resolve_backend(matmul_backend(attention_backend, mesh)) == "cpu"
     attend = functools.partial(_write_and_attend, sm_scale=d**-0.5, sliding_window=cfg.sliding_window,
                                backend=attention_backend, interpret=interpret_kernels, kv_select=None)  # fmt: skip

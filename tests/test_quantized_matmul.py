@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from kernels_pallas.quantized_matmul import (
     BLOCK, F32_MIN_ROWS, NEVER, check_inputs, dequantize, f32_min_rows, quantize_activations, quantized_matmul,
-    quantized_matmul_ref, unpack_4bit,
+    quantized_matmul_many, quantized_matmul_ref, unpack_4bit,
 )  # fmt: skip
 from models.quant import host_dequantize, pack_4bit, quantize_int4, quantize_int8
 
@@ -190,3 +190,21 @@ def test_reference_backend_runs_without_the_cpu_kernels():
     np.testing.assert_allclose(np.asarray(jax.jit(lambda x: quantized_matmul(x, values, scales, mins,
                                                                               backend="reference"))(x)),
                                np.asarray(REF(x, values, scales, mins)), rtol=0, atol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 5, 9, 64])
+def test_many_weights_in_one_call_equal_one_call_each(m, bits):
+    """q, k, v (and gate, up) in one kernel call: each output equals that weight's own call, stacked or not,
+    with outputs of different widths (one narrower than a panel)."""
+    rng = np.random.default_rng(m + bits)
+    weights = [random_weight(rng, n, 96, bits, BLOCK, layers=2) for n in (70, 24, 33)]
+    x = rng.standard_normal((m, 96)).astype(np.float32)
+    layer = jnp.int32(1)
+    got = jax.jit(lambda x, ws, i: quantized_matmul_many(x, ws, i))(x, weights, layer)
+    for (values, scales, mins), y in zip(weights, got):
+        one = np.asarray(KERNEL(x, values[1], scales[1], None if mins is None else mins[1]))
+        assert y.shape == one.shape
+        np.testing.assert_allclose(np.asarray(y), one, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="one bit width"):
+        quantized_matmul_many(x, [weights[0], random_weight(rng, 8, 96, 12 - bits, BLOCK, layers=2)], layer)

@@ -44,6 +44,8 @@ constexpr int64_t QK = 32;  // block of K sharing one activation scale
 
 inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 
+inline bool ok(const ffi::Error& e) { return e.success(); }
+
 // ---- activations ------------------------------------------------------------------------------------------
 
 struct QuantizedActs {
@@ -523,38 +525,67 @@ bool use_vnni(int64_t isa) {
   return isa == 0 && has;
 }
 
-ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
-                   ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
-                   bool four_bit, int64_t f32_min_rows, int64_t isa) {
-  auto xd = x.dimensions(), vd = values.dimensions(), sd = scales.dimensions();
-  if (xd.size() != 2 || (vd.size() != 2 && vd.size() != 3) || sd.size() != vd.size())
-    return ffi::Error::InvalidArgument("qmatmul: x must be [M, K], values [(L,) N, Kv], scales [(L,) N, G]");
-  const int64_t M = xd[0], K = xd[1];
+// One weight of a call: its layer's pointers and where its output goes.
+struct Job {
+  Weights w;
+  float* y;
+};
+
+// Shapes of one weight against x [M, K]; fills job.w for layer l (stacked values) or the only one.
+ffi::Error weight_job(int64_t K, const ffi::AnyBuffer& values, const ffi::AnyBuffer& scales, const void* mins,
+                      int64_t l, bool four_bit, Job& job) {
+  auto vd = values.dimensions(), sd = scales.dimensions();
+  if ((vd.size() != 2 && vd.size() != 3) || sd.size() != vd.size())
+    return ffi::Error::InvalidArgument("qmatmul: values must be [(L,) N, Kv] and scales [(L,) N, G]");
   const bool stacked = vd.size() == 3;
   const int64_t L = stacked ? vd[0] : 1, N = vd[vd.size() - 2], Kv = vd[vd.size() - 1];
   const int64_t G = sd[sd.size() - 1];
   if (Kv != (four_bit ? K / 2 : K) || K % QK || G < 1 || K % G || (K / G) % QK || sd[sd.size() - 2] != N)
     return ffi::Error::InvalidArgument("qmatmul: shapes of x, values and scales do not agree");
-  const int64_t l = stacked ? layer.typed_data()[0] : 0;
+  if (!stacked) l = 0;
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("qmatmul: layer index out of range");
-  if (M == 0 || N == 0) return ffi::Error::Success();
-
-  Weights w;
+  Weights& w = job.w;
   w.N = N, w.K = K, w.G = G, w.four_bit = four_bit;
   w.values = static_cast<const uint8_t*>(values.untyped_data()) + l * N * Kv;
   w.scales = static_cast<const uint16_t*>(scales.untyped_data()) + l * N * G;
-  w.mins = four_bit ? static_cast<const uint16_t*>(mins.untyped_data()) + l * N * G : nullptr;
+  w.mins = four_bit ? static_cast<const uint16_t*>(mins) + l * N * G : nullptr;
+  return ffi::Error::Success();
+}
 
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  // Chunks of 16 columns; threads only when the work pays for a task hand-off (~a few microseconds).
-  const int64_t chunk = 16, num_chunks = (N + chunk - 1) / chunk;
-  const int64_t work = M * N * K;
-  const int64_t threads = work < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
+// A piece of work: columns [n0, n1) of job j (for the VNNI path: panels [n0, n1)).
+struct Piece {
+  int64_t j, n0, n1;
+};
+
+// [0, n) of each job in contiguous runs of `unit`-multiples, ~4 runs per thread over all jobs together.
+std::vector<Piece> pieces(const std::vector<Job>& jobs, int64_t unit, int64_t threads, bool panels) {
+  int64_t total = 0;
+  for (const Job& job : jobs) total += panels ? (job.w.N + kPanel - 1) / kPanel : job.w.N;
+  const int64_t run = std::max<int64_t>(unit, (total + 4 * threads - 1) / (4 * threads) + unit - 1) / unit * unit;
+  std::vector<Piece> out;
+  for (int64_t j = 0; j < int64_t(jobs.size()); ++j) {
+    const int64_t n = panels ? (jobs[j].w.N + kPanel - 1) / kPanel : jobs[j].w.N;
+    for (int64_t n0 = 0; n0 < n; n0 += run) out.push_back({j, n0, std::min(n, n0 + run)});
+  }
+  return out;
+}
+
+// y_j = x . w_j^T for every job: x is quantized once, the work of all jobs shares one set of chunks.
+ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K, const std::vector<Job>& jobs,
+                    bool four_bit, int64_t f32_min_rows, int64_t isa) {
+  int64_t sum_n = 0;
+  for (const Job& job : jobs) sum_n += job.w.N;
+  if (M == 0 || sum_n == 0) return ffi::Error::Success();
+  // Threads only when the work pays for a task hand-off (~a few microseconds).
+  const int64_t threads = M * sum_n * K < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  const Job* jp = jobs.data();
   if (M >= f32_min_rows) {
     const bool wide = use_avx512(isa);
-    parallel_chunks(pool, num_chunks, threads, [w, xp, M, yp, N, wide](int64_t c) {
-      columns_f32(w, xp, M, c * chunk, std::min(N, c * chunk + chunk), yp, wide);
+    const std::vector<Piece> ps = pieces(jobs, 16, threads, false);
+    const Piece* pp = ps.data();
+    parallel_chunks(pool, int64_t(ps.size()), threads, [jp, pp, xp, M, wide](int64_t c) {
+      const Job& job = jp[pp[c].j];
+      columns_f32(job.w, xp, M, pp[c].n0, pp[c].n1, job.y, wide);
     });
     return ffi::Error::Success();
   }
@@ -562,7 +593,8 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   // Activation scratch, reused across calls on the calling thread (workers only read it while we wait).
   thread_local std::vector<uint8_t> scratch;
   const int64_t B = K / QK;
-  const bool pairs = four_bit && B % 2 == 0 && G == B;  // groups of 32 (GGUF's Q4_0 / Q4_1)
+  bool pairs = four_bit && B % 2 == 0;  // and groups of 32 (GGUF's Q4_0 / Q4_1) in every weight
+  for (const Job& job : jobs) pairs = pairs && job.w.G == B;
   scratch.resize(size_t(M * K * 3 + M * B * 40 + 64));  // q, |q|, qp; d, s; dv, sv (8 floats per pair each)
   QuantizedActs a;
   a.q = reinterpret_cast<int8_t*>(scratch.data());
@@ -582,43 +614,87 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
     uint8_t* xq = reinterpret_cast<uint8_t*>(a.q);
     if (!four_bit)  // int8: the unsigned operand is x_q + 128
       for (int64_t i = 0; i < M * K; ++i) xq[i] ^= 0x80;
-    const int64_t panels = (N + kPanel - 1) / kPanel;
-    // Chunks of contiguous panels (w streamed in order), ~4 per thread; row blocks (multiples of the 4-row tile)
-    // only where too few panels would leave a thread idle.
-    const int64_t want = panels >= 4 * threads ? 1 : (4 * threads + panels - 1) / panels;
-    const int64_t mb = std::max<int64_t>(4, ((M + want - 1) / want + 3) / 4 * 4);
-    const int64_t blocks = (M + mb - 1) / mb;
-    const int64_t run = std::max<int64_t>(1, panels / (4 * threads)), runs = (panels + run - 1) / run;
+    // Runs of contiguous panels (w streamed in order); row blocks (multiples of the 4-row tile) only where too
+    // few panels would leave a thread idle.
+    const std::vector<Piece> ps = pieces(jobs, 1, threads, true);
+    const int64_t want = int64_t(ps.size()) >= 4 * threads ? 1 : (4 * threads + ps.size() - 1) / ps.size();
+    const int64_t mb = std::max<int64_t>(4, ((M + want - 1) / want + 3) / 4 * 4), blocks = (M + mb - 1) / mb;
+    const Piece* pp = ps.data();
+    const int64_t np = int64_t(ps.size());
     const float *xd = a.d, *xs = a.s;
-    parallel_chunks(pool, runs * blocks, threads, [w, xq, xd, xs, M, mb, runs, run, panels, yp](int64_t c) {
-      const int64_t m0 = (c / runs) * mb, p0 = (c % runs) * run;
-      for (int64_t p = p0; p < std::min(panels, p0 + run); ++p)
-        vnni_chunk(w, xq, xd, xs, m0, std::min(M, m0 + mb), p * kPanel, yp);
+    parallel_chunks(pool, np * blocks, threads, [jp, pp, np, xq, xd, xs, M, mb](int64_t c) {
+      const Piece& piece = pp[c % np];
+      const Job& job = jp[piece.j];
+      const int64_t m0 = (c / np) * mb;
+      for (int64_t p = piece.n0; p < piece.n1; ++p)
+        vnni_chunk(job.w, xq, xd, xs, m0, std::min(M, m0 + mb), p * kPanel, job.y);
       _mm_sfence();  // this thread's streaming stores are visible before its chunk counts as done
     });
     return ffi::Error::Success();
   }
-
   // Few rows are bandwidth-bound: each chunk is a contiguous run of rows of w (a few per thread, for balance), so
   // every thread streams its own stretch of memory in order and the hardware prefetchers keep up.
-  const int64_t run = std::max<int64_t>(chunk, (N + 4 * threads - 1) / (4 * threads) + chunk - 1) / chunk * chunk;
-  parallel_chunks(pool, (N + run - 1) / run, threads, [w, a, M, yp, N, run](int64_t c) {
-    const int64_t n0 = c * run, n1 = std::min(N, n0 + run);
-    if (w.four_bit) columns<true>(w, a, M, n0, n1, yp); else columns<false>(w, a, M, n0, n1, yp);
+  const std::vector<Piece> ps = pieces(jobs, 16, threads, false);
+  const Piece* pp = ps.data();
+  parallel_chunks(pool, int64_t(ps.size()), threads, [jp, pp, a, M](int64_t c) {
+    const Job& job = jp[pp[c].j];
+    if (job.w.four_bit) columns<true>(job.w, a, M, pp[c].n0, pp[c].n1, job.y);
+    else columns<false>(job.w, a, M, pp[c].n0, pp[c].n1, job.y);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
+                   const void* mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, bool four_bit,
+                   int64_t f32_min_rows, int64_t isa) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x must be [M, K]");
+  std::vector<Job> jobs(1);
+  if (auto err = weight_job(xd[1], values, scales, mins, layer.typed_data()[0], four_bit, jobs[0]); !ok(err))
+    return err;
+  jobs[0].y = y->typed_data();
+  return run_jobs(pool, x.typed_data(), xd[0], xd[1], jobs, four_bit, f32_min_rows, isa);
 }
 
 ffi::Error QMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
                        ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t f32_min_rows,
                        int64_t isa) {
-  return qmatmul(pool, x, values, scales, scales, layer, y, false, f32_min_rows, isa);
+  return qmatmul(pool, x, values, scales, nullptr, layer, y, false, f32_min_rows, isa);
 }
 
 ffi::Error QMatmulInt4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::AnyBuffer scales,
                        ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
                        int64_t f32_min_rows, int64_t isa) {
-  return qmatmul(pool, x, values, scales, mins, layer, y, true, f32_min_rows, isa);
+  return qmatmul(pool, x, values, scales, mins.untyped_data(), layer, y, true, f32_min_rows, isa);
+}
+
+// Several weights of one x (q, k, v; gate, up): args x, layer, then per weight values, scales (, mins for 4-bit);
+// one result per weight. One activation quantization, one set of chunks over all of them.
+ffi::Error QMatmulMulti(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                        ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t bits, int64_t f32_min_rows,
+                        int64_t isa) {
+  const bool four_bit = bits == 4;
+  const size_t per = four_bit ? 3 : 2;
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || (bits != 4 && bits != 8) || args.size() % per || args.size() / per != rets.size())
+    return ffi::Error::InvalidArgument("qmatmul_multi: x [M, K], layer, then (values, scales[, mins]) per result");
+  std::vector<Job> jobs(rets.size());
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    auto values = args.get<ffi::AnyBuffer>(per * j), scales = args.get<ffi::AnyBuffer>(per * j + 1);
+    auto y = rets.get<ffi::AnyBuffer>(j);
+    if (!values.has_value() || !scales.has_value() || !y.has_value())
+      return ffi::Error::InvalidArgument("qmatmul_multi: bad buffers");
+    const void* mins = nullptr;
+    if (four_bit) {
+      auto m = args.get<ffi::AnyBuffer>(per * j + 2);
+      if (!m.has_value()) return ffi::Error::InvalidArgument("qmatmul_multi: bad mins");
+      mins = m->untyped_data();
+    }
+    if (auto err = weight_job(xd[1], *values, *scales, mins, layer.typed_data()[0], four_bit, jobs[j]); !ok(err))
+      return err;
+    jobs[j].y = static_cast<float*>((*y)->untyped_data());
+  }
+  return run_jobs(pool, x.typed_data(), xd[0], xd[1], jobs, four_bit, f32_min_rows, isa);
 }
 
 }  // namespace
@@ -643,5 +719,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmulInt4, QMatmulInt4,
                                   .Arg<ffi::AnyBuffer>()         // mins f16 [(L,) N, G]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("f32_min_rows")
+                                  .Attr<int64_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmulMulti, QMatmulMulti,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
+                                  .RemainingArgs()               // per weight: values, scales (, mins)
+                                  .RemainingRets()               // per weight: y f32 [M, N]
+                                  .Attr<int64_t>("bits")
                                   .Attr<int64_t>("f32_min_rows")
                                   .Attr<int64_t>("isa"));
