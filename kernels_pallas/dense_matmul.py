@@ -55,6 +55,21 @@ def dense_matmul(x, w, layer=None, *, backend: str = "auto", isa: str = "auto") 
     return call(x, w, layer_arg, isa=np.int64(ISAS[isa]))
 
 
+def dense_matmul_many(x, ws, layer=None, *, backend: str = "auto", isa: str = "auto") -> list[jax.Array]:
+    """[dense_matmul(x, w, layer) for w in ws] in one kernel call on CPU (the projections sharing an input)."""
+    if isa not in ISAS:
+        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
+    shapes = [check_inputs(x, w, layer) for w in ws]
+    if resolve_backend(backend) != "cpu" or not all(kernel_supports(x, w) for w in ws) or len(ws) == 1:
+        return [dense_matmul(x, w, layer, backend=backend, isa=isa) for w in ws]
+    from kernels_pallas.cpu import ensure_registered
+
+    ensure_registered()
+    layer_arg = jnp.zeros((), jnp.int32) if layer is None else layer
+    outs = [jax.ShapeDtypeStruct((m, n), jnp.float32) for m, _, n in shapes]
+    return list(jax.ffi.ffi_call("jaxserve_matmul_f32_multi", outs)(x, layer_arg, *ws, isa=np.int64(ISAS[isa])))
+
+
 def dense_matmul_ref(x, w, layer=None) -> jax.Array:
     if layer is not None:
         w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.dense_matmul import dense_matmul
+from kernels_pallas.dense_matmul import dense_matmul, dense_matmul_many
 from kernels_pallas.quantized_matmul import BLOCK, dequantize, quantized_matmul, quantized_matmul_many
 from models.config import QUANTIZATIONS  # noqa: F401  (re-exported: the modes this module implements)
 
@@ -98,12 +98,14 @@ def linear(x: jax.Array, w, *, backend: str = "auto") -> jax.Array:
 
 
 def linear_many(x: jax.Array, ws, *, backend: str = "auto") -> list[jax.Array]:
-    """[linear(x, w) for w in ws]; quantized weights of one bit width and layer go in one kernel call."""
-    same = all(is_quantized(w) and w.bits == ws[0].bits and w.layer is ws[0].layer for w in ws)
-    if not same or len(ws) == 1:
-        return [linear(x, w, backend=backend) for w in ws]
-    outs = quantized_matmul_many(x, [(w.values, w.scales, w.mins) for w in ws], ws[0].layer, backend=backend)
-    return [y.astype(x.dtype) for y in outs]
+    """[linear(x, w) for w in ws]; weights of one kind and layer (quantized of one bit width, or DenseAtLayer) go
+    in one kernel call."""
+    if len(ws) > 1 and all(isinstance(w, DenseAtLayer) and w.layer is ws[0].layer for w in ws):
+        return dense_matmul_many(x, [w.stacked for w in ws], ws[0].layer, backend=backend)
+    if len(ws) > 1 and all(is_quantized(w) and w.bits == ws[0].bits and w.layer is ws[0].layer for w in ws):
+        outs = quantized_matmul_many(x, [(w.values, w.scales, w.mins) for w in ws], ws[0].layer, backend=backend)
+        return [y.astype(x.dtype) for y in outs]
+    return [linear(x, w, backend=backend) for w in ws]
 
 
 def embed_lookup(table, token_ids: jax.Array, dtype) -> jax.Array:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels_pallas.dense_matmul import dense_matmul, dense_matmul_ref
+from kernels_pallas.dense_matmul import dense_matmul, dense_matmul_many, dense_matmul_ref
 
 KERNEL = jax.jit(dense_matmul)
 AVX2_ONLY = jax.jit(lambda *a: dense_matmul(*a, isa="avx2"))
@@ -76,3 +76,13 @@ def test_non_f32_runs_the_reference_and_bad_shapes_name_the_problem():
         dense_matmul(jnp.ones((2, 8)), jnp.ones((3, 8, 4)))
     with pytest.raises(ValueError, match="isa"):
         dense_matmul(jnp.ones((2, 8)), jnp.ones((8, 4)), isa="sse")
+
+
+@pytest.mark.parametrize("m", [1, 3, 64])
+def test_many_weights_in_one_call_equal_one_call_each(m):
+    rng = np.random.default_rng(m)
+    ws = [rng.standard_normal((2, 40, n)).astype(np.float32) for n in (70, 17, 130)]
+    x = rng.standard_normal((m, 40)).astype(np.float32)
+    got = jax.jit(lambda x, ws, i: dense_matmul_many(x, ws, i))(x, ws, jnp.int32(1))
+    for w, y in zip(ws, got):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(KERNEL(x, w[1])), rtol=1e-6, atol=1e-6)

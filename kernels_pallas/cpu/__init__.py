@@ -27,7 +27,7 @@ CXXFLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared"
 # FFI handler symbol -> the target name XLA knows it by.
 TARGETS = {"JaxserveQMatmulInt8": "jaxserve_qmatmul_int8", "JaxserveQMatmulInt4": "jaxserve_qmatmul_int4",
            "JaxserveQMatmulMulti": "jaxserve_qmatmul_multi",
-           "JaxserveMatmulF32": "jaxserve_matmul_f32",
+           "JaxserveMatmulF32": "jaxserve_matmul_f32", "JaxserveMatmulF32Multi": "jaxserve_matmul_f32_multi",
            "JaxserveRaggedPagedAttention": "jaxserve_ragged_paged_attention"}
 _lock = threading.Lock()
 

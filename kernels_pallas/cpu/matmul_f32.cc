@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 #include "xla/ffi/api/ffi.h"
@@ -135,56 +136,97 @@ void run_chunk256(const float* x, const float* wp, int64_t ldw, int64_t K, int64
   run_chunk<V256>(x, wp, ldw, K, N, y, M, m0, m1, n0);
 }
 
-// (row block, column panel) chunks over XLA's pool. Row blocks of up to 96 (16 tiles of 6) keep a block of x in
-// L2 while a panel of w is reused over its rows; smaller (whole tiles) where there are too few panels to give
-// every thread ~4 chunks.
-template <typename F>
-void over_chunks(ffi::ThreadPool& pool, int64_t M, int64_t N, int64_t K, int64_t pw, F body) {
-  const int64_t panels = (N + pw - 1) / pw;
-  const int64_t work = M * N * K;
-  const int64_t threads = work < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
-  int64_t mb = M <= kSmallM ? M : 96;
-  if (M > kSmallM && threads > 1 && panels * ((M + mb - 1) / mb) < 4 * threads) {
-    const int64_t want = (4 * threads + panels - 1) / panels;
-    mb = std::max<int64_t>(6, ((M + want - 1) / want + 5) / 6 * 6);
-  }
-  const int64_t blocks = (M + mb - 1) / mb;
-  // Chunks of contiguous panels, ~4 per thread: each thread streams its stretch of w's columns in order.
-  const int64_t run = std::max<int64_t>(1, panels / (4 * threads)), runs = (panels + run - 1) / run;
-  parallel_chunks(pool, runs * blocks, threads, [=](int64_t c) {
-    const int64_t m0 = (c / runs) * mb, p0 = (c % runs) * run;
-    for (int64_t p = p0; p < std::min(panels, p0 + run); ++p) body(m0, std::min(M, m0 + mb), p * pw);
-  });
-}
-
 bool use_avx512(int64_t isa) {
   static const bool has = __builtin_cpu_supports("avx512f");
   return isa == 0 && has;
 }
 
-ffi::Error MatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                     ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t isa) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3))
-    return ffi::Error::InvalidArgument("matmul_f32: x must be [M, K] and w [(L,) K, N]");
-  const int64_t M = xd[0], K = xd[1];
+// One weight of a call: this layer's [K, N] and where its output goes.
+struct Job {
+  const float* w;
+  float* y;
+  int64_t N;
+};
+
+ffi::Error weight_job(int64_t K, ffi::Buffer<ffi::F32> w, int64_t l, float* y, Job& job) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2 && wd.size() != 3) return ffi::Error::InvalidArgument("matmul_f32: w must be [(L,) K, N]");
   const bool stacked = wd.size() == 3;
   const int64_t L = stacked ? wd[0] : 1, N = wd[wd.size() - 1];
   if (wd[wd.size() - 2] != K) return ffi::Error::InvalidArgument("matmul_f32: x [M, K] and w [(L,) K, N] disagree on K");
-  const int64_t l = stacked ? layer.typed_data()[0] : 0;
+  if (!stacked) l = 0;
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("matmul_f32: layer index out of range");
-  if (M == 0 || N == 0) return ffi::Error::Success();
+  job = {w.typed_data() + l * K * N, y, N};
+  return ffi::Error::Success();
+}
 
+// y_j = x . w_j for every job, in (row block, run of column panels) chunks over XLA's pool, the panels of all
+// jobs together. Runs of contiguous panels, ~4 per thread: each thread streams its stretch of w's columns in
+// order. Row blocks of up to 96 (16 tiles of 6) keep a block of x in L2 while a panel of w is reused over its
+// rows; smaller (whole tiles) where there are too few panels to give every thread ~4 chunks.
+ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K, const std::vector<Job>& jobs,
+                    int64_t isa) {
   const bool wide = use_avx512(isa);
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data() + l * K * N;
-  float* yp = y->typed_data();
   const int64_t pw = wide ? panel_width<V512>(M) : panel_width<V256>(M);
-  over_chunks(pool, M, N, K, pw, [=](int64_t m0, int64_t m1, int64_t n0) {
-    if (wide) run_chunk512(xp, wp + n0, N, K, N, yp, M, m0, m1, n0);
-    else run_chunk256(xp, wp + n0, N, K, N, yp, M, m0, m1, n0);
+  int64_t sum_n = 0, panels = 0;
+  for (const Job& job : jobs) sum_n += job.N, panels += (job.N + pw - 1) / pw;
+  if (M == 0 || sum_n == 0) return ffi::Error::Success();
+  const int64_t threads = M * sum_n * K < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  struct Piece {
+    int64_t j, p0, p1;  // panels [p0, p1) of job j
+  };
+  std::vector<Piece> pieces;
+  const int64_t run = std::max<int64_t>(1, panels / (4 * threads));
+  for (int64_t j = 0; j < int64_t(jobs.size()); ++j) {
+    const int64_t n = (jobs[j].N + pw - 1) / pw;
+    for (int64_t p = 0; p < n; p += run) pieces.push_back({j, p, std::min(n, p + run)});
+  }
+  const int64_t np = int64_t(pieces.size());
+  int64_t mb = M <= kSmallM ? M : 96;
+  if (M > kSmallM && threads > 1 && np * ((M + mb - 1) / mb) < 4 * threads) {
+    const int64_t want = (4 * threads + np - 1) / np;
+    mb = std::max<int64_t>(6, ((M + want - 1) / want + 5) / 6 * 6);
+  }
+  const int64_t blocks = (M + mb - 1) / mb;
+  const Piece* pp = pieces.data();
+  const Job* jp = jobs.data();
+  parallel_chunks(pool, np * blocks, threads, [=](int64_t c) {
+    const Piece& piece = pp[c % np];
+    const Job& job = jp[piece.j];
+    const int64_t m0 = (c / np) * mb, m1 = std::min(M, m0 + mb);
+    for (int64_t p = piece.p0; p < piece.p1; ++p) {
+      const int64_t n0 = p * pw;
+      if (wide) run_chunk512(xp, job.w + n0, job.N, K, job.N, job.y, M, m0, m1, n0);
+      else run_chunk256(xp, job.w + n0, job.N, K, job.N, job.y, M, m0, m1, n0);
+    }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error MatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t isa) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("matmul_f32: x must be [M, K]");
+  std::vector<Job> jobs(1);
+  if (auto err = weight_job(xd[1], w, layer.typed_data()[0], y->typed_data(), jobs[0]); !err.success()) return err;
+  return run_jobs(pool, x.typed_data(), xd[0], xd[1], jobs, isa);
+}
+
+// Several weights of one x (q, k, v; gate, up): args x, layer, then the weights; one result per weight.
+ffi::Error MatmulF32Multi(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                          ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t isa) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || args.size() != rets.size())
+    return ffi::Error::InvalidArgument("matmul_f32_multi: x [M, K], layer, then one weight per result");
+  std::vector<Job> jobs(rets.size());
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    auto w = args.get<ffi::Buffer<ffi::F32>>(j);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(j);
+    if (!w.has_value() || !y.has_value()) return ffi::Error::InvalidArgument("matmul_f32_multi: f32 buffers only");
+    if (auto err = weight_job(xd[1], *w, layer.typed_data()[0], (*y)->typed_data(), jobs[j]); !err.success())
+      return err;
+  }
+  return run_jobs(pool, x.typed_data(), xd[0], xd[1], jobs, isa);
 }
 
 }  // namespace
@@ -197,4 +239,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulF32, jaxserve_cpu::MatmulF32,
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // w [(L,) K, N]
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // layer i32[]
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulF32Multi, jaxserve_cpu::MatmulF32Multi,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [M, K]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // layer i32[]
+                                  .RemainingArgs()                         // the weights [(L,) K, N_j]
+                                  .RemainingRets()                         // y_j [M, N_j]
                                   .Attr<int64_t>("isa"));
