@@ -11,7 +11,9 @@ the Python version and the text's sha256, since the text follows the interpreter
 tokenization, fed unchanged to every engine. They are scored in independent windows of --window (512) tokens
 (each window starts with an empty cache; every token after a window's first is predicted from the window's
 earlier tokens), fed --rows (8) rows per step: under 16 rows the quantized matmul quantizes activations, as in
-decode, so this is the W8A8 / W4A8 arithmetic a served stream sees (prefill chunks of 16+ rows keep x in f32).
+decode, so this is the W8A8 / W4A8 arithmetic a served stream sees. (On CPUs with AVX-512 VNNI activations are
+quantized at every row count, prefill too; elsewhere prefill chunks of 16+ rows keep x in f32:
+kernels_pallas.quantized_matmul.f32_min_rows.)
 llama.cpp (llama-cpp-python, if installed) evaluates the same windows with logits for every position.
 
 Greedy agreement: 32 fixed prompts (chat-templated), 32 greedy tokens each, per mode against fp32 ("none"):

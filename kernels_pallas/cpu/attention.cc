@@ -184,7 +184,8 @@ void run_unit(const Problem& pb, const Unit& u) {
 // The same units and recurrence, restructured so no score needs its own horizontal sum: a block's 16 scores of
 // one query head come out of 16 row dots as one vector (a transpose-and-add tree, ~3 ops per score instead of
 // ~6), the softmax runs 16 lanes wide, and P . V keeps the head's output row in registers. int8 rows are
-// widened (times their scale) once per block into an L1 buffer shared by every query of the unit.
+// widened once per block into an L1 buffer shared by every query of the unit; their scales multiply the block's
+// score vector (K) and probability vector (V) instead of every element.
 #define JAXSERVE_AVX512 __attribute__((target("avx512f")))
 
 // Lane j of the result = the sum of v[j]'s 16 lanes.
@@ -234,7 +235,7 @@ JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
   float* acc = qs + pairs * D;    // [pairs, D]
   float* m = acc + pairs * D;     // [pairs] running max
   float* l = m + pairs;           // [pairs] running sum
-  float* kf = l + pairs;          // int8 only: [kBlock, D] this block's K rows widened, times their scales
+  float* kf = l + pairs;          // int8 only: [kBlock, D] this block's K rows widened (scales apart)
   float* vf = kf + kBlock * D;    //            [kBlock, D] and its V rows
   int64_t lo[kRows], hi[kRows];
   const __m512 scale = _mm512_set1_ps(pb.scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -259,17 +260,18 @@ JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
     const uint8_t* kb = static_cast<const uint8_t*>(pb.k) + ((page * pb.P + off) * pb.Kh + u.kv_head) * row_bytes;
     const uint8_t* vb = static_cast<const uint8_t*>(pb.v) + ((page * pb.P + off) * pb.Kh + u.kv_head) * row_bytes;
     const float *krow[kBlock], *vrow[kBlock];
+    alignas(64) float kscale[kBlock], vscale[kBlock];  // int8: row j's scales (applied to its score and p)
+    if (Q8) std::fill(kscale + n, kscale + kBlock, 1.0f), std::fill(vscale + n, vscale + kBlock, 1.0f);
     for (int j = 0; j < n; ++j) {
       if (Q8) {
+        std::memcpy(&kscale[j], kb + j * stride + D, sizeof(float));
+        std::memcpy(&vscale[j], vb + j * stride + D, sizeof(float));
         for (int t = 0; t < 2; ++t) {
           const uint8_t* src = (t ? vb : kb) + j * stride;
-          float sc;
-          std::memcpy(&sc, src + D, sizeof(float));
-          const __m512 scv = _mm512_set1_ps(sc);
           float* dst = (t ? vf : kf) + j * D;
           for (int dv = 0; dv < DV; ++dv) {
             const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * dv));
-            _mm512_storeu_ps(dst + 16 * dv, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), scv));
+            _mm512_storeu_ps(dst + 16 * dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
           }
         }
         krow[j] = kf + j * D, vrow[j] = vf + j * D;
@@ -294,7 +296,9 @@ JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
             dots[j] = _mm512_setzero_ps();
           }
         }
-        __m512 s = _mm512_mask_mov_ps(ninf, seen, sum16(dots));  // lane j: score of position start + j
+        __m512 s = sum16(dots);  // lane j: score of position start + j
+        if (Q8) s = _mm512_mul_ps(s, _mm512_load_ps(kscale));
+        s = _mm512_mask_mov_ps(ninf, seen, s);
         if (pb.soft_cap > 0.0f) {
           alignas(64) float t[kBlock];
           _mm512_store_ps(t, s);
@@ -307,7 +311,7 @@ JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
         l[pr] = l[pr] * corr + _mm512_reduce_add_ps(p);
         m[pr] = m_new;
         alignas(64) float pj[kBlock];
-        _mm512_store_ps(pj, p);
+        _mm512_store_ps(pj, Q8 ? _mm512_mul_ps(p, _mm512_load_ps(vscale)) : p);  // int8: p times V's row scale
         __m512 o[DV];
         const __m512 cv = _mm512_set1_ps(corr);
         for (int dv = 0; dv < DV; ++dv) o[dv] = _mm512_mul_ps(_mm512_loadu_ps(acc + pr * D + 16 * dv), cv);
