@@ -11,8 +11,8 @@
     -> f32[M, N]
 
 Activations are quantized per row and per block of 32 (llama.cpp's Q8_0 x Q8_1 / vLLM's dynamic W8A8):
-d = amax * f32(1 / 127), q = round_half_even(x * (1 / d)), and the integer dots read 4-8x fewer weight bytes than f32
-(decode is bandwidth-bound). On CPUs without AVX-512 VNNI an int8 dot costs more instructions than f32 FMAs, so
+d = amax * f32(1 / 127), q = round_half_even(x * (1 / d)), and the integer dots read 4-8x fewer weight bytes
+than f32 (decode is bandwidth-bound). On CPUs without AVX-512 VNNI an int8 dot costs more instructions than f32 FMAs, so
 from F32_MIN_ROWS rows on (prefill, big batches: compute-bound) the weights are dequantized and x stays f32; with
 VNNI (64 integer products per instruction) the kernel's integer GEMM wins at every M and x is always quantized.
 `f32_min_rows()` says which rule holds here. The reference does exactly the same, then runs XLA's f32 dot: the
@@ -117,8 +117,8 @@ def quantized_matmul_many(x, weights, layer=None, *, backend: str = "auto", isa:
 def absmax_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[..., n] floats -> int8 q [..., n], f32 d [...]: d = amax * f32(1 / 127) over the last axis (a product,
     not a division: XLA turns division by a constant into that product, and the C++ kernels must agree bit for
-    bit), q = round(x * (1 / d))
-    (half to even, as the C++ kernels; d = 0 gives q = 0). Activations and int8 KV rows both use it."""
+    bit), q = round(x * (1 / d)) (half to even, as the C++ kernels; d = 0 gives q = 0). Activations and int8 KV
+    rows both use it."""
     xf = x.astype(jnp.float32)
     d = jnp.max(jnp.abs(xf), axis=-1) * np.float32(1 / 127)
     inv = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)

@@ -138,7 +138,8 @@ def main() -> int:
     totals["host"] = max(0.0, wall * 1e3 - device)
     per_step = {k: totals[k] / args.steps for k in PHASES}
     total = sum(per_step.values())
-    print(f"quantization={args.quantization}, kv_cache_dtype={args.kv_cache_dtype}, {args.num_seqs} sequences decoding at context ~{args.context}: "
+    print(f"quantization={args.quantization}, kv_cache_dtype={args.kv_cache_dtype}, "
+          f"{args.num_seqs} sequences decoding at context ~{args.context}: "
           f"bucket T{bucket}, {total:.1f} ms per step ({args.num_seqs / total * 1e3:.0f} tok/s)")
     for k in PHASES:
         print(f"  {k:<16} {per_step[k]:8.2f} ms  {100 * per_step[k] / total:5.1f}%")

@@ -273,7 +273,8 @@ JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
         for (int j = 0; j < kBlock; ++j) {
           if (j < n) {
             dots[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(krow[j]));
-            for (int dv = 1; dv < DV; ++dv) dots[j] = _mm512_fmadd_ps(qv[dv], _mm512_loadu_ps(krow[j] + 16 * dv), dots[j]);
+            for (int dv = 1; dv < DV; ++dv)
+              dots[j] = _mm512_fmadd_ps(qv[dv], _mm512_loadu_ps(krow[j] + 16 * dv), dots[j]);
           } else {
             dots[j] = _mm512_setzero_ps();
           }
@@ -311,7 +312,8 @@ JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
       const int64_t pr = r * G + g;
       float* dst = pb.out + ((u.row0 + r) * pb.H + u.kv_head * G + g) * D;
       const __m512 inv = _mm512_set1_ps(l[pr] > 0.0f ? 1.0f / l[pr] : 0.0f);
-      for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(dst + 16 * dv, _mm512_mul_ps(_mm512_loadu_ps(acc + pr * D + 16 * dv), inv));
+      for (int dv = 0; dv < DV; ++dv)
+        _mm512_storeu_ps(dst + 16 * dv, _mm512_mul_ps(_mm512_loadu_ps(acc + pr * D + 16 * dv), inv));
     }
 }
 

@@ -153,7 +153,8 @@ ffi::Error weight_job(int64_t K, ffi::Buffer<ffi::F32> w, int64_t l, float* y, J
   if (wd.size() != 2 && wd.size() != 3) return ffi::Error::InvalidArgument("matmul_f32: w must be [(L,) K, N]");
   const bool stacked = wd.size() == 3;
   const int64_t L = stacked ? wd[0] : 1, N = wd[wd.size() - 1];
-  if (wd[wd.size() - 2] != K) return ffi::Error::InvalidArgument("matmul_f32: x [M, K] and w [(L,) K, N] disagree on K");
+  if (wd[wd.size() - 2] != K)
+    return ffi::Error::InvalidArgument("matmul_f32: x [M, K] and w [(L,) K, N] disagree on K");
   if (!stacked) l = 0;
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("matmul_f32: layer index out of range");
   job = {w.typed_data() + l * K * N, y, N};

@@ -430,8 +430,10 @@ JAXSERVE_VNNI void pack_panel(const Weights& w, int64_t n0, const VnniPanel& p) 
       for (int h = 0; h < 2; ++h) {
         __m512i sum = _mm512_setzero_si512();
         for (int t = 0; t < 8; ++t)
-          sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), _mm512_loadu_si512(p.w + ((b * 8 + t) * kPanel + 16 * h) * 4));
-        _mm512_storeu_si512(p.corr + b * kPanel + 16 * h, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+          sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1),
+                                    _mm512_loadu_si512(p.w + ((b * 8 + t) * kPanel + 16 * h) * 4));
+        _mm512_storeu_si512(p.corr + b * kPanel + 16 * h,
+                            _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
       }
   }
 }
