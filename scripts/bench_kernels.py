@@ -1,0 +1,89 @@
+"""Our CPU matmul kernels next to XLA's own dots, on SmolLM2-135M's projection shapes: GOPS per kernel and M.
+
+    .venv/bin/python scripts/bench_kernels.py [--m 1,8,64,256] [--reps 20]
+
+Rows per (M, K, N):
+  xla f32 slice+dot   XLA's f32 dot of one layer sliced out of a stacked [4, K, N] weight (what the layer scan did)
+  xla f32 dot         XLA's f32 dot of an unstacked weight (no slice)
+  ours f32            kernels_pallas.dense_matmul (reads the layer of the stack in place)
+  xla int8 dot        XLA's int8 x int8 -> int32 dot, one scale per tensor (no block scales): the library path
+                      XLA:CPU has for integer dots, as the comparison point for a library kernel
+  ours int8 / int4    kernels_pallas.quantized_matmul with blocks of 32 (Q8_0 / Q4_1 layouts), activations
+                      quantized per block on the fly (VNNI GEMM from 8 rows on where the CPU has it)
+GOPS = 2 M K N / time (best of 3 runs of --reps calls). Weights stay hot in cache here (the model's step reads
+them from memory), so these are compute figures; scripts/profile_step.py gives the in-step ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+SHAPES = ((576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152))  # qkv, o, gate+up, down, LM head
+
+
+def best_time(fn, *args, reps: int) -> float:
+    fn(*args).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", default="1,8,64,256", help="rows of x, comma-separated")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    from kernels_pallas.cpu import cpu_flags
+    from kernels_pallas.dense_matmul import dense_matmul
+    from kernels_pallas.quantized_matmul import quantized_matmul
+
+    flags = cpu_flags()
+    print(f"CPU: {os.cpu_count()} cores; avx512f {'avx512f' in flags}, avx512_vnni {'avx512_vnni' in flags}")
+    rng = np.random.default_rng(0)
+    kernels = {
+        "xla f32 slice+dot": jax.jit(lambda x, w, i: x @ w[i]),
+        "xla f32 dot": jax.jit(lambda x, w: x @ w),
+        "ours f32": jax.jit(lambda x, w, i: dense_matmul(x, w, i)),
+        "xla int8 dot": jax.jit(lambda x, w: jax.lax.dot(x, w, preferred_element_type=jnp.int32)),
+        "ours int8": jax.jit(lambda x, v, s: quantized_matmul(x, v, s)),
+        "ours int4": jax.jit(lambda x, v, s, m: quantized_matmul(x, v, s, m)),
+    }
+    print(f"{'M':>4} {'K':>5} {'N':>6}  " + "  ".join(f"{name:>17}" for name in kernels) + "   (GOPS)")
+    for m in (int(v) for v in args.m.split(",")):
+        for k, n in SHAPES:
+            x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+            stack = jnp.asarray(rng.standard_normal((4, k, n)), jnp.float32)
+            xi = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
+            wi = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+            v8 = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
+            v4 = jnp.asarray(rng.integers(0, 256, (n, k // 2)), jnp.uint8)
+            scales = jnp.asarray(rng.random((n, k // 32)) * 0.01 + 1e-3, jnp.float16)
+            mins = jnp.asarray(-rng.random((n, k // 32)) * 0.01, jnp.float16)
+            inputs = {
+                "xla f32 slice+dot": (x, stack, jnp.int32(2)), "xla f32 dot": (x, stack[2]),
+                "ours f32": (x, stack, jnp.int32(2)), "xla int8 dot": (xi, wi),
+                "ours int8": (x, v8, scales), "ours int4": (x, v4, scales, mins),
+            }  # fmt: skip
+            ops = 2 * m * k * n
+            row = [ops / best_time(fn, *inputs[name], reps=args.reps) / 1e9 for name, fn in kernels.items()]
+            print(f"{m:>4} {k:>5} {n:>6}  " + "  ".join(f"{g:>17.0f}" for g in row))
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
