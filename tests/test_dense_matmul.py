@@ -66,6 +66,11 @@ def test_stacked_layers_pick_their_layer_inside_a_scan():
     assert not np.allclose(got[0], got[1])
 
 
+def test_empty_k_gives_zeros():
+    got = np.asarray(KERNEL(np.ones((3, 0), np.float32), np.ones((0, 5), np.float32)))
+    np.testing.assert_array_equal(got, np.zeros((3, 5), np.float32))
+
+
 def test_non_f32_runs_the_reference_and_bad_shapes_name_the_problem():
     x = jnp.ones((2, 8), jnp.bfloat16)
     w = jnp.ones((8, 4), jnp.bfloat16)

@@ -172,6 +172,10 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
   int64_t sum_n = 0, panels = 0;
   for (const Job& job : jobs) sum_n += job.N, panels += (job.N + pw - 1) / pw;
   if (M == 0 || sum_n == 0) return ffi::Error::Success();
+  if (K == 0) {  // an empty sum: the tiles would never write y
+    for (const Job& job : jobs) std::fill(job.y, job.y + M * job.N, 0.0f);
+    return ffi::Error::Success();
+  }
   const int64_t threads = M * sum_n * K < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
   struct Piece {
     int64_t j, p0, p1;  // panels [p0, p1) of job j
