@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.quantized_matmul import ISAS
+from kernels_pallas.quantized_matmul import check_isa
 
 
 def cpu_kernel_supports(q, k_pages) -> bool:
@@ -40,10 +40,9 @@ def ragged_paged_attention_cpu(
                                           sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)  # fmt: skip
     from kernels_pallas.cpu import ensure_registered
 
-    if isa not in ISAS:
-        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
+    isa_attr = check_isa(isa)
     ensure_registered()
     call = jax.ffi.ffi_call("jaxserve_ragged_paged_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, jnp.reshape(num_seqs, (1,)),
                 sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
-                soft_cap=np.float32(soft_cap or 0.0), isa=np.int64(ISAS[isa]))  # fmt: skip
+                soft_cap=np.float32(soft_cap or 0.0), isa=np.int64(isa_attr))  # fmt: skip

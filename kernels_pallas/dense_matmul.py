@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.backend import resolve_backend
-from kernels_pallas.quantized_matmul import ISAS
+from kernels_pallas.quantized_matmul import check_isa
 
 
 def check_inputs(x, w, layer) -> tuple[int, int, int]:
@@ -42,8 +42,7 @@ def kernel_supports(x, w) -> bool:
 
 def dense_matmul(x, w, layer=None, *, backend: str = "auto", isa: str = "auto") -> jax.Array:
     """x [M, K] . w[layer] [K, N] -> [M, N] in x's dtype. isa (CPU kernel): "avx2" pins the AVX2 tile."""
-    if isa not in ISAS:
-        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
+    isa_attr = check_isa(isa)
     m, _, n = check_inputs(x, w, layer)
     if resolve_backend(backend) != "cpu" or not kernel_supports(x, w):
         return dense_matmul_ref(x, w, layer)
@@ -52,13 +51,12 @@ def dense_matmul(x, w, layer=None, *, backend: str = "auto", isa: str = "auto") 
     ensure_registered()
     layer_arg = jnp.zeros((), jnp.int32) if layer is None else layer
     call = jax.ffi.ffi_call("jaxserve_matmul_f32", jax.ShapeDtypeStruct((m, n), jnp.float32))
-    return call(x, w, layer_arg, isa=np.int64(ISAS[isa]))
+    return call(x, w, layer_arg, isa=np.int64(isa_attr))
 
 
 def dense_matmul_many(x, ws, layer=None, *, backend: str = "auto", isa: str = "auto") -> list[jax.Array]:
     """[dense_matmul(x, w, layer) for w in ws] in one kernel call on CPU (the projections sharing an input)."""
-    if isa not in ISAS:
-        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
+    isa_attr = check_isa(isa)
     shapes = [check_inputs(x, w, layer) for w in ws]
     if resolve_backend(backend) != "cpu" or not all(kernel_supports(x, w) for w in ws) or len(ws) == 1:
         return [dense_matmul(x, w, layer, backend=backend, isa=isa) for w in ws]
@@ -67,7 +65,7 @@ def dense_matmul_many(x, ws, layer=None, *, backend: str = "auto", isa: str = "a
     ensure_registered()
     layer_arg = jnp.zeros((), jnp.int32) if layer is None else layer
     outs = [jax.ShapeDtypeStruct((m, n), jnp.float32) for m, _, n in shapes]
-    return list(jax.ffi.ffi_call("jaxserve_matmul_f32_multi", outs)(x, layer_arg, *ws, isa=np.int64(ISAS[isa])))
+    return list(jax.ffi.ffi_call("jaxserve_matmul_f32_multi", outs)(x, layer_arg, *ws, isa=np.int64(isa_attr)))
 
 
 def dense_matmul_ref(x, w, layer=None) -> jax.Array:

@@ -68,15 +68,21 @@ def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
     return m, k, n, four_bit
 
 
-ISAS = {"auto": 0, "avx2": 1}
+ISAS = {"auto": 0, "avx2": 1}  # the C++ kernels' `isa` attribute
+
+
+def check_isa(isa: str) -> int:
+    """The `isa` attribute of a C++ kernel call ("auto": the widest the CPU has; "avx2": the baseline paths)."""
+    if isa not in ISAS:
+        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
+    return ISAS[isa]
 
 
 def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str = "auto", isa: str = "auto") -> jax.Array:
     """x [M, K] . dequantized(values)^T -> f32[M, N]. See the module docstring for the layouts.
 
     isa (CPU kernel): "auto" uses AVX-512 for the f32 tile where the CPU has it; "avx2" pins the baseline path."""
-    if isa not in ISAS:
-        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
+    isa_attr = check_isa(isa)
     m, k, n, four_bit = check_inputs(x, values, scales, mins, layer)
     if resolve_backend(backend) != "cpu":  # TPU / GPU: the reference until Pallas kernels come
         return quantized_matmul_ref(x, values, scales, mins, layer)
@@ -87,15 +93,14 @@ def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str =
     target = "jaxserve_qmatmul_int4" if four_bit else "jaxserve_qmatmul_int8"
     args = (x.astype(jnp.float32), values, scales, *((mins,) if four_bit else ()), layer_arg)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))
-    return call(*args, f32_min_rows=np.int64(f32_min_rows(isa)), isa=np.int64(ISAS[isa]))
+    return call(*args, f32_min_rows=np.int64(f32_min_rows(isa)), isa=np.int64(isa_attr))
 
 
 def quantized_matmul_many(x, weights, layer=None, *, backend: str = "auto", isa: str = "auto") -> list[jax.Array]:
     """[quantized_matmul(x, *w, layer) for w in weights], weights = [(values, scales, mins), ...] of one bit width:
     on CPU one kernel call (x quantized once, the work of every weight spread over the threads together; the
     projections that share an input: q, k, v and gate, up)."""
-    if isa not in ISAS:
-        raise ValueError(f"isa={isa!r}: expected one of {sorted(ISAS)}")
+    isa_attr = check_isa(isa)
     shapes = [check_inputs(x, v, s, m, layer) for v, s, m in weights]
     four_bit = {fb for *_, fb in shapes}
     if len(four_bit) != 1:
@@ -111,7 +116,7 @@ def quantized_matmul_many(x, weights, layer=None, *, backend: str = "auto", isa:
     outs = [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for _, _, n, _ in shapes]
     call = jax.ffi.ffi_call("jaxserve_qmatmul_multi", outs)
     return list(call(x.astype(jnp.float32), layer_arg, *flat, bits=np.int64(4 if four_bit else 8),
-                     f32_min_rows=np.int64(f32_min_rows(isa)), isa=np.int64(ISAS[isa])))  # fmt: skip
+                     f32_min_rows=np.int64(f32_min_rows(isa)), isa=np.int64(isa_attr)))  # fmt: skip
 
 
 def absmax_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -181,9 +181,10 @@ def forward(
             h = h + mm(jax.nn.silu(gate) * up, p.w_down)
         return (h, k_all, v_all), None
 
-    mm = functools.partial(linear, backend=matmul_backend(attention_backend, mesh))
-    mm_many = functools.partial(linear_many, backend=matmul_backend(attention_backend, mesh))
-    in_place = resolve_backend(matmul_backend(attention_backend, mesh)) == "cpu"
+    mm_backend = matmul_backend(attention_backend, mesh)
+    mm = functools.partial(linear, backend=mm_backend)
+    mm_many = functools.partial(linear_many, backend=mm_backend)
+    in_place = resolve_backend(mm_backend) == "cpu"
     attend = functools.partial(_write_and_attend, sm_scale=d**-0.5, sliding_window=cfg.sliding_window,
                                backend=attention_backend, interpret=interpret_kernels, kv_select=None)  # fmt: skip
     if mesh is not None and mesh.shape[MODEL] > 1:

@@ -37,6 +37,7 @@ using jaxserve_cpu::exp512;
 using jaxserve_cpu::hmax;
 using jaxserve_cpu::hsum;
 using jaxserve_cpu::parallel_chunks;
+using jaxserve_cpu::use_avx512;
 
 constexpr int kRows = 16;  // rows per unit
 constexpr int kBlock = 16;  // positions per softmax block
@@ -187,7 +188,6 @@ void run_unit(const Problem& pb, const Unit& u) {
 // ~6), the softmax runs 16 lanes wide, and P . V keeps the head's output row in registers. int8 rows are
 // widened once per block into an L1 buffer shared by every query of the unit; their scales multiply the block's
 // score vector (K) and probability vector (V) instead of every element.
-#define JAXSERVE_AVX512 __attribute__((target("avx512f")))
 
 // Lane j of the result = the sum of v[j]'s 16 lanes.
 JAXSERVE_AVX512 inline __m512 sum16(const __m512* v) {
@@ -370,9 +370,8 @@ ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   }
   const Unit* up = units.data();
   const int64_t threads = units.size() < 2 ? 1 : std::max<int64_t>(1, pool.num_threads());
-  static const bool has512 = __builtin_cpu_supports("avx512f");
   UnitFn fn = q8 ? run_unit<true> : run_unit<false>;  // isa 1: the AVX2 units only (tests of the baseline)
-  if (isa == 0 && has512) {
+  if (use_avx512(isa)) {
     if (UnitFn wide = q8 ? unit512<true>(pb.D) : unit512<false>(pb.D)) fn = wide;
   }
   parallel_chunks(pool, int64_t(units.size()), threads, [pb, up, fn](int64_t c) { fn(pb, up[c]); });

@@ -3,6 +3,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -26,6 +27,51 @@ inline float hmax(__m256 a) {
   lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
   lo = _mm_max_ss(lo, _mm_shuffle_ps(lo, lo, 1));
   return _mm_cvtss_f32(lo);
+}
+
+// f32 vectors of 8 (AVX2) or 16 (AVX-512) lanes behind one interface, so a kernel is written once as a template
+// and instantiated inside a function compiled for each target.
+#define JAXSERVE_AVX512 __attribute__((target("avx512f")))
+
+struct V256 {
+  using T = __m256;
+  using Mask = __m256i;
+  static constexpr int kLanes = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T set1(float v) { return _mm256_set1_ps(v); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static float reduce(T v) { return hsum(v); }
+  static Mask mask(int64_t valid) {  // lanes [0, valid) on
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(0, std::min<int64_t>(valid, 8)))), idx);
+  }
+  static T load(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static void store(float* p, T v, Mask m) { _mm256_maskstore_ps(p, m, v); }
+};
+
+struct V512 {
+  using T = __m512;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  JAXSERVE_AVX512 static T zero() { return _mm512_setzero_ps(); }
+  JAXSERVE_AVX512 static T set1(float v) { return _mm512_set1_ps(v); }
+  JAXSERVE_AVX512 static T load(const float* p) { return _mm512_loadu_ps(p); }
+  JAXSERVE_AVX512 static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  JAXSERVE_AVX512 static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  JAXSERVE_AVX512 static float reduce(T v) { return _mm512_reduce_add_ps(v); }
+  static Mask mask(int64_t valid) {
+    return valid >= 16 ? Mask(0xFFFF) : valid <= 0 ? Mask(0) : Mask((1u << valid) - 1);
+  }
+  JAXSERVE_AVX512 static T load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  JAXSERVE_AVX512 static void store(float* p, T v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
+};
+
+// The AVX-512 paths, where the CPU has them: isa 0 = auto; 1 pins AVX2 (tests and benchmarks of the baseline).
+inline bool use_avx512(int64_t isa) {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return isa == 0 && has;
 }
 
 // e^x (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp on [-87, 88]), 8 or 16 lanes.

@@ -17,41 +17,6 @@
 namespace jaxserve_cpu {
 namespace {
 
-struct V256 {
-  using T = __m256;
-  using Mask = __m256i;
-  static constexpr int kLanes = 8;
-  static T zero() { return _mm256_setzero_ps(); }
-  static T set1(float v) { return _mm256_set1_ps(v); }
-  static T load(const float* p) { return _mm256_loadu_ps(p); }
-  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
-  static Mask mask(int64_t valid) {  // lanes [0, valid) on
-    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(0, std::min<int64_t>(valid, 8)))), idx);
-  }
-  static T load(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
-  static void store(float* p, T v, Mask m) { _mm256_maskstore_ps(p, m, v); }
-};
-
-#define JAXSERVE_AVX512 __attribute__((target("avx512f")))
-
-struct V512 {
-  using T = __m512;
-  using Mask = __mmask16;
-  static constexpr int kLanes = 16;
-  JAXSERVE_AVX512 static T zero() { return _mm512_setzero_ps(); }
-  JAXSERVE_AVX512 static T set1(float v) { return _mm512_set1_ps(v); }
-  JAXSERVE_AVX512 static T load(const float* p) { return _mm512_loadu_ps(p); }
-  JAXSERVE_AVX512 static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  JAXSERVE_AVX512 static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
-  static Mask mask(int64_t valid) {
-    return valid >= 16 ? Mask(0xFFFF) : valid <= 0 ? Mask(0) : Mask((1u << valid) - 1);
-  }
-  JAXSERVE_AVX512 static T load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
-  JAXSERVE_AVX512 static void store(float* p, T v, Mask m) { _mm512_mask_storeu_ps(p, m, v); }
-};
-
 // One MR x (NV * lanes) tile of y (rows N apart) over k in [k0, k1) (x rows are K long, w's ldw apart): y = the sum
 // when k0 == 0, else y += it. TAIL: the panel runs past N (masked loads and stores).
 template <class V, int MR, int NV, bool TAIL>
@@ -134,11 +99,6 @@ JAXSERVE_AVX512 void run_chunk512(const float* x, const float* wp, int64_t ldw, 
 void run_chunk256(const float* x, const float* wp, int64_t ldw, int64_t K, int64_t N, float* y, int64_t M,
                   int64_t m0, int64_t m1, int64_t n0) {
   run_chunk<V256>(x, wp, ldw, K, N, y, M, m0, m1, n0);
-}
-
-bool use_avx512(int64_t isa) {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return isa == 0 && has;
 }
 
 // One weight of a call: this layer's [K, N] and where its output goes.

@@ -39,12 +39,13 @@ namespace {
 using jaxserve_cpu::hsum;
 using jaxserve_cpu::parallel_chunks;
 using jaxserve_cpu::transpose16;
+using jaxserve_cpu::use_avx512;
+using jaxserve_cpu::V256;
+using jaxserve_cpu::V512;
 
 constexpr int64_t QK = 32;  // block of K sharing one activation scale
 
 inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
-
-inline bool ok(const ffi::Error& e) { return e.success(); }
 
 // ---- activations ------------------------------------------------------------------------------------------
 
@@ -295,62 +296,44 @@ inline void dequantize_row(const Weights& w, int64_t n, float* out) {
   }
 }
 
-template <int MR, int NR>
-void tile_f32(const float* x, const float* wrows, int64_t K, int64_t m0, int64_t n0, float* y, int64_t ldy) {
-  __m256 acc[MR][NR];
+// An MR x NR tile of y = x . wrows^T over all of K (a multiple of V's lanes), in V's vector width.
+template <class V, int MR, int NR>
+inline __attribute__((always_inline)) void tile_f32(const float* x, const float* wrows, int64_t K, int64_t m0,
+                                                    int64_t n0, float* y, int64_t ldy) {
+  typename V::T acc[MR][NR];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(wrows + j * K + k);
+    for (int j = 0; j < NR; ++j) acc[i][j] = V::zero();
+  for (int64_t k = 0; k < K; k += V::kLanes) {
+    typename V::T wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = V::load(wrows + j * K + k);
     for (int i = 0; i < MR; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+      const typename V::T xv = V::load(x + (m0 + i) * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = V::fma(xv, wv[j], acc[i][j]);
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) y[(m0 + i) * ldy + n0 + j] = hsum(acc[i][j]);
+    for (int j = 0; j < NR; ++j) y[(m0 + i) * ldy + n0 + j] = V::reduce(acc[i][j]);
+}
+
+template <class V, int NR>
+inline __attribute__((always_inline)) void rows_f32(const float* x, const float* wrows, int64_t M, int64_t K,
+                                                    int64_t n0, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile_f32<V, 4, NR>(x, wrows, K, m, n0, y, ldy);
+  for (; m + 2 <= M; m += 2) tile_f32<V, 2, NR>(x, wrows, K, m, n0, y, ldy);
+  for (; m < M; ++m) tile_f32<V, 1, NR>(x, wrows, K, m, n0, y, ldy);
+}
+
+// The tile 16 lanes wide for CPUs with AVX-512 (chosen at run time; K is a multiple of 32), else 8.
+template <int NR>
+JAXSERVE_AVX512 void rows_f32_512(const float* x, const float* wrows, int64_t M, int64_t K, int64_t n0, float* y,
+                                  int64_t ldy) {
+  rows_f32<V512, NR>(x, wrows, M, K, n0, y, ldy);
 }
 
 template <int NR>
-void rows_f32(const float* x, const float* wrows, int64_t M, int64_t K, int64_t n0, float* y, int64_t ldy) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_f32<4, NR>(x, wrows, K, m, n0, y, ldy);
-  for (; m + 2 <= M; m += 2) tile_f32<2, NR>(x, wrows, K, m, n0, y, ldy);
-  for (; m < M; ++m) tile_f32<1, NR>(x, wrows, K, m, n0, y, ldy);
-}
-
-// The same tile 16 lanes wide, for CPUs with AVX-512 (chosen at run time; K is a multiple of 32).
-template <int MR, int NR>
-__attribute__((target("avx512f"))) void tile_f32_512(const float* x, const float* wrows, int64_t K, int64_t m0,
-                                                     int64_t n0, float* y, int64_t ldy) {
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_ps(wrows + j * K + k);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) y[(m0 + i) * ldy + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
-}
-
-template <int NR>
-__attribute__((target("avx512f"))) void rows_f32_512(const float* x, const float* wrows, int64_t M, int64_t K,
-                                                     int64_t n0, float* y, int64_t ldy) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_f32_512<4, NR>(x, wrows, K, m, n0, y, ldy);
-  for (; m + 2 <= M; m += 2) tile_f32_512<2, NR>(x, wrows, K, m, n0, y, ldy);
-  for (; m < M; ++m) tile_f32_512<1, NR>(x, wrows, K, m, n0, y, ldy);
-}
-
-bool use_avx512(int64_t isa) {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return isa == 0 && has;  // isa 1: AVX2 only (tests and benchmarks of the baseline path)
+void rows_f32_256(const float* x, const float* wrows, int64_t M, int64_t K, int64_t n0, float* y, int64_t ldy) {
+  rows_f32<V256, NR>(x, wrows, M, K, n0, y, ldy);
 }
 
 void columns_f32(const Weights& w, const float* x, int64_t M, int64_t n0, int64_t n1, float* y, bool wide) {
@@ -359,11 +342,11 @@ void columns_f32(const Weights& w, const float* x, int64_t M, int64_t n0, int64_
   int64_t n = n0;
   for (; n + 3 <= n1; n += 3) {
     for (int j = 0; j < 3; ++j) dequantize_row(w, n + j, panel.data() + j * w.K);
-    if (wide) rows_f32_512<3>(x, panel.data(), M, w.K, n, y, w.N); else rows_f32<3>(x, panel.data(), M, w.K, n, y, w.N);
+    if (wide) rows_f32_512<3>(x, panel.data(), M, w.K, n, y, w.N); else rows_f32_256<3>(x, panel.data(), M, w.K, n, y, w.N);
   }
   for (; n < n1; ++n) {
     dequantize_row(w, n, panel.data());
-    if (wide) rows_f32_512<1>(x, panel.data(), M, w.K, n, y, w.N); else rows_f32<1>(x, panel.data(), M, w.K, n, y, w.N);
+    if (wide) rows_f32_512<1>(x, panel.data(), M, w.K, n, y, w.N); else rows_f32_256<1>(x, panel.data(), M, w.K, n, y, w.N);
   }
 }
 
@@ -652,7 +635,7 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x must be [M, K]");
   std::vector<Job> jobs(1);
-  if (auto err = weight_job(xd[1], values, scales, mins, layer.typed_data()[0], four_bit, jobs[0]); !ok(err))
+  if (auto err = weight_job(xd[1], values, scales, mins, layer.typed_data()[0], four_bit, jobs[0]); !err.success())
     return err;
   jobs[0].y = y->typed_data();
   return run_jobs(pool, x.typed_data(), xd[0], xd[1], jobs, four_bit, f32_min_rows, isa);
@@ -692,7 +675,7 @@ ffi::Error QMatmulMulti(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       if (!m.has_value()) return ffi::Error::InvalidArgument("qmatmul_multi: bad mins");
       mins = m->untyped_data();
     }
-    if (auto err = weight_job(xd[1], *values, *scales, mins, layer.typed_data()[0], four_bit, jobs[j]); !ok(err))
+    if (auto err = weight_job(xd[1], *values, *scales, mins, layer.typed_data()[0], four_bit, jobs[j]); !err.success())
       return err;
     jobs[j].y = static_cast<float*>((*y)->untyped_data());
   }
