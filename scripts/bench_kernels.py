@@ -9,7 +9,7 @@ Rows per (M, K, N):
   xla int8 dot        XLA's int8 x int8 -> int32 dot, one scale per tensor (no block scales): the library path
                       XLA:CPU has for integer dots, as the comparison point for a library kernel
   ours int8 / int4    kernels_pallas.quantized_matmul with blocks of 32 (Q8_0 / Q4_1 layouts), activations
-                      quantized per block on the fly (VNNI GEMM from 8 rows on where the CPU has it)
+                      quantized per block on the fly (with VNNI: a row-dot GEMV for few rows, a GEMM for more)
 GOPS = 2 M K N / time (best of 3 runs of --reps calls). Weights stay hot in cache here (the model's step reads
 them from memory), so these are compute figures; scripts/profile_step.py gives the in-step ones.
 """

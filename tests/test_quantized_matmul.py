@@ -79,11 +79,12 @@ REF_AVX2 = jax.jit(lambda *a: quantized_matmul_ref(*a, min_f32_rows=f32_min_rows
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 31, 64, 127, 128, 255, 512])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 11, 12, 15, 16, 31, 64, 127, 128, 255, 512])
 def test_every_bucket_size(m, bits):
     """The M the buckets use, on SmolLM2's widest projection shapes (threads, every tile remainder, a panel
-    past N), with the ISA the CPU offers (AVX-512 VNNI: the integer GEMM from 8 rows on) and with the AVX2
-    baseline pinned (the same where the CPU has neither)."""
+    past N), with the ISA the CPU offers (AVX-512 VNNI: a row-dot GEMV for few rows, the integer GEMM for more)
+    and with the AVX2 baseline pinned (the same where the CPU has neither). 11 | 12 and 15 | 16 straddle the
+    VNNI GEMV / GEMM crossovers (int8 | 4-bit)."""
     rng = np.random.default_rng(m)
     for n, k in ((1536 + 3, 576), (40, 1536 + 32)):  # 1568: an odd number of blocks
         values, scales, mins = random_weight(rng, n, k, bits, BLOCK)

@@ -1,4 +1,4 @@
-// Quantized matmul for XLA:CPU (AVX2 + FMA + F16C; AVX-512 VNNI for many rows where the CPU has it), through XLA FFI.
+// Quantized matmul for XLA:CPU (AVX2 + FMA + F16C; AVX-512 VNNI where the CPU has it), through XLA FFI.
 //
 //   y[M, N] = xq[M, K] . w[N, K]^T        w: int8 (W8A8) or 4-bit with a min (W4A8), blocks of 32 along K
 //
@@ -44,6 +44,11 @@ using jaxserve_cpu::V256;
 using jaxserve_cpu::V512;
 
 constexpr int64_t QK = 32;  // block of K sharing one activation scale
+// GEMVs prefetch this far ahead of their weight stream (a tile's rows are interleaved streams, more than the
+// hardware prefetcher keeps up with alone: 1.5-2x from memory here).
+constexpr int64_t kPrefetch = 12288;
+
+inline void prefetch(const void* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0); }
 
 inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 
@@ -171,7 +176,9 @@ void tile_pair(const Weights& w, const QuantizedActs& a, const ChunkScales& cs, 
     __m256i lo[NR], hi[NR];
     __m256 dw[NR], mw[NR];
     for (int j = 0; j < NR; ++j) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.values + (n0 + j) * (K / 2) + p * 32));
+      const uint8_t* src = w.values + (n0 + j) * (K / 2) + p * 32;
+      if (p % 2 == 0) prefetch(src);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
       lo[j] = _mm256_and_si256(v, mask);
       hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
       dw[j] = pair_vector(w.scales + (n0 + j) * w.G + 2 * p);
@@ -212,7 +219,10 @@ void tile(const Weights& w, const QuantizedActs& a, const ChunkScales& cs, int64
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps(), msum[i][j] = 0.0f;
   for (int64_t b = 0, g = 0, in_group = 0; b < B; ++b) {  // g = b / per_group, without a divide per block
     __m256i wb[NR];
-    for (int j = 0; j < NR; ++j) wb[j] = load_block(w, n0 + j, b);
+    for (int j = 0; j < NR; ++j) {
+      if (FOUR ? b % 4 == 0 : b % 2 == 0) prefetch(w.values + (n0 + j) * (FOUR ? K / 2 : K) + b * (FOUR ? 16 : QK));
+      wb[j] = load_block(w, n0 + j, b);
+    }
     for (int i = 0; i < MR; ++i) {
       const int64_t row = (m0 + i) * K + b * QK;
       const float dx = a.d[(m0 + i) * B + b];
@@ -359,12 +369,14 @@ void columns_f32(const Weights& w, const float* x, int64_t M, int64_t n0, int64_
 // path, so both give the same numbers (up to f32 summation order) and the reference has one rule.
 //   int8:  u8 operand = x_q + 128, s8 = the weights; each lane starts at -128 * (its block's weight sum)
 //   4-bit: u8 operand = the nibbles, s8 = x_q; the min term adds mw[g] * s[b] per block
-// The repacking (16 x 16 dword transposes) costs ~10% of the dots at 64 rows, and is why few rows stay on the
-// GEMV kernels above.
+// The repacking (16 x 16 dword transposes) costs ~10% of the dots at 64 rows, and is why few rows run the
+// row-dot GEMV below instead.
 
-#define JAXSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define JAXSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 constexpr int64_t kPanel = 32;  // columns per panel: two vectors of 16 lanes
-constexpr int64_t kVnniMinRows = 8;  // fewer rows: the GEMV kernels (no repacking; bandwidth-bound anyway)
+// Fewer rows: the GEMV kernels (no repacking). Measured crossovers here (30 layers of SmolLM2's projections, weights
+// from memory): the GEMV wins up to 12 rows for 4-bit and up to 8 for int8.
+constexpr int64_t kVnniMinRows4 = 16, kVnniMinRows8 = 12;
 
 struct VnniPanel {
   uint8_t* w;     // [K/4][32][4] bytes (lane c: column n0 + c; zeros past N)
@@ -504,6 +516,139 @@ JAXSERVE_VNNI void vnni_chunk(const Weights& w, const uint8_t* xq, const float* 
   else vnni_rows<false>(p, xq, xd, xs, w.K, m0, m1, y, w.N, n0);
 }
 
+// ---- few rows on CPUs with AVX-512 VNNI: row dots, 64 bytes of weights per vpdpbusd -----------------------
+//
+// A GEMV streams each weight row once, so it must run at memory speed: ~7 bytes per cycle per core here. One
+// 64-byte load of a row is a "group": 4 blocks of 4-bit (their low nibbles are elements 0-15 of each block, the
+// high ones 16-31) or 2 blocks of int8. The row's group dots with x's group in 16 i32 lanes (4 or 8 lanes per
+// block), are converted once and scaled by a 16-lane vector of dx * dw (the block scales, f16 -> f32 in
+// registers), so no block needs its own horizontal sum; each row ends in one reduce.
+//   4-bit: u8 operand = the nibbles, s8 = x_q; the min term adds mw * s/4 in each of the block's 4 lanes
+//   int8:  u8 operand = w ^ 0x80 = w + 128, s8 = x_q; each lane starts at -128 * (its 4 x_q's sum), which
+//          depends on x alone (prepared once per call)
+// Loads of whole groups are plain (a masked load does not train the hardware prefetcher: 2x slower from memory
+// here); only a row's last, partial group is masked.
+
+
+struct VnniX {   // x [M, K] quantized, per row m and group g (ng groups, the last one zero-padded)
+  int8_t* lo;    // [M, ng, 64]: 4-bit: x[4g + L][0:16] in 16-byte lane L; int8: x's 64 bytes of the group
+  int8_t* hi;    // [M, ng, 64]: 4-bit: x[4g + L][16:32]; int8: unused
+  float* dx;     // [M, ng, 16]: the lane's block's activation scale
+  float* sx;     // [M, ng, 16]: 4-bit: s[b] / 4; int8: unused
+  int32_t* c;    // [M, ng, 16]: int8: -128 * the sum of the lane's 4 x_q; 4-bit: unused
+  int64_t ng;
+};
+
+inline int64_t vnni_groups(int64_t K, bool four_bit) { return (K / QK + (four_bit ? 3 : 1)) / (four_bit ? 4 : 2); }
+
+// Row m of x (quantize_row's q, d, s) into v's layout.
+void vnni_gemv_x(const int8_t* q, const float* d, const float* s, int64_t K, bool four_bit, const VnniX& v,
+                 int64_t m) {
+  const int64_t B = K / QK, ng = v.ng, base = m * ng;
+  std::memset(v.lo + base * 64, 0, size_t(ng * 64));
+  std::memset(v.dx + base * 16, 0, size_t(ng * 16 * sizeof(float)));
+  if (four_bit) {
+    std::memset(v.hi + base * 64, 0, size_t(ng * 64));
+    std::memset(v.sx + base * 16, 0, size_t(ng * 16 * sizeof(float)));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t at = base + b / 4, lane = 4 * (b % 4);
+      std::memcpy(v.lo + at * 64 + 4 * lane, q + b * QK, 16);
+      std::memcpy(v.hi + at * 64 + 4 * lane, q + b * QK + 16, 16);
+      for (int j = 0; j < 4; ++j) v.dx[at * 16 + lane + j] = d[b], v.sx[at * 16 + lane + j] = 0.25f * s[b];
+    }
+    return;
+  }
+  std::memset(v.c + base * 16, 0, size_t(ng * 16 * sizeof(int32_t)));
+  std::memcpy(v.lo + base * 64, q, size_t(K));
+  for (int64_t l = 0; l < K / 4; ++l)
+    v.c[base * 16 + l] = -128 * (int32_t(q[4 * l]) + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+  for (int64_t b = 0; b < B; ++b)
+    for (int j = 0; j < 8; ++j) v.dx[base * 16 + 8 * b + j] = d[b];
+}
+
+// y[m0 .. m0 + MR, n0 .. n0 + NR) over all groups; weights with one scale per block of 32 (w.G == K / 32).
+template <bool FOUR, int MR, int NR>
+JAXSERVE_VNNI void vnni_gemv_tile(const Weights& w, const VnniX& v, int64_t m0, int64_t n0, float* y) {
+  const int64_t K = w.K, G = w.G, B = K / QK, ng = v.ng, rb = FOUR ? K / 2 : K;  // rb: bytes per row
+  const int per = FOUR ? 4 : 2;  // blocks per group
+  const __m512i nib = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80));
+  // Lane -> block of the group: 4 lanes per block (4-bit), 8 (int8).
+  const __m512i idx = FOUR ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                           : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t nb = std::min<int64_t>(per, B - per * g);
+    const bool full = nb == per;
+    __m512i wv[NR], wh[NR];  // 4-bit: low and high nibbles; int8: w + 128
+    __m512 dw[NR], mw[NR];
+    for (int j = 0; j < NR; ++j) {
+      const uint8_t* row = w.values + (n0 + j) * rb + g * 64;
+      const uint16_t* sc = w.scales + (n0 + j) * G + per * g;
+      prefetch(row);
+      const __m512i raw = full ? _mm512_loadu_si512(row)
+                               : _mm512_maskz_loadu_epi8((__mmask64(1) << (nb * (FOUR ? 16 : 32))) - 1, row);
+      // (one row of x: unpacked where used, fewer live registers; more: once for all of them)
+      if (FOUR && MR > 1) wv[j] = _mm512_and_si512(raw, nib), wh[j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+      else wv[j] = FOUR ? raw : _mm512_xor_si512(raw, flip);
+      const __mmask8 ks = __mmask8((1u << nb) - 1);
+      // (the scales of a full group: 8 (4-bit) or 4 (int8) bytes, loaded plainly)
+      const __m128i s16 = full ? (FOUR ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))
+                                       : _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(sc)))
+                               : _mm_maskz_loadu_epi16(ks, sc);
+      dw[j] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(s16)));
+      if (FOUR) {
+        const uint16_t* mn = w.mins + (n0 + j) * G + per * g;
+        const __m128i m16 = full ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn)) : _mm_maskz_loadu_epi16(ks, mn);
+        mw[j] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(m16)));
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int64_t at = (m0 + i) * ng + g;
+      const __m512i xl = _mm512_loadu_si512(v.lo + at * 64);
+      const __m512 dx = _mm512_loadu_ps(v.dx + at * 16);
+      if (FOUR) {
+        const __m512i xh = _mm512_loadu_si512(v.hi + at * 64);
+        const __m512 sx = _mm512_loadu_ps(v.sx + at * 16);
+        for (int j = 0; j < NR; ++j) {
+          const __m512i lo = MR > 1 ? wv[j] : _mm512_and_si512(wv[j], nib);
+          const __m512i hi = MR > 1 ? wh[j] : _mm512_and_si512(_mm512_srli_epi16(wv[j], 4), nib);
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(dw[j], dx), acc[i][j]);
+          acc[i][j] = _mm512_fmadd_ps(mw[j], sx, acc[i][j]);
+        }
+      } else {
+        const __m512i c = _mm512_loadu_si512(v.c + at * 16);
+        for (int j = 0; j < NR; ++j) {
+          const __m512i d = _mm512_dpbusd_epi32(c, wv[j], xl);
+          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(dw[j], dx), acc[i][j]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) y[(m0 + i) * w.N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <bool FOUR, int NR>
+JAXSERVE_VNNI void vnni_gemv_rows(const Weights& w, const VnniX& v, int64_t M, int64_t n, float* y) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) vnni_gemv_tile<FOUR, 4, NR>(w, v, m, n, y);
+  for (; m + 2 <= M; m += 2) vnni_gemv_tile<FOUR, 2, NR>(w, v, m, n, y);
+  for (; m < M; ++m) vnni_gemv_tile<FOUR, 1, NR>(w, v, m, n, y);
+}
+
+// Output columns [n0, n1) for every row of x: 4 weight rows per tile for one row of x, 2 for more.
+template <bool FOUR>
+JAXSERVE_VNNI void vnni_gemv(const Weights& w, const VnniX& v, int64_t M, int64_t n0, int64_t n1, float* y) {
+  int64_t n = n0;
+  if (M == 1)
+    for (; n + 4 <= n1; n += 4) vnni_gemv_rows<FOUR, 4>(w, v, M, n, y);
+  for (; n + 2 <= n1; n += 2) vnni_gemv_rows<FOUR, 2>(w, v, M, n, y);
+  for (; n < n1; ++n) vnni_gemv_rows<FOUR, 1>(w, v, M, n, y);
+}
+
 bool use_vnni(int64_t isa) {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vnni");
@@ -589,10 +734,25 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
   a.qp = pairs ? reinterpret_cast<int8_t*>(a.s + M * B) : nullptr;
   a.dv = pairs ? reinterpret_cast<float*>(a.qp + M * K) : nullptr;
   a.sv = pairs ? a.dv + M * B * 4 : nullptr;
-  const bool vnni = M >= kVnniMinRows && use_vnni(isa);
+  const bool vnni = M >= (four_bit ? kVnniMinRows4 : kVnniMinRows8) && use_vnni(isa);
+  bool gemv512 = !vnni && use_vnni(isa);  // and one scale per block of 32 in every weight
+  for (const Job& job : jobs) gemv512 = gemv512 && job.w.G == B;
+  thread_local std::vector<uint8_t> vscratch;
+  VnniX vx{};
+  if (gemv512) {
+    vx.ng = vnni_groups(K, four_bit);
+    const int64_t rows = M * vx.ng;
+    vscratch.resize(size_t(rows * (2 * 64 + 3 * 16 * 4) + 64));
+    vx.lo = reinterpret_cast<int8_t*>(vscratch.data());
+    vx.hi = vx.lo + rows * 64;
+    vx.dx = reinterpret_cast<float*>(vx.hi + rows * 64);
+    vx.sx = vx.dx + rows * 16;
+    vx.c = reinterpret_cast<int32_t*>(vx.sx + rows * 16);
+  }
   for (int64_t m = 0; m < M; ++m) {
     quantize_row(xp + m * K, K, a.q + m * K, a.aq + m * K, a.d + m * B, a.s + m * B);
-    if (pairs && !vnni)
+    if (gemv512) vnni_gemv_x(a.q + m * K, a.d + m * B, a.s + m * B, K, four_bit, vx, m);
+    else if (pairs && !vnni)
       pair_layout(a.q + m * K, a.d + m * B, a.s + m * B, K, a.qp + m * K, a.dv + m * B * 4, a.sv + m * B * 4);
   }
   if (vnni) {
@@ -621,6 +781,14 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
   // every thread streams its own stretch of memory in order and the hardware prefetchers keep up.
   const std::vector<Piece> ps = pieces(jobs, 16, threads, false);
   const Piece* pp = ps.data();
+  if (gemv512) {
+    parallel_chunks(pool, int64_t(ps.size()), threads, [jp, pp, vx, M, four_bit](int64_t c) {
+      const Job& job = jp[pp[c].j];
+      if (four_bit) vnni_gemv<true>(job.w, vx, M, pp[c].n0, pp[c].n1, job.y);
+      else vnni_gemv<false>(job.w, vx, M, pp[c].n0, pp[c].n1, job.y);
+    });
+    return ffi::Error::Success();
+  }
   parallel_chunks(pool, int64_t(ps.size()), threads, [jp, pp, a, M](int64_t c) {
     const Job& job = jp[pp[c].j];
     if (job.w.four_bit) columns<true>(job.w, a, M, pp[c].n0, pp[c].n1, job.y);
