@@ -56,6 +56,23 @@ struct Problem {
   int64_t window;  // 0: none
 };
 
+// Prefetch the K and V rows of the block of positions at `start` (up to kBlock, within its page): the rows of
+// one KV head are strided and a sequence's pages are scattered, so the hardware prefetcher cannot run ahead;
+// without this a decode step waits on memory latency (~3x slower than the memory's bandwidth allows).
+inline void prefetch_block(const Problem& pb, const int32_t* table, int64_t kv_head, int64_t start, int64_t last,
+                           int64_t row_bytes) {
+  if (start > last) return;
+  const int64_t page = table[start / pb.P], off = start % pb.P;
+  const int64_t n = std::min<int64_t>({kBlock, pb.P - off, last - start + 1}), stride = pb.Kh * row_bytes;
+  const int64_t at = ((page * pb.P + off) * pb.Kh + kv_head) * row_bytes;
+  for (const void* base : {pb.k, pb.v}) {
+    const char* rows = static_cast<const char*>(base) + at;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(rows + j * stride + b, _MM_HINT_T0);
+    if (row_bytes % 64) _mm_prefetch(rows + (n - 1) * stride + row_bytes - 1, _MM_HINT_T0);
+  }
+}
+
 // One cache row (position, KV head) as f32 or int8 + scale: q . row, and acc += p * row.
 template <bool Q8>
 struct Rows {
@@ -118,9 +135,12 @@ void run_unit(const Problem& pb, const Unit& u) {
   }
   std::fill(acc, acc + pairs * D, 0.0f);
   const int64_t first = *std::min_element(lo, lo + R), last = *std::max_element(hi, hi + R);
+  const int64_t row_bytes = Q8 ? D + 4 : D * 4;
+  prefetch_block(pb, table, u.kv_head, first, last, row_bytes);
   for (int64_t start = first; start <= last;) {
     const int64_t page = table[start / pb.P], off = start % pb.P;
     const int64_t n = std::min<int64_t>({kBlock, pb.P - off, last - start + 1});
+    prefetch_block(pb, table, u.kv_head, start + n, last, row_bytes);
     const uint8_t* kb = krows.at(page, off, pb.P, pb.Kh, u.kv_head);
     const uint8_t* vb = vrows.at(page, off, pb.P, pb.Kh, u.kv_head);
     float vscale[kBlock];
@@ -212,12 +232,15 @@ JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
   const int32_t* table = pb.tables + int64_t(u.seq) * pb.W;
   const int64_t row_bytes = Q8 ? D + 4 : D * 4, stride = pb.Kh * row_bytes;  // bytes between positions
   thread_local std::vector<float> buf;
-  buf.resize(size_t(pairs * (2 * D + 2) + (Q8 ? 2 * kBlock * D : 0)));
-  float* qs = buf.data();         // [pairs, D] scaled queries
+  buf.resize(size_t(pairs * (2 * D + kBlock + 3) + (Q8 ? 2 * kBlock * D : 0) + 16));
+  float* pj = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / 4 % 16) % 16;  // 64-byte aligned
+  // [pairs, kBlock] this block's probabilities
+  float* qs = pj + pairs * kBlock;  // [pairs, D] scaled queries
   float* acc = qs + pairs * D;    // [pairs, D]
   float* m = acc + pairs * D;     // [pairs] running max
   float* l = m + pairs;           // [pairs] running sum
-  float* kf = l + pairs;          // int8 only: [kBlock, D] this block's K rows widened (scales apart)
+  float* corr = l + pairs;        // [pairs] this block's rescaling of acc
+  float* kf = corr + pairs;       // int8 only: [kBlock, D] this block's K rows widened (scales apart)
   float* vf = kf + kBlock * D;    //            [kBlock, D] and its V rows
   int64_t lo[kRows], hi[kRows];
   const __m512 scale = _mm512_set1_ps(pb.scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -236,9 +259,11 @@ JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
     }
   }
   const int64_t first = *std::min_element(lo, lo + R), last = *std::max_element(hi, hi + R);
+  prefetch_block(pb, table, u.kv_head, first, last, row_bytes);
   for (int64_t start = first; start <= last;) {
     const int64_t page = table[start / pb.P], off = start % pb.P;
     const int n = int(std::min<int64_t>({kBlock, pb.P - off, last - start + 1}));
+    prefetch_block(pb, table, u.kv_head, start + n, last, row_bytes);
     const uint8_t* kb = static_cast<const uint8_t*>(pb.k) + ((page * pb.P + off) * pb.Kh + u.kv_head) * row_bytes;
     const uint8_t* vb = static_cast<const uint8_t*>(pb.v) + ((page * pb.P + off) * pb.Kh + u.kv_head) * row_bytes;
     const float *krow[kBlock], *vrow[kBlock];
@@ -262,9 +287,17 @@ JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
         vrow[j] = reinterpret_cast<const float*>(vb + j * stride);
       }
     }
+    // Scores and probabilities of every (row, query head) pair: pj[pr] holds p (times V's scale, int8), 0 for
+    // positions the row does not see; corr[pr] rescales its accumulator (1 where the row sees nothing here).
     for (int64_t r = 0; r < R; ++r) {
       const int64_t a = std::max<int64_t>(lo[r] - start, 0), b = std::min<int64_t>(hi[r] - start + 1, n);
-      if (a >= b) continue;  // this row sees nothing of this block: its state is unchanged
+      if (a >= b) {  // this row sees nothing of this block: its state is unchanged
+        for (int64_t g = 0; g < G; ++g) {
+          _mm512_store_ps(pj + (r * G + g) * kBlock, _mm512_setzero_ps());
+          corr[r * G + g] = 1.0f;
+        }
+        continue;
+      }
       const __mmask16 seen = __mmask16(((1u << b) - 1) & ~((1u << a) - 1));
       for (int64_t g = 0; g < G; ++g) {
         const int64_t pr = r * G + g;
@@ -279,31 +312,45 @@ JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
             dots[j] = _mm512_setzero_ps();
           }
         }
-        __m512 s = sum16(dots);  // lane j: score of position start + j
-        if (Q8) s = _mm512_mul_ps(s, _mm512_load_ps(kscale));
-        s = _mm512_mask_mov_ps(ninf, seen, s);
+        __m512 sv = sum16(dots);  // lane j: score of position start + j
+        if (Q8) sv = _mm512_mul_ps(sv, _mm512_load_ps(kscale));
+        sv = _mm512_mask_mov_ps(ninf, seen, sv);
         if (pb.soft_cap > 0.0f) {
           alignas(64) float t[kBlock];
-          _mm512_store_ps(t, s);
+          _mm512_store_ps(t, sv);
           for (int j = int(a); j < b; ++j) t[j] = pb.soft_cap * std::tanh(t[j] / pb.soft_cap);
-          s = _mm512_load_ps(t);
+          sv = _mm512_load_ps(t);
         }
-        const float m_new = std::max(m[pr], _mm512_mask_reduce_max_ps(seen, s));
-        const float corr = std::exp(m[pr] - m_new);  // 0 when nothing was seen before (m = -inf)
-        const __m512 p = exp512(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));  // unseen lanes: exactly 0
-        l[pr] = l[pr] * corr + _mm512_reduce_add_ps(p);
+        const float m_new = std::max(m[pr], _mm512_mask_reduce_max_ps(seen, sv));
+        corr[pr] = std::exp(m[pr] - m_new);  // 0 when nothing was seen before (m = -inf)
+        const __m512 pv = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new)));  // unseen lanes: exactly 0
+        l[pr] = l[pr] * corr[pr] + _mm512_reduce_add_ps(pv);
         m[pr] = m_new;
-        alignas(64) float pj[kBlock];
-        _mm512_store_ps(pj, Q8 ? _mm512_mul_ps(p, _mm512_load_ps(vscale)) : p);  // int8: p times V's row scale
-        __m512 o[DV];
-        const __m512 cv = _mm512_set1_ps(corr);
-        for (int dv = 0; dv < DV; ++dv) o[dv] = _mm512_mul_ps(_mm512_loadu_ps(acc + pr * D + 16 * dv), cv);
-        for (int64_t j = a; j < b; ++j) {
-          const __m512 pv = _mm512_set1_ps(pj[j]);
-          for (int dv = 0; dv < DV; ++dv) o[dv] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vrow[j] + 16 * dv), o[dv]);
-        }
-        for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(acc + pr * D + 16 * dv, o[dv]);
+        _mm512_store_ps(pj + pr * kBlock, Q8 ? _mm512_mul_ps(pv, _mm512_load_ps(vscale)) : pv);
       }
+    }
+    // acc = acc * corr + P . V, kPT pairs at a time: each V row is loaded once for all of them, and their
+    // kPT * DV accumulator chains are independent (one pair alone waits on a chain of n FMAs).
+    constexpr int kPT = DV >= 8 ? 2 : 4;
+    for (int64_t p0 = 0; p0 < pairs; p0 += kPT) {
+      const int pt = int(std::min<int64_t>(kPT, pairs - p0));
+      __m512 o[kPT][DV];
+      for (int t = 0; t < kPT; ++t) {
+        const __m512 cv = _mm512_set1_ps(t < pt ? corr[p0 + t] : 0.0f);
+        for (int dv = 0; dv < DV; ++dv)
+          o[t][dv] = t < pt ? _mm512_mul_ps(_mm512_loadu_ps(acc + (p0 + t) * D + 16 * dv), cv) : _mm512_setzero_ps();
+      }
+      for (int j = 0; j < n; ++j) {
+        __m512 vv[DV];
+        for (int dv = 0; dv < DV; ++dv) vv[dv] = _mm512_loadu_ps(vrow[j] + 16 * dv);
+        for (int t = 0; t < kPT; ++t) {
+          if (t >= pt) break;
+          const __m512 pv = _mm512_set1_ps(pj[(p0 + t) * kBlock + j]);
+          for (int dv = 0; dv < DV; ++dv) o[t][dv] = _mm512_fmadd_ps(pv, vv[dv], o[t][dv]);
+        }
+      }
+      for (int t = 0; t < pt; ++t)
+        for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(acc + (p0 + t) * D + 16 * dv, o[t][dv]);
     }
     start += n;
   }
