@@ -12,6 +12,13 @@ Rows per (M, K, N):
                       quantized per block on the fly (with VNNI: a row-dot GEMV for few rows, a GEMM for more)
 GOPS = 2 M K N / time (best of 3 runs of --reps calls). Weights stay hot in cache here (the model's step reads
 them from memory), so these are compute figures; scripts/profile_step.py gives the in-step ones.
+
+    .venv/bin/python scripts/bench_kernels.py --stream [--m 1,2,4,8]
+
+instead runs a decode step's quantized projections as the model does: a scan over 30 layers of stacked
+SmolLM2-135M weights (q, k, v and gate, up in one call each, o, down), so every weight comes from memory, with
+the CPU's widest kernels ("auto") and with the AVX2 baseline pinned ("avx2"), interleaved; GB/s = weight bytes
+read / time (min and median of 30).
 """
 
 from __future__ import annotations
@@ -42,11 +49,64 @@ def best_time(fn, *args, reps: int) -> float:
     return best
 
 
+def stream(ms: list[int]) -> int:
+    """A decode step's quantized projections over 30 stacked layers (weights from memory), per M and bit width."""
+    import functools
+
+    from kernels_pallas.quantized_matmul import quantized_matmul, quantized_matmul_many
+
+    layers, hidden, inter = 30, 576, 1536
+    rng = np.random.default_rng(0)
+
+    def weight(n, k, bits):
+        scales = jnp.asarray(rng.random((layers, n, k // 32)) * 0.01 + 1e-3, jnp.float16)
+        if bits == 4:
+            values = jnp.asarray(rng.integers(0, 256, (layers, n, k // 2)), jnp.uint8)
+            return values, scales, jnp.asarray(-rng.random((layers, n, k // 32)) * 0.01, jnp.float16)
+        return jnp.asarray(rng.integers(-127, 128, (layers, n, k)), jnp.int8), scales, None
+
+    def step(x, w, *, isa):
+        def body(h, i):
+            q, k, v = quantized_matmul_many(h, [w["q"], w["k"], w["v"]], i, isa=isa)
+            o = quantized_matmul(q, *w["o"], layer=i, isa=isa)
+            g, u = quantized_matmul_many(o, [w["gate"], w["up"]], i, isa=isa)
+            d = quantized_matmul(jax.nn.silu(g) * u, *w["down"], layer=i, isa=isa)
+            return h + 1e-3 * d + 0 * (k.sum() + v.sum()), None
+
+        return jax.lax.scan(body, x, jnp.arange(layers))[0]
+
+    print(f"{'bits':>4} {'M':>3}  {'isa':>5} {'min ms':>7} {'med ms':>7} {'GB/s':>6}   (weights from memory)")
+    for bits in (4, 8):
+        shapes = {"q": (hidden, hidden), "k": (192, hidden), "v": (192, hidden), "o": (hidden, hidden),
+                  "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}  # fmt: skip
+        w = {name: weight(n, k, bits) for name, (n, k) in shapes.items()}
+        nbytes = sum(a.nbytes for t in w.values() for a in t if a is not None)
+        for m in ms:
+            x = jnp.asarray(rng.standard_normal((m, hidden)), jnp.float32)
+            fns = {isa: jax.jit(functools.partial(step, isa=isa)) for isa in ("auto", "avx2")}
+            for fn in fns.values():
+                fn(x, w).block_until_ready()
+            times = {isa: [] for isa in fns}
+            for _ in range(30):
+                for isa, fn in fns.items():
+                    t = time.perf_counter()
+                    fn(x, w).block_until_ready()
+                    times[isa].append(time.perf_counter() - t)
+            for isa, ts in times.items():
+                print(f"{bits:>4} {m:>3}  {isa:>5} {min(ts) * 1e3:>7.2f} {np.median(ts) * 1e3:>7.2f} "
+                      f"{nbytes / min(ts) / 1e9:>6.1f}")
+            sys.stdout.flush()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="1,8,64,256", help="rows of x, comma-separated")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--stream", action="store_true", help="30 layers of weights from memory (see above)")
     args = ap.parse_args()
+    if args.stream:
+        return stream([int(v) for v in args.m.split(",")])
     from kernels_pallas.cpu import cpu_flags
     from kernels_pallas.dense_matmul import dense_matmul
     from kernels_pallas.quantized_matmul import quantized_matmul
