@@ -374,6 +374,7 @@ void columns_f32(const Weights& w, const float* x, int64_t M, int64_t n0, int64_
 
 #define JAXSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 constexpr int64_t kPanel = 32;  // columns per panel: two vectors of 16 lanes
+constexpr int64_t kPackAhead = 8;  // blocks: pack_panel's prefetch distance along each weight row
 // Fewer rows: the GEMV kernels (no repacking). Measured crossovers here (30 layers of SmolLM2's projections, weights
 // from memory): the GEMV wins up to 12 rows for 4-bit and up to 8 for int8.
 constexpr int64_t kVnniMinRows4 = 16, kVnniMinRows8 = 12;
@@ -408,6 +409,10 @@ JAXSERVE_VNNI void pack_panel(const Weights& w, int64_t n0, const VnniPanel& p) 
       __m512i r[16];
       for (int c = 0; c < 16; ++c) {
         const int64_t n = n0 + 16 * h + c;
+        if (n < w.N) {  // 16 row streams at a time, more than the hardware prefetcher follows (-10% at 64 rows, int8)
+          const int64_t rb = w.four_bit ? w.K / 2 : w.K, at = (b + kPackAhead) * (w.four_bit ? QK / 2 : QK);
+          if (at < rb) _mm_prefetch(reinterpret_cast<const char*>(w.values + n * rb + at), _MM_HINT_T0);
+        }
         r[c] = n < w.N ? row_bytes64(w, n, b, nb) : _mm512_setzero_si512();
       }
       transpose16(r);  // r[t]: bytes 4t .. 4t + 3 of the two blocks, for each of the 16 columns
@@ -600,7 +605,8 @@ JAXSERVE_VNNI void vnni_gemv_tile(const Weights& w, const VnniX& v, int64_t m0, 
       dw[j] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(s16)));
       if (FOUR) {
         const uint16_t* mn = w.mins + (n0 + j) * G + per * g;
-        const __m128i m16 = full ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn)) : _mm_maskz_loadu_epi16(ks, mn);
+        const __m128i m16 = full ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))
+                                 : _mm_maskz_loadu_epi16(ks, mn);
         mw[j] = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(m16)));
       }
     }
