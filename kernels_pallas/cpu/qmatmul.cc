@@ -375,8 +375,8 @@ void columns_f32(const Weights& w, const float* x, int64_t M, int64_t n0, int64_
 #define JAXSERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 constexpr int64_t kPanel = 32;  // columns per panel: two vectors of 16 lanes
 constexpr int64_t kPackAhead = 8;  // blocks: pack_panel's prefetch distance along each weight row
-// Fewer rows: the GEMV kernels (no repacking). Measured crossovers here (30 layers of SmolLM2's projections, weights
-// from memory): the GEMV wins up to 12 rows for 4-bit and up to 8 for int8.
+// Fewer rows: the GEMV kernels (no repacking). Measured here (30 layers of SmolLM2's projections, weights from
+// memory): the GEMV beat the GEMM at 8 rows for both widths and at 12 for 4-bit; the GEMM won at 12 for int8.
 constexpr int64_t kVnniMinRows4 = 16, kVnniMinRows8 = 12;
 
 struct VnniPanel {
@@ -533,7 +533,6 @@ JAXSERVE_VNNI void vnni_chunk(const Weights& w, const uint8_t* xq, const float* 
 //          depends on x alone (prepared once per call)
 // Loads of whole groups are plain (a masked load does not train the hardware prefetcher: 2x slower from memory
 // here); only a row's last, partial group is masked.
-
 
 struct VnniX {   // x [M, K] quantized, per row m and group g (ng groups, the last one zero-padded)
   int8_t* lo;    // [M, ng, 64]: 4-bit: x[4g + L][0:16] in 16-byte lane L; int8: x's 64 bytes of the group
