@@ -12,9 +12,10 @@
 
 Activations are quantized per row and per block of 32 (llama.cpp's Q8_0 x Q8_1 / vLLM's dynamic W8A8):
 d = amax * f32(1 / 127), q = round_half_even(x * (1 / d)), and the integer dots read 4-8x fewer weight bytes
-than f32 (decode is bandwidth-bound). On CPUs without AVX-512 VNNI an int8 dot costs more instructions than f32 FMAs, so
-from F32_MIN_ROWS rows on (prefill, big batches: compute-bound) the weights are dequantized and x stays f32; with
-VNNI (64 integer products per instruction) the kernel's integer GEMM wins at every M and x is always quantized.
+than f32 (decode is bandwidth-bound). On CPUs without AVX-512 VNNI an int8 dot costs more instructions than f32
+FMAs, so from F32_MIN_ROWS rows on (prefill, big batches: compute-bound) the weights are dequantized and x stays
+f32; with VNNI (64 integer products per instruction) the integer kernels (a row-dot GEMV for few rows, a GEMM for
+more) win at every M and x is always quantized.
 `f32_min_rows()` says which rule holds here. The reference does exactly the same, then runs XLA's f32 dot: the
 oracle of the C++ kernel, and the path on TPU and GPU until Pallas kernels replace it.
 """
@@ -81,7 +82,8 @@ def check_isa(isa: str) -> int:
 def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str = "auto", isa: str = "auto") -> jax.Array:
     """x [M, K] . dequantized(values)^T -> f32[M, N]. See the module docstring for the layouts.
 
-    isa (CPU kernel): "auto" uses AVX-512 for the f32 tile where the CPU has it; "avx2" pins the baseline path."""
+    isa (CPU kernel): "auto" uses the CPU's AVX-512 / AVX-512 VNNI paths where it has them; "avx2" pins the
+    baseline paths."""
     isa_attr = check_isa(isa)
     m, k, n, four_bit = check_inputs(x, values, scales, mins, layer)
     if resolve_backend(backend) != "cpu":  # TPU / GPU: the reference until Pallas kernels come

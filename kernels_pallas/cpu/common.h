@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -130,6 +131,20 @@ __attribute__((target("avx512f"))) inline void transpose16(__m512i* r) {
     r[j] = _mm512_shuffle_i32x4(x0, y0, 0x88), r[4 + j] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
     r[8 + j] = _mm512_shuffle_i32x4(x1, y1, 0x88), r[12 + j] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
   }
+}
+
+// A piece of a matmul driver's work: items [i0, i1) (columns or panels) of job j (one weight of the call).
+struct Piece {
+  int64_t j, i0, i1;
+};
+
+// Items [0, counts[j]) of every job in contiguous runs of `run` (each job's last run shorter), job after job:
+// a thread's piece streams one stretch of its weight in order.
+inline std::vector<Piece> runs_of(const std::vector<int64_t>& counts, int64_t run) {
+  std::vector<Piece> out;
+  for (int64_t j = 0; j < int64_t(counts.size()); ++j)
+    for (int64_t i = 0; i < counts[j]; i += run) out.push_back({j, i, std::min(counts[j], i + run)});
+  return out;
 }
 
 // Chunks handed out by an atomic counter to the caller and to tasks on XLA's intra-op pool (ffi::ThreadPool), so

@@ -141,22 +141,15 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
   const bool wide = use_avx512(isa);
   const int64_t pw = wide ? panel_width<V512>(M) : panel_width<V256>(M);
   int64_t sum_n = 0, panels = 0;
-  for (const Job& job : jobs) sum_n += job.N, panels += (job.N + pw - 1) / pw;
+  std::vector<int64_t> counts;  // panels per job
+  for (const Job& job : jobs) sum_n += job.N, panels += counts.emplace_back((job.N + pw - 1) / pw);
   if (M == 0 || sum_n == 0) return ffi::Error::Success();
   if (K == 0) {  // an empty sum: the tiles would never write y
     for (const Job& job : jobs) std::fill(job.y, job.y + M * job.N, 0.0f);
     return ffi::Error::Success();
   }
   const int64_t threads = M * sum_n * K < (int64_t(1) << 17) ? 1 : std::max<int64_t>(1, pool.num_threads());
-  struct Piece {
-    int64_t j, p0, p1;  // panels [p0, p1) of job j
-  };
-  std::vector<Piece> pieces;
-  const int64_t run = std::max<int64_t>(1, panels / (4 * threads));
-  for (int64_t j = 0; j < int64_t(jobs.size()); ++j) {
-    const int64_t n = (jobs[j].N + pw - 1) / pw;
-    for (int64_t p = 0; p < n; p += run) pieces.push_back({j, p, std::min(n, p + run)});
-  }
+  const std::vector<Piece> pieces = runs_of(counts, std::max<int64_t>(1, panels / (4 * threads)));
   const int64_t np = int64_t(pieces.size());
   int64_t mb = M <= kSmallM ? M : 96;
   if (M > kSmallM && threads > 1 && np * ((M + mb - 1) / mb) < 4 * threads) {
@@ -170,7 +163,7 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
     const Piece& piece = pp[c % np];
     const Job& job = jp[piece.j];
     const int64_t m0 = (c / np) * mb, m1 = std::min(M, m0 + mb);
-    for (int64_t p = piece.p0; p < piece.p1; ++p) {
+    for (int64_t p = piece.i0; p < piece.i1; ++p) {
       const int64_t n0 = p * pw;
       if (wide) run_chunk512(xp, job.w + n0, job.N, K, job.N, job.y, M, m0, m1, n0);
       else run_chunk256(xp, job.w + n0, job.N, K, job.N, job.y, M, m0, m1, n0);

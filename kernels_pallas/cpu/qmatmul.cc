@@ -38,6 +38,8 @@ namespace {
 
 using jaxserve_cpu::hsum;
 using jaxserve_cpu::parallel_chunks;
+using jaxserve_cpu::Piece;
+using jaxserve_cpu::runs_of;
 using jaxserve_cpu::transpose16;
 using jaxserve_cpu::use_avx512;
 using jaxserve_cpu::V256;
@@ -81,6 +83,7 @@ void pair_layout(const int8_t* q, const float* d, const float* s, int64_t K, int
   }
 }
 
+// aq: |q| for the AVX2 int8 tile (its maddubs operand), or nullptr where no kernel reads it.
 void quantize_row(const float* x, int64_t K, int8_t* q, uint8_t* aq, float* d, float* s) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < K / QK; ++b) {
@@ -110,7 +113,7 @@ void quantize_row(const float* x, int64_t K, int8_t* q, uint8_t* aq, float* d, f
     __m256i p = _mm256_packs_epi16(p01, p23);
     p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), p);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(aq + b * QK), _mm256_sign_epi8(p, p));
+    if (aq) _mm256_storeu_si256(reinterpret_cast<__m256i*>(aq + b * QK), _mm256_sign_epi8(p, p));
     __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
@@ -687,22 +690,14 @@ ffi::Error weight_job(int64_t K, const ffi::AnyBuffer& values, const ffi::AnyBuf
   return ffi::Error::Success();
 }
 
-// A piece of work: columns [n0, n1) of job j (for the VNNI path: panels [n0, n1)).
-struct Piece {
-  int64_t j, n0, n1;
-};
-
-// [0, n) of each job in contiguous runs of `unit`-multiples, ~4 runs per thread over all jobs together.
+// Columns (panels: the VNNI GEMM's panels) [i0, i1) of each job in contiguous runs of `unit`-multiples, ~4 runs
+// per thread over all jobs together.
 std::vector<Piece> pieces(const std::vector<Job>& jobs, int64_t unit, int64_t threads, bool panels) {
+  std::vector<int64_t> counts;
   int64_t total = 0;
-  for (const Job& job : jobs) total += panels ? (job.w.N + kPanel - 1) / kPanel : job.w.N;
+  for (const Job& job : jobs) total += counts.emplace_back(panels ? (job.w.N + kPanel - 1) / kPanel : job.w.N);
   const int64_t run = std::max<int64_t>(unit, (total + 4 * threads - 1) / (4 * threads) + unit - 1) / unit * unit;
-  std::vector<Piece> out;
-  for (int64_t j = 0; j < int64_t(jobs.size()); ++j) {
-    const int64_t n = panels ? (jobs[j].w.N + kPanel - 1) / kPanel : jobs[j].w.N;
-    for (int64_t n0 = 0; n0 < n; n0 += run) out.push_back({j, n0, std::min(n, n0 + run)});
-  }
-  return out;
+  return runs_of(counts, run);
 }
 
 // y_j = x . w_j^T for every job: x is quantized once, the work of all jobs shares one set of chunks.
@@ -720,7 +715,7 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
     const Piece* pp = ps.data();
     parallel_chunks(pool, int64_t(ps.size()), threads, [jp, pp, xp, M, wide](int64_t c) {
       const Job& job = jp[pp[c].j];
-      columns_f32(job.w, xp, M, pp[c].n0, pp[c].n1, job.y, wide);
+      columns_f32(job.w, xp, M, pp[c].i0, pp[c].i1, job.y, wide);
     });
     return ffi::Error::Success();
   }
@@ -754,8 +749,9 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
     vx.sx = vx.dx + rows * 16;
     vx.c = reinterpret_cast<int32_t*>(vx.sx + rows * 16);
   }
+  const bool abs_q = !four_bit && !vnni && !gemv512;  // only the AVX2 int8 tile reads |q|
   for (int64_t m = 0; m < M; ++m) {
-    quantize_row(xp + m * K, K, a.q + m * K, a.aq + m * K, a.d + m * B, a.s + m * B);
+    quantize_row(xp + m * K, K, a.q + m * K, abs_q ? a.aq + m * K : nullptr, a.d + m * B, a.s + m * B);
     if (gemv512) vnni_gemv_x(a.q + m * K, a.d + m * B, a.s + m * B, K, four_bit, vx, m);
     else if (pairs && !vnni)
       pair_layout(a.q + m * K, a.d + m * B, a.s + m * B, K, a.qp + m * K, a.dv + m * B * 4, a.sv + m * B * 4);
@@ -776,7 +772,7 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
       const Piece& piece = pp[c % np];
       const Job& job = jp[piece.j];
       const int64_t m0 = (c / np) * mb;
-      for (int64_t p = piece.n0; p < piece.n1; ++p)
+      for (int64_t p = piece.i0; p < piece.i1; ++p)
         vnni_chunk(job.w, xq, xd, xs, m0, std::min(M, m0 + mb), p * kPanel, job.y);
       _mm_sfence();  // this thread's streaming stores are visible before its chunk counts as done
     });
@@ -789,15 +785,15 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
   if (gemv512) {
     parallel_chunks(pool, int64_t(ps.size()), threads, [jp, pp, vx, M, four_bit](int64_t c) {
       const Job& job = jp[pp[c].j];
-      if (four_bit) vnni_gemv<true>(job.w, vx, M, pp[c].n0, pp[c].n1, job.y);
-      else vnni_gemv<false>(job.w, vx, M, pp[c].n0, pp[c].n1, job.y);
+      if (four_bit) vnni_gemv<true>(job.w, vx, M, pp[c].i0, pp[c].i1, job.y);
+      else vnni_gemv<false>(job.w, vx, M, pp[c].i0, pp[c].i1, job.y);
     });
     return ffi::Error::Success();
   }
   parallel_chunks(pool, int64_t(ps.size()), threads, [jp, pp, a, M](int64_t c) {
     const Job& job = jp[pp[c].j];
-    if (job.w.four_bit) columns<true>(job.w, a, M, pp[c].n0, pp[c].n1, job.y);
-    else columns<false>(job.w, a, M, pp[c].n0, pp[c].n1, job.y);
+    if (job.w.four_bit) columns<true>(job.w, a, M, pp[c].i0, pp[c].i1, job.y);
+    else columns<false>(job.w, a, M, pp[c].i0, pp[c].i1, job.y);
   });
   return ffi::Error::Success();
 }
