@@ -118,6 +118,22 @@ def test_cpu_kernel_sliding_window_and_soft_cap(isa, head_dim):
     _check(case, _run(case, isa=isa))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+def test_cpu_kernel_many_sequences_units_take_every_kv_head(isa, page_size):
+    """Enough row blocks that each unit takes all KV heads of its rows (and prefetches the next block a
+    position at a time), with f32 and int8 pages, prefill chunks among the decodes, and a sliding window."""
+    rng = np.random.default_rng(page_size)
+    q_lens = [1] * 14 + [20, 3]
+    kv_lens = [int(k) for k in rng.integers(1, 90, 14)] + [45, 70]
+    for window in (None, 10):
+        case = make_case(rng, q_lens, kv_lens, page_size=page_size, num_q_heads=9, num_kv_heads=3, head_dim=64,
+                         sliding_window=window)  # fmt: skip
+        _check(case, _run(case, isa=isa))
+        q8, exact = _int8_case(case)
+        _check(exact, _run(q8, isa=isa))
+
+
 # ---- int8 KV pages (kernels_pallas/kv_quant.py) -----------------------------------------------------------
 
 

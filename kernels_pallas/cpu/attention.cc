@@ -43,7 +43,7 @@ constexpr int kRows = 16;  // rows per unit
 constexpr int kBlock = 16;  // positions per softmax block
 
 struct Unit {
-  int32_t seq, kv_head, row0, row1;
+  int32_t seq, kh0, kh1, row0, row1;  // KV heads [kh0, kh1) of rows [row0, row1)
 };
 
 struct Problem {
@@ -56,21 +56,36 @@ struct Problem {
   int64_t window;  // 0: none
 };
 
-// Prefetch the K and V rows of the block of positions at `start` (up to kBlock, within its page): the rows of
-// one KV head are strided and a sequence's pages are scattered, so the hardware prefetcher cannot run ahead
-// (one block ahead, issued before the current block's work; two or three ahead measured no better).
-inline void prefetch_block(const Problem& pb, const int32_t* table, int64_t kv_head, int64_t start, int64_t last,
-                           int64_t row_bytes) {
+// Prefetch `bytes` of K and of V at byte offset `at` of the pages.
+inline void prefetch_row(const Problem& pb, int64_t at, int64_t bytes) {
+  for (const void* base : {pb.k, pb.v}) {
+    const char* row = static_cast<const char*>(base) + at;
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+    if (bytes % 64) _mm_prefetch(row + bytes - 1, _MM_HINT_T0);
+  }
+}
+
+// Prefetch the K and V rows of KV heads [kh0, kh0 + nh) of the block of positions at `start` (up to kBlock,
+// within its page) at once: a unit's first block. The rows of a sequence are strided and its pages scattered,
+// so the hardware prefetcher cannot run ahead; later blocks are prefetched a position at a time during the
+// current block's work (a burst of a whole block stalls on the core's few outstanding misses: 1.6-2x slower
+// from memory here).
+inline void prefetch_block(const Problem& pb, const int32_t* table, int64_t kh0, int64_t nh, int64_t start,
+                           int64_t last, int64_t row_bytes) {
   if (start > last) return;
   const int64_t page = table[start / pb.P], off = start % pb.P;
   const int64_t n = std::min<int64_t>({kBlock, pb.P - off, last - start + 1}), stride = pb.Kh * row_bytes;
-  const int64_t at = ((page * pb.P + off) * pb.Kh + kv_head) * row_bytes;
-  for (const void* base : {pb.k, pb.v}) {
-    const char* rows = static_cast<const char*>(base) + at;
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(rows + j * stride + b, _MM_HINT_T0);
-    if (row_bytes % 64) _mm_prefetch(rows + (n - 1) * stride + row_bytes - 1, _MM_HINT_T0);
-  }
+  const int64_t at = ((page * pb.P + off) * pb.Kh + kh0) * row_bytes;
+  for (int64_t j = 0; j < n; ++j) prefetch_row(pb, at + j * stride, nh * row_bytes);
+}
+
+// The block after the one of n positions at `start`: its length (0 past `last`) and the byte offset of its
+// first position's row of KV head kh0.
+inline int64_t next_block(const Problem& pb, const int32_t* table, int64_t start, int64_t n, int64_t last,
+                          int64_t kh0, int64_t row_bytes, int* len) {
+  const int64_t s = start + n;
+  *len = s > last ? 0 : int(std::min<int64_t>({kBlock, pb.P - s % pb.P, last - s + 1}));
+  return *len ? ((table[s / pb.P] * pb.P + s % pb.P) * pb.Kh + kh0) * row_bytes : 0;
 }
 
 // One cache row (position, KV head) as f32 or int8 + scale: q . row, and acc += p * row.
@@ -107,7 +122,7 @@ struct Rows {
 };
 
 template <bool Q8>
-void run_unit(const Problem& pb, const Unit& u) {
+void run_head(const Problem& pb, const Unit& u, int64_t kv_head) {
   const Rows<Q8> krows{static_cast<const uint8_t*>(pb.k), pb.D, pb.Kh * (Q8 ? pb.D + 4 : pb.D * 4)};
   const Rows<Q8> vrows{static_cast<const uint8_t*>(pb.v), pb.D, krows.stride};
   const int64_t G = pb.H / pb.Kh, D = pb.D, R = u.row1 - u.row0, pairs = R * G;
@@ -126,7 +141,7 @@ void run_unit(const Problem& pb, const Unit& u) {
     hi[r] = pos;
     lo[r] = pb.window > 0 ? std::max<int64_t>(0, pos - pb.window + 1) : 0;
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t pr = r * G + g, head = u.kv_head * G + g;
+      const int64_t pr = r * G + g, head = kv_head * G + g;
       const float* src = pb.q + ((u.row0 + r) * pb.H + head) * D;
       for (int64_t d = 0; d < D; ++d) qs[pr * D + d] = src[d] * pb.scale;
       m[pr] = -std::numeric_limits<float>::infinity();
@@ -136,13 +151,14 @@ void run_unit(const Problem& pb, const Unit& u) {
   std::fill(acc, acc + pairs * D, 0.0f);
   const int64_t first = *std::min_element(lo, lo + R), last = *std::max_element(hi, hi + R);
   const int64_t row_bytes = Q8 ? D + 4 : D * 4;
-  prefetch_block(pb, table, u.kv_head, first, last, row_bytes);
+  prefetch_block(pb, table, kv_head, 1, first, last, row_bytes);
   for (int64_t start = first; start <= last;) {
     const int64_t page = table[start / pb.P], off = start % pb.P;
     const int64_t n = std::min<int64_t>({kBlock, pb.P - off, last - start + 1});
-    prefetch_block(pb, table, u.kv_head, start + n, last, row_bytes);
-    const uint8_t* kb = krows.at(page, off, pb.P, pb.Kh, u.kv_head);
-    const uint8_t* vb = vrows.at(page, off, pb.P, pb.Kh, u.kv_head);
+    int nn;  // the next block, prefetched a position at a time in the first pair's scores
+    const int64_t nat = next_block(pb, table, start, n, last, kv_head, row_bytes, &nn);
+    const uint8_t* kb = krows.at(page, off, pb.P, pb.Kh, kv_head);
+    const uint8_t* vb = vrows.at(page, off, pb.P, pb.Kh, kv_head);
     float vscale[kBlock];
     for (int64_t j = 0; j < n; ++j) vscale[j] = vrows.scale(vb + j * vrows.stride);
     for (int64_t r = 0; r < R; ++r) {
@@ -156,6 +172,7 @@ void run_unit(const Problem& pb, const Unit& u) {
         }
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < kBlock; ++j) {
+          if (pr == 0 && j < nn) prefetch_row(pb, nat + j * krows.stride, row_bytes);
           float x = -std::numeric_limits<float>::infinity();
           if (j >= a && j < b) {
             x = krows.dot(qs + pr * D, kb + j * krows.stride);
@@ -194,11 +211,16 @@ void run_unit(const Problem& pb, const Unit& u) {
   }
   for (int64_t r = 0; r < R; ++r)
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t pr = r * G + g, head = u.kv_head * G + g;
+      const int64_t pr = r * G + g, head = kv_head * G + g;
       float* dst = pb.out + ((u.row0 + r) * pb.H + head) * D;
       const float inv = l[pr] > 0.0f ? 1.0f / l[pr] : 0.0f;
       for (int64_t d = 0; d < D; ++d) dst[d] = acc[pr * D + d] * inv;
     }
+}
+
+template <bool Q8>
+void run_unit(const Problem& pb, const Unit& u) {
+  for (int64_t kh = u.kh0; kh < u.kh1; ++kh) run_head<Q8>(pb, u, kh);
 }
 
 // ---- AVX-512 (picked at run time where the CPU has it; head_dim = 16 * DV, DV <= 8) -------------------------
@@ -227,141 +249,155 @@ JAXSERVE_AVX512 inline __m512 sum16(const __m512* v) {
 template <bool Q8, int DV>
 JAXSERVE_AVX512 void run_unit512(const Problem& pb, const Unit& u) {
   constexpr int64_t D = 16 * DV;
-  const int64_t G = pb.H / pb.Kh, R = u.row1 - u.row0, pairs = R * G;
+  const int64_t G = pb.H / pb.Kh, R = u.row1 - u.row0, nh = u.kh1 - u.kh0, ph = R * G, pairs = nh * ph;
   const int64_t kv_len = pb.kv_lens[u.seq], q_end = pb.qsl[u.seq + 1];
   const int32_t* table = pb.tables + int64_t(u.seq) * pb.W;
   const int64_t row_bytes = Q8 ? D + 4 : D * 4, stride = pb.Kh * row_bytes;  // bytes between positions
   thread_local std::vector<float> buf;
   buf.resize(size_t(pairs * (2 * D + kBlock + 3) + (Q8 ? 2 * kBlock * D : 0) + 16));
   float* pj = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / 4 % 16) % 16;  // 64-byte aligned
+  // Pairs pr = (head of the unit hh, row r, query head g) -> hh * ph + r * G + g.
   // [pairs, kBlock] this block's probabilities
   float* qs = pj + pairs * kBlock;  // [pairs, D] scaled queries
   float* acc = qs + pairs * D;    // [pairs, D]
   float* m = acc + pairs * D;     // [pairs] running max
   float* l = m + pairs;           // [pairs] running sum
   float* corr = l + pairs;        // [pairs] this block's rescaling of acc
-  float* kf = corr + pairs;       // int8 only: [kBlock, D] this block's K rows widened (scales apart)
+  float* kf = corr + pairs;       // int8 only: [kBlock, D] this block's K rows of one head widened (scales apart)
   float* vf = kf + kBlock * D;    //            [kBlock, D] and its V rows
   int64_t lo[kRows], hi[kRows];
   const __m512 scale = _mm512_set1_ps(pb.scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t r = 0; r < R; ++r) {
     hi[r] = kv_len - (q_end - (u.row0 + r));
     lo[r] = pb.window > 0 ? std::max<int64_t>(0, hi[r] - pb.window + 1) : 0;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t pr = r * G + g;
-      const float* src = pb.q + ((u.row0 + r) * pb.H + u.kv_head * G + g) * D;
-      for (int dv = 0; dv < DV; ++dv) {
-        _mm512_storeu_ps(qs + pr * D + 16 * dv, _mm512_mul_ps(_mm512_loadu_ps(src + 16 * dv), scale));
-        _mm512_storeu_ps(acc + pr * D + 16 * dv, _mm512_setzero_ps());
-      }
-      m[pr] = -std::numeric_limits<float>::infinity();
-      l[pr] = 0.0f;
-    }
   }
+  for (int64_t hh = 0; hh < nh; ++hh)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t pr = hh * ph + r * G + g;
+        const float* src = pb.q + ((u.row0 + r) * pb.H + (u.kh0 + hh) * G + g) * D;
+        for (int dv = 0; dv < DV; ++dv) {
+          _mm512_storeu_ps(qs + pr * D + 16 * dv, _mm512_mul_ps(_mm512_loadu_ps(src + 16 * dv), scale));
+          _mm512_storeu_ps(acc + pr * D + 16 * dv, _mm512_setzero_ps());
+        }
+        m[pr] = -std::numeric_limits<float>::infinity();
+        l[pr] = 0.0f;
+      }
   const int64_t first = *std::min_element(lo, lo + R), last = *std::max_element(hi, hi + R);
-  prefetch_block(pb, table, u.kv_head, first, last, row_bytes);
+  prefetch_block(pb, table, u.kh0, nh, first, last, row_bytes);
   for (int64_t start = first; start <= last;) {
     const int64_t page = table[start / pb.P], off = start % pb.P;
     const int n = int(std::min<int64_t>({kBlock, pb.P - off, last - start + 1}));
-    prefetch_block(pb, table, u.kv_head, start + n, last, row_bytes);
-    const uint8_t* kb = static_cast<const uint8_t*>(pb.k) + ((page * pb.P + off) * pb.Kh + u.kv_head) * row_bytes;
-    const uint8_t* vb = static_cast<const uint8_t*>(pb.v) + ((page * pb.P + off) * pb.Kh + u.kv_head) * row_bytes;
-    const float *krow[kBlock], *vrow[kBlock];
-    alignas(64) float kscale[kBlock], vscale[kBlock];  // int8: row j's scales (applied to its score and p)
-    if (Q8) std::fill(kscale + n, kscale + kBlock, 1.0f), std::fill(vscale + n, vscale + kBlock, 1.0f);
-    for (int j = 0; j < n; ++j) {
-      if (Q8) {
-        std::memcpy(&kscale[j], kb + j * stride + D, sizeof(float));
-        std::memcpy(&vscale[j], vb + j * stride + D, sizeof(float));
-        for (int t = 0; t < 2; ++t) {
-          const uint8_t* src = (t ? vb : kb) + j * stride;
-          float* dst = (t ? vf : kf) + j * D;
-          for (int dv = 0; dv < DV; ++dv) {
-            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * dv));
-            _mm512_storeu_ps(dst + 16 * dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
-          }
-        }
-        krow[j] = kf + j * D, vrow[j] = vf + j * D;
-      } else {
-        krow[j] = reinterpret_cast<const float*>(kb + j * stride);
-        vrow[j] = reinterpret_cast<const float*>(vb + j * stride);
-      }
-    }
-    // Scores and probabilities of every (row, query head) pair: pj[pr] holds p (times V's scale, int8), 0 for
-    // positions the row does not see; corr[pr] rescales its accumulator (1 where the row sees nothing here).
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t a = std::max<int64_t>(lo[r] - start, 0), b = std::min<int64_t>(hi[r] - start + 1, n);
-      if (a >= b) {  // this row sees nothing of this block: its state is unchanged
-        for (int64_t g = 0; g < G; ++g) {
-          _mm512_store_ps(pj + (r * G + g) * kBlock, _mm512_setzero_ps());
-          corr[r * G + g] = 1.0f;
-        }
-        continue;
-      }
-      const __mmask16 seen = __mmask16(((1u << b) - 1) & ~((1u << a) - 1));
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t pr = r * G + g;
-        __m512 qv[DV], dots[kBlock];
-        for (int dv = 0; dv < DV; ++dv) qv[dv] = _mm512_loadu_ps(qs + pr * D + 16 * dv);
-        for (int j = 0; j < kBlock; ++j) {
-          if (j < n) {
-            dots[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(krow[j]));
-            for (int dv = 1; dv < DV; ++dv)
-              dots[j] = _mm512_fmadd_ps(qv[dv], _mm512_loadu_ps(krow[j] + 16 * dv), dots[j]);
-          } else {
-            dots[j] = _mm512_setzero_ps();
-          }
-        }
-        __m512 sv = sum16(dots);  // lane j: score of position start + j
-        if (Q8) sv = _mm512_mul_ps(sv, _mm512_load_ps(kscale));
-        sv = _mm512_mask_mov_ps(ninf, seen, sv);
-        if (pb.soft_cap > 0.0f) {
-          alignas(64) float t[kBlock];
-          _mm512_store_ps(t, sv);
-          for (int j = int(a); j < b; ++j) t[j] = pb.soft_cap * std::tanh(t[j] / pb.soft_cap);
-          sv = _mm512_load_ps(t);
-        }
-        const float m_new = std::max(m[pr], _mm512_mask_reduce_max_ps(seen, sv));
-        corr[pr] = std::exp(m[pr] - m_new);  // 0 when nothing was seen before (m = -inf)
-        const __m512 pv = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new)));  // unseen lanes: exactly 0
-        l[pr] = l[pr] * corr[pr] + _mm512_reduce_add_ps(pv);
-        m[pr] = m_new;
-        _mm512_store_ps(pj + pr * kBlock, Q8 ? _mm512_mul_ps(pv, _mm512_load_ps(vscale)) : pv);
-      }
-    }
-    // acc = acc * corr + P . V, kPT pairs at a time: each V row is loaded once for all of them, and their
-    // kPT * DV accumulator chains are independent (one pair alone waits on a chain of n FMAs).
-    constexpr int kPT = DV >= 8 ? 2 : 4;
-    for (int64_t p0 = 0; p0 < pairs; p0 += kPT) {
-      const int pt = int(std::min<int64_t>(kPT, pairs - p0));
-      __m512 o[kPT][DV];
-      for (int t = 0; t < kPT; ++t) {
-        const __m512 cv = _mm512_set1_ps(t < pt ? corr[p0 + t] : 0.0f);
-        for (int dv = 0; dv < DV; ++dv)
-          o[t][dv] = t < pt ? _mm512_mul_ps(_mm512_loadu_ps(acc + (p0 + t) * D + 16 * dv), cv) : _mm512_setzero_ps();
-      }
+    // The next block (nn positions from byte nat) is prefetched a position at a time inside each head's P . V
+    // below, spread over this block's work (see prefetch_block).
+    int nn;
+    const int64_t nat = next_block(pb, table, start, n, last, u.kh0, row_bytes, &nn);
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      const int64_t kh = u.kh0 + hh, p_lo = hh * ph;
+      const uint8_t* kb = static_cast<const uint8_t*>(pb.k) + ((page * pb.P + off) * pb.Kh + kh) * row_bytes;
+      const uint8_t* vb = static_cast<const uint8_t*>(pb.v) + ((page * pb.P + off) * pb.Kh + kh) * row_bytes;
+      const float *krow[kBlock], *vrow[kBlock];
+      alignas(64) float kscale[kBlock], vscale[kBlock];  // int8: row j's scales (applied to its score and p)
+      if (Q8) std::fill(kscale + n, kscale + kBlock, 1.0f), std::fill(vscale + n, vscale + kBlock, 1.0f);
       for (int j = 0; j < n; ++j) {
-        __m512 vv[DV];
-        for (int dv = 0; dv < DV; ++dv) vv[dv] = _mm512_loadu_ps(vrow[j] + 16 * dv);
-        for (int t = 0; t < kPT; ++t) {
-          if (t >= pt) break;
-          const __m512 pv = _mm512_set1_ps(pj[(p0 + t) * kBlock + j]);
-          for (int dv = 0; dv < DV; ++dv) o[t][dv] = _mm512_fmadd_ps(pv, vv[dv], o[t][dv]);
+        if (Q8) {
+          std::memcpy(&kscale[j], kb + j * stride + D, sizeof(float));
+          std::memcpy(&vscale[j], vb + j * stride + D, sizeof(float));
+          for (int t = 0; t < 2; ++t) {
+            const uint8_t* src = (t ? vb : kb) + j * stride;
+            float* dst = (t ? vf : kf) + j * D;
+            for (int dv = 0; dv < DV; ++dv) {
+              const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * dv));
+              _mm512_storeu_ps(dst + 16 * dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+            }
+          }
+          krow[j] = kf + j * D, vrow[j] = vf + j * D;
+        } else {
+          krow[j] = reinterpret_cast<const float*>(kb + j * stride);
+          vrow[j] = reinterpret_cast<const float*>(vb + j * stride);
         }
       }
-      for (int t = 0; t < pt; ++t)
-        for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(acc + (p0 + t) * D + 16 * dv, o[t][dv]);
+      // Scores and probabilities of this head's (row, query head) pairs: pj[pr] holds p (times V's scale,
+      // int8), 0 for positions the row does not see; corr[pr] rescales its accumulator (1 where the row sees
+      // nothing here).
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t a = std::max<int64_t>(lo[r] - start, 0), b = std::min<int64_t>(hi[r] - start + 1, n);
+        if (a >= b) {  // this row sees nothing of this block: its state is unchanged
+          for (int64_t g = 0; g < G; ++g) {
+            _mm512_store_ps(pj + (p_lo + r * G + g) * kBlock, _mm512_setzero_ps());
+            corr[p_lo + r * G + g] = 1.0f;
+          }
+          continue;
+        }
+        const __mmask16 seen = __mmask16(((1u << b) - 1) & ~((1u << a) - 1));
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t pr = p_lo + r * G + g;
+          __m512 qv[DV], dots[kBlock];
+          for (int dv = 0; dv < DV; ++dv) qv[dv] = _mm512_loadu_ps(qs + pr * D + 16 * dv);
+                    for (int j = 0; j < kBlock; ++j) {
+            if (j < n) {
+              dots[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(krow[j]));
+              for (int dv = 1; dv < DV; ++dv)
+                dots[j] = _mm512_fmadd_ps(qv[dv], _mm512_loadu_ps(krow[j] + 16 * dv), dots[j]);
+            } else {
+              dots[j] = _mm512_setzero_ps();
+            }
+          }
+          __m512 sv = sum16(dots);  // lane j: score of position start + j
+          if (Q8) sv = _mm512_mul_ps(sv, _mm512_load_ps(kscale));
+          sv = _mm512_mask_mov_ps(ninf, seen, sv);
+          if (pb.soft_cap > 0.0f) {
+            alignas(64) float t[kBlock];
+            _mm512_store_ps(t, sv);
+            for (int j = int(a); j < b; ++j) t[j] = pb.soft_cap * std::tanh(t[j] / pb.soft_cap);
+            sv = _mm512_load_ps(t);
+          }
+          const float m_new = std::max(m[pr], _mm512_mask_reduce_max_ps(seen, sv));
+          corr[pr] = std::exp(m[pr] - m_new);  // 0 when nothing was seen before (m = -inf)
+          const __m512 pv = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(m_new)));  // unseen lanes: exactly 0
+          l[pr] = l[pr] * corr[pr] + _mm512_reduce_add_ps(pv);
+          m[pr] = m_new;
+          _mm512_store_ps(pj + pr * kBlock, Q8 ? _mm512_mul_ps(pv, _mm512_load_ps(vscale)) : pv);
+        }
+      }
+      // acc = acc * corr + P . V, kPT pairs at a time: each V row is loaded once for all of them, and their
+      // kPT * DV accumulator chains are independent (one pair alone waits on a chain of n FMAs).
+      constexpr int kPT = DV >= 8 ? 2 : 4;
+      for (int64_t p0 = p_lo; p0 < p_lo + ph; p0 += kPT) {
+        const int pt = int(std::min<int64_t>(kPT, p_lo + ph - p0));
+        __m512 o[kPT][DV];
+        for (int t = 0; t < kPT; ++t) {
+          const __m512 cv = _mm512_set1_ps(t < pt ? corr[p0 + t] : 0.0f);
+          for (int dv = 0; dv < DV; ++dv)
+            o[t][dv] = t < pt ? _mm512_mul_ps(_mm512_loadu_ps(acc + (p0 + t) * D + 16 * dv), cv) : _mm512_setzero_ps();
+        }
+        const bool pf = p0 == p_lo;
+        for (int j = 0; j < std::max(n, pf ? nn : 0); ++j) {
+          if (pf && j < nn) prefetch_row(pb, nat + j * stride + hh * row_bytes, row_bytes);
+          if (j >= n) continue;
+          __m512 vv[DV];
+          for (int dv = 0; dv < DV; ++dv) vv[dv] = _mm512_loadu_ps(vrow[j] + 16 * dv);
+          for (int t = 0; t < kPT; ++t) {
+            if (t >= pt) break;
+            const __m512 pv = _mm512_set1_ps(pj[(p0 + t) * kBlock + j]);
+            for (int dv = 0; dv < DV; ++dv) o[t][dv] = _mm512_fmadd_ps(pv, vv[dv], o[t][dv]);
+          }
+        }
+        for (int t = 0; t < pt; ++t)
+          for (int dv = 0; dv < DV; ++dv) _mm512_storeu_ps(acc + (p0 + t) * D + 16 * dv, o[t][dv]);
+      }
     }
     start += n;
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t pr = r * G + g;
-      float* dst = pb.out + ((u.row0 + r) * pb.H + u.kv_head * G + g) * D;
-      const __m512 inv = _mm512_set1_ps(l[pr] > 0.0f ? 1.0f / l[pr] : 0.0f);
-      for (int dv = 0; dv < DV; ++dv)
-        _mm512_storeu_ps(dst + 16 * dv, _mm512_mul_ps(_mm512_loadu_ps(acc + pr * D + 16 * dv), inv));
-    }
+  for (int64_t hh = 0; hh < nh; ++hh)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t pr = hh * ph + r * G + g;
+        float* dst = pb.out + ((u.row0 + r) * pb.H + (u.kh0 + hh) * G + g) * D;
+        const __m512 inv = _mm512_set1_ps(l[pr] > 0.0f ? 1.0f / l[pr] : 0.0f);
+        for (int dv = 0; dv < DV; ++dv)
+          _mm512_storeu_ps(dst + 16 * dv, _mm512_mul_ps(_mm512_loadu_ps(acc + pr * D + 16 * dv), inv));
+      }
 }
 
 using UnitFn = void (*)(const Problem&, const Unit&);
@@ -403,6 +439,12 @@ ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   std::fill(pb.out, pb.out + T * pb.H * pb.D, 0.0f);
   thread_local std::vector<Unit> units;
   units.clear();
+  int64_t row_blocks = 0;
+  for (int32_t s = 0; s < ns; ++s) row_blocks += (std::max(pb.qsl[s + 1] - pb.qsl[s], 0) + kRows - 1) / kRows;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // A unit takes every KV head of its rows when there are enough units to go round (it then reads each page's
+  // rows contiguously, which the hardware prefetcher follows), else one head (more units for few sequences).
+  const int32_t hg = row_blocks >= 4 * threads ? int32_t(pb.Kh) : 1;
   for (int32_t s = 0; s < ns; ++s) {
     const int32_t r0 = pb.qsl[s], r1 = pb.qsl[s + 1];
     const int64_t kv_len = pb.kv_lens[s];
@@ -413,15 +455,14 @@ ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
       if (page < 0 || page >= pb.N) return ffi::Error::InvalidArgument("ragged_paged_attention: page id out of range");
     }
     for (int32_t r = r0; r < r1; r += kRows)
-      for (int32_t kh = 0; kh < pb.Kh; ++kh) units.push_back({s, kh, r, std::min(r + kRows, r1)});
+      for (int32_t kh = 0; kh < pb.Kh; kh += hg) units.push_back({s, kh, kh + hg, r, std::min(r + kRows, r1)});
   }
   const Unit* up = units.data();
-  const int64_t threads = units.size() < 2 ? 1 : std::max<int64_t>(1, pool.num_threads());
   UnitFn fn = q8 ? run_unit<true> : run_unit<false>;  // isa 1: the AVX2 units only (tests of the baseline)
   if (use_avx512(isa)) {
     if (UnitFn wide = q8 ? unit512<true>(pb.D) : unit512<false>(pb.D)) fn = wide;
   }
-  parallel_chunks(pool, int64_t(units.size()), threads, [pb, up, fn](int64_t c) { fn(pb, up[c]); });
+  parallel_chunks(pool, int64_t(units.size()), units.size() < 2 ? 1 : threads, [pb, up, fn](int64_t c) { fn(pb, up[c]); });
   return ffi::Error::Success();
 }
 
