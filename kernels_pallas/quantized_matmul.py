@@ -41,6 +41,12 @@ def f32_min_rows(isa: str = "auto") -> int:
     return NEVER if isa == "auto" and cpu_has_vnni() else F32_MIN_ROWS
 
 
+def quantizes_activations(m: int, backend: str = "auto", isa: str = "auto") -> bool:
+    """Whether quantized_matmul quantizes an x of m rows (below the f32 rule of the path it takes), as opposed
+    to dequantizing the weights and keeping x f32."""
+    return m < (f32_min_rows(isa) if resolve_backend(backend) == "cpu" else F32_MIN_ROWS)
+
+
 def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
     """Trace-time checks naming what is wrong; returns (M, K, N, four_bit)."""
     if x.ndim != 2:

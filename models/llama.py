@@ -22,7 +22,7 @@ from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
 from models.layers import apply_rope, rms_norm, rope_cos_sin
 from models.quant import (
-    HostQuantized, QuantizedWeight, at_layer, embed_lookup, is_quantized, linear, linear_many,
+    HostQuantized, QuantizedWeight, at_layer, embed_lookup, head_linear, is_quantized, linear, linear_many,
 )  # fmt: skip
 from models.sharding import MODEL, kv_heads_sharded
 
@@ -237,7 +237,7 @@ def compute_logits(params: LlamaParams, hidden: jax.Array, *, backend: str = "au
     """hidden: [N, E] -> f32[N, V]. Call it only on the rows that are sampled."""
     head = params.embed if params.lm_head is None else params.lm_head
     if is_quantized(head):  # [V, E] either way
-        return linear(hidden, head, backend=backend).astype(jnp.float32)
+        return head_linear(hidden, head, backend=backend)
     if params.lm_head is not None:
         logits = hidden @ params.lm_head
     else:

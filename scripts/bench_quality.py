@@ -13,7 +13,8 @@ tokenization, fed unchanged to every engine. They are scored in independent wind
 earlier tokens), fed --rows (8) rows per step: under 16 rows the quantized matmul quantizes activations, as in
 decode, so this is the W8A8 / W4A8 arithmetic a served stream sees. (On CPUs with AVX-512 VNNI activations are
 quantized at every row count, prefill too; elsewhere prefill chunks of 16+ rows keep x in f32:
-kernels_pallas.quantized_matmul.f32_min_rows.)
+kernels_pallas.quantized_matmul.f32_min_rows. The LM head takes its activations in two int8 terms wherever
+they are quantized: models.quant.head_linear.)
 llama.cpp (llama-cpp-python, if installed) evaluates the same windows with logits for every position.
 
 Greedy agreement: 32 fixed prompts (chat-templated), 32 greedy tokens each, per mode against fp32 ("none"):

@@ -197,3 +197,25 @@ def test_auto_requantizes_k_quants(tmp_path, qtype, mode):
     want = f.dequantize("t")
     step = q.scales.astype(np.float32).repeat(32, axis=-1)
     assert np.all(np.abs(host_dequantize(q) - want) <= 0.5 * step + 2e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("backend, rows", [("cpu", 1), ("cpu", 6), ("cpu", 40), ("reference", 3), ("reference", 10),
+                                           ("reference", 20)])  # fmt: skip
+def test_lm_head_splits_activations_in_two_int8_terms(backend, rows):
+    """head_linear: where the matmul quantizes x, x = x_q + r runs as 2M rows and the logits come within 1e-4
+    of their scale of the f64 product of the int8 weights, 10x closer than the plain quantized product (so the
+    test tells them apart); where the path keeps x f32 (the reference from 16 rows on; 2M >= 16 pads) it is
+    that product."""
+    from kernels_pallas.quantized_matmul import quantizes_activations
+    from models.quant import head_linear, linear, quantize_int8
+
+    rng = np.random.default_rng(rows)
+    w = quantize_int8(rng.standard_normal((96, 128)).astype(np.float32)).to_device()
+    x = rng.standard_normal((rows, 128)).astype(np.float32) * np.linspace(0.1, 3, 128, dtype=np.float32)
+    want = x.astype(np.float64) @ np.asarray(w.dequantize(), np.float64).T
+    got = np.asarray(jax.jit(lambda x: head_linear(x, w, backend=backend))(x))
+    plain = np.asarray(jax.jit(lambda x: linear(x, w, backend=backend))(x))
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-4 * scale
+    if quantizes_activations(rows, backend):
+        assert np.abs(plain - want).max() >= 10 * np.abs(got - want).max()
