@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
+from jaxserve.options import argparse_bytes as _bytes  # noqa: F401  (the size type of the server flags)
+from jaxserve.options import add_argparse_flags, engine_options_from_args
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -22,55 +23,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    from jaxserve.config import ATTENTION_BACKENDS, KV_CACHE_DTYPES
-    from models.config import QUANTIZATIONS
-
-    p.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="weights and activations (float32 is the fast path on CPUs without native bf16)")
-    p.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default="none",
-                   help="weights: int8 (W8A8) or int4 (W4A8) blocks of 32, auto keeps a GGUF file's own "
-                        "Q8_0/Q4_0/Q4_1 blocks, none is dense --dtype")
-    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
-                   help="kernels: auto picks the Pallas ones on TPU/GPU and the C++ ones on CPU; reference runs "
-                        "the pure-jnp kernels everywhere")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context length the KV cache holds (default: min(2048, the model's context))")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per KV cache page")
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="KV cache dtype (auto: the model's; int8: per-token, per-head scales, ~3.8x the tokens)")
-    p.add_argument("--kv-cache-memory", type=_bytes, default=None,
-                   help="bytes for the KV cache, e.g. 512MiB or 2GB (default: a fraction of free memory)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="devices one model copy is sharded over (must split the attention heads)")
-    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
-                   help="model copies, each with its own batch (needs tp x dp devices)")
-    p.add_argument("--multihost", action="store_true",
-                   help="one engine over every process's devices (jax.distributed; process 0 serves, the others "
-                        "follow its steps)")
-    p.add_argument("--coordinator-address", default=None,
-                   help="jax.distributed off TPU/SLURM: host:port of process 0 (with --num-processes, --process-id)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
-    p.add_argument("--compile-cache-dir", default=DEFAULT_CACHE_DIR,
-                   help="persistent XLA compilation cache ('' to disable)")
+def _add_engine_flags(p: argparse.ArgumentParser, *, batching: bool = False) -> None:
+    add_argparse_flags(p, batching=batching)
     p.add_argument("--quiet", action="store_true", help="no load/speed summary on stderr")
-
-
-def _bytes(text: str) -> int:
-    """'123', '512MiB', '2GB', '1.5G' -> bytes."""
-    units = {"": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-             "g": 10**9, "gb": 10**9, "gib": 2**30}  # fmt: skip
-    number = text.strip().rstrip("bBiIkKmMgG")
-    unit = text.strip()[len(number):].lower()
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 512MiB, 2GB)") from None
-    if not 0 < value < 2**50:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range")
-    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     _add_model_flags(chat)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    _add_engine_flags(serve)
+    _add_engine_flags(serve, batching=True)
     _add_server_flags(serve, port=8000)
     batch = sub.add_parser("batch", help="run a JSONL file through the engine (resumable; `batch merge` joins shards)")
     batch.add_argument("--input", required=True, help="JSONL: OpenAI batch lines or {id, prompt|messages, ...}")
@@ -96,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--flush-interval", type=float, default=1.0, help="seconds between fsyncs of the output")
     batch.add_argument("--served-model-name", default=None, help="the model name written in OpenAI-form outputs")
     batch.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="longest input line")
-    _add_engine_flags(batch)
-    _add_scheduler_flags(batch)
+    _add_engine_flags(batch, batching=True)
     merge = sub.add_parser("batch-merge", help=argparse.SUPPRESS)
     merge.add_argument("--input", required=True, help="the job's input (gives the order)")
     merge.add_argument("--output", required=True, help="the job's --output; its .shard-i-of-n files are joined")
@@ -106,17 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_scheduler_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences one step may hold")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens one step may process")
-    p.add_argument("--max-waiting-requests", type=int, default=1024,
-                   help="admission bound: a request beyond it is refused at once (429)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
-    p.add_argument("--seed", type=int, default=0, help="seeds requests that bring none")
-
-
 def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
-    _add_scheduler_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--served-model-name", default=None, help="the name clients use (default: the model's)")
@@ -142,19 +86,14 @@ CLI_BUCKETS = (1, 32, 128, 512)  # one interactive stream: few step shapes, so a
 
 
 def _load(args):
-    """An engine for one interactive stream (max_num_seqs 1)."""
+    """An engine for one interactive stream (max_num_seqs 1; the sampling --seed also seeds the engine)."""
     from jaxserve.llm import build_engine
 
     if args.multihost:
         _distributed(args)
-    return build_engine(
-        args.model, dtype=args.dtype, quantization=args.quantization, attention_backend=args.attention_backend,
-        max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, progress=True, quiet=args.quiet,
-        max_num_seqs=1, max_num_batched_tokens=CLI_BUCKETS[-1], multihost=args.multihost,
-        token_buckets=CLI_BUCKETS, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
-        kv_cache_memory=args.kv_cache_memory, seed=args.seed or 0, tensor_parallel_size=args.tensor_parallel_size,
-        data_parallel_size=args.data_parallel_size,
-    )
+    return build_engine(**engine_options_from_args(args, batching=False), progress=True, quiet=args.quiet,
+                        max_num_seqs=1, max_num_batched_tokens=CLI_BUCKETS[-1], token_buckets=CLI_BUCKETS,
+                        seed=args.seed or 0)  # fmt: skip
 
 
 def _stream(engine, prompt_ids, params, quiet: bool) -> str:
@@ -246,15 +185,7 @@ def _batching_engine(args):
     """The engine `serve` and `batch` run: continuous batching with the scheduler and mesh flags."""
     from jaxserve.llm import build_engine
 
-    return build_engine(
-        args.model, dtype=args.dtype, quantization=args.quantization, attention_backend=args.attention_backend,
-        max_model_len=args.max_model_len, compile_cache_dir=args.compile_cache_dir, quiet=args.quiet,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_waiting_requests=args.max_waiting_requests, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
-        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
-        multihost=args.multihost,
-    )  # fmt: skip
+    return build_engine(**engine_options_from_args(args, batching=True), quiet=args.quiet)
 
 
 def cmd_serve(args) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
+DEFAULT_COMPILE_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 MAX_PAGE_SIZE = 1024
 
@@ -139,3 +141,20 @@ class EngineConfig:
                                  f"{self.scheduler.max_num_batched_tokens}")  # fmt: skip
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"EngineConfig.seed={self.seed!r} must be an integer in [0, 2**63)")
+
+
+_BYTE_UNITS = {"": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+               "g": 10**9, "gb": 10**9, "gib": 2**30}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """'123', '512MiB', '2GB', '1.5G' -> bytes; ValueError otherwise."""
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number) :].lower()
+    try:
+        value = float(number) * _BYTE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"{text!r} is not a size in bytes (e.g. 512MiB, 2GB)") from None
+    if not 0 < value < 2**50:
+        raise ValueError(f"{text!r} is out of range")
+    return int(value)

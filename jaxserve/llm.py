@@ -13,11 +13,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jaxserve.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from jaxserve.config import DEFAULT_COMPILE_CACHE_DIR
+from jaxserve.options import engine_config
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling import SamplingParams
 
-DEFAULT_COMPILE_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
+__all__ = ["DEFAULT_COMPILE_CACHE_DIR", "LLM", "build_engine", "engine_config", "enable_compile_cache"]
 
 Prompt = str | dict | Sequence[int]
 
@@ -31,31 +32,11 @@ def enable_compile_cache(path: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def engine_config(*, max_model_len: int, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                  page_size: int = 16, kv_cache_dtype: str = "auto", kv_cache_memory: int | None = None,
-                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                  attention_backend: str = "auto", token_buckets: Sequence[int] | None = None,
-                  seed: int = 0, max_waiting_requests: int = 4096, tensor_parallel_size: int = 1,
-                  data_parallel_size: int = 1, multihost: bool = False) -> EngineConfig:  # fmt: skip
-    """Flat keyword options (vLLM's names) -> the engine's config tree."""
-    return EngineConfig(
-        cache=CacheConfig(page_size=page_size, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_cache_memory),
-        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                  max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill,
-                                  max_waiting_requests=max_waiting_requests),
-        enable_prefix_caching=enable_prefix_caching,
-        attention_backend=attention_backend,
-        token_buckets=None if token_buckets is None else tuple(token_buckets),
-        seed=seed,
-        parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
-                                multihost=multihost),
-    )  # fmt: skip
-
-
 def build_engine(model: str | None = None, *, dtype: str = "float32", quantization: str = "none",
                  max_model_len: int | None = None, compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
                  progress: bool = True, quiet: bool = False, **options):  # fmt: skip
-    """Load a model and start an engine on it (every bucket compiled before this returns)."""
+    """Load a model and start an engine on it (every bucket compiled before this returns). `options`: the
+    engine options of jaxserve.options.OPTIONS (and token_buckets, enable_chunked_prefill)."""
     from jaxserve.engine import LLMEngine
     from models.loader import load_model
 
@@ -85,7 +66,7 @@ def build_engine(model: str | None = None, *, dtype: str = "float32", quantizati
 
 
 class LLM:
-    """Offline generation over a continuously batched engine. Keyword options as `engine_config`."""
+    """Offline generation over a continuously batched engine. Keyword options: jaxserve.options.OPTIONS."""
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", quantization: str = "none",
                  max_model_len: int | None = None, compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,

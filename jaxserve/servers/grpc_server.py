@@ -368,63 +368,32 @@ async def serve(frontend: Frontend, host: str = "127.0.0.1", port: int = 0, *, d
 
 
 def define_flags(fv=None) -> None:
-    """The command line's flags (on absl's global FLAGS unless `fv` is given)."""
+    """The command line's flags (on absl's global FLAGS unless `fv` is given): the engine options of
+    jaxserve.options, and the server's own."""
     from absl import flags
 
-    from jaxserve.config import ATTENTION_BACKENDS, KV_CACHE_DTYPES
-    from jaxserve.llm import DEFAULT_COMPILE_CACHE_DIR
-    from models.config import QUANTIZATIONS
+    from jaxserve.options import define_absl_flags
 
     fv = flags.FLAGS if fv is None else fv
+    define_absl_flags(fv)
     text, integer, number = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
     for define, name, default, doc in [
-        (text, "model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct)"),
         (text, "model_name", None, "the name clients use (default: the model's)"),
         (text, "host", "127.0.0.1", "address to listen on"),
         (integer, "port", 50051, "port to listen on (0: any free one)"),
         (number, "drain_timeout", 30.0, "seconds in-flight requests get after SIGTERM"),
         (integer, "metrics_port", None, "Prometheus /metrics port (default: off)"),
         (number, "stall_timeout", 120.0, "seconds without engine progress before health turns NOT_SERVING"),
-        (integer, "max_model_len", None, "context length (default: min(2048, the model's))"),
-        (integer, "max_num_seqs", 64, "sequences per step"),
-        (integer, "max_num_batched_tokens", 512, "tokens per step"),
-        (integer, "max_waiting_requests", None, "waiting-queue bound (full -> RESOURCE_EXHAUSTED)"),
-        (integer, "page_size", 16, "tokens per KV cache page"),
-        (text, "kv_cache_memory", None, "KV cache bytes, e.g. 512MiB (default: part of free memory)"),
-        (flags.DEFINE_bool, "enable_prefix_caching", True, "reuse KV pages of shared prompt prefixes"),
-        (text, "compile_cache_dir", DEFAULT_COMPILE_CACHE_DIR, "persistent XLA cache ('' = off)"),
-        (integer, "seed", 0, "seeds requests that bring none"),
-        (integer, "tensor_parallel_size", 1, "devices one model copy is sharded over"),
-        (integer, "data_parallel_size", 1, "model copies, each with its own batch"),
-        (flags.DEFINE_bool, "multihost", False, "one engine over every process's devices (process 0 serves)"),
-        (text, "coordinator_address", None, "jax.distributed off TPU/SLURM: host:port of process 0"),
-        (integer, "num_processes", None, "jax.distributed: processes in all"),
-        (integer, "process_id", None, "jax.distributed: this process's id"),
     ]:  # fmt: skip
         define(name, default, doc, flag_values=fv)
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and activations", flag_values=fv)
-    flags.DEFINE_enum("quantization", "none", list(QUANTIZATIONS),
-                      "weights: int8 / int4 blocks of 32, auto = a GGUF file's own blocks", flag_values=fv)
-    flags.DEFINE_enum("attention_backend", "auto", list(ATTENTION_BACKENDS), "kernels (reference: the pure-jnp ones)",
-                      flag_values=fv)
-    flags.DEFINE_enum("kv_cache_dtype", "auto", list(KV_CACHE_DTYPES), "KV cache dtype", flag_values=fv)
 
 
 def engine_options_from_flags(fv) -> dict:
     """Parsed flags -> keyword arguments of jaxserve.llm.build_engine."""
-    from jaxserve.cli import _bytes
+    from jaxserve.options import engine_options_from_absl
 
-    names = ("dtype", "quantization", "attention_backend", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-             "page_size", "kv_cache_dtype", "enable_prefix_caching", "seed", "tensor_parallel_size", "data_parallel_size", "multihost")  # fmt: skip
-    options = {name: getattr(fv, name) for name in names}
-    options["compile_cache_dir"] = fv.compile_cache_dir or None
-    if fv.kv_cache_memory:
-        try:
-            options["kv_cache_memory"] = _bytes(fv.kv_cache_memory)
-        except Exception as e:  # argparse.ArgumentTypeError
-            raise ValueError(f"--kv_cache_memory: {e}") from None
-    if fv.max_waiting_requests is not None:
-        options["max_waiting_requests"] = fv.max_waiting_requests
+    options = engine_options_from_absl(fv)
+    options["compile_cache_dir"] = options["compile_cache_dir"] or None
     return options
 
 
@@ -444,7 +413,7 @@ def main(argv) -> None:
         raise app.UsageError(str(e)) from None
     if fv.multihost:
         initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
-    core = build_engine(fv.model, **options)
+    core = build_engine(**options)
     if follow_or_none(core) is None:  # processes other than 0 replay process 0's steps
         sys.exit(0)
     engine = AsyncEngine(core)
