@@ -22,14 +22,11 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from jaxserve.engine import LLMEngine
+from jaxserve.errors import EngineDeadError
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling import SamplingParams
 
 log = logging.getLogger("jaxserve.async_engine")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped on an error; no request can be served (HTTP 503 / UNAVAILABLE)."""
 
 
 class AsyncEngine:

@@ -20,12 +20,9 @@ import dataclasses
 from collections.abc import Sequence
 
 from jaxserve.config import SchedulerConfig
+from jaxserve.errors import QueueFullError
 from jaxserve.kv_cache.block_manager import BlockManager
 from jaxserve.request import Request, RequestStatus
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at max_waiting_requests (admission: HTTP 429 / RESOURCE_EXHAUSTED)."""
 
 
 @dataclasses.dataclass

@@ -1,8 +1,8 @@
 """Ragged paged attention on CPU: our C++ kernel (kernels_pallas/cpu/attention.cc) through XLA FFI.
 
 Same signature and semantics as `ragged_paged_attention_ref` (its oracle in tests): f32 q, f32 or int8 pages
-(kernels_pallas/kv_quant.py: dequantized as read), head_dim a multiple of 8. Anything else (bf16) runs the
-reference.
+(kernels_pallas/kv_quant.py: dequantized as read), head_dim a multiple of 8. Anything else (bf16) is refused here;
+the dispatcher (kernels_pallas.ragged_paged_attention, backend "cpu") sends it to the reference.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ def ragged_paged_attention_cpu(
     isa: str = "auto",  # "auto": AVX-512 where the CPU has it (head_dim 16..128); "avx2": the baseline kernel
 ) -> jax.Array:  # f32[T, num_q_heads, head_dim]
     if not cpu_kernel_supports(q, k_pages):
-        from kernels_pallas.ragged_paged_attention import ragged_paged_attention_ref
-
-        return ragged_paged_attention_ref(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs,
-                                          sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)  # fmt: skip
+        raise ValueError(f"ragged_paged_attention_cpu takes f32 q with f32 or int8 pages and head_dim a multiple of "
+                         f"8; got q {q.dtype} {q.shape}, pages {k_pages.dtype} (kernels_pallas.ragged_paged_attention "
+                         f"runs the reference for those)")  # fmt: skip
     from kernels_pallas.cpu import ensure_registered
 
     isa_attr = check_isa(isa)

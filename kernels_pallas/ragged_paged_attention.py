@@ -56,12 +56,13 @@ def ragged_paged_attention(
             sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
         )  # fmt: skip
     if backend == "cpu":
-        from kernels_pallas.cpu_attention import ragged_paged_attention_cpu
+        from kernels_pallas.cpu_attention import cpu_kernel_supports, ragged_paged_attention_cpu
 
-        return ragged_paged_attention_cpu(
-            q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
-            sliding_window=sliding_window, soft_cap=soft_cap,
-        )  # fmt: skip
+        if cpu_kernel_supports(q, k_pages):  # what it does not take (bf16) runs the reference below
+            return ragged_paged_attention_cpu(
+                q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
+                sliding_window=sliding_window, soft_cap=soft_cap,
+            )  # fmt: skip
     if backend == "pallas_gpu":
         from kernels_pallas.rpa_gpu import ragged_paged_attention_gpu
 

@@ -24,7 +24,7 @@ from models.layers import apply_rope, rms_norm, rope_cos_sin
 from models.quant import (
     HostQuantized, QuantizedWeight, at_layer, embed_lookup, head_linear, is_quantized, linear, linear_many,
 )  # fmt: skip
-from models.sharding import MODEL, kv_heads_sharded
+from models.mesh_axes import MODEL, kv_heads_sharded
 
 
 @jax.tree_util.register_dataclass

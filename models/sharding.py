@@ -23,9 +23,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.config import LlamaConfig
-
-MODEL = "model"  # the tensor-parallel mesh axis
-DATA = "data"  # the data-parallel mesh axis (replicas; each runs its own engine on its row of the mesh)
+from models.llama import LayerParams, LlamaParams
+from models.mesh_axes import DATA, MODEL, kv_heads_sharded  # noqa: F401  (re-exported)
+from models.quant import BLOCK, QuantizedWeight, is_quantized
 
 
 def check_tensor_parallel(cfg: LlamaConfig, tp: int) -> None:
@@ -40,15 +40,9 @@ def check_tensor_parallel(cfg: LlamaConfig, tp: int) -> None:
                          f"KV heads: one of {valid}")  # fmt: skip
 
 
-def kv_heads_sharded(cfg: LlamaConfig, tp: int) -> bool:
-    return cfg.num_kv_heads % tp == 0
-
-
 def param_specs(cfg: LlamaConfig, tp: int, params=None):
     """A LlamaParams of PartitionSpecs (None where a field is None). With `params`, quantized fields get a
     QuantizedWeight of specs (values, scales and mins split alike)."""
-    from models.llama import LayerParams, LlamaParams
-
     if tp == 1:
         col = row = kv_col = mlp_col = mlp_row = vocab_rows = vocab_cols = bias = kv_bias = P()
     else:
@@ -69,8 +63,6 @@ def param_specs(cfg: LlamaConfig, tp: int, params=None):
 
 def _quantized_specs(specs, params, tp: int):
     """Dense specs over [.., in, out] -> a QuantizedWeight of specs over its [.., out, in] arrays."""
-    from models.quant import BLOCK, QuantizedWeight, is_quantized
-
     def one(spec, leaf):
         if not is_quantized(leaf):
             return spec

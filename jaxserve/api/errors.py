@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxserve.errors import EngineDeadError, QueueFullError
+
 
 @dataclasses.dataclass(frozen=True)
 class ErrorKind:
@@ -73,13 +75,11 @@ def field_of(message: str) -> str | None:
 
 def to_api_error(exc: BaseException) -> APIError:
     """Map any exception from validation or the engine onto the table (unknown exceptions are bugs)."""
-    from jaxserve.scheduler import QueueFullError  # host-only module, no jax
-
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, QueueFullError):
         return APIError(ADMISSION, f"server busy: {exc}; retry later")
-    if type(exc).__name__ == "EngineDeadError":  # jaxserve.async_engine (imports jax; not imported here)
+    if isinstance(exc, EngineDeadError):
         return APIError(UNAVAILABLE, str(exc))
     if isinstance(exc, ValueError):  # the engine's and SamplingParams' own checks name their field first
         message = str(exc)

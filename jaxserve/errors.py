@@ -1,0 +1,12 @@
+"""The engine's own exceptions, in a leaf module (no jax): the API error mapping matches them by class without
+importing the engine."""
+
+from __future__ import annotations
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at max_waiting_requests (admission: HTTP 429 / RESOURCE_EXHAUSTED)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error; no request can be served (HTTP 503 / UNAVAILABLE)."""
