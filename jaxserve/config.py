@@ -1,4 +1,5 @@
-"""Engine settings as frozen dataclasses, validated once; CLI flags and server options map onto them."""
+"""Engine settings as frozen dataclasses, validated once. Their field defaults are the defaults of every front end:
+jaxserve.options derives the Python keywords, the argparse flags and the absl flags from them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ class CacheConfig:
     page_size: tokens per page. kv_cache_dtype: "auto" follows the model's dtype; "int8" keeps each token's K and V
     per KV head as int8 with an f32 scale beside it (kernels_pallas/kv_quant.py; ~3.8x the tokens of float32).
     kv_cache_memory: bytes for K and V pages of all layers; None -> kv_cache_memory_fraction of the memory the
-    device has free after the weights (the engine issue refines this with the compiled step's own needs).
+    device has free after the weights and the compiled step's scratch (jaxserve.kv_cache.pool.plan_kv_pool),
+    capped at what max_num_seqs full-length sequences can use.
     """
 
     page_size: int = 16

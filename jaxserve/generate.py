@@ -1,4 +1,6 @@
-"""Single-stream generation on one sequence's KV cache: what `jaxserve generate` and `chat` run on.
+"""Single-stream generation on one sequence's KV cache, with its own jitted step: the tests' and
+scripts/bench_quality.py's way to get a whole prompt's logits (`prompt_logits`). The CLI and every server run the
+engine (jaxserve.engine) instead; issue 14 moves what the tests need onto the engine and removes this module.
 
 The cache is the paged cache of `models.cache` holding one sequence whose block table is simply
 [1, 2, 3, ...] (page 0 is the null page); the step is the same ragged step the batching engine uses (one sequence, S = 1). Prompts are

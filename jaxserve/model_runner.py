@@ -170,6 +170,12 @@ class ModelRunner:
         cache = KVCache(jax.ShapeDtypeStruct(shape, kv_dtype), jax.ShapeDtypeStruct(shape, kv_dtype))
         return cache, inputs, st
 
+    def input_template(self, bucket: int) -> tuple[StepInputs, SamplingTensors]:
+        """Zero numpy inputs of one bucket's step, shaped as `prepare` makes them (what followers of a multihost
+        engine receive the leader's steps into)."""
+        _, inputs, st = self._specs(bucket, 2, self.pool.dtype)
+        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), (inputs, st))
+
     def _probe_temp_bytes(self, kv_dtype) -> int:
         """The largest bucket's scratch memory, from a compile with a small cache (the pool is not sized yet)."""
         cache, inputs, st = self._specs(self.buckets[-1], 2, kv_dtype)

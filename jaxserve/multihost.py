@@ -65,15 +65,11 @@ class StepChannel:
         self.runner = runner
         self.leader = jax.process_index() == 0
 
-    def _template(self, bucket: int):
-        _, inputs, st = self.runner._specs(bucket, 2, self.runner.pool.dtype)
-        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), (inputs, st))
-
     def warm_up(self) -> None:
         """Run (and so compile) the header and every bucket's input broadcast once, on every process."""
         for bucket in self.runner.buckets:
             broadcast_from_leader(np.array([STEP, bucket], np.int32))
-            broadcast_from_leader(self._template(bucket))
+            broadcast_from_leader(self.runner.input_template(bucket))
 
     def send(self, bucket: int, inputs, st) -> None:
         """Process 0, before it runs a step: tell the others which, and with what."""
@@ -93,6 +89,6 @@ class StepChannel:
             kind, bucket = (int(x) for x in broadcast_from_leader(np.zeros(2, np.int32)))
             if kind == STOP:
                 return steps
-            inputs, st = broadcast_from_leader(self._template(bucket))
+            inputs, st = broadcast_from_leader(self.runner.input_template(bucket))
             self.runner.run_compiled(bucket, inputs, st)
             steps += 1

@@ -5,7 +5,8 @@
 TPU: slot ids are scalar-prefetched to SMEM; each token's [num_kv_heads, head_dim] row is DMA'd from VMEM
 straight into its page in HBM (the pages never leave HBM). GPU (Triton): one program per token stores the row
 through a masked pointer (Triton blocks are powers of two, so the row is padded and masked). The reference is
-`kernels_pallas.ragged_paged_attention.write_kv` (an XLA scatter).
+`write_kv_ref` below (an XLA scatter), the path on CPU. int8 pages (kv_cache_dtype="int8") take the rows quantized
+first (kernels_pallas/kv_quant.py: int8 values and their f32 scale in one row), on the reference path only.
 """
 
 from __future__ import annotations

@@ -10,9 +10,12 @@ cached tokens (the new ones were written to the cache before attention), so the 
 length n sits at absolute position kv_lens[i] - n + j and attends causally to cache positions <= that.
 Cache position p of sequence i lives in page block_tables[i, p // page_size] at offset p % page_size.
 
+Pages are float, or int8 rows with their f32 scale in the last 4 bytes (kv_cache_dtype="int8",
+kernels_pallas/kv_quant.py), dequantized as they are read.
+
 This file holds the pure-jnp reference (the test oracle, and the path wherever no kernel applies). The Pallas TPU
-and GPU kernels (rpa_tpu.py, rpa_gpu.py) and the C++ CPU kernel (cpu_attention.py) sit behind the same
-`ragged_paged_attention` entry point.
+and GPU kernels (rpa_tpu.py, rpa_gpu.py; float pages only) and the C++ CPU kernel (cpu_attention.py; f32 queries,
+f32 or int8 pages: the default on CPU) sit behind the same `ragged_paged_attention` entry point.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test || exit 1
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"  # and the 15 slowest tests
 rc=$?
 if [ "$rc" -eq 5 ]; then  # pytest: no tests collected; not a failure of the code under test
   echo "no tests ran"

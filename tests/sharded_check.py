@@ -42,7 +42,8 @@ def layout(engine) -> dict:
             "wq": local(layers.wq), "wk": local(layers.wk), "wo": local(layers.wo), "w_down": local(layers.w_down),
             "embed": local(runner.params.embed), "kv": local(runner.cache.k),
             "wq_spec": str(getattr(layers.wq, "values", layers.wq).sharding),
-            "replicas": len(getattr(engine, "engines", [engine])), "memory": runner.describe_memory()}  # fmt: skip
+            "replicas": len(getattr(engine, "engines", [engine])), "memory": runner.describe_memory(),
+            "one_copy": all(e.model.params is e.runner.params for e in getattr(engine, "engines", [engine]))}  # fmt: skip
 
 
 def run(path: str, layouts, prompts, params, **options) -> dict:

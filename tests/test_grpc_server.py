@@ -405,11 +405,11 @@ def test_a_bug_ends_only_that_request_with_internal(srv, monkeypatch):
     def broken_output(*args):
         raise ValueError("output path bug")
 
-    srv.engine._on_token = broken_output  # a bug in the engine's per-request output path
+    srv.engine.outputs._add_tokens = broken_output  # a bug in the engine's per-request output path
     try:
         err = rpc_error(lambda: srv.stub.Complete(long_request(50)))
     finally:
-        del srv.engine._on_token
+        del srv.engine.outputs._add_tokens
     assert err.code() == Code.INTERNAL and "output path bug" in err.details(), err.details()
     wait_idle(srv.engine, srv.frontend)
     assert srv.frontend.engine.is_running

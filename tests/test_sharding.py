@@ -40,6 +40,7 @@ def test_tiny_model_tp_2_4_8_and_dp2_tp4_match_one_device():
         kv_local = c["kv_heads"] // tp if c["kv_heads"] % tp == 0 else c["kv_heads"]  # 8 > 4 KV heads: replicated
         assert lay["wk"][-1] == kv_local * c["head_dim"] and lay["kv"][3] == kv_local
         assert "'model'" in lay["wq_spec"]
+        assert lay["one_copy"], key  # the engine keeps the sharded params only, not the loaded ones too
     assert r["2x4"]["layout"]["replicas"] == 2
     # The servers' Frontend over 2 replicas x 2 devices: the same tokens; metrics sum the replicas' pages.
     assert r["served"]["tokens"] == base[0]

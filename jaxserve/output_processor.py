@@ -1,0 +1,176 @@
+"""Output processing: a step's new tokens per sequence -> RequestOutputs (vLLM v1's OutputProcessor).
+
+The engine hands over, per sequence the step sampled for, the list of its new tokens (one today; several once
+speculative decoding accepts a run) with the sampler-output row of each. Per token, in order: metrics, logprobs,
+detokenization and the stop strings; a stop string inside a run ends the sequence at that token (the tokens after
+it are dropped). Then the sequences of a request (n > 1) are gathered into one RequestOutput per request touched.
+The scheduler owns token ids, EOS, max_tokens and pages; this module only tells it (finish_request) when a stop
+string ended a sequence it still runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+from jaxserve.detokenizer import TextStream
+from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxserve.request import Request, RequestStatus
+from jaxserve.sampling import SamplerOutput, SamplingParams
+from models.tokenizer import Tokenizer
+
+log = logging.getLogger("jaxserve.output_processor")
+
+
+@dataclasses.dataclass
+class SequenceState:
+    request: Request  # the scheduler's
+    stream: TextStream
+    completion: CompletionOutput
+
+
+@dataclasses.dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    seqs: list[SequenceState]
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.completion.finish_reason is not None for s in self.seqs)
+
+
+@dataclasses.dataclass
+class SequenceTokens:
+    """One sequence's share of a step's result."""
+
+    request_id: str  # the sequence's (scheduler) id
+    token_ids: list[int]  # new tokens, in order
+    rows: list[int]  # the sampler-output row of each new token (its logprobs)
+    finished: bool  # the scheduler finished the sequence at its last new token (EOS, max_tokens, length)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, finish_request: Callable[[str, RequestStatus], None]):
+        """finish_request(sequence id, status): ends a sequence in the scheduler (a stop string)."""
+        self.tokenizer = tokenizer
+        self._finish_request = finish_request
+        self.requests: dict[str, RequestState] = {}
+        self.seqs: dict[str, tuple[RequestState, SequenceState]] = {}
+        self.num_generated_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def new_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                    metrics: RequestMetrics, requests: Sequence[Request]) -> RequestState:  # fmt: skip
+        """Track a request whose sequences (`requests`, the scheduler's) the caller queues."""
+        state = RequestState(request_id, prompt, prompt_token_ids, params, metrics, [])
+        for k, req in enumerate(requests):
+            stream = TextStream(self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens,
+                                include_stop_str_in_output=params.include_stop_str_in_output)  # fmt: skip
+            logprobs = [] if params.logprobs is not None else None
+            completion = CompletionOutput(k, "", [], 0.0 if logprobs is not None else None, logprobs)
+            state.seqs.append(SequenceState(req, stream, completion))
+        for seq in state.seqs:
+            self.seqs[seq.request.request_id] = (state, seq)
+        self.requests[request_id] = state
+        return state
+
+    def has_sequence(self, sequence_id: str) -> bool:
+        return sequence_id in self.seqs
+
+    def abort(self, request_id: str, now: float) -> RequestOutput | None:
+        """End a request now; its final output, or None when it is unknown or already finished."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        for seq in state.seqs:
+            if seq.completion.finish_reason is None:
+                self._finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
+                self._finish_seq(seq, "abort", "")
+        return self._emit(state, now)
+
+    # ---- a step's result ------------------------------------------------------------------------------------
+
+    def process(self, new: Sequence[SequenceTokens], out: SamplerOutput, now: float) -> list[RequestOutput]:
+        """One RequestOutput per request a sequence of `new` belongs to."""
+        touched: dict[str, RequestState] = {}
+        for item in new:
+            state, seq = self.seqs[item.request_id]
+            try:
+                self._add_tokens(state, seq, item, out, now)
+            except Exception as e:  # a bug in one request's output path ends that request, not the engine
+                log.exception("request %s failed", state.request_id)
+                state.error = f"internal error: {type(e).__name__}: {e}"
+                if seq.completion.finish_reason is None:
+                    self._finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
+                    self._finish_seq(seq, "abort", "")
+            touched[state.request_id] = state
+        return [self._emit(state, now) for state in touched.values()]
+
+    def _add_tokens(self, state: RequestState, seq: SequenceState, item: SequenceTokens, out: SamplerOutput,
+                    now: float) -> None:  # fmt: skip
+        comp, req, metrics = seq.completion, seq.request, state.metrics
+        finished = False
+        for i, (token, row) in enumerate(zip(item.token_ids, item.rows, strict=True)):
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            metrics.num_generated_tokens += 1
+            self.num_generated_tokens += 1
+            comp.token_ids.append(token)
+            comp.delta_token_ids.append(token)
+            if comp.logprobs is not None:
+                self._add_logprobs(comp, token, out, row, state.params.logprobs)
+            delta, stop = seq.stream.add(token)
+            comp.text += delta
+            comp.delta_text += delta
+            if stop is not None:  # ends the sequence here, whatever the run's later tokens were
+                if not req.status.is_finished:  # the scheduler still runs it
+                    self._finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+                req.stop_reason = stop
+                req.status = RequestStatus.FINISHED_STOPPED
+                finished = True
+                break
+            finished = item.finished and i == len(item.token_ids) - 1
+        if finished:
+            self._finish_seq(seq, req.status.finish_reason or "stop", seq.stream.finish())
+
+    def _add_logprobs(self, comp: CompletionOutput, token: int, out: SamplerOutput, row: int, num_top: int) -> None:
+        entry = {token: Logprob(float(out.logprobs[row]), int(out.ranks[row]), self._piece(token))}
+        for rank, (tid, lp) in enumerate(zip(out.top_ids[row, :num_top], out.top_logprobs[row, :num_top])):
+            entry.setdefault(int(tid), Logprob(float(lp), rank + 1, self._piece(int(tid))))
+        comp.logprobs.append(entry)
+        comp.cumulative_logprob += float(out.logprobs[row])
+
+    def _piece(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _finish_seq(self, seq: SequenceState, reason: str, tail: str) -> None:
+        comp = seq.completion
+        comp.text += tail
+        comp.delta_text += tail
+        comp.finish_reason = reason
+        comp.stop_reason = seq.request.stop_reason
+
+    def _emit(self, state: RequestState, now: float) -> RequestOutput:
+        outputs = []
+        for seq in state.seqs:
+            comp = seq.completion
+            outputs.append(dataclasses.replace(comp, token_ids=list(comp.token_ids),
+                                               logprobs=None if comp.logprobs is None else list(comp.logprobs)))  # fmt: skip
+            comp.delta_text, comp.delta_token_ids = "", []
+        finished = state.finished
+        if finished:
+            state.metrics.finished_time = now
+            del self.requests[state.request_id]
+            for seq in state.seqs:
+                self.seqs.pop(seq.request.request_id, None)
+        cached = max(0, state.seqs[0].request.num_cached_tokens)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, finished,
+                             dataclasses.replace(state.metrics), cached, state.error)  # fmt: skip
