@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from jaxserve.engine import LLMEngine
+from jaxserve.engine_api import Engine, EngineStats, ModelCard
 from jaxserve.errors import EngineDeadError
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling import SamplingParams
@@ -30,7 +30,7 @@ log = logging.getLogger("jaxserve.async_engine")
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: Engine):
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -52,6 +52,14 @@ class AsyncEngine:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def model_card(self) -> ModelCard:
+        return self.engine.model_card()
+
+    def stats(self) -> EngineStats:
+        """The engine's counters, read from the caller's thread while the loop runs (plain ints: a moment's
+        values, each consistent on its own)."""
+        return self.engine.stats()
 
     @property
     def is_running(self) -> bool:

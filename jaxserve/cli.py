@@ -245,7 +245,7 @@ def cmd_batch(args) -> int:
     engine = _batching_engine(args)
     job = BatchJob(engine, args.input, args.output, shard=(index, count),
                    limits=Limits(max_body_bytes=args.max_body_bytes), flush_interval=args.flush_interval,
-                   model_name=args.served_model_name or default_model_name(engine.model.path),
+                   model_name=args.served_model_name or default_model_name(engine.model_card().path),
                    progress=not args.quiet)  # fmt: skip
     summary = job.run()
     errors_path = errors_path_for(shard_path(args.output, index, count))

@@ -21,6 +21,7 @@ from jaxserve.api.validation import (  # noqa: F401  (PromptTooLongError: re-exp
     PromptTooLongError, check_priority, check_prompt_tokens, check_request_id,
 )  # fmt: skip
 from jaxserve.config import EngineConfig
+from jaxserve.engine_api import EngineStats, ModelCard
 from jaxserve.kv_cache.block_manager import BlockManager
 from jaxserve.model_runner import ModelRunner
 from jaxserve.output_processor import OutputProcessor, SequenceTokens
@@ -128,6 +129,34 @@ class LLMEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.outputs.requests)
+
+    # ---- what the servers read (jaxserve.engine_api.Engine) -----------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        bm, sched = self.block_manager, self.scheduler
+        compiles, cache_hits = self.runner.counter.snapshot()
+        return EngineStats(
+            num_waiting=len(sched.waiting), num_running=len(sched.running),
+            kv_pages_in_use=bm.num_usable_pages - bm.num_free_pages, kv_pages_total=bm.num_usable_pages,
+            prefix_cache_queries=bm.num_queried_tokens, prefix_cache_hits=bm.num_hit_tokens,
+            num_preemptions=sched.num_preemptions, prompt_tokens=self.num_prompt_tokens,
+            generation_tokens=self.num_generated_tokens, steps=self.num_steps, compilations=compiles,
+            compilation_cache_hits=cache_hits, compilations_since_warmup=self.runner.compiles_since_warmup,
+        )  # fmt: skip
+
+    def model_card(self) -> ModelCard:
+        cfg, sched = self.model.config, self.config.scheduler
+        return ModelCard(
+            path=self.model.path, max_model_len=self.max_model_len, vocab_size=cfg.vocab_size,
+            dtype=str(self.model.dtype), num_parameters=int(cfg.num_params), max_num_seqs=sched.max_num_seqs,
+            max_num_batched_tokens=sched.max_num_batched_tokens, page_size=self.config.cache.page_size,
+            num_kv_pages=self.runner.pool.num_pages, has_chat_template=bool(self.tokenizer.chat_template),
+            max_waiting_requests=sched.max_waiting_requests,
+        )  # fmt: skip
+
+    @property
+    def step_channel(self):
+        return self.runner.channel
 
     # ---- one step -------------------------------------------------------------------------------------------
 

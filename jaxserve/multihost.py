@@ -31,7 +31,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def _channel(engine) -> StepChannel | None:
-    return getattr(getattr(engine, "runner", None), "channel", None)
+    return engine.step_channel
 
 
 def follow_or_none(engine):

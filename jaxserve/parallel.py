@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxserve.config import ParallelConfig
+from jaxserve.engine_api import EngineStats, ModelCard
 from models.sharding import DATA, MODEL
 
 
@@ -110,6 +111,19 @@ class DataParallelEngine:
             if out.finished:
                 self._owner.pop(out.request_id, None)
         return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats.total([e.stats() for e in self.engines])
+
+    def model_card(self) -> ModelCard:
+        card = self.engines[0].model_card()
+        return dataclasses.replace(card, num_kv_pages=sum(e.model_card().num_kv_pages for e in self.engines),
+                                   max_waiting_requests=sum(e.model_card().max_waiting_requests
+                                                            for e in self.engines))  # fmt: skip
+
+    @property
+    def step_channel(self):
+        return None  # data parallel spans one process (ParallelConfig refuses it with multihost)
 
     @property
     def runner(self):

@@ -32,15 +32,14 @@ class Frontend:
         """engine: a started AsyncEngine (so warm: every bucket compiled). stall_timeout: seconds the engine may
         hold work without finishing a step before the server reports not ready."""
         self.engine = engine
-        core = engine.engine
-        self.core = core
-        self.tokenizer = core.tokenizer
-        self.model_name = model_name or default_model_name(core.model.path)
-        self.max_model_len = core.max_model_len
-        self.vocab_size = core.model.config.vocab_size
+        self.card = engine.model_card()
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name or default_model_name(self.card.path)
+        self.max_model_len = self.card.max_model_len
+        self.vocab_size = self.card.vocab_size
         self.limits = limits
         self.stall_timeout = stall_timeout
-        self.metrics = ServerMetrics(core, self.model_name)
+        self.metrics = ServerMetrics(engine, self.model_name)
         self.draining = False
         self._inflight: dict[object, asyncio.Task | None] = {}
         self._started = time.time()
@@ -68,10 +67,10 @@ class Frontend:
                                       f"{self.model_name!r})", "model")  # fmt: skip
 
     def model_card(self) -> dict:
-        cfg = self.core.model.config
-        return {"id": self.model_name, "max_model_len": self.max_model_len, "vocab_size": cfg.vocab_size,
-                "dtype": self.core.model.dtype, "architecture": "llama", "created": int(self._started),
-                "num_parameters": int(cfg.num_params)}  # fmt: skip
+        card = self.card
+        return {"id": self.model_name, "max_model_len": self.max_model_len, "vocab_size": card.vocab_size,
+                "dtype": card.dtype, "architecture": "llama", "created": int(self._started),
+                "num_parameters": card.num_parameters}  # fmt: skip
 
     # ---- requests ---------------------------------------------------------------------------------------------
 

@@ -213,12 +213,10 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
     async def ModelInfo(self, request, context):
         async def body():
             self.frontend.check_model(request.model or None)
-            core = self.frontend.core
+            card = self.frontend.card
             return pb.ModelInfoResponse(
-                model=self._card(), max_num_seqs=core.config.scheduler.max_num_seqs,
-                max_num_batched_tokens=core.config.scheduler.max_num_batched_tokens,
-                page_size=core.config.cache.page_size, num_kv_pages=core.runner.pool.num_pages,
-                has_chat_template=bool(core.tokenizer.chat_template))  # fmt: skip
+                model=self._card(), max_num_seqs=card.max_num_seqs, max_num_batched_tokens=card.max_num_batched_tokens,
+                page_size=card.page_size, num_kv_pages=card.num_kv_pages, has_chat_template=card.has_chat_template)
 
         return await self._run(request, context, body)
 

@@ -18,7 +18,7 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
 
 class ServerMetrics:
     def __init__(self, engine, model_name: str = "", registry: CollectorRegistry | None = None):
-        """engine: an LLMEngine (read at scrape time)."""
+        """engine: a jaxserve.engine_api.Engine (its stats() are read at scrape time)."""
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("jaxserve_requests", "Requests that ended, by outcome", ["outcome"], registry=r)
@@ -59,15 +59,7 @@ class _EngineCollector:
         return []  # collected lazily; nothing to check at registration
 
     def collect(self):
-        replicas = getattr(self.engine, "engines", [self.engine])  # data parallel: summed over replicas
-        runner = replicas[0].runner
-        compiles, cache_hits = runner.counter.snapshot()  # (process-wide)
-
-        def total(get):
-            return sum(get(e) for e in replicas)
-
-        queried = total(lambda e: e.block_manager.num_queried_tokens)
-        hits = total(lambda e: e.block_manager.num_hit_tokens)
+        st = self.engine.stats()  # data parallel: summed over the replicas
 
         def gauge(name, doc, value):
             g = GaugeMetricFamily(name, doc)
@@ -82,25 +74,23 @@ class _EngineCollector:
         info = GaugeMetricFamily("jaxserve_model_info", "The served model (value 1)", labels=["model"])
         info.add_metric([self.model_name], 1)
         yield info
-        yield gauge("jaxserve_num_requests_waiting", "Sequences in the waiting queue",
-                    total(lambda e: len(e.scheduler.waiting)))  # fmt: skip
-        yield gauge("jaxserve_num_requests_running", "Sequences holding KV pages",
-                    total(lambda e: len(e.scheduler.running)))  # fmt: skip
-        yield gauge("jaxserve_kv_pages_in_use", "KV cache pages referenced by a request",
-                    total(lambda e: e.block_manager.num_usable_pages - e.block_manager.num_free_pages))  # fmt: skip
-        yield gauge("jaxserve_kv_pages_total", "Usable KV cache pages",
-                    total(lambda e: e.block_manager.num_usable_pages))  # fmt: skip
+        yield gauge("jaxserve_num_requests_waiting", "Sequences in the waiting queue", st.num_waiting)
+        yield gauge("jaxserve_num_requests_running", "Sequences holding KV pages", st.num_running)
+        yield gauge("jaxserve_kv_pages_in_use", "KV cache pages referenced by a request", st.kv_pages_in_use)
+        yield gauge("jaxserve_kv_pages_total", "Usable KV cache pages", st.kv_pages_total)
+        queried, hits = st.prefix_cache_queries, st.prefix_cache_hits
         yield gauge("jaxserve_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
                     hits / queried if queried else 0.0)  # fmt: skip
         yield counter("jaxserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queried)
         yield counter("jaxserve_prefix_cache_hits", "Prompt tokens found in the prefix cache", hits)
         yield counter("jaxserve_num_preemptions", "Sequences preempted (recomputed later) for lack of pages",
-                      total(lambda e: e.scheduler.num_preemptions))  # fmt: skip
-        yield counter("jaxserve_prompt_tokens", "Prompt tokens admitted", total(lambda e: e.num_prompt_tokens))
-        yield counter("jaxserve_generation_tokens", "Tokens generated", total(lambda e: e.num_generated_tokens))
-        yield counter("jaxserve_engine_steps", "Engine steps run", total(lambda e: e.num_steps))
+                      st.num_preemptions)  # fmt: skip
+        yield counter("jaxserve_prompt_tokens", "Prompt tokens admitted", st.prompt_tokens)
+        yield counter("jaxserve_generation_tokens", "Tokens generated", st.generation_tokens)
+        yield counter("jaxserve_engine_steps", "Engine steps run", st.steps)
         yield counter("jaxserve_compilations", "XLA compilations in this process (persistent-cache loads too)",
-                      compiles)  # fmt: skip
-        yield counter("jaxserve_compilation_cache_hits", "Compilations served by the persistent cache", cache_hits)
+                      st.compilations)  # fmt: skip
+        yield counter("jaxserve_compilation_cache_hits", "Compilations served by the persistent cache",
+                      st.compilation_cache_hits)  # fmt: skip
         yield gauge("jaxserve_compilations_since_warmup", "Compilations after warm-up (0 in a healthy server)",
-                    runner.compiles_since_warmup)  # fmt: skip
+                    st.compilations_since_warmup)  # fmt: skip

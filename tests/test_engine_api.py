@@ -1,0 +1,107 @@
+"""The one engine interface (jaxserve.engine_api.Engine): every engine implements it, and the HTTP and gRPC
+servers, the batch job and the metrics run over the fake engine (tests/fake_engine.py), whose outputs are
+computed here by hand, without a model or a compile."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import grpc
+import openai
+import pytest
+
+from jaxserve.async_engine import AsyncEngine
+from jaxserve.batch import BatchJob
+from jaxserve.engine import LLMEngine
+from jaxserve.engine_api import Engine, EngineStats
+from jaxserve.parallel import DataParallelEngine
+from jaxserve.servers import grpc_server, http_server
+from jaxserve.servers.frontend import Frontend
+from jaxserve.v1 import jaxserve_pb2 as pb
+from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
+from models.tokenizer import Tokenizer
+from tests.fake_engine import FakeEngine, echo_token
+from tests.serving import LoopThread
+
+MEMBERS = ("tokenize", "check_prompt", "add_request", "abort_request", "step", "has_unfinished_requests",
+           "waiting_room", "stats", "model_card", "step_channel", "tokenizer", "max_model_len")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tok(gguf_path) -> Tokenizer:
+    from models.gguf_loader import GGUFFile
+
+    return Tokenizer.from_gguf_metadata(GGUFFile(gguf_path).tokenizer_metadata())
+
+
+def echo_text(tok, prompt: str, n_tokens: int, k: int = 0) -> str:
+    ids = tok.encode(prompt)
+    return tok.decode([echo_token(ids, k, i) for i in range(n_tokens)])
+
+
+def test_every_engine_implements_the_interface(tok):
+    assert isinstance(FakeEngine(tok), Engine)
+    for cls in (LLMEngine, DataParallelEngine):  # (instances need a model: the class must define every member)
+        missing = [m for m in MEMBERS if m not in ("tokenizer", "max_model_len") and not hasattr(cls, m)]
+        assert not missing, (cls.__name__, missing)
+    a = EngineStats(*range(13))
+    total = EngineStats.total([a, a])
+    assert total.num_waiting == 0 and total.num_running == 2 and total.steps == 18  # replicas add up
+    assert total.compilations == a.compilations  # process-wide counters do not
+
+
+@pytest.fixture(scope="module")
+def served(tok):
+    engine = FakeEngine(tok)
+    async_engine = AsyncEngine(engine)
+    frontend = Frontend(async_engine, model_name="fake")
+    loop = LoopThread()
+    runner, port = loop.run(http_server.start(frontend))
+    server, gport, _ = loop.run(grpc_server.build_server(frontend))
+    yield engine, port, gport
+    loop.run(runner.cleanup())
+    loop.run(server.stop(0))
+    async_engine.shutdown()
+    loop.close()
+
+
+def test_http_over_the_fake_engine(tok, served):
+    engine, port, _ = served
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    r = client.completions.create(model="fake", prompt="The sky is blue", max_tokens=6, n=2)
+    assert [c.text for c in r.choices] == [echo_text(tok, "The sky is blue", 6, k) for k in (0, 1)]
+    assert all(c.finish_reason == "length" for c in r.choices) and r.usage.completion_tokens == 12
+    stream = client.completions.create(model="fake", prompt="Hello world", max_tokens=5, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == echo_text(tok, "Hello world", 5)
+    # a stop string inside the echo: the text ends before it
+    r = client.completions.create(model="fake", prompt="one two three", max_tokens=20, stop=["three"])
+    assert r.choices[0].text == echo_text(tok, "one two three", 20).split("three")[0]
+    assert r.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="fake", prompt="x", max_tokens=10_000)
+    assert "max_tokens" in str(e.value)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    generated = [line for line in metrics.splitlines() if line.startswith("jaxserve_generation_tokens_total ")]
+    assert generated and float(generated[0].split()[1]) == engine.outputs.num_generated_tokens > 0
+
+
+def test_grpc_over_the_fake_engine(tok, served):
+    _, _, gport = served
+    with grpc.insecure_channel(f"127.0.0.1:{gport}") as channel:
+        stub = pb_grpc.JaxServeStub(channel)
+        out = stub.Complete(pb.GenerateRequest(text="Hello world", sampling=pb.SamplingParams(max_tokens=4)))
+        assert out.outputs[0].text == echo_text(tok, "Hello world", 4)
+        info = stub.ModelInfo(pb.ModelInfoRequest())
+        assert info.model.id == "fake" and info.max_num_seqs == 8 and info.num_kv_pages == 8
+
+
+def test_batch_job_over_the_fake_engine(tok, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompts = {"a": "first prompt", "b": "the second one"}
+    src.write_text("".join(json.dumps({"id": k, "prompt": p, "max_tokens": 3}) + "\n" for k, p in prompts.items()))
+    summary = BatchJob(FakeEngine(tok), str(src), str(dst), model_name="fake", progress=False).run()
+    got = {r["id"]: r for r in map(json.loads, dst.read_text().splitlines())}
+    assert set(got) == set(prompts), summary.describe()
+    for k, p in prompts.items():
+        assert json.dumps(got[k]).count(json.dumps(echo_text(tok, p, 3))[1:-1]) == 1, got[k]
