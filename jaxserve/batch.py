@@ -105,7 +105,10 @@ def _parse_openai(body: dict, line: int, limits: Limits, max_model_len: int) -> 
     if req_body.get("stream"):
         raise ValidationError("body.stream", "streaming is not supported in a batch")
     chat = OPENAI_URLS[url]
-    parsed = parse_chat(req_body, limits) if chat else parse_completion(req_body, limits, max_prompt_tokens=max_model_len)
+    if chat:
+        parsed = parse_chat(req_body, limits)
+    else:
+        parsed = parse_completion(req_body, limits, max_prompt_tokens=max_model_len)
     if parsed.more:
         raise ValidationError("prompt", "one prompt per batch line (a list of prompts is several lines)")
     want_ids = req_body.get("return_token_ids", False)
@@ -238,7 +241,7 @@ def output_record(item: Item, out, model: str) -> dict:
             for choice, comp in zip(body["choices"], out.outputs):
                 choice["token_ids"] = list(comp.token_ids)
         return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": item.key,
-                "response": {"status_code": 200, "request_id": f"batch-{item.key}", "body": body}, "error": None}  # fmt: skip
+                "response": {"status_code": 200, "request_id": f"batch-{item.key}", "body": body}, "error": None}
     first = out.outputs[0]
     record = {"id": item.key, "text": first.text, "finish_reason": first.finish_reason, "usage": usage(out)}
     if item.return_token_ids:
@@ -254,7 +257,7 @@ def error_record(line: int, key: str | None, err: APIError, openai: bool) -> dic
     error = {"message": err.message, "param": err.field, "type": err.kind.openai_type}
     if openai:
         return {"line": line, "id": f"batch_req_{uuid.uuid4().hex}", "custom_id": key,
-                "response": {"status_code": err.kind.http_status, "body": {"error": error}}, "error": error}  # fmt: skip
+                "response": {"status_code": err.kind.http_status, "body": {"error": error}}, "error": error}
     return {"line": line, "id": key, "error": error}
 
 

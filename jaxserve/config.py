@@ -34,7 +34,8 @@ class CacheConfig:
             raise ValueError(f"CacheConfig.page_size={self.page_size} must be a power of two")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"CacheConfig.kv_cache_dtype={self.kv_cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
-        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0):
+        memory = self.kv_cache_memory
+        if memory is not None and (not isinstance(memory, int) or memory <= 0):
             raise ValueError(f"CacheConfig.kv_cache_memory={self.kv_cache_memory!r} must be a positive number of bytes")
         if not 0 < self.kv_cache_memory_fraction <= 0.95:
             raise ValueError(

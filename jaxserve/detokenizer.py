@@ -87,7 +87,10 @@ class TextStream:
                 self.text = self.text[: i + len(s) if self.include_stop else i]
                 self.stopped = s
                 final = True
-        release = len(self.text) if final or not self._longest else max(self._emitted, len(self.text) - self._longest + 1)
+        if final or not self._longest:
+            release = len(self.text)
+        else:
+            release = max(self._emitted, len(self.text) - self._longest + 1)
         delta = self.text[self._emitted : release]
         self._emitted = release
         return delta, self.stopped

@@ -58,7 +58,7 @@ class LLMEngine:
             model = dataclasses.replace(model, params=self.runner.params)  # unsharded ones (freed with the caller's)
         self.model = model
         self.block_manager = BlockManager(self.runner.pool.num_pages, config.cache.page_size,
-                                          model_id=model.path, enable_prefix_caching=config.enable_prefix_caching)  # fmt: skip
+                                          model_id=model.path, enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._rng = np.random.default_rng(config.seed)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)

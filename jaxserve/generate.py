@@ -3,9 +3,9 @@ scripts/bench_quality.py's way to get a whole prompt's logits (`prompt_logits`).
 engine (jaxserve.engine) instead; issue 14 moves what the tests need onto the engine and removes this module.
 
 The cache is the paged cache of `models.cache` holding one sequence whose block table is simply
-[1, 2, 3, ...] (page 0 is the null page); the step is the same ragged step the batching engine uses (one sequence, S = 1). Prompts are
-prefilled in chunks, then one token per step is decoded. Shapes are bucketed (token count, and block-table
-width so attention only visits the pages in use) and each bucket compiles once.
+[1, 2, 3, ...] (page 0 is the null page); the step is the same ragged step the batching engine uses (one
+sequence, S = 1). Prompts are prefilled in chunks, then one token per step is decoded. Shapes are bucketed
+(token count, and block-table width so attention only visits the pages in use) and each bucket compiles once.
 """
 
 from __future__ import annotations

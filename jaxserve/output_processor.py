@@ -163,7 +163,7 @@ class OutputProcessor:
         for seq in state.seqs:
             comp = seq.completion
             outputs.append(dataclasses.replace(comp, token_ids=list(comp.token_ids),
-                                               logprobs=None if comp.logprobs is None else list(comp.logprobs)))  # fmt: skip
+                                               logprobs=None if comp.logprobs is None else list(comp.logprobs)))
             comp.delta_text, comp.delta_token_ids = "", []
         finished = state.finished
         if finished:

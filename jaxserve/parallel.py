@@ -93,7 +93,7 @@ class DataParallelEngine:
         # The least loaded replica that has room (ties: round robin).
         turn = next(self._turn)
         order = sorted(range(len(self.engines)),
-                       key=lambda i: (self.engines[i].num_unfinished_requests, (i - turn) % len(self.engines)))  # fmt: skip
+                       key=lambda i: (self.engines[i].num_unfinished_requests, (i - turn) % len(self.engines)))
         engine = next((self.engines[i] for i in order if self.engines[i].waiting_room >= n), self.engines[order[0]])
         engine.add_request(request_id, prompt, params, **kw)
         self._owner[request_id] = engine

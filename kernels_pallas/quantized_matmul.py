@@ -53,7 +53,8 @@ def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
         raise ValueError(f"x must be [M, K]; got shape {x.shape}")
     m, k = x.shape
     if values.ndim not in (2, 3) or scales.ndim != values.ndim:
-        raise ValueError(f"values must be [(L,) N, Kv] and scales [(L,) N, G] alike; got {values.shape}, {scales.shape}")
+        raise ValueError(f"values must be [(L,) N, Kv] and scales [(L,) N, G] alike; got {values.shape}, "
+                         f"{scales.shape}")
     if (values.ndim == 3) != (layer is not None):
         raise ValueError("stacked values [L, N, Kv] need a layer index, and only they take one")
     four_bit = values.dtype == jnp.uint8
@@ -61,14 +62,16 @@ def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
         raise ValueError(f"values must be int8 (8-bit) or uint8 (packed 4-bit); got {values.dtype}")
     n, kv = values.shape[-2:]
     if k % BLOCK or kv != (k // 2 if four_bit else k):
-        raise ValueError(f"x has K={k} but values {values.shape} ({values.dtype}) imply K={kv * (2 if four_bit else 1)}; "
-                         f"K must be a multiple of {BLOCK}")  # fmt: skip
+        implied = kv * (2 if four_bit else 1)
+        raise ValueError(f"x has K={k} but values {values.shape} ({values.dtype}) imply K={implied}; "
+                         f"K must be a multiple of {BLOCK}")
     g = scales.shape[-1]
     if scales.shape[:-1] != values.shape[:-1] or g < 1 or k % g or (k // g) % BLOCK:
         raise ValueError(f"scales {scales.shape} must be [(L,) N, K / group] with the group a multiple of {BLOCK}")
     if scales.dtype != jnp.float16:
         raise ValueError(f"scales must be float16; got {scales.dtype}")
-    if four_bit != (mins is not None) or (mins is not None and (mins.shape != scales.shape or mins.dtype != jnp.float16)):
+    bad_mins = mins is not None and (mins.shape != scales.shape or mins.dtype != jnp.float16)
+    if four_bit != (mins is not None) or bad_mins:
         raise ValueError("4-bit weights need f16 mins shaped like the scales; int8 weights take none")
     if layer is not None and (jnp.shape(layer) != () or jnp.result_type(layer) != jnp.int32):
         raise ValueError(f"layer must be an i32 scalar; got {jnp.shape(layer)} {jnp.result_type(layer)}")
@@ -85,7 +88,8 @@ def check_isa(isa: str) -> int:
     return ISAS[isa]
 
 
-def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str = "auto", isa: str = "auto") -> jax.Array:
+def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str = "auto",
+                     isa: str = "auto") -> jax.Array:  # fmt: skip
     """x [M, K] . dequantized(values)^T -> f32[M, N]. See the module docstring for the layouts.
 
     isa (CPU kernel): "auto" uses the CPU's AVX-512 / AVX-512 VNNI paths where it has them; "avx2" pins the

@@ -55,7 +55,7 @@ def param_specs(cfg: LlamaConfig, tp: int, params=None):
         vocab_rows, vocab_cols = (P(MODEL, None), P(None, MODEL)) if vocab else (P(), P())
     layers = LayerParams(attn_norm=P(), wq=col, wk=kv_col, wv=kv_col, wo=row, mlp_norm=P(), w_gate=mlp_col,
                          w_up=mlp_col, w_down=mlp_row, bq=bias if cfg.attention_bias else None,
-                         bk=kv_bias if cfg.attention_bias else None, bv=kv_bias if cfg.attention_bias else None)  # fmt: skip
+                         bk=kv_bias if cfg.attention_bias else None, bv=kv_bias if cfg.attention_bias else None)
     specs = LlamaParams(embed=vocab_rows, layers=layers, final_norm=P(),
                         lm_head=None if cfg.tie_word_embeddings else vocab_cols)  # fmt: skip
     return specs if params is None else _quantized_specs(specs, params, tp)

@@ -76,7 +76,8 @@ def main() -> int:
     device = jax.devices()[0]
     batch, kv_bytes = make_batch(args, np.random.default_rng(0))
     print(f"device {device.device_kind} ({platform}); {args.seqs} seqs x {args.kv_len} cached tokens, "
-          f"{args.prefill} with a {args.chunk}-token chunk; T={batch[0].shape[0]}; K/V to read {kv_bytes / 2**20:.1f} MiB")
+          f"{args.prefill} with a {args.chunk}-token chunk; T={batch[0].shape[0]}; "
+          f"K/V to read {kv_bytes / 2**20:.1f} MiB")
     runs = [("reference", False)]
     if platform == "gpu":
         runs.append(("pallas_gpu", False))

@@ -473,7 +473,8 @@ def run_worker(engine: str, wl_file: str, args: argparse.Namespace, tmp: str) ->
         with open(result) as f:
             return json.load(f)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--workload-file", wl_file,
-           "--result", result, "--max-model-len", str(args.max_model_len or 0), "--max-num-seqs", str(args.max_num_seqs),
+           "--result", result, "--max-model-len", str(args.max_model_len or 0),
+           "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--hf-batch", str(args.hf_batch)]
     if args.model:
         cmd += ["--model", args.model]
@@ -517,7 +518,8 @@ def print_table(wl: dict, rows: list[dict], failed: dict[str, str]) -> None:
                   if e in by and by[e][metric] and jx[metric]]  # fmt: skip
         extra = ""
         if wl.get("single"):
-            extra = "; TTFT " + ", ".join(f"{label(e).split(' (')[0]} {jx['svc_ttft_p50_ms'] / by[e]['svc_ttft_p50_ms']:.2f}x"
+            ttft = jx["svc_ttft_p50_ms"]
+            extra = "; TTFT " + ", ".join(f"{label(e).split(' (')[0]} {ttft / by[e]['svc_ttft_p50_ms']:.2f}x"
                                           for e in PEERS if e in by and by[e]["svc_ttft_p50_ms"])  # fmt: skip
         if ratios:
             print(f"{jx['label']} / peer {'decode' if wl.get('single') else 'output'} tok/s: " + ", ".join(ratios)

@@ -88,7 +88,7 @@ class FakeEngine:
                 self._finish(req.request_id, RequestStatus.FINISHED_LENGTH)
             new.append(SequenceTokens(req.request_id, [token], [0], done))
         out = SamplerOutput(np.zeros(1, np.int32), np.zeros(1, np.float32), np.ones(1, np.int32),
-                            np.full((1, MAX_LOGPROBS), -1, np.int32), np.zeros((1, MAX_LOGPROBS), np.float32))  # fmt: skip
+                            np.full((1, MAX_LOGPROBS), -1, np.int32), np.zeros((1, MAX_LOGPROBS), np.float32))
         return self.outputs.process(new, out, time.perf_counter())
 
     def has_unfinished_requests(self) -> bool:

@@ -43,7 +43,7 @@ def layout(engine) -> dict:
             "embed": local(runner.params.embed), "kv": local(runner.cache.k),
             "wq_spec": str(getattr(layers.wq, "values", layers.wq).sharding),
             "replicas": len(getattr(engine, "engines", [engine])), "memory": runner.describe_memory(),
-            "one_copy": all(e.model.params is e.runner.params for e in getattr(engine, "engines", [engine]))}  # fmt: skip
+            "one_copy": all(e.model.params is e.runner.params for e in getattr(engine, "engines", [engine]))}
 
 
 def run(path: str, layouts, prompts, params, **options) -> dict:
@@ -160,8 +160,8 @@ def main(case: str) -> None:
 
         tok = load_model(path).tokenizer
         prompts = [tok.encode(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 90)))) for _ in range(8)]
-        prompts[0] = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
-                                add_special_tokens=False)  # fmt: skip
+        chat = [{"role": "user", "content": "What is the capital of France?"}]
+        prompts[0] = tok.encode(tok.apply_chat_template(chat), add_special_tokens=False)
         layouts = [(1, 1), (3, 1), (3, 2)]
         results = run(path, layouts, prompts, SamplingParams(temperature=0.0, max_tokens=24), max_model_len=256,
                       max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(16, 64))  # fmt: skip

@@ -35,7 +35,7 @@ def tight_engine(real_model):
 def texts(tok, n, seed=0):
     """n prompts of different lengths (8 to ~300 tokens) from a pool of real sentences."""
     words = ("the cat sat on a mat while the model of a language predicted every next token with care and the "
-             "cache of keys and values grew page by page as the scheduler mixed prompts and decodes").split()  # fmt: skip
+             "cache of keys and values grew page by page as the scheduler mixed prompts and decodes").split()
     rnd = random.Random(seed)
     out = []
     for i in range(n):
@@ -126,7 +126,8 @@ def test_batch_job_on_the_real_model(real_engine, tmp_path):
     question = [{"role": "user", "content": "What is the capital of France?"}]
     rows = [{"id": "q", "messages": question, "max_tokens": 24, "temperature": 0},
             {"custom_id": "c", "method": "POST", "url": "/v1/completions",
-             "body": {"model": "smollm2", "prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0}},
+             "body": {"model": "smollm2", "prompt": "The three primary colors are", "max_tokens": 24,
+                      "temperature": 0}},
             {"id": "bad", "prompt": "x", "top_p": 2}]  # fmt: skip
     inp, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))

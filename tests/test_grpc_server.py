@@ -594,7 +594,8 @@ def test_engine_options_from_flags():
         "--max_waiting_requests=3", "--dtype=bfloat16", "--compile_cache_dir=", "--tensor_parallel_size=3",
         "--quantization=int4", "--kv_cache_dtype=int8"])  # fmt: skip
     assert engine_options_from_flags(fv) == dict(
-        model=None, dtype="bfloat16", quantization="int4", attention_backend="auto", max_model_len=None, compile_cache_dir=None,
+        model=None, dtype="bfloat16", quantization="int4", attention_backend="auto", max_model_len=None,
+        compile_cache_dir=None,
         max_num_seqs=8, max_num_batched_tokens=512, page_size=16, kv_cache_dtype="int8", enable_prefix_caching=False,
         seed=0, kv_cache_memory=1 << 20, max_waiting_requests=3, tensor_parallel_size=3, data_parallel_size=1,
         multihost=False)  # fmt: skip

@@ -34,5 +34,6 @@ def test_committed_stubs_match_the_proto(tmp_path):
         if committed != fresh:
             stale.append(path)
     assert not stale, (f"stale generated stubs {stale}: regenerate them from the repository root with\n"
-                       f"    {REGENERATE}\n(with grpcio-tools {GRPC_GENERATED_VERSION}, the version they were made with, "
+                       f"    {REGENERATE}\n(with grpcio-tools {GRPC_GENERATED_VERSION}, the version they were made "
+                       f"with, "
                        f"or update that version in pyproject.toml too)")  # fmt: skip

@@ -136,7 +136,7 @@ def test_seeded_sampling_n_and_logprobs(server):
     # (top_logprobs is keyed by the decoded text, so byte tokens that decode alike share one key)
     assert all(top and x <= max(top.values()) + 1e-6 <= 1e-6 for top, x in zip(lp.top_logprobs, lp.token_logprobs))
     chat = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                                 max_tokens=4, logprobs=True, top_logprobs=2, temperature=0)  # fmt: skip
+                                                 max_tokens=4, logprobs=True, top_logprobs=2, temperature=0)
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
 

@@ -10,7 +10,7 @@ import pytest
 
 from jaxserve.config import CacheConfig
 from jaxserve.generate import Generator
-from jaxserve.sampling import SamplingParams, SamplingTensors, sample
+from jaxserve.sampling import SamplingParams
 from models.llama import params_from_arrays
 from models.loader import LoadedModel
 from models.tokenizer import Tokenizer

@@ -135,7 +135,8 @@ def test_real_model_int4_engine_answers(gguf_path):
     llm = LLM(gguf_path, quantization="int4", quiet=True, max_model_len=256, max_num_seqs=4,
               max_num_batched_tokens=64, token_buckets=(4, 64))  # fmt: skip
     assert isinstance(llm.engine.runner.params.layers.w_gate, QuantizedWeight)
-    outs = llm.generate(["The capital of France is", "def add(a, b):"], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    outs = llm.generate(["The capital of France is", "def add(a, b):"], greedy, use_tqdm=False)
     assert "Paris" in outs[0].outputs[0].text
     assert llm.engine.runner.compiles_since_warmup == 0
     assert jax.tree.leaves(llm.engine.runner.params.layers.w_gate)[0].dtype == jnp.uint8

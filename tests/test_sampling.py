@@ -278,7 +278,8 @@ def test_penalties_match_vllm_formulas(seed):
     rows = _penalty_batch(seed)
     logits = _logits(10 + seed)
     got = np.asarray(_penalize(jnp.asarray(logits), SamplingTensors.build(rows, S, H)))
-    want = np.stack([_penalties_ref(logits[i], r.params, r.prompt_token_ids, r.output_token_ids) for i, r in enumerate(rows)])
+    want = np.stack([_penalties_ref(logits[i], r.params, r.prompt_token_ids, r.output_token_ids)
+                     for i, r in enumerate(rows)])  # fmt: skip
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(got[::4], logits[::4])  # rows without penalties are untouched, bit for bit
     # End to end, greedy picks the argmax of the penalized logits.
@@ -322,7 +323,8 @@ def test_min_p_never_draws_below_the_threshold():
 def test_sampled_token_is_inside_the_filtered_set(seed):
     rng = np.random.default_rng(seed)
     rows = [
-        _row(step=int(rng.integers(1000)), seed=int(rng.integers(2**40)), temperature=float(rng.choice([0.3, 1.0, 2.5])),
+        _row(step=int(rng.integers(1000)), seed=int(rng.integers(2**40)),
+             temperature=float(rng.choice([0.3, 1.0, 2.5])),
              top_k=int(rng.choice([-1, 0, 1, 3, 10, 200])), top_p=float(rng.choice([1.0, 0.95, 0.6, 0.2])),
              min_p=float(rng.choice([0.0, 0.05, 0.3])), banned=rng.integers(0, V, 3).tolist())
         for _ in range(S)
@@ -393,7 +395,8 @@ def test_padding_rows_are_harmless():
     logits = np.full((S, V), np.nan, np.float32)
     real = _logits(9)[:3]
     logits[:3] = real
-    rows = [_row(temperature=0.0, logprobs=3), _row(step=4, seed=4, top_k=1), _row(temperature=0.0, presence_penalty=1.0, output=[int(real[2].argmax())])]
+    rows = [_row(temperature=0.0, logprobs=3), _row(step=4, seed=4, top_k=1),
+            _row(temperature=0.0, presence_penalty=1.0, output=[int(real[2].argmax())])]
     out = _run(rows, logits)
     want2 = _penalties_ref(real[2], rows[2].params, (), rows[2].output_token_ids).argmax()
     np.testing.assert_array_equal(out.token_ids[:3], [real[0].argmax(), real[1].argmax(), want2])

@@ -198,7 +198,8 @@ def test_serve_multihost_two_processes(tmp_path):
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert all(p.poll() is None for p in procs), [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+            dead = [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+            assert not dead, dead
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/ready", timeout=2).status == 200:
                     break

@@ -149,7 +149,7 @@ def usage(out) -> dict:
 def _usage(out) -> dict:
     u = usage(out)
     return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-            "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}  # fmt: skip
+            "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
 
 
 def _new_logprobs(comp, count: int) -> list[tuple[int, dict]]:
@@ -183,7 +183,7 @@ class CompletionShape:
             lp["tokens"].append(piece)
             lp["token_logprobs"].append(alts[tid].logprob)
             lp["top_logprobs"].append({a.decoded_token: a.logprob for t, a in sorted(alts.items(),
-                                                                                    key=lambda x: x[1].rank)})  # fmt: skip
+                                                                                    key=lambda x: x[1].rank)})
             lp["text_offset"].append(offset)
             offset += len(piece)
         self.offsets[comp.index] = offset
@@ -203,7 +203,7 @@ class CompletionShape:
             if c.delta_token_ids or c.delta_text or c.finish_reason:
                 yield self._envelope([{"index": c.index, "text": c.delta_text,
                                        "logprobs": self._logprobs(c, len(c.delta_token_ids)),
-                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **extra)  # fmt: skip
+                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **extra)
 
     def usage_chunk(self, out) -> dict:
         return self._envelope([], usage=_usage(out))
@@ -242,4 +242,4 @@ class ChatShape(CompletionShape):
             if c.delta_token_ids or c.delta_text or c.finish_reason:
                 yield self._envelope([{"index": c.index, "delta": {"content": c.delta_text} if c.delta_text else {},
                                        "logprobs": self._logprobs(c, len(c.delta_token_ids)),
-                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **extra)  # fmt: skip
+                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **extra)
