@@ -12,10 +12,11 @@
 //   -> out       f32[T, H, D]        rows past qsl[num_seqs] are 0
 //
 // Row t of sequence i sits at position p = kv_lens[i] - (qsl[i+1] - t) and sees cache positions
-// [max(0, p - window + 1), p]. Work units are (sequence, KV head, block of up to 16 rows): each reads its
-// sequence's pages once per block of positions for all its rows and the H / Kh query heads sharing that KV head,
-// with an online softmax (flash attention's recurrence) over blocks of up to 16 positions within a page.
-// Units are spread over XLA's intra-op pool.
+// [max(0, p - window + 1), p]. Work units are (sequence, KV heads, block of up to 16 rows): each reads its
+// sequence's pages once per block of positions for all its rows and the H / Kh query heads sharing each KV head,
+// with an online softmax (flash attention's recurrence) over blocks of up to 16 positions within a page. A unit
+// takes every KV head when there are enough units to go round (a page's rows are then read contiguously), else
+// one. Units are spread over XLA's intra-op pool.
 #include <immintrin.h>
 
 #include <algorithm>
