@@ -103,6 +103,7 @@ class ModelRunner:
             jit_kw = {"in_shardings": (param_shardings, KVCache(kv, kv), replicated, replicated),
                       "out_shardings": (replicated, KVCache(kv, kv))}  # fmt: skip
         self.params = params
+        self._no_history: dict[int, jax.Array] = {}  # S -> i32[S, max_model_len] of -1 (see prepare)
         self.scheduler_config = scheduler
         self.page_size = cache.page_size
         self.max_model_len = scheduler.max_model_len
@@ -268,8 +269,21 @@ class ModelRunner:
             sample_idx[slot] = end - 1
             at = end
         meta = AttentionMetadata(slot_mapping, qsl, kv_lens, tables, np.array(len(scheduled), np.int32))
-        st = SamplingTensors.build([rows[i] for i in order], num_slots, self.max_model_len)
+        # The sampler reads the [S, max_model_len] token history only for penalties: without one, a device array
+        # of -1 made once per S stands in (nothing built or sent per step). Over several processes the full
+        # history always goes (the followers receive into fixed host buffers).
+        penalties = self.channel is not None or any(r.params.has_penalties for r in rows)
+        st = SamplingTensors.build([rows[i] for i in order], num_slots, self.max_model_len if penalties else 1)
+        if not penalties:
+            st = dataclasses.replace(st, history=self._unread_history(num_slots))
         return bucket, StepInputs(token_ids, positions, meta, sample_idx), st, slots
+
+    def _unread_history(self, num_slots: int) -> jax.Array:
+        if num_slots not in self._no_history:
+            where = NamedSharding(self.mesh, P()) if self.mesh is not None else next(iter(self.cache.k.devices()))
+            self._no_history[num_slots] = jax.device_put(np.full((num_slots, self.max_model_len), -1, np.int32),
+                                                         where)  # fmt: skip
+        return self._no_history[num_slots]
 
     def execute(self, bucket: int, inputs: StepInputs, st: SamplingTensors) -> SamplerOutput:
         """Run the compiled step (asynchronously: the result is a device future until read). Over several

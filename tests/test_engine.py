@@ -129,6 +129,26 @@ def test_nothing_compiles_after_warmup(engine):
     assert engine.runner.compiles_since_warmup == base  # process-wide counter: other engines compiled earlier
 
 
+def test_token_history_is_built_only_for_steps_with_penalties(engine, monkeypatch):
+    from jaxserve import model_runner
+
+    built = []
+    real = model_runner.SamplingTensors.build
+
+    def build(rows, num_rows, history_len):
+        built.append(history_len)
+        return real(rows, num_rows, history_len)
+
+    monkeypatch.setattr(model_runner.SamplingTensors, "build", staticmethod(build))
+    plain = run(engine, prompts(2, seed=3), [SamplingParams(temperature=0.0, max_tokens=4)] * 2)
+    assert built and set(built) == {1}  # no penalty: a [S, 1] stub, the device's -1 block stands in
+    built.clear()
+    penalized = run(engine, prompts(2, seed=3), [SamplingParams(temperature=0.0, max_tokens=4, presence_penalty=1.5,
+                                                                repetition_penalty=1.3)] * 2)  # fmt: skip
+    assert set(built) == {engine.runner.max_model_len}
+    assert tokens(plain) != tokens(penalized)  # the history is read, and used
+
+
 def test_stop_strings_cut_the_text_and_never_leak(engine):
     p = prompts(1, seed=9)[0]
     base = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0].outputs[0]
