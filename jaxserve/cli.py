@@ -6,8 +6,7 @@ import argparse
 import os
 import sys
 
-from jaxserve.options import argparse_bytes as _bytes  # noqa: F401  (the size type of the server flags)
-from jaxserve.options import add_argparse_flags, engine_options_from_args
+from jaxserve.options import add_argparse_flags, argparse_bytes, engine_options_from_args
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -50,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--allow-errors", action="store_true", help="exit 0 even when some lines failed")
     batch.add_argument("--flush-interval", type=float, default=1.0, help="seconds between fsyncs of the output")
     batch.add_argument("--served-model-name", default=None, help="the model name written in OpenAI-form outputs")
-    batch.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="longest input line")
+    batch.add_argument("--max-body-bytes", type=argparse_bytes, default=4 << 20, help="longest input line")
     _add_engine_flags(batch, batching=True)
     merge = sub.add_parser("batch-merge", help=argparse.SUPPRESS)
     merge.add_argument("--input", required=True, help="the job's input (gives the order)")
@@ -68,8 +67,8 @@ def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
                    help="on SIGTERM, seconds in-flight requests may take before they are cancelled")
     p.add_argument("--stall-timeout", type=float, default=120.0,
                    help="seconds without engine progress before /ready reports not ready")
-    p.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, help="request body limit")
-    p.add_argument("--max-header-bytes", type=_bytes, default=16 << 10, help="request headers limit")
+    p.add_argument("--max-body-bytes", type=argparse_bytes, default=4 << 20, help="request body limit")
+    p.add_argument("--max-header-bytes", type=argparse_bytes, default=16 << 10, help="request headers limit")
 
 
 def _sampling(args, default_temperature: float):
