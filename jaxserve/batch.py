@@ -302,7 +302,7 @@ class BatchJob:
         self.model_name = model_name
         self.flush_interval = flush_interval
         self.progress = progress
-        card = engine.model_card()
+        self.card = card = engine.model_card()
         # Requests handed to the engine ahead of the running ones: enough to keep every step full, bounded so a
         # file larger than memory streams through.
         self.max_pending = min(card.max_waiting_requests, 2 * card.max_num_seqs + 16)
@@ -315,7 +315,7 @@ class BatchJob:
         out, errs = Appender(self.output_path), Appender(self.errors_path)
         summary = Summary()
         engine, max_len = self.engine, self.engine.max_model_len
-        vocab = engine.model_card().vocab_size
+        vocab = self.card.vocab_size
         seen: dict[str, int] = {}  # id -> its first line
         pending: dict[str, Item] = {}  # engine request id -> item
         lines = self._my_lines()

@@ -116,10 +116,9 @@ class DataParallelEngine:
         return EngineStats.total([e.stats() for e in self.engines])
 
     def model_card(self) -> ModelCard:
-        card = self.engines[0].model_card()
-        return dataclasses.replace(card, num_kv_pages=sum(e.model_card().num_kv_pages for e in self.engines),
-                                   max_waiting_requests=sum(e.model_card().max_waiting_requests
-                                                            for e in self.engines))  # fmt: skip
+        cards = [e.model_card() for e in self.engines]
+        return dataclasses.replace(cards[0], num_kv_pages=sum(c.num_kv_pages for c in cards),
+                                   max_waiting_requests=sum(c.max_waiting_requests for c in cards))
 
     @property
     def step_channel(self):
