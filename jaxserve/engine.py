@@ -154,6 +154,32 @@ class LLMEngine:
             max_waiting_requests=sched.max_waiting_requests,
         )  # fmt: skip
 
+    def prompt_logits(self, prompt: str | Sequence[int]) -> np.ndarray:
+        """f32[n, V]: the logits at every position of a prompt (teacher forcing: scoring, perplexity, parity
+        checks), through the engine's own forward in chunks of max_num_batched_tokens, over pages taken from the
+        pool and given back after (never entered in the prefix cache). A prompt may fill max_model_len. Call it
+        from the thread that steps the engine; each token bucket it uses compiles once (ModelRunner.prompt_logits).
+        """
+        _, ids = self.tokenize(prompt)
+        if len(ids) > self.max_model_len:
+            raise PromptTooLongError("prompt", f"{len(ids)} tokens exceeds max_model_len={self.max_model_len}")
+        check_prompt_tokens(ids, max_model_len=self.max_model_len + 1, vocab_size=self.model.config.vocab_size)
+        rid = "\x00prompt_logits"  # not printable: no client request id can be it
+        if self.block_manager.allocate_slots(rid, len(ids)) is None:
+            raise QueueFullError(f"prompt_logits: {len(ids)} tokens need more KV pages than are free now")
+        req = Request(rid, ids, _NO_SAMPLE, 0)
+        try:
+            table = self.block_manager.block_table(rid)
+            chunk = self.config.scheduler.max_num_batched_tokens
+            out = []
+            for start in range(0, len(ids), chunk):
+                item = ScheduledRequest(req, start, min(chunk, len(ids) - start))
+                bucket, inputs, _ = self.runner.pack([item], [table])
+                out.append(np.asarray(jax.device_get(self.runner.prompt_logits(bucket, inputs)))[: item.num_tokens])
+        finally:
+            self.block_manager.free(rid)
+        return np.concatenate(out)
+
     @property
     def step_channel(self):
         return self.runner.channel

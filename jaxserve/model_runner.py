@@ -54,6 +54,13 @@ def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingT
         return sample(logits, st), cache
 
 
+def _all_logits(params: LlamaParams, cache: KVCache, inputs: StepInputs, *, cfg, backend, mesh):
+    """The step without sampling: the logits of every token row (teacher forcing; `ModelRunner.prompt_logits`)."""
+    hidden, cache = forward(params, cfg, inputs.token_ids, inputs.positions, cache, inputs.meta,
+                            attention_backend=backend, mesh=mesh)  # fmt: skip
+    return compute_logits(params, hidden, backend=matmul_backend(backend, mesh)), cache
+
+
 def _local_device(mesh: Mesh) -> jax.Device:
     """A device of this process in the mesh (whose free memory sizes the KV pool)."""
     return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
@@ -93,7 +100,7 @@ class ModelRunner:
         self.cfg = config
         self.mesh = mesh
         self.tensor_parallel_size = 1 if mesh is None else mesh.shape[MODEL]
-        jit_kw = {}
+        jit_kw, logits_kw = {}, {}
         if mesh is not None:
             check_tensor_parallel(config, self.tensor_parallel_size)
             params = shard_params(params, config, mesh)
@@ -102,6 +109,7 @@ class ModelRunner:
             kv = NamedSharding(mesh, kv_cache_spec(config, self.tensor_parallel_size))
             jit_kw = {"in_shardings": (param_shardings, KVCache(kv, kv), replicated, replicated),
                       "out_shardings": (replicated, KVCache(kv, kv))}  # fmt: skip
+            logits_kw = dict(jit_kw, in_shardings=jit_kw["in_shardings"][:3])
         self.params = params
         self._no_history: dict[int, jax.Array] = {}  # S -> i32[S, max_model_len] of -1 (see prepare)
         self.scheduler_config = scheduler
@@ -114,6 +122,9 @@ class ModelRunner:
                              f"{scheduler.max_num_batched_tokens}")  # fmt: skip
         self._fn = jax.jit(functools.partial(_step, cfg=config, backend=attention_backend, mesh=mesh),
                            donate_argnums=(1,), **jit_kw)  # fmt: skip
+        self._logits_fn = jax.jit(functools.partial(_all_logits, cfg=config, backend=attention_backend, mesh=mesh),
+                                  donate_argnums=(1,), **logits_kw)  # fmt: skip
+        self._compiled_logits: dict[int, jax.stages.Compiled] = {}
         tp = self.tensor_parallel_size
         kv_shards = tp if tp > 1 and kv_heads_sharded(config, tp) else 1
         self.counter = compile_counter()
@@ -226,9 +237,9 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def prepare(self, scheduled: Sequence[ScheduledRequest], block_tables: Sequence[Sequence[int]],
-                rows: Sequence[SampleRow]) -> tuple[int, StepInputs, SamplingTensors, list[int]]:  # fmt: skip
-        """Plain numpy inputs for one step. `block_tables[i]` are scheduled[i]'s pages; `rows[i]` its sampling.
+    def pack(self, scheduled: Sequence[ScheduledRequest],
+             block_tables: Sequence[Sequence[int]]) -> tuple[int, StepInputs, list[int]]:  # fmt: skip
+        """The token rows of one step, padded to its bucket. `block_tables[i]` are scheduled[i]'s pages.
 
         Sequences are laid out longest cached history first (the ragged layout allows any order), so the
         reference attention's row blocks hold rows of similar history and none walks far past its own. Returns
@@ -269,14 +280,24 @@ class ModelRunner:
             sample_idx[slot] = end - 1
             at = end
         meta = AttentionMetadata(slot_mapping, qsl, kv_lens, tables, np.array(len(scheduled), np.int32))
+        return bucket, StepInputs(token_ids, positions, meta, sample_idx), slots
+
+    def prepare(self, scheduled: Sequence[ScheduledRequest], block_tables: Sequence[Sequence[int]],
+                rows: Sequence[SampleRow]) -> tuple[int, StepInputs, SamplingTensors, list[int]]:  # fmt: skip
+        """`pack`, plus each sequence's sampling (`rows[i]` is scheduled[i]'s), in slot order."""
+        bucket, inputs, slots = self.pack(scheduled, block_tables)
+        num_slots = self.num_seqs_for(bucket)
+        by_slot: list[SampleRow] = [None] * len(scheduled)  # type: ignore[list-item]
+        for i, slot in enumerate(slots):
+            by_slot[slot] = rows[i]
         # The sampler reads the [S, max_model_len] token history only for penalties: without one, a device array
         # of -1 made once per S stands in (nothing built or sent per step). Over several processes the full
         # history always goes (the followers receive into fixed host buffers).
         penalties = self.channel is not None or any(r.params.has_penalties for r in rows)
-        st = SamplingTensors.build([rows[i] for i in order], num_slots, self.max_model_len if penalties else 1)
+        st = SamplingTensors.build(by_slot, num_slots, self.max_model_len if penalties else 1)
         if not penalties:
             st = dataclasses.replace(st, history=self._unread_history(num_slots))
-        return bucket, StepInputs(token_ids, positions, meta, sample_idx), st, slots
+        return bucket, inputs, st, slots
 
     def _unread_history(self, num_slots: int) -> jax.Array:
         if num_slots not in self._no_history:
@@ -295,3 +316,16 @@ class ModelRunner:
     def run_compiled(self, bucket: int, inputs: StepInputs, st: SamplingTensors) -> SamplerOutput:
         out, self.cache = self.compiled[bucket](self.params, self.cache, inputs, st)
         return out
+
+    def prompt_logits(self, bucket: int, inputs: StepInputs) -> jax.Array:
+        """f32[T, V]: the logits of every token row of one packed step, its KV written as a step writes it
+        (scoring, perplexity, parity checks; serving never calls this). Its function for a bucket is compiled
+        the first time that bucket is asked for: an explicit AOT compile, counted in `compiles_since_warmup`."""
+        if self.channel is not None:
+            raise NotImplementedError("prompt_logits runs on one process (its mesh may be tensor parallel)")
+        compiled = self._compiled_logits.get(bucket)
+        if compiled is None:
+            cache, spec, _ = self._specs(bucket, self.pool.num_pages, self.pool.dtype)
+            compiled = self._compiled_logits[bucket] = self._logits_fn.lower(self.params, cache, spec).compile()
+        logits, self.cache = compiled(self.params, self.cache, inputs)
+        return logits

@@ -29,10 +29,11 @@ def real_model(gguf_path):
 
 
 @pytest.fixture(scope="session")
-def real_generator(real_model):
-    from jaxserve.generate import Generator
+def real_scorer(real_model):
+    """An engine over the real model for one sequence at a time (prompt_logits, single-stream greedy)."""
+    from tests.engine_runs import scoring_engine
 
-    return Generator(real_model, max_model_len=1024)
+    return scoring_engine(real_model, 1024, chunk=512, page_size=16, buckets=(1, 512))
 
 
 @pytest.fixture(scope="session")

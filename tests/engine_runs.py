@@ -3,6 +3,28 @@
 from __future__ import annotations
 
 
+def greedy(engine, ids, max_tokens: int):
+    """One greedy request, EOS ignored, stepped to its end: its CompletionOutput."""
+    from jaxserve.sampling import SamplingParams
+
+    engine.add_request("greedy", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    out = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = o
+    return out.outputs[0]
+
+
+def scoring_engine(model, max_model_len: int, *, chunk: int = 64, page_size: int = 8, buckets=None, **options):
+    """An engine for one sequence at a time (prompt_logits, single-stream greedy): prompts in chunks of `chunk`."""
+    from jaxserve.engine import LLMEngine
+    from jaxserve.options import engine_config
+
+    config = engine_config(max_model_len=max_model_len, max_num_seqs=1, max_num_batched_tokens=chunk,
+                           page_size=page_size, token_buckets=buckets or (chunk,), **options)  # fmt: skip
+    return LLMEngine(model, config)
+
+
 def run_all(engine, prompts, params, prefix="r"):
     """Add every prompt (one SamplingParams for all, or one each), step until done; returns {index: output}."""
     params = params if isinstance(params, list) else [params] * len(prompts)

@@ -261,13 +261,10 @@ def test_async_engine_streams_and_aborts(engine):
 
 def test_logprobs_match_the_model(engine):
     """The reported logprob of a greedy token is log_softmax of the step's logits (checked on the first token
-    against a direct forward of the prompt through the single-stream generator)."""
-    from jaxserve.generate import Generator
-
+    against the engine's own teacher-forced logits of the prompt)."""
     p = prompts(1, seed=12)[0]
     out = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=1, logprobs=5))[0].outputs[0]
-    gen = Generator(engine.model, max_model_len=128)
-    logits = gen.prompt_logits(p)[-1].astype(np.float64)
+    logits = engine.prompt_logits(p)[-1].astype(np.float64)
     ref = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
     entry = out.logprobs[0]
     for tok, lp in entry.items():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from jaxserve.generate import Generator
 from models.config import LlamaConfig, RopeScaling, config_from_hf
 from models.loader import load_model
+from tests.engine_runs import scoring_engine
 
 VOCAB = 49152  # the SmolLM2 tokenizer is saved beside each checkpoint, so the vocab must match it
 
@@ -54,7 +54,7 @@ def test_logits_match_transformers(hf_checkpoint):
     assert ours.config.tie_word_embeddings == hf_model.config.tie_word_embeddings
     # long enough that llama3 scaling and RoPE at large positions matter
     ids = [int(x) for x in np.random.default_rng(0).integers(0, VOCAB, size=300)]
-    got = Generator(ours, max_model_len=512, max_prefill_chunk=128).prompt_logits(ids)
+    got = scoring_engine(ours, 512, chunk=128).prompt_logits(ids)
     with torch.inference_mode():
         want = hf_model(torch.tensor([ids])).logits[0].float().numpy()
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)

@@ -183,19 +183,19 @@ def _plain_hf_copy(hf_model):
 
 
 @pytest.mark.real_model
-def test_safetensors_dir_matches_gguf(hf_dir, real_model, real_generator):
-    from jaxserve.generate import Generator
+def test_safetensors_dir_matches_gguf(hf_dir, real_model, real_scorer):
+    from tests.engine_runs import scoring_engine
 
     model = load_model(hf_dir)
     assert model.config.num_layers == real_model.config.num_layers
     assert model.config.tie_word_embeddings == real_model.config.tie_word_embeddings
-    gen = Generator(model, max_model_len=256)
+    engine = scoring_engine(model, 256, chunk=256, page_size=16)
     text = real_model.tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}])
     assert model.tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}]) == text
     ids = real_model.tokenizer.encode(text)
     assert model.tokenizer.encode(text) == ids
     assert model.tokenizer.eos_token_ids[:1] == real_model.tokenizer.eos_token_ids[:1]
-    np.testing.assert_allclose(gen.prompt_logits(ids), real_generator.prompt_logits(ids), atol=1e-4)
+    np.testing.assert_allclose(engine.prompt_logits(ids), real_scorer.prompt_logits(ids), atol=1e-4)
 
 
 @pytest.mark.real_model

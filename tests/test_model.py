@@ -8,12 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.config import CacheConfig
-from jaxserve.generate import Generator
 from jaxserve.sampling import SamplingParams
 from models.llama import params_from_arrays
 from models.loader import LoadedModel
 from models.tokenizer import Tokenizer
+from tests.engine_runs import greedy, scoring_engine
 from tests.tiny_models import TINY, random_arrays, tiny_config
 
 
@@ -85,35 +84,32 @@ def test_forward_matches_dense_numpy(cfg_changes):
         zero = dict(arrays, bq=0 * arrays["bq"], bk=0 * arrays["bk"], bv=0 * arrays["bv"])
         model = dataclasses.replace(model, params=params_from_arrays(cfg, zero, jnp.float32))
         arrays = zero
-    gen = Generator(model, max_model_len=128, cache=CacheConfig(page_size=8))
-    np.testing.assert_allclose(gen.prompt_logits(IDS), _dense_reference(arrays, cfg, IDS), atol=2e-4, rtol=1e-4)
+    logits = scoring_engine(model, 128).prompt_logits(IDS)
+    np.testing.assert_allclose(logits, _dense_reference(arrays, cfg, IDS), atol=2e-4, rtol=1e-4)
 
 
 def test_qkv_bias_changes_output():
     cfg = tiny_config(attention_bias=True)
     model, arrays = _tiny_model(cfg, seed=5)
     zero = dict(arrays, bq=0 * arrays["bq"], bk=0 * arrays["bk"], bv=0 * arrays["bv"])
-    with_bias = Generator(model, max_model_len=64).prompt_logits(IDS[:8])
+    with_bias = scoring_engine(model, 64).prompt_logits(IDS[:8])
     model0 = dataclasses.replace(model, params=params_from_arrays(cfg, zero, jnp.float32))
-    without = Generator(model0, max_model_len=64).prompt_logits(IDS[:8])
+    without = scoring_engine(model0, 64).prompt_logits(IDS[:8])
     assert np.abs(with_bias - without).max() > 1e-3
 
 
 @pytest.mark.parametrize("chunk", [16, 32])
 def test_chunked_prefill_equals_one_shot(tiny, chunk):
     model, arrays = tiny
-    cache = CacheConfig(page_size=8)
-    whole = Generator(model, max_model_len=128, cache=cache, max_prefill_chunk=64).prompt_logits(IDS)
-    chunked = Generator(model, max_model_len=128, cache=cache, max_prefill_chunk=chunk).prompt_logits(IDS)
+    whole = scoring_engine(model, 128, chunk=64).prompt_logits(IDS)
+    chunked = scoring_engine(model, 128, chunk=chunk).prompt_logits(IDS)
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
 
 
 def test_decode_steps_equal_prefill_logits(tiny):
     """Greedy decoding token by token through the cache == the logits of the whole sequence at once."""
     model, arrays = tiny
-    gen = Generator(model, max_model_len=128, cache=CacheConfig(page_size=8))
-    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    out = list(gen.generate_ids(IDS[:10], params))
+    out = list(greedy(scoring_engine(model, 128), IDS[:10], 20).token_ids)
     full = _dense_reference(arrays, TINY, IDS[:10] + out)
     assert out == [int(x) for x in full[9:-1].argmax(-1)]
 
@@ -121,26 +117,30 @@ def test_decode_steps_equal_prefill_logits(tiny):
 def test_kv_cache_budget_and_dtype(tiny):
     model, _ = tiny
     page_bytes = 2 * TINY.num_layers * 8 * TINY.num_kv_heads * TINY.head_dim * 2  # bf16
-    gen = Generator(model, max_model_len=64, cache=CacheConfig(page_size=8, kv_cache_dtype="bfloat16",
-                                                               kv_cache_memory=9 * page_bytes))  # fmt: skip
-    assert gen.cache.k.dtype == jnp.bfloat16 and gen.cache.k.shape[1] == 9  # 64 tokens + the null page
-    assert "9 pages x 8 tokens (64 usable tokens)" in gen.cache_plan.describe()
-    out = list(gen.generate_ids(IDS[:10], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)))
-    assert len(out) == 5
-    with pytest.raises(ValueError, match="does not fit the KV cache budget"):
-        Generator(model, max_model_len=128, cache=CacheConfig(page_size=8, kv_cache_memory=8 * page_bytes))
+    engine = scoring_engine(model, 64, kv_cache_dtype="bfloat16", kv_cache_memory=9 * page_bytes)
+    assert engine.runner.cache.k.dtype == jnp.bfloat16 and engine.runner.cache.k.shape[1] == 9  # + the null page
+    assert "9 pages x 8 tokens (64 usable tokens)" in engine.runner.pool.describe()
+    assert len(greedy(engine, IDS[:10], 5).token_ids) == 5
+    with pytest.raises(ValueError, match="does not fit the KV cache"):
+        scoring_engine(model, 128, kv_cache_memory=8 * page_bytes)
 
 
 def test_prompt_length_bounds(tiny):
     model, _ = tiny
-    gen = Generator(model, max_model_len=32, cache=CacheConfig(page_size=8))
+    engine = scoring_engine(model, 32)
     with pytest.raises(ValueError, match="exceeds max_model_len=32"):
-        list(gen.generate_ids(IDS[:32], SamplingParams(max_tokens=1)))
-    with pytest.raises(ValueError, match="prompt is empty"):
-        list(gen.generate_ids([], SamplingParams(max_tokens=1)))
+        engine.add_request("a", IDS[:32], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("a", [], SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="out of range"):
-        list(gen.generate_ids([TINY.vocab_size], SamplingParams(max_tokens=1)))
+        engine.add_request("a", [TINY.vocab_size], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="out of range"):
+        engine.prompt_logits([TINY.vocab_size])
+    with pytest.raises(ValueError, match="exceeds max_model_len=32"):
+        engine.prompt_logits(IDS[:33])
+    assert engine.prompt_logits(IDS[:32]).shape == (32, TINY.vocab_size)  # scoring may fill the context
     # generation stops at the end of the context with finish_reason "length"
-    res = gen.generate(IDS[:30], SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    res = greedy(engine, IDS[:30], 100)
     assert len(res.token_ids) == 2 and res.finish_reason == "length"
-
+    bm = engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages  # prompt_logits gave its pages back

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxserve.generate import Generator
-from jaxserve.sampling import SamplingParams
 from models.loader import load_model
+from tests.engine_runs import greedy, scoring_engine
 
 pytestmark = pytest.mark.real_model
 
@@ -52,9 +51,9 @@ def _hf_greedy(hf_model, ids, n) -> list[int]:
 
 
 @pytest.mark.parametrize("name,text", PROMPTS, ids=[p[0] for p in PROMPTS])
-def test_fp32_logits_and_greedy_match_hf(real_model, real_generator, hf_model, name, text):
+def test_fp32_logits_and_greedy_match_hf(real_model, real_scorer, hf_model, name, text):
     ids = _prompt_ids(real_model.tokenizer, name, text)
-    ours = real_generator.prompt_logits(ids)
+    ours = real_scorer.prompt_logits(ids)
     ref = _hf_logits(hf_model, ids)
     assert ours.shape == ref.shape
     diff_last = float(np.max(np.abs(ours[-1] - ref[-1])))
@@ -63,15 +62,14 @@ def test_fp32_logits_and_greedy_match_hf(real_model, real_generator, hf_model, n
     assert diff_last < LOGIT_ATOL_FP32
     assert diff_all < 2 * LOGIT_ATOL_FP32
 
-    params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
-    ours_greedy = list(real_generator.generate_ids(ids, params))
+    ours_greedy = list(greedy(real_scorer, ids, GREEDY_TOKENS).token_ids)
     assert ours_greedy == _hf_greedy(hf_model, ids, GREEDY_TOKENS)
 
 
 def test_bf16_top1_agreement(gguf_path, real_model, hf_model):
     """bf16 weights and activations: greedy top-1 equals the fp32 reference on most positions."""
     model16 = load_model(gguf_path, dtype="bfloat16")
-    gen16 = Generator(model16, max_model_len=1024)
+    gen16 = scoring_engine(model16, 1024, chunk=512, page_size=16)
     agree = total = 0
     for name, text in PROMPTS:
         ids = _prompt_ids(real_model.tokenizer, name, text)

@@ -63,9 +63,9 @@ def test_tiny_quantized_forward_is_the_dense_forward_of_its_weights(tiny_gguf, m
         arrays[name] = np.asarray(w.dequantize()).swapaxes(-1, -2) if is_quantized(w) else np.asarray(w)
     ids = list(range(3, 40))
     want = _dense_reference(arrays, TINY, ids)
-    from jaxserve.generate import Generator
+    from tests.engine_runs import scoring_engine
 
-    got = Generator(quant, max_model_len=64).prompt_logits(ids)
+    got = scoring_engine(quant, 64).prompt_logits(ids)
     assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
@@ -104,7 +104,7 @@ def test_auto_keeps_the_files_blocks_bit_for_bit(gguf_path):
 @pytest.fixture(scope="module")
 def teacher_forced(gguf_path, real_model):
     """Top-1 agreement of each mode's teacher-forced logits with fp32 over a fixed ~200-token text."""
-    from jaxserve.generate import Generator
+    from tests.engine_runs import scoring_engine
 
     text = ("Photosynthesis is the process by which green plants and some other organisms use sunlight to "
             "synthesize foods from carbon dioxide and water. It generally involves the green pigment chlorophyll "
@@ -113,10 +113,11 @@ def teacher_forced(gguf_path, real_model):
             "first stage, light is absorbed and its energy is stored in ATP and NADPH; in the second, the Calvin "
             "cycle fixes carbon dioxide into sugars that the plant uses to grow.")  # fmt: skip
     ids = real_model.tokenizer.encode(text)
-    ref = Generator(real_model, max_model_len=512).prompt_logits(ids)
+    ref = scoring_engine(real_model, 512, chunk=256, page_size=16).prompt_logits(ids)
     out = {}
     for mode in ("int8", "int4", "auto"):
-        logits = Generator(load_model(gguf_path, quantization=mode), max_model_len=512).prompt_logits(ids)
+        quant = load_model(gguf_path, quantization=mode)
+        logits = scoring_engine(quant, 512, chunk=256, page_size=16).prompt_logits(ids)
         out[mode] = float((logits.argmax(-1) == ref.argmax(-1)).mean())
     return out
 
