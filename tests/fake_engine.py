@@ -1,11 +1,13 @@
-"""A fake engine implementing jaxserve.engine_api.Engine without a model or a compiled step (JetStream's mock
-engine): the servers, batch jobs and metrics run over it in tests that need no weights.
+"""A fake engine implementing jaxserve.engine_api.Engine without a model or a compiled step (JetStream's mock engine):
+the servers, batch jobs and metrics run over it in tests that need no weights.
 
-Its outputs can be computed by hand: sequence k of a request echoes the prompt's token ids from offset k,
-cyclically (output token i = prompt[(i + k) % len(prompt)]), one token per sequence per step, until max_tokens
-or the context end ("length"); it never emits EOS. Text, stop strings, logprobs and n > 1 gathering go through the
-real OutputProcessor, so those paths are the engine's own.
-"""
+Its outputs can be computed by hand: sequence k of a request echoes the prompt's token ids from offset k, cyclically
+(output token i = prompt[(i + k) % len(prompt)]; greedy requests, temperature 0, use offset 0 for every sequence, as a
+real engine's greedy copies are alike), one token per sequence per step, until max_tokens or the context end ("length")
+or a stop token id (the scheduler's own Request.check_stop); it never emits EOS. Its "distribution" at every step ranks
+the emitted token first and token (t + j) % V j-th after it, with logprob -(j + 1) * ln 2 (probabilities 1/2, 1/4, ...).
+Text, stop strings, logprobs and n > 1 gathering go through the real OutputProcessor, so those paths are the engine's
+own."""
 
 from __future__ import annotations
 
@@ -28,14 +30,25 @@ def echo_token(prompt: Sequence[int], k: int, i: int) -> int:
     return prompt[(i + k) % len(prompt)]
 
 
+def fake_sampler_output(tokens: Sequence[int], vocab_size: int) -> SamplerOutput:
+    """Row r: token tokens[r] at rank 1; top j is (tokens[r] + j) % V with logprob -(j + 1) ln 2."""
+    t = np.asarray(tokens, np.int32)
+    j = np.arange(MAX_LOGPROBS, dtype=np.int32)
+    top_ids = (t[:, None] + j[None, :]) % vocab_size
+    top_lp = np.broadcast_to(-(j + 1) * np.float32(np.log(2.0)), top_ids.shape).astype(np.float32)
+    return SamplerOutput(t, top_lp[:, 0].copy(), np.ones(len(t), np.int32), top_ids, top_lp)
+
+
 class FakeEngine:
     def __init__(self, tokenizer, *, max_model_len: int = 256, vocab_size: int | None = None, max_num_seqs: int = 8,
-                 max_waiting_requests: int = 64, path: str = "fake-model.gguf"):  # fmt: skip
+                 max_waiting_requests: int = 64, max_num_batched_tokens: int = 8, page_size: int = 16,
+                 path: str = "fake-model.gguf"):  # fmt: skip
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size or tokenizer.vocab_size
         self.max_num_seqs = max_num_seqs
         self.max_waiting_requests = max_waiting_requests
+        self.max_num_batched_tokens, self.page_size = max_num_batched_tokens, page_size  # (the model card's only)
         self.path = path
         self.outputs = OutputProcessor(tokenizer, self._finish)
         self._active: dict[str, tuple[Request, int]] = {}  # sequence id -> (request, its index k)
@@ -79,17 +92,18 @@ class FakeEngine:
         if not running:
             return []
         self.num_steps += 1
-        new = []
-        for req, k in running:
-            token = echo_token(req.prompt_token_ids, k, req.num_output_tokens)
+        new, tokens = [], []
+        for row, (req, k) in enumerate(running):
+            offset = k if req.sampling_params.temperature > 0 else 0
+            token = echo_token(req.prompt_token_ids, offset, req.num_output_tokens)
             req.append_output(token)
-            done = req.num_output_tokens >= req.max_tokens
+            status = req.check_stop(self.max_model_len)  # stop token ids, max_tokens, the context end (no EOS)
+            done = status is not None
             if done:
-                self._finish(req.request_id, RequestStatus.FINISHED_LENGTH)
-            new.append(SequenceTokens(req.request_id, [token], [0], done))
-        out = SamplerOutput(np.zeros(1, np.int32), np.zeros(1, np.float32), np.ones(1, np.int32),
-                            np.full((1, MAX_LOGPROBS), -1, np.int32), np.zeros((1, MAX_LOGPROBS), np.float32))
-        return self.outputs.process(new, out, time.perf_counter())
+                self._finish(req.request_id, status)
+            new.append(SequenceTokens(req.request_id, [token], [row], done))
+            tokens.append(token)
+        return self.outputs.process(new, fake_sampler_output(tokens, self.vocab_size), time.perf_counter())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.outputs.requests)
@@ -108,8 +122,9 @@ class FakeEngine:
 
     def model_card(self) -> ModelCard:
         return ModelCard(path=self.path, max_model_len=self.max_model_len, vocab_size=self.vocab_size, dtype="float32",
-                         num_parameters=0, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_seqs,
-                         page_size=16, num_kv_pages=self.max_num_seqs,
+                         num_parameters=0, max_num_seqs=self.max_num_seqs,
+                         max_num_batched_tokens=self.max_num_batched_tokens,
+                         page_size=self.page_size, num_kv_pages=self.max_num_seqs,
                          has_chat_template=bool(self.tokenizer.chat_template),
                          max_waiting_requests=self.max_waiting_requests)  # fmt: skip
 

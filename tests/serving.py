@@ -1,4 +1,5 @@
-"""Helpers for server tests: a tiny-model engine behind a Frontend, and an asyncio loop on a thread that runs a
+"""Helpers for server tests: a fake engine (tests.fake_engine: no model compiled) or a tiny-model engine behind a
+Frontend, and an asyncio loop on a thread that runs a
 server while the test talks to it with ordinary (blocking) clients."""
 
 from __future__ import annotations
@@ -30,10 +31,19 @@ def tiny_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int
     return LLMEngine(load_model(path), cfg)
 
 
+def fake_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int = 128):
+    """A FakeEngine (echoes each prompt, tests.fake_engine) with the tiny model's tokenizer: 8 sequences a step."""
+    from models.loader import load_model
+    from tests.fake_engine import FakeEngine
+
+    return FakeEngine(load_model(path).tokenizer, max_model_len=max_model_len, max_num_seqs=8,
+                      max_waiting_requests=max_waiting_requests, vocab_size=TINY.vocab_size, max_num_batched_tokens=32,
+                      page_size=PAGE)  # fmt: skip
+
+
 def pages_in_use(engine) -> int:
-    """KV pages referenced by a request (prefix-cached pages nobody holds count as free)."""
-    bm = engine.block_manager
-    return bm.num_usable_pages - bm.num_free_pages
+    """KV pages referenced by a request (prefix-cached pages nobody holds count as free): Engine.stats()."""
+    return engine.stats().kv_pages_in_use
 
 
 class LoopThread:

@@ -1,6 +1,7 @@
-"""Batch jobs on the tiny model: both line forms, the error file for mixed good and bad lines, bounded lazy
-feeding, resume after a torn write and after SIGKILL at a random point (every id exactly once, the same greedy
-outputs), and two jax.distributed processes whose merged shards equal a single-process run."""
+"""Batch jobs over the fake engine (tests.fake_engine) and the tiny model: both line forms, the error file for mixed
+good and bad lines, bounded lazy feeding, resume after a torn write and after SIGKILL at a random point (every id
+exactly once, the same greedy outputs), and two jax.distributed processes whose merged shards equal a single-process
+run."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 import pytest
 
 from jaxserve.batch import BatchJob, errors_path_for, merge, recover
-from tests.serving import tiny_engine, tiny_gguf
+from tests.serving import fake_engine, tiny_engine, tiny_gguf
 
 CACHE = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests"))
 ENGINE_FLAGS = ["--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "32", "--page-size", "8",
@@ -30,6 +31,13 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_path):
+    """The fake engine (no model compiled): the job's own logic."""
+    return fake_engine(model_path)
+
+
+@pytest.fixture(scope="module")
+def tiny(model_path):
+    """The tiny model's engine: the in-process reference for the `jaxserve batch` processes."""
     return tiny_engine(model_path)
 
 
@@ -124,6 +132,11 @@ def test_mixed_good_and_bad_lines(engine, tmp_path):
     assert not engine.has_unfinished_requests()
 
 
+def _in_flight(engine) -> int:
+    stats = engine.stats()
+    return stats.num_waiting + stats.num_running
+
+
 def test_feeding_is_bounded_and_results_match_the_python_api(engine, tmp_path, monkeypatch):
     from jaxserve.llm import LLM
     from jaxserve.sampling import SamplingParams
@@ -133,7 +146,7 @@ def test_feeding_is_bounded_and_results_match_the_python_api(engine, tmp_path, m
     job = BatchJob(engine, inp, out, progress=False, model_name="tiny")
     most = []
     step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: (most.append(engine.num_unfinished_requests), step())[1])
+    monkeypatch.setattr(engine, "step", lambda: (most.append(_in_flight(engine)), step())[1])
     assert job.run().done == 60
     assert max(most) <= job.max_pending < 60  # the file is never read ahead beyond the bound
     monkeypatch.undo()
@@ -175,12 +188,12 @@ def _count_lines(path):
         return 0
 
 
-def test_sigkill_at_a_random_point_then_rerun(model_path, engine, tmp_path):
+def test_sigkill_at_a_random_point_then_rerun(model_path, tiny, tmp_path):
     """Kill -9 once a random number of results are on disk, rerun: every id exactly once, identical outputs."""
     rows = [plain(i, max_tokens=24) for i in range(160)]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     reference = str(tmp_path / "reference.jsonl")
-    run_job(engine, inp, reference)
+    run_job(tiny, inp, reference)
     seed = random.randrange(1 << 30)
     kill_after = random.Random(seed).randrange(1, 150)
     out = str(tmp_path / "out.jsonl")
@@ -202,11 +215,11 @@ def test_sigkill_at_a_random_point_then_rerun(model_path, engine, tmp_path):
     assert by_id(out) == by_id(reference), f"seed {seed}"
 
 
-def test_two_processes_with_jax_distributed_then_merge(model_path, engine, tmp_path):
+def test_two_processes_with_jax_distributed_then_merge(model_path, tiny, tmp_path):
     rows = [plain(i) for i in range(40)] + [MIXED[1], MIXED[3], MIXED[4]]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     single = str(tmp_path / "single.jsonl")
-    run_job(engine, inp, single)
+    run_job(tiny, inp, single)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

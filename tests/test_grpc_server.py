@@ -1,10 +1,10 @@
-"""The gRPC server on the tiny model: the RPCs, health and reflection, every error path (exact status codes and
-field names), cancel / deadline / admission / drain / engine death, and the real `jaxserve-grpc` binary.
+"""The gRPC server over the fake engine (tests.fake_engine, no model compiled; the binary runs the tiny model): the
+RPCs, health and reflection, every error path (exact status codes and field names), cancel / deadline / admission /
+drain / engine death, and the real `jaxserve-grpc` binary.
 
-The servers run on an asyncio loop on a thread (tests.serving.LoopThread); the tests are plain blocking clients.
-Engine steps take well under a millisecond here, so tests that must catch a request mid-flight slow the steps
-down (slow_steps) instead of relying on timing luck.
-"""
+The servers run on an asyncio loop on a thread (tests.serving.LoopThread); the tests are plain blocking clients. Engine
+steps take well under a millisecond here, so tests that must catch a request mid-flight slow the steps down (slow_steps)
+instead of relying on timing luck."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from jaxserve.servers.frontend import Frontend
 from jaxserve.servers.grpc_server import build_server, define_flags, engine_options_from_flags, serve
 from jaxserve.v1 import jaxserve_pb2 as pb
 from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
-from tests.serving import LoopThread, pages_in_use, tiny_engine, tiny_gguf
+from tests.serving import LoopThread, fake_engine, pages_in_use, tiny_gguf
 
 LIMITS = Limits(max_body_bytes=64 << 10, max_header_bytes=4 << 10)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -68,7 +68,7 @@ async def _start(engine, async_engine, **frontend_options):
 
 @pytest.fixture(scope="module")
 def srv(gguf, loop):
-    engine = tiny_engine(gguf)
+    engine = fake_engine(gguf)
     async_engine = AsyncEngine(engine)
     served = loop.run(_start(engine, async_engine))
     yield served
@@ -80,7 +80,7 @@ def srv(gguf, loop):
 @pytest.fixture(scope="module")
 def spare(gguf):
     """A second engine with a waiting queue of 2, for admission, drain and (last) engine death."""
-    engine = tiny_engine(gguf, max_waiting_requests=2)
+    engine = fake_engine(gguf, max_waiting_requests=2)
     async_engine = AsyncEngine(engine)
     yield engine, async_engine
     async_engine.shutdown()
@@ -237,11 +237,11 @@ def test_tokenize_list_models_model_info(srv):
     assert list(raw.token_ids) == tok.encode("Hello", add_special_tokens=False)
 
     card = pb.ModelCard(id="tiny", max_model_len=128, vocab_size=260, dtype="float32", architecture="llama",
-                        num_parameters=srv.engine.model.config.num_params)  # fmt: skip
+                        num_parameters=srv.engine.model_card().num_parameters)  # fmt: skip
     assert list(srv.stub.ListModels(pb.ListModelsRequest()).models) == [card]
     info = srv.stub.ModelInfo(pb.ModelInfoRequest())
     assert info == pb.ModelInfoResponse(model=card, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
-                                        num_kv_pages=srv.engine.runner.pool.num_pages,
+                                        num_kv_pages=srv.engine.model_card().num_kv_pages,
                                         has_chat_template=bool(tok.chat_template))  # fmt: skip
     assert srv.stub.ModelInfo(pb.ModelInfoRequest(model="tiny")) == info
 
@@ -420,27 +420,27 @@ def test_a_bug_ends_only_that_request_with_internal(srv, monkeypatch):
 
 
 def test_client_cancel_aborts_the_request(srv):
-    cancelled, generated = outcome_count(srv.frontend, "cancelled"), srv.engine.num_generated_tokens
+    cancelled, generated = outcome_count(srv.frontend, "cancelled"), srv.engine.stats().generation_tokens
     with slow_steps(srv.engine, 0.01):
         call = srv.stub.Generate(long_request(100))
         assert next(call).outputs[0].token_ids
         assert pages_in_use(srv.engine) > 0
         call.cancel()
         wait_idle(srv.engine, srv.frontend, timeout=2.0)  # freed at once, not after 100 steps (1 s)
-    assert srv.engine.num_generated_tokens - generated < 100
+    assert srv.engine.stats().generation_tokens - generated < 100
     assert outcome_count(srv.frontend, "cancelled") == cancelled + 1
     assert_still_serves(srv)
 
 
 def test_rpc_deadline_mid_stream(srv):
-    generated = srv.engine.num_generated_tokens
+    generated = srv.engine.stats().generation_tokens
     received = []
     with slow_steps(srv.engine, 0.02):  # 100 tokens take 2 s; the deadline is 0.3 s
         err = rpc_error(lambda: received.extend(srv.stub.Generate(long_request(100), timeout=0.3)))
         assert err.code() == Code.DEADLINE_EXCEEDED
         wait_idle(srv.engine, srv.frontend, timeout=2.0)
     assert received and not received[-1].finished
-    assert srv.engine.num_generated_tokens - generated < 100
+    assert srv.engine.stats().generation_tokens - generated < 100
     assert_still_serves(srv)
 
 

@@ -1,6 +1,7 @@
-"""The OpenAI-compatible HTTP server on the tiny model: the official `openai` client (completions and chat,
-streamed and not), health / ready / metrics, and a bad-input suite. Every bad case asserts the exact status
-and the error's `param` (the field), then that the server still answers and no KV page leaked."""
+"""The OpenAI-compatible HTTP server over the fake engine (tests.fake_engine, no model compiled;
+tests/test_servers_real.py runs the real model): the official `openai` client (completions and chat, streamed and
+not), health / ready / metrics, and a bad-input suite. Every bad case asserts the exact status and the error's
+`param` (the field), then that the server still answers and no KV page leaked."""
 
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ from jaxserve.api.validation import Limits
 from jaxserve.async_engine import AsyncEngine
 from jaxserve.servers import http_server
 from jaxserve.servers.frontend import Frontend
-from tests.serving import LoopThread, pages_in_use, tiny_engine, tiny_gguf
+from tests.serving import LoopThread, fake_engine, pages_in_use, tiny_gguf
 
 LIMITS = Limits(max_body_bytes=64 << 10, max_header_bytes=4 << 10, max_prompt_chars=4000)
 
 
 class Server:
     def __init__(self, path, **engine_options):
-        self.engine = tiny_engine(path, **engine_options)
+        self.engine = fake_engine(path, **engine_options)
         self.async_engine = AsyncEngine(self.engine)
         self.frontend = Frontend(self.async_engine, model_name="tiny", limits=LIMITS)
         self.loop = LoopThread()
