@@ -78,8 +78,14 @@ class AsyncEngine:
 
     # ---- the caller's side (any event loop) -----------------------------------------------------------------
 
-    async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:  # fmt: skip
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs (each carries the text so far and the delta); the last has
         finished=True. Bad input raises ValueError naming the field before the first output."""
         self._check_alive()

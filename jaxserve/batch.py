@@ -35,9 +35,18 @@ from collections.abc import Iterator
 from jaxserve.api.errors import APIError, to_api_error
 from jaxserve.api.openai_protocol import ChatShape, CompletionShape, parse_chat, parse_completion, usage
 from jaxserve.api.validation import (
-    PARAM_FIELDS, GenerateRequest, Limits, ValidationError, check_messages, check_priority, check_prompt_text,
-    check_token_id_list, parse_json_body, sampling_params, tokenize_request,
-)  # fmt: skip
+    PARAM_FIELDS,
+    GenerateRequest,
+    Limits,
+    ValidationError,
+    check_messages,
+    check_priority,
+    check_prompt_text,
+    check_token_id_list,
+    parse_json_body,
+    sampling_params,
+    tokenize_request,
+)
 
 OPENAI_LINE_FIELDS = {"custom_id", "method", "url", "body"}
 OPENAI_URLS = {"/v1/completions": False, "/v1/chat/completions": True}  # url -> chat?
@@ -135,8 +144,13 @@ def _parse_plain(body: dict, line: int, limits: Limits, max_model_len: int) -> I
     want_ids = body.get("return_token_ids", False)
     if not isinstance(want_ids, bool):
         raise ValidationError("return_token_ids", "must be a boolean")
-    request = GenerateRequest(params=sampling_params(body), prompt=prompt, prompt_token_ids=ids, messages=messages,
-                              priority=check_priority(body.get("priority", 0)))  # fmt: skip
+    request = GenerateRequest(
+        params=sampling_params(body),
+        prompt=prompt,
+        prompt_token_ids=ids,
+        messages=messages,
+        priority=check_priority(body.get("priority", 0)),
+    )
     return Item(line, key, False, messages is not None, request, want_ids)
 
 
@@ -240,24 +254,39 @@ def output_record(item: Item, out, model: str) -> dict:
             body["prompt_token_ids"] = list(out.prompt_token_ids)
             for choice, comp in zip(body["choices"], out.outputs):
                 choice["token_ids"] = list(comp.token_ids)
-        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": item.key,
-                "response": {"status_code": 200, "request_id": f"batch-{item.key}", "body": body}, "error": None}
+        return {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": item.key,
+            "response": {"status_code": 200, "request_id": f"batch-{item.key}", "body": body},
+            "error": None,
+        }
     first = out.outputs[0]
     record = {"id": item.key, "text": first.text, "finish_reason": first.finish_reason, "usage": usage(out)}
     if item.return_token_ids:
         record["token_ids"] = list(first.token_ids)
     if len(out.outputs) > 1:
-        record["choices"] = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                              **({"token_ids": list(c.token_ids)} if item.return_token_ids else {})}
-                             for c in out.outputs]  # fmt: skip
+        record["choices"] = [
+            {
+                "index": c.index,
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+                **({"token_ids": list(c.token_ids)} if item.return_token_ids else {}),
+            }
+            for c in out.outputs
+        ]
     return record
 
 
 def error_record(line: int, key: str | None, err: APIError, openai: bool) -> dict:
     error = {"message": err.message, "param": err.field, "type": err.kind.openai_type}
     if openai:
-        return {"line": line, "id": f"batch_req_{uuid.uuid4().hex}", "custom_id": key,
-                "response": {"status_code": err.kind.http_status, "body": {"error": error}}, "error": error}
+        return {
+            "line": line,
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": key,
+            "response": {"status_code": err.kind.http_status, "body": {"error": error}},
+            "error": error,
+        }
     return {"line": line, "id": key, "error": error}
 
 
@@ -279,17 +308,28 @@ class Summary:
 
     def describe(self) -> str:
         rate = self.output_tokens / self.seconds if self.seconds else 0.0
-        return (f"{self.done} done, {self.skipped} already done (skipped), {self.errors} errors; "
-                f"{self.output_tokens} output tokens in {self.seconds:.1f}s = {rate:.1f} tok/s, "
-                f"{self.done / self.seconds if self.seconds else 0.0:.2f} req/s")  # fmt: skip
+        return (
+            f"{self.done} done, {self.skipped} already done (skipped), {self.errors} errors; "
+            f"{self.output_tokens} output tokens in {self.seconds:.1f}s = {rate:.1f} tok/s, "
+            f"{self.done / self.seconds if self.seconds else 0.0:.2f} req/s"
+        )
 
 
 class BatchJob:
     """Runs one shard of an input file through an LLMEngine (synchronously, on this thread)."""
 
-    def __init__(self, engine, input_path: str, output_path: str, *, shard: tuple[int, int] = (0, 1),
-                 limits: Limits = Limits(), model_name: str = "", flush_interval: float = 1.0,
-                 progress: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        engine,
+        input_path: str,
+        output_path: str,
+        *,
+        shard: tuple[int, int] = (0, 1),
+        limits: Limits = Limits(),
+        model_name: str = "",
+        flush_interval: float = 1.0,
+        progress: bool = True,
+    ):
         index, count = shard
         if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
             raise ValueError(f"shard={shard!r}: need 0 <= index < count")
@@ -323,8 +363,13 @@ class BatchJob:
         start = last_flush = time.perf_counter()
         # The total is known cheaply only for an unsharded job (a shard's share needs every line's id).
         total = sum(1 for _ in read_lines(self.input_path)) if self.progress and self.shard[1] == 1 else None
-        bar = tqdm(desc=f"batch {self.shard[0]}/{self.shard[1]}", total=total, unit="req",
-                   disable=not self.progress, file=sys.stderr)  # fmt: skip
+        bar = tqdm(
+            desc=f"batch {self.shard[0]}/{self.shard[1]}",
+            total=total,
+            unit="req",
+            disable=not self.progress,
+            file=sys.stderr,
+        )
 
         def fail(line: int, key: str | None, err: APIError, openai: bool) -> None:
             if line not in reported_lines:
@@ -345,16 +390,24 @@ class BatchJob:
                         fail(e.line, e.key, e.error, b'"custom_id"' in raw)
                         continue
                     if item.key in seen:
-                        fail(number, item.key, ValidationError("id" if not item.openai else "custom_id",
-                             f"duplicate id {item.key!r} (first on line {seen[item.key]})"), item.openai)  # fmt: skip
+                        fail(
+                            number,
+                            item.key,
+                            ValidationError(
+                                "id" if not item.openai else "custom_id",
+                                f"duplicate id {item.key!r} (first on line {seen[item.key]})",
+                            ),
+                            item.openai,
+                        )
                         continue
                     seen[item.key] = number
                     if item.key in done_ids:
                         summary.skipped += 1
                         continue
                     try:
-                        _, ids = tokenize_request(item.request, engine.tokenizer, max_model_len=max_len,
-                                                  vocab_size=vocab)  # fmt: skip
+                        _, ids = tokenize_request(
+                            item.request, engine.tokenizer, max_model_len=max_len, vocab_size=vocab
+                        )
                         rid = f"batch-{number}"
                         engine.add_request(rid, ids, item.request.params, priority=item.request.priority)
                     except Exception as e:  # validation; anything else is this line's failure, not the job's
@@ -374,8 +427,10 @@ class BatchJob:
                     summary.done += 1
                     summary.prompt_tokens += len(result.prompt_token_ids)
                     summary.output_tokens += sum(len(c.token_ids) for c in result.outputs)
-                    bar.set_postfix_str(f"{summary.output_tokens / (time.perf_counter() - start):.1f} tok/s, "
-                                        f"{summary.errors} errors", refresh=False)  # fmt: skip
+                    bar.set_postfix_str(
+                        f"{summary.output_tokens / (time.perf_counter() - start):.1f} tok/s, {summary.errors} errors",
+                        refresh=False,
+                    )
                     bar.update(1)
                 now = time.perf_counter()
                 if now - last_flush >= self.flush_interval:

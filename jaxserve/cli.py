@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="run a JSONL file through the engine (resumable; `batch merge` joins shards)")
     batch.add_argument("--input", required=True, help="JSONL: OpenAI batch lines or {id, prompt|messages, ...}")
     batch.add_argument("--output", required=True, help="JSONL results (appended; a rerun skips ids already there)")
-    batch.add_argument("--shard", default=None,
-                       help="i/n: this process takes shard i of n; auto: from jax.distributed (every host of a slice)")
+    batch.add_argument(
+        "--shard",
+        default=None,
+        help="i/n: this process takes shard i of n; auto: from jax.distributed (every host of a slice)",
+    )
     batch.add_argument("--allow-errors", action="store_true", help="exit 0 even when some lines failed")
     batch.add_argument("--flush-interval", type=float, default=1.0, help="seconds between fsyncs of the output")
     batch.add_argument("--served-model-name", default=None, help="the model name written in OpenAI-form outputs")
@@ -54,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("batch-merge", help=argparse.SUPPRESS)
     merge.add_argument("--input", required=True, help="the job's input (gives the order)")
     merge.add_argument("--output", required=True, help="the job's --output; its .shard-i-of-n files are joined")
-    sub.add_parser("grpc", help="the gRPC server (same as jaxserve-grpc; absl flags, see --helpfull)",
-                   add_help=False)  # fmt: skip
+    sub.add_parser("grpc", help="the gRPC server (same as jaxserve-grpc; absl flags, see --helpfull)", add_help=False)
     return parser
 
 
@@ -63,10 +65,18 @@ def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--served-model-name", default=None, help="the name clients use (default: the model's)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests may take before they are cancelled")
-    p.add_argument("--stall-timeout", type=float, default=120.0,
-                   help="seconds without engine progress before /ready reports not ready")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may take before they are cancelled",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        help="seconds without engine progress before /ready reports not ready",
+    )
     p.add_argument("--max-body-bytes", type=argparse_bytes, default=4 << 20, help="request body limit")
     p.add_argument("--max-header-bytes", type=argparse_bytes, default=16 << 10, help="request headers limit")
 
@@ -76,8 +86,15 @@ def _sampling(args, default_temperature: float):
 
     temperature = default_temperature if args.temperature is None else args.temperature
     return SamplingParams(
-        temperature=temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, max_tokens=args.max_tokens,
-        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed, ignore_eos=args.ignore_eos,
+        temperature=temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        max_tokens=args.max_tokens,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
     )
 
 
@@ -90,9 +107,15 @@ def _load(args):
 
     if args.multihost:
         _distributed(args)
-    return build_engine(**engine_options_from_args(args, batching=False), progress=True, quiet=args.quiet,
-                        max_num_seqs=1, max_num_batched_tokens=CLI_BUCKETS[-1], token_buckets=CLI_BUCKETS,
-                        seed=args.seed or 0)  # fmt: skip
+    return build_engine(
+        **engine_options_from_args(args, batching=False),
+        progress=True,
+        quiet=args.quiet,
+        max_num_seqs=1,
+        max_num_batched_tokens=CLI_BUCKETS[-1],
+        token_buckets=CLI_BUCKETS,
+        seed=args.seed or 0,
+    )
 
 
 def _stream(engine, prompt_ids, params, quiet: bool) -> str:
@@ -112,8 +135,11 @@ def _stream(engine, prompt_ids, params, quiet: bool) -> str:
     if not quiet and out is not None:
         m, n = out.metrics, len(out.outputs[0].token_ids)
         rate = 1 / m.tpot if m.tpot else 0.0
-        print(f"[jaxserve] prompt {len(prompt_ids)} tokens, generated {n} ({out.outputs[0].finish_reason}); "
-              f"time to first token {m.ttft * 1e3:.0f} ms; decode {rate:.1f} tokens/s", file=sys.stderr)  # fmt: skip
+        print(
+            f"[jaxserve] prompt {len(prompt_ids)} tokens, generated {n} ({out.outputs[0].finish_reason}); "
+            f"time to first token {m.ttft * 1e3:.0f} ms; decode {rate:.1f} tokens/s",
+            file=sys.stderr,
+        )
     return out.outputs[0].text if out is not None else ""
 
 
@@ -172,7 +198,7 @@ def _chat(args, engine) -> int:
             if not line.strip():
                 break
             if line.strip() == "/reset":
-                del messages[int(bool(args.system)):]
+                del messages[int(bool(args.system)) :]
                 continue
             turn(line)
     else:
@@ -204,8 +230,9 @@ def cmd_serve(args) -> int:
     if follow_or_none(engine) is None:  # processes other than 0 replay process 0's steps
         return 0
     limits = Limits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
-    frontend = Frontend(AsyncEngine(engine), model_name=args.served_model_name, limits=limits,
-                        stall_timeout=args.stall_timeout)  # fmt: skip
+    frontend = Frontend(
+        AsyncEngine(engine), model_name=args.served_model_name, limits=limits, stall_timeout=args.stall_timeout
+    )
     try:
         return asyncio.run(http_server.serve(frontend, args.host, args.port, drain_timeout=args.drain_timeout))
     finally:
@@ -242,15 +269,23 @@ def cmd_batch(args) -> int:
         raise ValueError("--multihost: a batch job shards its input over hosts instead (--shard auto)")
     index, count = _shard(args)
     engine = _batching_engine(args)
-    job = BatchJob(engine, args.input, args.output, shard=(index, count),
-                   limits=Limits(max_body_bytes=args.max_body_bytes), flush_interval=args.flush_interval,
-                   model_name=args.served_model_name or default_model_name(engine.model_card().path),
-                   progress=not args.quiet)  # fmt: skip
+    job = BatchJob(
+        engine,
+        args.input,
+        args.output,
+        shard=(index, count),
+        limits=Limits(max_body_bytes=args.max_body_bytes),
+        flush_interval=args.flush_interval,
+        model_name=args.served_model_name or default_model_name(engine.model_card().path),
+        progress=not args.quiet,
+    )
     summary = job.run()
     errors_path = errors_path_for(shard_path(args.output, index, count))
     total_errors = sum(1 for _ in iter_records(errors_path))
-    print(f"[jaxserve batch] shard {index}/{count}: {summary.describe()}; {total_errors} error lines in "
-          f"{errors_path}", file=sys.stderr)  # fmt: skip
+    print(
+        f"[jaxserve batch] shard {index}/{count}: {summary.describe()}; {total_errors} error lines in {errors_path}",
+        file=sys.stderr,
+    )
     return 1 if total_errors and not args.allow_errors else 0
 
 
@@ -258,11 +293,17 @@ def cmd_batch_merge(args) -> int:
     from jaxserve.batch import errors_path_for, merge
 
     written, errors, missing = merge(args.input, args.output)
-    print(f"[jaxserve batch merge] {written} records -> {args.output}, {errors} error lines -> "
-          f"{errors_path_for(args.output)}", file=sys.stderr)  # fmt: skip
+    print(
+        f"[jaxserve batch merge] {written} records -> {args.output}, {errors} error lines -> "
+        f"{errors_path_for(args.output)}",
+        file=sys.stderr,
+    )
     if missing:
-        print(f"[jaxserve batch merge] {len(missing)} input lines have no result yet (first: line {missing[0]}); "
-              "rerun the shards", file=sys.stderr)  # fmt: skip
+        print(
+            f"[jaxserve batch merge] {len(missing)} input lines have no result yet (first: line {missing[0]}); "
+            "rerun the shards",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -282,8 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     from models.tokenizer import TokenizerError
 
     try:
-        commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "batch": cmd_batch,
-                    "batch-merge": cmd_batch_merge}  # fmt: skip
+        commands = {
+            "generate": cmd_generate,
+            "chat": cmd_chat,
+            "serve": cmd_serve,
+            "batch": cmd_batch,
+            "batch-merge": cmd_batch_merge,
+        }
         return commands[args.command](args)
     except (ModelFileError, PromptTooLongError, TokenizerError, ValueError) as e:
         print(f"jaxserve: error: {e}", file=sys.stderr)

@@ -65,8 +65,12 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
-        for name, hi in (("max_num_batched_tokens", MAX_BATCHED_TOKENS), ("max_num_seqs", MAX_NUM_SEQS),
-                         ("max_model_len", MAX_MODEL_LEN), ("max_waiting_requests", 1 << 20)):  # fmt: skip
+        for name, hi in (
+            ("max_num_batched_tokens", MAX_BATCHED_TOKENS),
+            ("max_num_seqs", MAX_NUM_SEQS),
+            ("max_model_len", MAX_MODEL_LEN),
+            ("max_waiting_requests", 1 << 20),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
                 raise ValueError(f"SchedulerConfig.{name}={value!r} must be an integer in [1, {hi}]")
@@ -100,8 +104,9 @@ class ParallelConfig:
         if not isinstance(self.multihost, bool):
             raise ValueError(f"ParallelConfig.multihost={self.multihost!r} must be a bool")
         if self.multihost and self.data_parallel_size > 1:
-            raise ValueError("ParallelConfig.data_parallel_size > 1 with multihost: not supported yet (one engine "
-                             "spans the hosts)")  # fmt: skip
+            raise ValueError(
+                "ParallelConfig.data_parallel_size > 1 with multihost: not supported yet (one engine spans the hosts)"
+            )
         for name in ("tensor_parallel_size", "data_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
@@ -133,21 +138,34 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"EngineConfig.attention_backend={self.attention_backend!r} must be one of "
-                             f"{ATTENTION_BACKENDS}")  # fmt: skip
+            raise ValueError(
+                f"EngineConfig.attention_backend={self.attention_backend!r} must be one of {ATTENTION_BACKENDS}"
+            )
         if self.token_buckets is not None:
             b = self.token_buckets
             if not b or any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in b):
                 raise ValueError(f"EngineConfig.token_buckets={b!r} must be positive integers")
             if max(b) != self.scheduler.max_num_batched_tokens:
-                raise ValueError(f"EngineConfig.token_buckets={b!r}: the largest must equal max_num_batched_tokens="
-                                 f"{self.scheduler.max_num_batched_tokens}")  # fmt: skip
+                raise ValueError(
+                    f"EngineConfig.token_buckets={b!r}: the largest must equal max_num_batched_tokens="
+                    f"{self.scheduler.max_num_batched_tokens}"
+                )
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"EngineConfig.seed={self.seed!r} must be an integer in [0, 2**63)")
 
 
-_BYTE_UNITS = {"": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-               "g": 10**9, "gb": 10**9, "gib": 2**30}  # fmt: skip
+_BYTE_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+}
 
 
 def parse_bytes(text: str) -> int:

@@ -55,8 +55,14 @@ class TextStream:
     joined equal the final text (cut before the stop string unless include_stop_str_in_output).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), *, skip_special_tokens: bool = True,
-                 include_stop_str_in_output: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: tuple[str, ...] = (),
+        *,
+        skip_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
+    ):
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
         self.stop = tuple(stop)
         self.include_stop = include_stop_str_in_output

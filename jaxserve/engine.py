@@ -18,8 +18,11 @@ import jax
 import numpy as np
 
 from jaxserve.api.validation import (  # noqa: F401  (PromptTooLongError: re-exported)
-    PromptTooLongError, check_priority, check_prompt_tokens, check_request_id,
-)  # fmt: skip
+    PromptTooLongError,
+    check_priority,
+    check_prompt_tokens,
+    check_request_id,
+)
 from jaxserve.config import EngineConfig
 from jaxserve.engine_api import EngineStats, ModelCard
 from jaxserve.kv_cache.block_manager import BlockManager
@@ -35,8 +38,14 @@ _NO_SAMPLE = SamplingParams(temperature=0.0, max_tokens=1)  # rows of a step tha
 
 
 class LLMEngine:
-    def __init__(self, model: LoadedModel, config: EngineConfig | None = None, *, progress: bool = False,
-                 mesh: jax.sharding.Mesh | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: LoadedModel,
+        config: EngineConfig | None = None,
+        *,
+        progress: bool = False,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
         """mesh: this engine's devices, with a "model" axis (None: the first tensor_parallel_size devices when
         that is > 1, else the default device). Data parallelism is several engines (jaxserve.parallel)."""
         config = config or EngineConfig()
@@ -46,19 +55,32 @@ class LLMEngine:
             mesh = make_mesh(dataclasses.replace(config.parallel, data_parallel_size=1)).replica(0)
         limit = model.config.max_position_embeddings
         if config.scheduler.max_model_len > limit:
-            raise ValueError(f"SchedulerConfig.max_model_len={config.scheduler.max_model_len} exceeds the model's "
-                             f"context of {limit} tokens")  # fmt: skip
+            raise ValueError(
+                f"SchedulerConfig.max_model_len={config.scheduler.max_model_len} exceeds the model's "
+                f"context of {limit} tokens"
+            )
         self.config = config
         self.tokenizer = model.tokenizer
         self.max_model_len = config.scheduler.max_model_len
-        self.runner = ModelRunner(model.config, model.params, cache=config.cache, scheduler=config.scheduler,
-                                  attention_backend=config.attention_backend, buckets=config.token_buckets,
-                                  progress=progress, mesh=mesh)  # fmt: skip
+        self.runner = ModelRunner(
+            model.config,
+            model.params,
+            cache=config.cache,
+            scheduler=config.scheduler,
+            attention_backend=config.attention_backend,
+            buckets=config.token_buckets,
+            progress=progress,
+            mesh=mesh,
+        )
         if self.runner.params is not model.params:  # sharded copies under a mesh: keep no reference to the
             model = dataclasses.replace(model, params=self.runner.params)  # unsharded ones (freed with the caller's)
         self.model = model
-        self.block_manager = BlockManager(self.runner.pool.num_pages, config.cache.page_size,
-                                          model_id=model.path, enable_prefix_caching=config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            self.runner.pool.num_pages,
+            config.cache.page_size,
+            model_id=model.path,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._rng = np.random.default_rng(config.seed)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
@@ -82,8 +104,15 @@ class LLMEngine:
     def check_prompt(self, prompt_token_ids: Sequence[int]) -> None:
         check_prompt_tokens(prompt_token_ids, max_model_len=self.max_model_len, vocab_size=self.model.config.vocab_size)
 
-    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
-                    priority: int = 0, arrival_time: float | None = None) -> None:  # fmt: skip
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
         """Queue a request (raises ValueError naming the field on bad input; nothing is queued then)."""
         params = params or SamplingParams()
         check_request_id(request_id)
@@ -106,9 +135,19 @@ class LLMEngine:
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         base_seed = int(self._rng.integers(2**32)) if params.seed is None else params.seed
-        requests = [Request(rid, ids, params, max_tokens, eos_token_ids=tuple(self.tokenizer.eos_token_ids),
-                            seed=(base_seed + k) % 2**63, priority=priority, arrival_time=now)
-                    for k, rid in enumerate(child_ids)]  # fmt: skip
+        requests = [
+            Request(
+                rid,
+                ids,
+                params,
+                max_tokens,
+                eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+                seed=(base_seed + k) % 2**63,
+                priority=priority,
+                arrival_time=now,
+            )
+            for k, rid in enumerate(child_ids)
+        ]
         self.outputs.new_request(request_id, text, ids, params, RequestMetrics(arrival_time=now), requests)
         for req in requests:
             self.scheduler.add_request(req)
@@ -136,23 +175,36 @@ class LLMEngine:
         bm, sched = self.block_manager, self.scheduler
         compiles, cache_hits = self.runner.counter.snapshot()
         return EngineStats(
-            num_waiting=len(sched.waiting), num_running=len(sched.running),
-            kv_pages_in_use=bm.num_usable_pages - bm.num_free_pages, kv_pages_total=bm.num_usable_pages,
-            prefix_cache_queries=bm.num_queried_tokens, prefix_cache_hits=bm.num_hit_tokens,
-            num_preemptions=sched.num_preemptions, prompt_tokens=self.num_prompt_tokens,
-            generation_tokens=self.num_generated_tokens, steps=self.num_steps, compilations=compiles,
-            compilation_cache_hits=cache_hits, compilations_since_warmup=self.runner.compiles_since_warmup,
-        )  # fmt: skip
+            num_waiting=len(sched.waiting),
+            num_running=len(sched.running),
+            kv_pages_in_use=bm.num_usable_pages - bm.num_free_pages,
+            kv_pages_total=bm.num_usable_pages,
+            prefix_cache_queries=bm.num_queried_tokens,
+            prefix_cache_hits=bm.num_hit_tokens,
+            num_preemptions=sched.num_preemptions,
+            prompt_tokens=self.num_prompt_tokens,
+            generation_tokens=self.num_generated_tokens,
+            steps=self.num_steps,
+            compilations=compiles,
+            compilation_cache_hits=cache_hits,
+            compilations_since_warmup=self.runner.compiles_since_warmup,
+        )
 
     def model_card(self) -> ModelCard:
         cfg, sched = self.model.config, self.config.scheduler
         return ModelCard(
-            path=self.model.path, max_model_len=self.max_model_len, vocab_size=cfg.vocab_size,
-            dtype=str(self.model.dtype), num_parameters=int(cfg.num_params), max_num_seqs=sched.max_num_seqs,
-            max_num_batched_tokens=sched.max_num_batched_tokens, page_size=self.config.cache.page_size,
-            num_kv_pages=self.runner.pool.num_pages, has_chat_template=bool(self.tokenizer.chat_template),
+            path=self.model.path,
+            max_model_len=self.max_model_len,
+            vocab_size=cfg.vocab_size,
+            dtype=str(self.model.dtype),
+            num_parameters=int(cfg.num_params),
+            max_num_seqs=sched.max_num_seqs,
+            max_num_batched_tokens=sched.max_num_batched_tokens,
+            page_size=self.config.cache.page_size,
+            num_kv_pages=self.runner.pool.num_pages,
+            has_chat_template=bool(self.tokenizer.chat_template),
             max_waiting_requests=sched.max_waiting_requests,
-        )  # fmt: skip
+        )
 
     def prompt_logits(self, prompt: str | Sequence[int]) -> np.ndarray:
         """f32[n, V]: the logits at every position of a prompt (teacher forcing: scoring, perplexity, parity
@@ -199,9 +251,12 @@ class LLMEngine:
         sampled = [int(token_ids[slot]) if s.samples else None for slot, s in zip(slots, sched.scheduled)]
         row_of = {s.request.request_id: slot for slot, s in zip(slots, sched.scheduled)}
         updates = self.scheduler.update(sched, sampled)
-        new = [SequenceTokens(u.request.request_id, u.new_token_ids,
-                              [row_of[u.request.request_id]] * len(u.new_token_ids), u.finished)
-               for u in updates]  # one token (one row) per sequence today; speculative decoding brings runs
+        new = [
+            SequenceTokens(
+                u.request.request_id, u.new_token_ids, [row_of[u.request.request_id]] * len(u.new_token_ids), u.finished
+            )
+            for u in updates
+        ]  # one token (one row) per sequence today; speculative decoding brings runs
         return self.outputs.process(new, result, time.perf_counter())
 
     def _sample_row(self, item: ScheduledRequest) -> SampleRow:

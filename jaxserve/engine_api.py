@@ -54,8 +54,12 @@ class EngineStats:
         """Replicas summed (the compile counters are process-wide: taken once)."""
         fields = [f.name for f in dataclasses.fields(EngineStats)]
         per_process = ("compilations", "compilation_cache_hits", "compilations_since_warmup")
-        return EngineStats(**{name: getattr(parts[0], name) if name in per_process
-                              else sum(getattr(p, name) for p in parts) for name in fields})  # fmt: skip
+        return EngineStats(
+            **{
+                name: getattr(parts[0], name) if name in per_process else sum(getattr(p, name) for p in parts)
+                for name in fields
+            }
+        )
 
 
 @runtime_checkable
@@ -71,8 +75,15 @@ class Engine(Protocol):
     def check_prompt(self, prompt_token_ids: Sequence[int]) -> None:
         """ValueError (PromptTooLongError) naming the field when the prompt cannot run."""
 
-    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
-                    priority: int = 0, arrival_time: float | None = None) -> None:  # fmt: skip
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
         """Queue a request; ValueError naming the field (nothing queued), QueueFullError when full."""
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -1,9 +1,9 @@
 """`LLM`: offline batched generation, shaped like vLLM's so its users switch by changing the import.
 
-    from jaxserve import LLM, SamplingParams
-    llm = LLM()                                   # the default SmolLM2-135M-Instruct; LLM(model=path) another
-    outs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0.8, max_tokens=64))
-    print(outs[0].outputs[0].text)
+from jaxserve import LLM, SamplingParams
+llm = LLM()                                   # the default SmolLM2-135M-Instruct; LLM(model=path) another
+outs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0.8, max_tokens=64))
+print(outs[0].outputs[0].text)
 """
 
 from __future__ import annotations
@@ -32,9 +32,17 @@ def enable_compile_cache(path: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def build_engine(model: str | None = None, *, dtype: str = "float32", quantization: str = "none",
-                 max_model_len: int | None = None, compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
-                 progress: bool = True, quiet: bool = False, **options):  # fmt: skip
+def build_engine(
+    model: str | None = None,
+    *,
+    dtype: str = "float32",
+    quantization: str = "none",
+    max_model_len: int | None = None,
+    compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
+    progress: bool = True,
+    quiet: bool = False,
+    **options,
+):
     """Load a model and start an engine on it (every bucket compiled before this returns). `options`: the
     engine options of jaxserve.options.OPTIONS (and token_buckets, enable_chunked_prefill)."""
     from jaxserve.engine import LLMEngine
@@ -57,24 +65,42 @@ def build_engine(model: str | None = None, *, dtype: str = "float32", quantizati
         engines = [engine]
     if not quiet:
         runner = engines[0].runner
-        print(f"[jaxserve] {loaded.config.name} ({os.path.basename(loaded.path)}), {dtype}, loaded in "
-              f"{loaded.load_seconds:.1f}s; {loaded.describe_weights()}; {runner.pool.describe()}; "
-              f"{runner.describe_memory()}"
-              f"{f'; {dp} data-parallel replicas' if dp > 1 else ''}; "
-              f"{runner.describe_compile_plan()}", file=sys.stderr)  # fmt: skip
+        print(
+            f"[jaxserve] {loaded.config.name} ({os.path.basename(loaded.path)}), {dtype}, loaded in "
+            f"{loaded.load_seconds:.1f}s; {loaded.describe_weights()}; {runner.pool.describe()}; "
+            f"{runner.describe_memory()}"
+            f"{f'; {dp} data-parallel replicas' if dp > 1 else ''}; "
+            f"{runner.describe_compile_plan()}",
+            file=sys.stderr,
+        )
     return engine
 
 
 class LLM:
     """Offline generation over a continuously batched engine. Keyword options: jaxserve.options.OPTIONS."""
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", quantization: str = "none",
-                 max_model_len: int | None = None, compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
-                 quiet: bool = False, **options):  # fmt: skip
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "float32",
+        quantization: str = "none",
+        max_model_len: int | None = None,
+        compile_cache_dir: str | None = DEFAULT_COMPILE_CACHE_DIR,
+        quiet: bool = False,
+        **options,
+    ):
         """quantization (vLLM's name): "none" | "int8" | "int4" | "auto" (a GGUF file's own precision); see
         models.quant."""
-        self.engine = build_engine(model, dtype=dtype, quantization=quantization, max_model_len=max_model_len,
-                                   compile_cache_dir=compile_cache_dir, quiet=quiet, **options)  # fmt: skip
+        self.engine = build_engine(
+            model,
+            dtype=dtype,
+            quantization=quantization,
+            max_model_len=max_model_len,
+            compile_cache_dir=compile_cache_dir,
+            quiet=quiet,
+            **options,
+        )
         self._ids = itertools.count()
 
     @classmethod
@@ -87,9 +113,14 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams |
-                 Sequence[SamplingParams] | None = None, *, use_tqdm: bool = True,
-                 priority: Sequence[int] | None = None) -> list[RequestOutput]:  # fmt: skip
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
         """One finished output per prompt, in the prompts' order. A prompt is a str, {"prompt": str} or
         {"prompt_token_ids": [...]}. Bad input raises ValueError before anything runs."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
@@ -110,14 +141,18 @@ class LLM:
             engine.check_prompt(engine.tokenize(prompt)[1])
         return self._run(requests, params, priority, use_tqdm)
 
-    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]], sampling_params: SamplingParams |
-             Sequence[SamplingParams] | None = None, *, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:  # fmt: skip
+    def chat(
+        self,
+        messages: Sequence[dict] | Sequence[Sequence[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
-        prompts = [tok.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt)
-                   for c in conversations]  # fmt: skip
+        prompts = [tok.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, requests, params, priority, use_tqdm: bool) -> list[RequestOutput]:
@@ -154,8 +189,9 @@ def _prompt_input(prompt: Prompt, index: int) -> str | list[int]:
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                             for t in ids):  # fmt: skip
+            if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
                 raise ValueError(f"prompts[{index}].prompt_token_ids: need a list of ints")
             return list(ids)
         if isinstance(prompt.get("prompt"), str):

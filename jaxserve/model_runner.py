@@ -32,8 +32,13 @@ from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
 from models.llama import LlamaParams, compute_logits, forward, matmul_backend
 from models.sharding import (
-    MODEL, check_tensor_parallel, kv_cache_spec, kv_heads_sharded, per_device_bytes, shard_params,
-)  # fmt: skip
+    MODEL,
+    check_tensor_parallel,
+    kv_cache_spec,
+    kv_heads_sharded,
+    per_device_bytes,
+    shard_params,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -46,8 +51,9 @@ class StepInputs:
 
 
 def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingTensors, *, cfg, backend, mesh):
-    hidden, cache = forward(params, cfg, inputs.token_ids, inputs.positions, cache, inputs.meta,
-                            attention_backend=backend, mesh=mesh)  # fmt: skip
+    hidden, cache = forward(
+        params, cfg, inputs.token_ids, inputs.positions, cache, inputs.meta, attention_backend=backend, mesh=mesh
+    )
     with jax.named_scope("lm_head"):  # only the rows that are sampled
         logits = compute_logits(params, hidden[inputs.sample_idx], backend=matmul_backend(backend, mesh))
     with jax.named_scope("sample"):
@@ -56,8 +62,9 @@ def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingT
 
 def _all_logits(params: LlamaParams, cache: KVCache, inputs: StepInputs, *, cfg, backend, mesh):
     """The step without sampling: the logits of every token row (teacher forcing; `ModelRunner.prompt_logits`)."""
-    hidden, cache = forward(params, cfg, inputs.token_ids, inputs.positions, cache, inputs.meta,
-                            attention_backend=backend, mesh=mesh)  # fmt: skip
+    hidden, cache = forward(
+        params, cfg, inputs.token_ids, inputs.positions, cache, inputs.meta, attention_backend=backend, mesh=mesh
+    )
     return compute_logits(params, hidden, backend=matmul_backend(backend, mesh)), cache
 
 
@@ -107,8 +114,10 @@ class ModelRunner:
             replicated = NamedSharding(mesh, P())
             param_shardings = jax.tree.map(lambda a: a.sharding, params)
             kv = NamedSharding(mesh, kv_cache_spec(config, self.tensor_parallel_size))
-            jit_kw = {"in_shardings": (param_shardings, KVCache(kv, kv), replicated, replicated),
-                      "out_shardings": (replicated, KVCache(kv, kv))}  # fmt: skip
+            jit_kw = {
+                "in_shardings": (param_shardings, KVCache(kv, kv), replicated, replicated),
+                "out_shardings": (replicated, KVCache(kv, kv)),
+            }
             logits_kw = dict(jit_kw, in_shardings=jit_kw["in_shardings"][:3])
         self.params = params
         self._no_history: dict[int, jax.Array] = {}  # S -> i32[S, max_model_len] of -1 (see prepare)
@@ -118,12 +127,17 @@ class ModelRunner:
         self.pages_per_seq = -(-scheduler.max_model_len // cache.page_size)
         self.buckets = sorted(set(buckets or token_buckets(scheduler.max_num_batched_tokens)))
         if self.buckets[-1] < scheduler.max_num_batched_tokens:
-            raise ValueError(f"buckets={self.buckets} do not reach max_num_batched_tokens="
-                             f"{scheduler.max_num_batched_tokens}")  # fmt: skip
-        self._fn = jax.jit(functools.partial(_step, cfg=config, backend=attention_backend, mesh=mesh),
-                           donate_argnums=(1,), **jit_kw)  # fmt: skip
-        self._logits_fn = jax.jit(functools.partial(_all_logits, cfg=config, backend=attention_backend, mesh=mesh),
-                                  donate_argnums=(1,), **logits_kw)  # fmt: skip
+            raise ValueError(
+                f"buckets={self.buckets} do not reach max_num_batched_tokens={scheduler.max_num_batched_tokens}"
+            )
+        self._fn = jax.jit(
+            functools.partial(_step, cfg=config, backend=attention_backend, mesh=mesh), donate_argnums=(1,), **jit_kw
+        )
+        self._logits_fn = jax.jit(
+            functools.partial(_all_logits, cfg=config, backend=attention_backend, mesh=mesh),
+            donate_argnums=(1,),
+            **logits_kw,
+        )
         self._compiled_logits: dict[int, jax.stages.Compiled] = {}
         tp = self.tensor_parallel_size
         kv_shards = tp if tp > 1 and kv_heads_sharded(config, tp) else 1
@@ -132,13 +146,19 @@ class ModelRunner:
         kv_dtype = params.dtype if cache.kv_cache_dtype == "auto" else jnp.dtype(cache.kv_cache_dtype)
         self.step_temp_bytes = self._probe_temp_bytes(kv_dtype)
         self.pool: PoolPlan = plan_kv_pool(
-            cache, config, params.dtype, reserve_bytes=self.step_temp_bytes,
-            max_tokens=None if cache.kv_cache_memory is not None else self.max_pool_tokens, kv_shards=kv_shards,
+            cache,
+            config,
+            params.dtype,
+            reserve_bytes=self.step_temp_bytes,
+            max_tokens=None if cache.kv_cache_memory is not None else self.max_pool_tokens,
+            kv_shards=kv_shards,
             device=None if mesh is None else _local_device(mesh),
-        )  # fmt: skip
+        )
         if self.pool.num_tokens < scheduler.max_model_len:
-            raise ValueError(f"max_model_len={scheduler.max_model_len} does not fit the KV cache: "
-                             f"{self.pool.describe()}; raise kv_cache_memory or lower max_model_len")  # fmt: skip
+            raise ValueError(
+                f"max_model_len={scheduler.max_model_len} does not fit the KV cache: "
+                f"{self.pool.describe()}; raise kv_cache_memory or lower max_model_len"
+            )
         self.channel = StepChannel(self) if spans_processes(mesh) else None
         if self.channel is not None:  # every process must size the pool alike: process 0's plan wins
             num_pages = int(broadcast_from_leader(np.array(self.pool.num_pages, np.int64)))
@@ -173,12 +193,22 @@ class ModelRunner:
             block_tables=jax.ShapeDtypeStruct((s, self.pages_per_seq), i32),
             num_seqs=jax.ShapeDtypeStruct((), i32),
         )
-        inputs = StepInputs(jax.ShapeDtypeStruct((num_tokens,), i32), jax.ShapeDtypeStruct((num_tokens,), i32),
-                            meta, jax.ShapeDtypeStruct((s,), i32))  # fmt: skip
-        st = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                          SamplingTensors.build([], s, self.max_model_len))  # fmt: skip
-        shape = (self.cfg.num_layers, num_pages, self.page_size, self.cfg.num_kv_heads,
-                 row_width(self.cfg.head_dim, kv_dtype))
+        inputs = StepInputs(
+            jax.ShapeDtypeStruct((num_tokens,), i32),
+            jax.ShapeDtypeStruct((num_tokens,), i32),
+            meta,
+            jax.ShapeDtypeStruct((s,), i32),
+        )
+        st = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), SamplingTensors.build([], s, self.max_model_len)
+        )
+        shape = (
+            self.cfg.num_layers,
+            num_pages,
+            self.page_size,
+            self.cfg.num_kv_heads,
+            row_width(self.cfg.head_dim, kv_dtype),
+        )
         cache = KVCache(jax.ShapeDtypeStruct(shape, kv_dtype), jax.ShapeDtypeStruct(shape, kv_dtype))
         return cache, inputs, st
 
@@ -201,29 +231,42 @@ class ModelRunner:
     def _compile_all(self, progress: bool) -> None:
         from tqdm import tqdm
 
-        bar = tqdm(self.buckets, desc="compiling step buckets", unit="bucket", disable=not progress,
-                   file=sys.stderr)  # fmt: skip
+        bar = tqdm(self.buckets, desc="compiling step buckets", unit="bucket", disable=not progress, file=sys.stderr)
         for num_tokens in bar:
             t0 = time.perf_counter()
             hits0 = self.counter.snapshot()[1]
             cache, inputs, st = self._specs(num_tokens, self.pool.num_pages, self.pool.dtype)
             self.compiled[num_tokens] = self._fn.lower(self.params, cache, inputs, st).compile()
-            self.report.append(BucketReport(num_tokens, self.num_seqs_for(num_tokens), time.perf_counter() - t0,
-                                            self.counter.snapshot()[1] > hits0))  # fmt: skip
+            self.report.append(
+                BucketReport(
+                    num_tokens,
+                    self.num_seqs_for(num_tokens),
+                    time.perf_counter() - t0,
+                    self.counter.snapshot()[1] > hits0,
+                )
+            )
 
     def describe_memory(self) -> str:
         """What one device holds: weights and KV pages (sharded over the mesh's "model" axis, if any)."""
-        where = "one device" if self.mesh is None else f"each of {self.mesh.size} devices (tensor parallel " \
-                                                       f"{self.tensor_parallel_size})"  # fmt: skip
-        return (f"per device on {where}: weights {per_device_bytes(self.params) / 2**20:.1f} MiB, "
-                f"KV cache {per_device_bytes(self.cache) / 2**20:.1f} MiB")  # fmt: skip
+        where = (
+            "one device"
+            if self.mesh is None
+            else f"each of {self.mesh.size} devices (tensor parallel {self.tensor_parallel_size})"
+        )
+        return (
+            f"per device on {where}: weights {per_device_bytes(self.params) / 2**20:.1f} MiB, "
+            f"KV cache {per_device_bytes(self.cache) / 2**20:.1f} MiB"
+        )
 
     def describe_compile_plan(self) -> str:
         hits = sum(r.cache_hit for r in self.report)
-        rows = ", ".join(f"T{r.num_tokens}/S{r.num_seqs} {r.seconds:.1f}s{' (cached)' if r.cache_hit else ''}"
-                         for r in self.report)  # fmt: skip
-        return (f"compiled {len(self.report)} step buckets in {sum(r.seconds for r in self.report):.1f}s "
-                f"({hits} from the persistent cache): {rows}")  # fmt: skip
+        rows = ", ".join(
+            f"T{r.num_tokens}/S{r.num_seqs} {r.seconds:.1f}s{' (cached)' if r.cache_hit else ''}" for r in self.report
+        )
+        return (
+            f"compiled {len(self.report)} step buckets in {sum(r.seconds for r in self.report):.1f}s "
+            f"({hits} from the persistent cache): {rows}"
+        )
 
     @property
     def compiles_since_warmup(self) -> int:
@@ -237,8 +280,9 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def pack(self, scheduled: Sequence[ScheduledRequest],
-             block_tables: Sequence[Sequence[int]]) -> tuple[int, StepInputs, list[int]]:  # fmt: skip
+    def pack(
+        self, scheduled: Sequence[ScheduledRequest], block_tables: Sequence[Sequence[int]]
+    ) -> tuple[int, StepInputs, list[int]]:
         """The token rows of one step, padded to its bucket. `block_tables[i]` are scheduled[i]'s pages.
 
         Sequences are laid out longest cached history first (the ragged layout allows any order), so the
@@ -282,8 +326,9 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping, qsl, kv_lens, tables, np.array(len(scheduled), np.int32))
         return bucket, StepInputs(token_ids, positions, meta, sample_idx), slots
 
-    def prepare(self, scheduled: Sequence[ScheduledRequest], block_tables: Sequence[Sequence[int]],
-                rows: Sequence[SampleRow]) -> tuple[int, StepInputs, SamplingTensors, list[int]]:  # fmt: skip
+    def prepare(
+        self, scheduled: Sequence[ScheduledRequest], block_tables: Sequence[Sequence[int]], rows: Sequence[SampleRow]
+    ) -> tuple[int, StepInputs, SamplingTensors, list[int]]:
         """`pack`, plus each sequence's sampling (`rows[i]` is scheduled[i]'s), in slot order."""
         bucket, inputs, slots = self.pack(scheduled, block_tables)
         num_slots = self.num_seqs_for(bucket)
@@ -302,8 +347,7 @@ class ModelRunner:
     def _unread_history(self, num_slots: int) -> jax.Array:
         if num_slots not in self._no_history:
             where = NamedSharding(self.mesh, P()) if self.mesh is not None else next(iter(self.cache.k.devices()))
-            self._no_history[num_slots] = jax.device_put(np.full((num_slots, self.max_model_len), -1, np.int32),
-                                                         where)  # fmt: skip
+            self._no_history[num_slots] = jax.device_put(np.full((num_slots, self.max_model_len), -1, np.int32), where)
         return self._no_history[num_slots]
 
     def execute(self, bucket: int, inputs: StepInputs, st: SamplingTensors) -> SamplerOutput:

@@ -20,8 +20,9 @@ from jax.experimental import multihost_utils
 STOP, STEP = 0, 1
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> tuple[int, int]:  # fmt: skip
+def initialize(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> tuple[int, int]:
     """jax.distributed.initialize (on a TPU VM slice it reads the topology itself; elsewhere name the
     coordinator, the process count and this process's id). Returns (process index, process count)."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts need it; ignored elsewhere

@@ -15,9 +15,15 @@ import dataclasses
 from typing import Any
 
 from jaxserve.config import (
-    ATTENTION_BACKENDS, DEFAULT_COMPILE_CACHE_DIR, KV_CACHE_DTYPES, CacheConfig, EngineConfig, ParallelConfig,
-    SchedulerConfig, parse_bytes,
-)  # fmt: skip
+    ATTENTION_BACKENDS,
+    DEFAULT_COMPILE_CACHE_DIR,
+    KV_CACHE_DTYPES,
+    CacheConfig,
+    EngineConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parse_bytes,
+)
 from models.config import QUANTIZATIONS
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig, "": EngineConfig}
@@ -53,39 +59,104 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("model", "str", "GGUF file or HF directory (default: SmolLM2-135M-Instruct)"),
-    Option("dtype", "str", "weights and activations (float32 is the fast path on CPUs without native bf16)",
-           default="float32", choices=("float32", "bfloat16")),
-    Option("quantization", "str", "weights: int8 (W8A8) or int4 (W4A8) blocks of 32, auto keeps a GGUF file's own "
-           "Q8_0/Q4_0/Q4_1 blocks, none is dense --dtype", default="none", choices=QUANTIZATIONS, aliases=("-q",)),
-    Option("attention_backend", "str", "kernels: auto picks the Pallas ones on TPU/GPU and the C++ ones on CPU; "
-           "reference runs the pure-jnp kernels everywhere", field="attention_backend", choices=ATTENTION_BACKENDS),
+    Option(
+        "dtype",
+        "str",
+        "weights and activations (float32 is the fast path on CPUs without native bf16)",
+        default="float32",
+        choices=("float32", "bfloat16"),
+    ),
+    Option(
+        "quantization",
+        "str",
+        "weights: int8 (W8A8) or int4 (W4A8) blocks of 32, auto keeps a GGUF file's own "
+        "Q8_0/Q4_0/Q4_1 blocks, none is dense --dtype",
+        default="none",
+        choices=QUANTIZATIONS,
+        aliases=("-q",),
+    ),
+    Option(
+        "attention_backend",
+        "str",
+        "kernels: auto picks the Pallas ones on TPU/GPU and the C++ ones on CPU; "
+        "reference runs the pure-jnp kernels everywhere",
+        field="attention_backend",
+        choices=ATTENTION_BACKENDS,
+    ),
     Option("max_model_len", "int", "context length the KV cache holds (default: min(2048, the model's context))"),
     Option("page_size", "int", "tokens per KV cache page", field="cache.page_size"),
-    Option("kv_cache_dtype", "str", "KV cache dtype (auto: the model's; int8: per-token, per-head scales, ~3.8x "
-           "the tokens)", field="cache.kv_cache_dtype", choices=KV_CACHE_DTYPES),
-    Option("kv_cache_memory", "bytes", "bytes for the KV cache, e.g. 512MiB or 2GB (default: a fraction of free "
-           "memory)", field="cache.kv_cache_memory"),
-    Option("tensor_parallel_size", "int", "devices one model copy is sharded over (must split the attention heads)",
-           field="parallel.tensor_parallel_size", aliases=("-tp",)),
-    Option("data_parallel_size", "int", "model copies, each with its own batch (needs tp x dp devices)",
-           field="parallel.data_parallel_size", aliases=("-dp",)),
-    Option("multihost", "bool", "one engine over every process's devices (jax.distributed; process 0 serves, the "
-           "others follow its steps)", field="parallel.multihost"),
-    Option("compile_cache_dir", "str", "persistent XLA compilation cache ('' to disable)",
-           default=DEFAULT_COMPILE_CACHE_DIR),
+    Option(
+        "kv_cache_dtype",
+        "str",
+        "KV cache dtype (auto: the model's; int8: per-token, per-head scales, ~3.8x the tokens)",
+        field="cache.kv_cache_dtype",
+        choices=KV_CACHE_DTYPES,
+    ),
+    Option(
+        "kv_cache_memory",
+        "bytes",
+        "bytes for the KV cache, e.g. 512MiB or 2GB (default: a fraction of free memory)",
+        field="cache.kv_cache_memory",
+    ),
+    Option(
+        "tensor_parallel_size",
+        "int",
+        "devices one model copy is sharded over (must split the attention heads)",
+        field="parallel.tensor_parallel_size",
+        aliases=("-tp",),
+    ),
+    Option(
+        "data_parallel_size",
+        "int",
+        "model copies, each with its own batch (needs tp x dp devices)",
+        field="parallel.data_parallel_size",
+        aliases=("-dp",),
+    ),
+    Option(
+        "multihost",
+        "bool",
+        "one engine over every process's devices (jax.distributed; process 0 serves, the others follow its steps)",
+        field="parallel.multihost",
+    ),
+    Option(
+        "compile_cache_dir",
+        "str",
+        "persistent XLA compilation cache ('' to disable)",
+        default=DEFAULT_COMPILE_CACHE_DIR,
+    ),
     Option("max_num_seqs", "int", "sequences one step may hold", field="scheduler.max_num_seqs", batching=True),
-    Option("max_num_batched_tokens", "int", "tokens one step may process", field="scheduler.max_num_batched_tokens",
-           batching=True),
-    Option("max_waiting_requests", "int", "admission bound: a request beyond it is refused at once (HTTP 429, "
-           "gRPC RESOURCE_EXHAUSTED)", field="scheduler.max_waiting_requests", batching=True),
-    Option("enable_prefix_caching", "bool", "reuse KV pages of shared prompt prefixes", field="enable_prefix_caching",
-           off="--no-prefix-caching", batching=True),
+    Option(
+        "max_num_batched_tokens",
+        "int",
+        "tokens one step may process",
+        field="scheduler.max_num_batched_tokens",
+        batching=True,
+    ),
+    Option(
+        "max_waiting_requests",
+        "int",
+        "admission bound: a request beyond it is refused at once (HTTP 429, gRPC RESOURCE_EXHAUSTED)",
+        field="scheduler.max_waiting_requests",
+        batching=True,
+    ),
+    Option(
+        "enable_prefix_caching",
+        "bool",
+        "reuse KV pages of shared prompt prefixes",
+        field="enable_prefix_caching",
+        off="--no-prefix-caching",
+        batching=True,
+    ),
     Option("seed", "int", "seeds requests that bring none", field="seed", batching=True),
-    Option("coordinator_address", "str", "jax.distributed off TPU/SLURM: host:port of process 0 (with "
-           "--num-processes, --process-id)", engine=False),
+    Option(
+        "coordinator_address",
+        "str",
+        "jax.distributed off TPU/SLURM: host:port of process 0 (with --num-processes, --process-id)",
+        engine=False,
+    ),
     Option("num_processes", "int", "jax.distributed: processes in all", engine=False),
     Option("process_id", "int", "jax.distributed: this process's id", engine=False),
-)  # fmt: skip
+)
 
 BY_NAME = {o.name: o for o in OPTIONS}
 # build_engine's own keywords (the model load); the rest of the engine options go to engine_config
@@ -96,8 +167,9 @@ def options_for(batching: bool) -> tuple[Option, ...]:
     return tuple(o for o in OPTIONS if batching or not o.batching)
 
 
-def engine_config(*, max_model_len: int, token_buckets=None, enable_chunked_prefill: bool = True,
-                  **options) -> EngineConfig:  # fmt: skip
+def engine_config(
+    *, max_model_len: int, token_buckets=None, enable_chunked_prefill: bool = True, **options
+) -> EngineConfig:
     """Flat keyword options (vLLM's names, OPTIONS' fields) -> the engine's config tree; an unknown keyword is a
     TypeError naming it."""
     sections: dict[str, dict] = {k: {} for k in _SECTIONS}
@@ -109,10 +181,12 @@ def engine_config(*, max_model_len: int, token_buckets=None, enable_chunked_pref
         sections[section][field] = value
     sections["scheduler"].update(max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill)
     return EngineConfig(
-        cache=CacheConfig(**sections["cache"]), scheduler=SchedulerConfig(**sections["scheduler"]),
+        cache=CacheConfig(**sections["cache"]),
+        scheduler=SchedulerConfig(**sections["scheduler"]),
         parallel=ParallelConfig(**sections["parallel"]),
-        token_buckets=None if token_buckets is None else tuple(token_buckets), **sections[""],
-    )  # fmt: skip
+        token_buckets=None if token_buckets is None else tuple(token_buckets),
+        **sections[""],
+    )
 
 
 # ---- argparse ---------------------------------------------------------------------------------------------
@@ -136,8 +210,7 @@ def add_argparse_flags(p: argparse.ArgumentParser, *, batching: bool) -> None:
                 p.add_argument(o.flag, *o.aliases, dest=o.name, action="store_true", help=o.help)
             continue
         kind = {"int": int, "float": float, "str": str, "bytes": argparse_bytes}[o.kind]
-        p.add_argument(o.flag, *o.aliases, dest=o.name, type=kind, default=o.default, choices=o.choices,
-                       help=o.help)  # fmt: skip
+        p.add_argument(o.flag, *o.aliases, dest=o.name, type=kind, default=o.default, choices=o.choices, help=o.help)
 
 
 def engine_options_from_args(args: argparse.Namespace, *, batching: bool) -> dict:
@@ -158,8 +231,12 @@ def define_absl_flags(fv) -> None:
         elif o.kind == "bytes":
             flags.DEFINE_string(o.name, None if o.default is None else str(o.default), o.help, flag_values=fv)
         else:
-            define = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float, "str": flags.DEFINE_string,
-                      "bool": flags.DEFINE_bool}[o.kind]  # fmt: skip
+            define = {
+                "int": flags.DEFINE_integer,
+                "float": flags.DEFINE_float,
+                "str": flags.DEFINE_string,
+                "bool": flags.DEFINE_bool,
+            }[o.kind]
             define(o.name, o.default, o.help, flag_values=fv)
 
 

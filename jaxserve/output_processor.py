@@ -66,13 +66,24 @@ class OutputProcessor:
 
     # ---- requests -------------------------------------------------------------------------------------------
 
-    def new_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                    metrics: RequestMetrics, requests: Sequence[Request]) -> RequestState:  # fmt: skip
+    def new_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        metrics: RequestMetrics,
+        requests: Sequence[Request],
+    ) -> RequestState:
         """Track a request whose sequences (`requests`, the scheduler's) the caller queues."""
         state = RequestState(request_id, prompt, prompt_token_ids, params, metrics, [])
         for k, req in enumerate(requests):
-            stream = TextStream(self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens,
-                                include_stop_str_in_output=params.include_stop_str_in_output)  # fmt: skip
+            stream = TextStream(
+                self.tokenizer,
+                params.stop,
+                skip_special_tokens=params.skip_special_tokens,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
             logprobs = [] if params.logprobs is not None else None
             completion = CompletionOutput(k, "", [], 0.0 if logprobs is not None else None, logprobs)
             state.seqs.append(SequenceState(req, stream, completion))
@@ -113,8 +124,9 @@ class OutputProcessor:
             touched[state.request_id] = state
         return [self._emit(state, now) for state in touched.values()]
 
-    def _add_tokens(self, state: RequestState, seq: SequenceState, item: SequenceTokens, out: SamplerOutput,
-                    now: float) -> None:  # fmt: skip
+    def _add_tokens(
+        self, state: RequestState, seq: SequenceState, item: SequenceTokens, out: SamplerOutput, now: float
+    ) -> None:
         comp, req, metrics = seq.completion, seq.request, state.metrics
         finished = False
         for i, (token, row) in enumerate(zip(item.token_ids, item.rows, strict=True)):
@@ -162,8 +174,13 @@ class OutputProcessor:
         outputs = []
         for seq in state.seqs:
             comp = seq.completion
-            outputs.append(dataclasses.replace(comp, token_ids=list(comp.token_ids),
-                                               logprobs=None if comp.logprobs is None else list(comp.logprobs)))
+            outputs.append(
+                dataclasses.replace(
+                    comp,
+                    token_ids=list(comp.token_ids),
+                    logprobs=None if comp.logprobs is None else list(comp.logprobs),
+                )
+            )
             comp.delta_text, comp.delta_token_ids = "", []
         finished = state.finished
         if finished:
@@ -172,5 +189,13 @@ class OutputProcessor:
             for seq in state.seqs:
                 self.seqs.pop(seq.request.request_id, None)
         cached = max(0, state.seqs[0].request.num_cached_tokens)
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs, finished,
-                             dataclasses.replace(state.metrics), cached, state.error)  # fmt: skip
+        return RequestOutput(
+            state.request_id,
+            state.prompt,
+            state.prompt_token_ids,
+            outputs,
+            finished,
+            dataclasses.replace(state.metrics),
+            cached,
+            state.error,
+        )

@@ -49,8 +49,10 @@ def make_mesh(parallel: ParallelConfig, devices=None) -> DeviceMesh:
     devices = list(devices)
     tp, dp = parallel.tensor_parallel_size, parallel.data_parallel_size
     if tp * dp > len(devices):
-        raise ValueError(f"tensor_parallel_size={tp} x data_parallel_size={dp} needs {tp * dp} devices; "
-                         f"{len(devices)} are available ({devices[0].platform})")  # fmt: skip
+        raise ValueError(
+            f"tensor_parallel_size={tp} x data_parallel_size={dp} needs {tp * dp} devices; "
+            f"{len(devices)} are available ({devices[0].platform})"
+        )
     grid = np.array(devices[: tp * dp], dtype=object).reshape(dp, tp)
     return DeviceMesh(Mesh(grid, (DATA, MODEL)))
 
@@ -92,8 +94,10 @@ class DataParallelEngine:
         n = 1 if params is None else params.n
         # The least loaded replica that has room (ties: round robin).
         turn = next(self._turn)
-        order = sorted(range(len(self.engines)),
-                       key=lambda i: (self.engines[i].num_unfinished_requests, (i - turn) % len(self.engines)))
+        order = sorted(
+            range(len(self.engines)),
+            key=lambda i: (self.engines[i].num_unfinished_requests, (i - turn) % len(self.engines)),
+        )
         engine = next((self.engines[i] for i in order if self.engines[i].waiting_room >= n), self.engines[order[0]])
         engine.add_request(request_id, prompt, params, **kw)
         self._owner[request_id] = engine
@@ -117,8 +121,11 @@ class DataParallelEngine:
 
     def model_card(self) -> ModelCard:
         cards = [e.model_card() for e in self.engines]
-        return dataclasses.replace(cards[0], num_kv_pages=sum(c.num_kv_pages for c in cards),
-                                   max_waiting_requests=sum(c.max_waiting_requests for c in cards))
+        return dataclasses.replace(
+            cards[0],
+            num_kv_pages=sum(c.num_kv_pages for c in cards),
+            max_waiting_requests=sum(c.max_waiting_requests for c in cards),
+        )
 
     @property
     def step_channel(self):

@@ -73,8 +73,9 @@ class SamplingTensors:
         for i, r in enumerate(rows):
             if r.banned_token_ids:
                 if len(r.banned_token_ids) > MAX_BANNED:
-                    raise ValueError(f"row {i}: {len(r.banned_token_ids)} banned token ids exceed "
-                                     f"MAX_BANNED={MAX_BANNED}")
+                    raise ValueError(
+                        f"row {i}: {len(r.banned_token_ids)} banned token ids exceed MAX_BANNED={MAX_BANNED}"
+                    )
                 banned[i, : len(r.banned_token_ids)] = r.banned_token_ids
             if r.params.has_penalties:
                 p, o = len(r.prompt_token_ids), len(r.output_token_ids)

@@ -8,7 +8,7 @@ BACKENDS = ("auto", "reference", "pallas_tpu", "pallas_gpu", "cpu")
 
 
 def resolve_backend(backend: str) -> str:
-    """"auto" picks the Pallas kernels of the default device's platform, or our C++ kernels (kernels_pallas/cpu,
+    """ "auto" picks the Pallas kernels of the default device's platform, or our C++ kernels (kernels_pallas/cpu,
     through XLA FFI) on a CPU with AVX2/FMA/F16C (the jnp reference on one without); "reference" is the pure-jnp
     oracle everywhere. A kernel without a version for the chosen backend runs its reference (the KV write has no
     C++ kernel: its jnp scatter is already in place)."""

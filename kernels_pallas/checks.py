@@ -9,7 +9,16 @@ from kernels_pallas.kv_quant import head_dim_of
 
 
 def check_attention_inputs(
-    q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, *, sliding_window=None, soft_cap=None,
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    query_start_loc,
+    num_seqs,
+    *,
+    sliding_window=None,
+    soft_cap=None,
     kernel_dtypes: tuple | None = None,
 ) -> tuple[int, int, int]:
     """Raise ValueError naming what is wrong; returns (T, num_q_heads, head_dim).
@@ -47,8 +56,7 @@ def check_attention_inputs(
         raise ValueError("block_tables has no columns: max_pages_per_seq must be at least 1")
     if num_seqs.size != 1:
         raise ValueError(f"num_seqs must hold one value (i32[1] or i32[]); got shape {num_seqs.shape}")
-    named = {"kv_lens": kv_lens, "block_tables": block_tables, "query_start_loc": query_start_loc,
-             "num_seqs": num_seqs}  # fmt: skip
+    named = {"kv_lens": kv_lens, "block_tables": block_tables, "query_start_loc": query_start_loc, "num_seqs": num_seqs}
     for name, a in named.items():
         if a.dtype != jnp.int32:
             raise ValueError(f"{name} must be int32; got {a.dtype}")

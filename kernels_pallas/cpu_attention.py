@@ -34,14 +34,26 @@ def ragged_paged_attention_cpu(
     isa: str = "auto",  # "auto": AVX-512 where the CPU has it (head_dim 16..128); "avx2": the baseline kernel
 ) -> jax.Array:  # f32[T, num_q_heads, head_dim]
     if not cpu_kernel_supports(q, k_pages):
-        raise ValueError(f"ragged_paged_attention_cpu takes f32 q with f32 or int8 pages and head_dim a multiple of "
-                         f"8; got q {q.dtype} {q.shape}, pages {k_pages.dtype} (kernels_pallas.ragged_paged_attention "
-                         f"runs the reference for those)")  # fmt: skip
+        raise ValueError(
+            f"ragged_paged_attention_cpu takes f32 q with f32 or int8 pages and head_dim a multiple of "
+            f"8; got q {q.dtype} {q.shape}, pages {k_pages.dtype} (kernels_pallas.ragged_paged_attention "
+            f"runs the reference for those)"
+        )
     from kernels_pallas.cpu import ensure_registered
 
     isa_attr = check_isa(isa)
     ensure_registered()
     call = jax.ffi.ffi_call("jaxserve_ragged_paged_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, jnp.reshape(num_seqs, (1,)),
-                sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
-                soft_cap=np.float32(soft_cap or 0.0), isa=np.int64(isa_attr))  # fmt: skip
+    return call(
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        query_start_loc,
+        jnp.reshape(num_seqs, (1,)),
+        sm_scale=np.float32(sm_scale),
+        sliding_window=np.int64(sliding_window or 0),
+        soft_cap=np.float32(soft_cap or 0.0),
+        isa=np.int64(isa_attr),
+    )

@@ -25,8 +25,10 @@ def _check(k_pages, v_pages, k, v, slot_mapping) -> None:
     if k_pages.shape != v_pages.shape or k.shape != v.shape:
         raise ValueError(f"K/V shapes differ: pages {k_pages.shape} vs {v_pages.shape}, rows {k.shape} vs {v.shape}")
     if is_int8_pages(k_pages):
-        raise ValueError("the Pallas KV write takes float pages; int8 KV pages (kv_cache_dtype='int8') run on CPU "
-                         "until the accelerator issue brings int8 Pallas kernels")  # fmt: skip
+        raise ValueError(
+            "the Pallas KV write takes float pages; int8 KV pages (kv_cache_dtype='int8') run on CPU "
+            "until the accelerator issue brings int8 Pallas kernels"
+        )
     if k.ndim != 3 or k.shape[1:] != k_pages.shape[2:]:
         raise ValueError(f"rows {k.shape} must be [T, num_kv_heads, head_dim] matching pages {k_pages.shape}")
     if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != jnp.int32:

@@ -53,8 +53,9 @@ def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
         raise ValueError(f"x must be [M, K]; got shape {x.shape}")
     m, k = x.shape
     if values.ndim not in (2, 3) or scales.ndim != values.ndim:
-        raise ValueError(f"values must be [(L,) N, Kv] and scales [(L,) N, G] alike; got {values.shape}, "
-                         f"{scales.shape}")
+        raise ValueError(
+            f"values must be [(L,) N, Kv] and scales [(L,) N, G] alike; got {values.shape}, {scales.shape}"
+        )
     if (values.ndim == 3) != (layer is not None):
         raise ValueError("stacked values [L, N, Kv] need a layer index, and only they take one")
     four_bit = values.dtype == jnp.uint8
@@ -63,8 +64,9 @@ def check_inputs(x, values, scales, mins, layer) -> tuple[int, int, int, bool]:
     n, kv = values.shape[-2:]
     if k % BLOCK or kv != (k // 2 if four_bit else k):
         implied = kv * (2 if four_bit else 1)
-        raise ValueError(f"x has K={k} but values {values.shape} ({values.dtype}) imply K={implied}; "
-                         f"K must be a multiple of {BLOCK}")
+        raise ValueError(
+            f"x has K={k} but values {values.shape} ({values.dtype}) imply K={implied}; K must be a multiple of {BLOCK}"
+        )
     g = scales.shape[-1]
     if scales.shape[:-1] != values.shape[:-1] or g < 1 or k % g or (k // g) % BLOCK:
         raise ValueError(f"scales {scales.shape} must be [(L,) N, K / group] with the group a multiple of {BLOCK}")
@@ -88,8 +90,9 @@ def check_isa(isa: str) -> int:
     return ISAS[isa]
 
 
-def quantized_matmul(x, values, scales, mins=None, layer=None, *, backend: str = "auto",
-                     isa: str = "auto") -> jax.Array:  # fmt: skip
+def quantized_matmul(
+    x, values, scales, mins=None, layer=None, *, backend: str = "auto", isa: str = "auto"
+) -> jax.Array:
     """x [M, K] . dequantized(values)^T -> f32[M, N]. See the module docstring for the layouts.
 
     isa (CPU kernel): "auto" uses the CPU's AVX-512 / AVX-512 VNNI paths where it has them; "avx2" pins the
@@ -127,8 +130,16 @@ def quantized_matmul_many(x, weights, layer=None, *, backend: str = "auto", isa:
     flat = [a for v, s, m in weights for a in ((v, s, m) if four_bit else (v, s))]
     outs = [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for _, _, n, _ in shapes]
     call = jax.ffi.ffi_call("jaxserve_qmatmul_multi", outs)
-    return list(call(x.astype(jnp.float32), layer_arg, *flat, bits=np.int64(4 if four_bit else 8),
-                     f32_min_rows=np.int64(f32_min_rows(isa)), isa=np.int64(isa_attr)))  # fmt: skip
+    return list(
+        call(
+            x.astype(jnp.float32),
+            layer_arg,
+            *flat,
+            bits=np.int64(4 if four_bit else 8),
+            f32_min_rows=np.int64(f32_min_rows(isa)),
+            isa=np.int64(isa_attr),
+        )
+    )
 
 
 def absmax_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -169,8 +180,7 @@ def dequantize(values, scales, mins=None) -> jax.Array:
     return w.reshape(*lead, n, k)
 
 
-def quantized_matmul_ref(x, values, scales, mins=None, layer=None, *,
-                         min_f32_rows: int = F32_MIN_ROWS) -> jax.Array:  # fmt: skip
+def quantized_matmul_ref(x, values, scales, mins=None, layer=None, *, min_f32_rows: int = F32_MIN_ROWS) -> jax.Array:
     """Pure jnp: quantize x below min_f32_rows rows, dequantize the weights, f32 dot at full precision. As the
     C++ kernel's oracle it takes the kernel's rule (f32_min_rows(isa)); as the path of TPU, GPU and tensor
     parallel, F32_MIN_ROWS (f32 activations for prefill and big batches)."""

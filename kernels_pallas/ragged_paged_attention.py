@@ -46,33 +46,70 @@ def ragged_paged_attention(
     """Attention of each query row over its own sequence's cached K/V; rows past the valid ones give 0."""
     backend = resolve_backend(backend)
     num_seqs = jnp.reshape(num_seqs, (1,)).astype(jnp.int32)
-    check_attention_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs,
-                           sliding_window=sliding_window, soft_cap=soft_cap)  # fmt: skip
+    check_attention_inputs(
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        query_start_loc,
+        num_seqs,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
     if backend in ("pallas_tpu", "pallas_gpu") and is_int8_pages(k_pages):
-        raise ValueError(f"backend={backend!r} takes float KV pages; int8 pages (kv_cache_dtype='int8') run on CPU "
-                         f"(backend 'cpu' or 'reference') until the accelerator issue brings int8 Pallas kernels")
+        raise ValueError(
+            f"backend={backend!r} takes float KV pages; int8 pages (kv_cache_dtype='int8') run on CPU "
+            f"(backend 'cpu' or 'reference') until the accelerator issue brings int8 Pallas kernels"
+        )
     if backend == "pallas_tpu":
         from kernels_pallas.rpa_tpu import ragged_paged_attention_tpu
 
         return ragged_paged_attention_tpu(
-            q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
-            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
-        )  # fmt: skip
+            q,
+            k_pages,
+            v_pages,
+            kv_lens,
+            block_tables,
+            query_start_loc,
+            num_seqs,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+            interpret=interpret,
+        )
     if backend == "cpu":
         from kernels_pallas.cpu_attention import cpu_kernel_supports, ragged_paged_attention_cpu
 
         if cpu_kernel_supports(q, k_pages):  # what it does not take (bf16) runs the reference below
             return ragged_paged_attention_cpu(
-                q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
-                sliding_window=sliding_window, soft_cap=soft_cap,
-            )  # fmt: skip
+                q,
+                k_pages,
+                v_pages,
+                kv_lens,
+                block_tables,
+                query_start_loc,
+                num_seqs,
+                sm_scale=sm_scale,
+                sliding_window=sliding_window,
+                soft_cap=soft_cap,
+            )
     if backend == "pallas_gpu":
         from kernels_pallas.rpa_gpu import ragged_paged_attention_gpu
 
         return ragged_paged_attention_gpu(
-            q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sm_scale=sm_scale,
-            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
-        )  # fmt: skip
+            q,
+            k_pages,
+            v_pages,
+            kv_lens,
+            block_tables,
+            query_start_loc,
+            num_seqs,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+            interpret=interpret,
+        )
     return ragged_paged_attention_ref(
         q,
         k_pages,
@@ -88,8 +125,20 @@ def ragged_paged_attention(
 
 
 def ragged_paged_attention_ref(
-    q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, *, sm_scale, sliding_window=None,
-    soft_cap=None, kv_block_tokens: int = 64, row_block: int = 32, sub_block: int = 8,
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    query_start_loc,
+    num_seqs,
+    *,
+    sm_scale,
+    sliding_window=None,
+    soft_cap=None,
+    kv_block_tokens: int = 64,
+    row_block: int = 32,
+    sub_block: int = 8,
 ):
     """Pure-jnp reference in two parts, merged by online softmax (the CPU path and the test oracle):
 
@@ -188,13 +237,15 @@ def ragged_paged_attention_ref(
             pg = jax.lax.dynamic_slice_in_dim(b_tables, j * pages_per_step, pages_per_step, axis=1)  # [n, bp]
             # Unseen slots' scores are replaced by -inf, so K needs no zeroing; V does (0 * NaN would leak).
             k = read_rows(k_pages, pg).reshape(n, block, num_kv_heads, head_dim)
-            v = jnp.where(okb[:, :, None, None], read_rows(v_pages, pg).reshape(n, block, num_kv_heads, head_dim),
-                          0)  # fmt: skip
+            v = jnp.where(okb[:, :, None, None], read_rows(v_pages, pg).reshape(n, block, num_kv_heads, head_dim), 0)
             raw = jnp.einsum("tkgd,tbkd->tkgb", b_q, k)
             return online(*c, raw, okb[:, None, None, :], lambda p: jnp.einsum("tkgb,tbkd->tkgd", p, v))
 
-        init = (jnp.full((n, num_kv_heads, group), -jnp.inf), jnp.zeros((n, num_kv_heads, group)),
-                jnp.zeros((n, num_kv_heads, group, head_dim)))  # fmt: skip
+        init = (
+            jnp.full((n, num_kv_heads, group), -jnp.inf),
+            jnp.zeros((n, num_kv_heads, group)),
+            jnp.zeros((n, num_kv_heads, group, head_dim)),
+        )
         return jax.lax.fori_loop(0, (jnp.max(b_hist) + block - 1) // block, kv_step, init)
 
     def walk_one_sequence(s0, b_qpos, b_hist, b_q):
@@ -212,8 +263,11 @@ def ragged_paged_attention_ref(
             raw = jnp.einsum("kgtd,bkd->kgtb", qh, k)
             return online(*c, raw, okb[None, None], lambda p: jnp.einsum("kgtb,bkd->kgtd", p, v))
 
-        init = (jnp.full((num_kv_heads, group, n), -jnp.inf), jnp.zeros((num_kv_heads, group, n)),
-                jnp.zeros((num_kv_heads, group, n, head_dim)))  # fmt: skip
+        init = (
+            jnp.full((num_kv_heads, group, n), -jnp.inf),
+            jnp.zeros((num_kv_heads, group, n)),
+            jnp.zeros((num_kv_heads, group, n, head_dim)),
+        )
         m, l, acc = jax.lax.fori_loop(0, (jnp.max(b_hist) + block - 1) // block, kv_step, init)
         return m.transpose(2, 0, 1), l.transpose(2, 0, 1), acc.transpose(2, 0, 1, 3)
 
@@ -233,8 +287,11 @@ def ragged_paged_attention_ref(
                 part = walk_rows(sl(seq_p, at, sub), sl(qpos_p, at, sub), sl(hist_p, at, sub), sl(qg_p, at, sub))
                 return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, i * sub, 0) for x, y in zip(c, part))
 
-            z = (jnp.full((rb, num_kv_heads, group), -jnp.inf), jnp.zeros((rb, num_kv_heads, group)),
-                 jnp.zeros((rb, num_kv_heads, group, head_dim)))  # fmt: skip
+            z = (
+                jnp.full((rb, num_kv_heads, group), -jnp.inf),
+                jnp.zeros((rb, num_kv_heads, group)),
+                jnp.zeros((rb, num_kv_heads, group, head_dim)),
+            )
             return jax.lax.fori_loop(0, rb // sub, sub_step, z)
 
         shared = jnp.all((b_hist == 0) | (b_seq == s0))

@@ -164,9 +164,17 @@ def ragged_paged_attention_gpu(
     non-decreasing, kv_lens[i] >= its query rows, block-table entries of live pages are < num_pages.
     """
     num_tokens, num_q_heads, head_dim = check_attention_inputs(
-        q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, sliding_window=sliding_window,
-        soft_cap=soft_cap, kernel_dtypes=(jnp.float32, jnp.bfloat16, jnp.float16),
-    )  # fmt: skip
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        query_start_loc,
+        num_seqs,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        kernel_dtypes=(jnp.float32, jnp.bfloat16, jnp.float16),
+    )
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_slots = kv_lens.shape[0]
     group = num_q_heads // num_kv_heads
@@ -199,12 +207,29 @@ def ragged_paged_attention_gpu(
     prog_qblock = prog - blocks_start  # [NB]
 
     kernel = functools.partial(
-        _rpa_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, block_q=block_q,
-        group=group, group_pad=group_pad, tile_rows=tile_rows, head_dim_pad=head_dim_pad, block_k=block_k,
-    )  # fmt: skip
+        _rpa_kernel,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        block_q=block_q,
+        group=group,
+        group_pad=group_pad,
+        tile_rows=tile_rows,
+        head_dim_pad=head_dim_pad,
+        block_k=block_k,
+    )
     # Every ref is the whole array (no BlockSpecs): the kernel does its own gathers through the block table.
-    operands = (prog_seq, prog_qblock, kv_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
-                query_start_loc.astype(jnp.int32), q, k_pages, v_pages, jnp.zeros_like(q))  # fmt: skip
+    operands = (
+        prog_seq,
+        prog_qblock,
+        kv_lens.astype(jnp.int32),
+        block_tables.astype(jnp.int32),
+        query_start_loc.astype(jnp.int32),
+        q,
+        k_pages,
+        v_pages,
+        jnp.zeros_like(q),
+    )
     return pl.pallas_call(
         kernel,
         grid=(num_blocks, num_kv_heads),

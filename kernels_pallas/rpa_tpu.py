@@ -64,8 +64,18 @@ def ragged_paged_attention_tpu(
     `interpret=True` runs the kernel in Pallas' TPU interpreter on CPU, which emulates the async copies and
     DMA semaphores. Block sizes default to up to 32 query tokens and up to 128 cached tokens (whole pages).
     """
-    check_attention_inputs(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs,
-                           sliding_window=sliding_window, soft_cap=soft_cap, kernel_dtypes=_DTYPES)  # fmt: skip
+    check_attention_inputs(
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        query_start_loc,
+        num_seqs,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        kernel_dtypes=_DTYPES,
+    )
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     max_pages = block_tables.shape[1]
@@ -88,9 +98,14 @@ def ragged_paged_attention_tpu(
     kv_rows = pages_per_block * page_size
     q_spec = pl.BlockSpec((pl.Squeezed(), rows, head_dim), lambda h, b, *_: (h, b, 0))
     kernel = functools.partial(
-        _rpa_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, group=group,
-        page_size=page_size, pages_per_block=pages_per_block,
-    )  # fmt: skip
+        _rpa_kernel,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        group=group,
+        page_size=page_size,
+        pages_per_block=pages_per_block,
+    )
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -71,8 +71,7 @@ def _check_header(path: str) -> None:
         raise ModelFileError(f"{path}: GGUF version {version} is not supported ({SUPPORTED_VERSIONS})")
     if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
         raise ModelFileError(
-            f"{path}: absurd GGUF header: {n_tensors} tensors, {n_kv} metadata entries "
-            f"(limits {MAX_TENSORS}, {MAX_KV})"
+            f"{path}: absurd GGUF header: {n_tensors} tensors, {n_kv} metadata entries (limits {MAX_TENSORS}, {MAX_KV})"
         )
 
 
@@ -181,9 +180,7 @@ class GGUFFile:
                 if ours in shapes:
                     want = shapes[ours] if len(shapes[ours]) == 1 else shapes[ours][::-1]  # GGUF is [out, in]
                     self._check_one(f"blk.{i}.{suffix}", want)
-        extra = [
-            n for n in self.tensors if (m := _BLOCK_RE.fullmatch(n)) and int(m.group(1)) >= cfg.num_layers
-        ]
+        extra = [n for n in self.tensors if (m := _BLOCK_RE.fullmatch(n)) and int(m.group(1)) >= cfg.num_layers]
         if extra:
             raise ModelFileError(f"{self.path}: tensors beyond block_count={cfg.num_layers}: {extra[:3]}")
 
@@ -266,9 +263,11 @@ class GGUFFile:
                     rows = unpermute_rows(np.arange(per_layer[0].values.shape[0]), heads)
                     per_layer = [q.take_rows(rows) for q in per_layer]
                 arrays[ours] = HostQuantized(
-                    np.stack([q.values for q in per_layer]), np.stack([q.scales for q in per_layer]),
-                    None if per_layer[0].mins is None else np.stack([q.mins for q in per_layer]), per_layer[0].bits,
-                )  # fmt: skip
+                    np.stack([q.values for q in per_layer]),
+                    np.stack([q.scales for q in per_layer]),
+                    None if per_layer[0].mins is None else np.stack([q.mins for q in per_layer]),
+                    per_layer[0].bits,
+                )
                 continue
             stacked = np.empty((cfg.num_layers, *shapes[ours]), dtype=np.float32)
             for i, name in enumerate(names):
@@ -281,9 +280,18 @@ class GGUFFile:
 
     def tokenizer_metadata(self) -> dict[str, Any]:
         keys = (
-            "model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id",
-            "unknown_token_id", "padding_token_id", "add_bos_token", "add_eos_token",
-        )  # fmt: skip
+            "model",
+            "pre",
+            "tokens",
+            "token_type",
+            "merges",
+            "bos_token_id",
+            "eos_token_id",
+            "unknown_token_id",
+            "padding_token_id",
+            "add_bos_token",
+            "add_eos_token",
+        )
         meta = {k: self.get(f"tokenizer.ggml.{k}") for k in keys}
         meta["chat_template"] = self.get("tokenizer.chat_template")
         return meta
@@ -296,4 +304,3 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
         raise ModelFileError(f"cannot unpermute {rows} rows over {n_head} heads")
     half = rows // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-

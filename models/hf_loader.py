@@ -96,8 +96,11 @@ class HFCheckpoint:
         if missing:
             raise ModelFileError(f"{self.dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
-        arrays = {ours: np.empty((cfg.num_layers, *shapes[ours]), np.float32) for ours in set(_LAYER_NAMES.values())
-                  if ours in shapes}  # fmt: skip
+        arrays = {
+            ours: np.empty((cfg.num_layers, *shapes[ours]), np.float32)
+            for ours in set(_LAYER_NAMES.values())
+            if ours in shapes
+        }
         by_file: dict[str, list[str]] = {}
         for name in wanted:
             by_file.setdefault(self.files[name], []).append(name)

@@ -22,8 +22,15 @@ from models.cache import AttentionMetadata, KVCache
 from models.config import LlamaConfig
 from models.layers import apply_rope, rms_norm, rope_cos_sin
 from models.quant import (
-    HostQuantized, QuantizedWeight, at_layer, embed_lookup, head_linear, is_quantized, linear, linear_many,
-)  # fmt: skip
+    HostQuantized,
+    QuantizedWeight,
+    at_layer,
+    embed_lookup,
+    head_linear,
+    is_quantized,
+    linear,
+    linear_many,
+)
 from models.mesh_axes import MODEL, kv_heads_sharded
 
 
@@ -172,8 +179,18 @@ def forward(
             k = apply_rope(k.reshape(num_tokens, kv_heads, d), cos, sin)
             v = v.reshape(num_tokens, kv_heads, d)
             slots = jnp.where(meta.slot_mapping < 0, -1, meta.slot_mapping + i * num_pages * page_size)
-            o, k_all, v_all = attend(q, k, v, k_all, v_all, slots, meta.kv_lens, meta.block_tables + i * num_pages,
-                                     meta.query_start_loc, meta.num_seqs)  # fmt: skip
+            o, k_all, v_all = attend(
+                q,
+                k,
+                v,
+                k_all,
+                v_all,
+                slots,
+                meta.kv_lens,
+                meta.block_tables + i * num_pages,
+                meta.query_start_loc,
+                meta.num_seqs,
+            )
             h = h + mm(o.reshape(num_tokens, h_dim * d), p.wo)
         with jax.named_scope("mlp"):
             x = rms_norm(h, p.mlp_norm, cfg.rms_norm_eps)
@@ -185,8 +202,14 @@ def forward(
     mm = functools.partial(linear, backend=mm_backend)
     mm_many = functools.partial(linear_many, backend=mm_backend)
     in_place = resolve_backend(mm_backend) == "cpu"
-    attend = functools.partial(_write_and_attend, sm_scale=d**-0.5, sliding_window=cfg.sliding_window,
-                               backend=attention_backend, interpret=interpret_kernels, kv_select=None)  # fmt: skip
+    attend = functools.partial(
+        _write_and_attend,
+        sm_scale=d**-0.5,
+        sliding_window=cfg.sliding_window,
+        backend=attention_backend,
+        interpret=interpret_kernels,
+        kv_select=None,
+    )
     if mesh is not None and mesh.shape[MODEL] > 1:
         attend = _sharded_attend(attend, cfg, mesh)
     h = embed_lookup(params.embed, token_ids, params.dtype)
@@ -196,8 +219,24 @@ def forward(
     return h, KVCache(k_all.reshape(cache.k.shape), v_all.reshape(cache.v.shape))
 
 
-def _write_and_attend(q, k, v, k_all, v_all, slots, kv_lens, block_tables, query_start_loc, num_seqs, *,
-                      sm_scale, sliding_window, backend, interpret, kv_select):  # fmt: skip
+def _write_and_attend(
+    q,
+    k,
+    v,
+    k_all,
+    v_all,
+    slots,
+    kv_lens,
+    block_tables,
+    query_start_loc,
+    num_seqs,
+    *,
+    sm_scale,
+    sliding_window,
+    backend,
+    interpret,
+    kv_select,
+):
     """Write this step's K/V, then attend. kv_select = (group, local q heads) when every device holds all KV heads
     (fewer KV heads than devices): this device's q heads then all read one KV head, picked by its index."""
     k_all, v_all = write_kv(k_all, v_all, k, v, slots, backend=backend, interpret=interpret)
@@ -207,9 +246,19 @@ def _write_and_attend(q, k, v, k_all, v_all, slots, kv_lens, block_tables, query
         head = jax.lax.axis_index(MODEL) * local // group
         k_read = jax.lax.dynamic_slice_in_dim(k_all, head, 1, axis=2)
         v_read = jax.lax.dynamic_slice_in_dim(v_all, head, 1, axis=2)
-    o = ragged_paged_attention(q, k_read, v_read, kv_lens, block_tables, query_start_loc, num_seqs,
-                               sm_scale=sm_scale, sliding_window=sliding_window, backend=backend,
-                               interpret=interpret)  # fmt: skip
+    o = ragged_paged_attention(
+        q,
+        k_read,
+        v_read,
+        kv_lens,
+        block_tables,
+        query_start_loc,
+        num_seqs,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        backend=backend,
+        interpret=interpret,
+    )
     return o, k_all, v_all
 
 
@@ -223,8 +272,13 @@ def _sharded_attend(attend, cfg: LlamaConfig, mesh: jax.sharding.Mesh):
     else:
         kv, pages = P(), P()
         attend = functools.partial(attend, kv_select=(cfg.num_heads // cfg.num_kv_heads, cfg.num_heads // tp))
-    return jax.shard_map(attend, mesh=mesh, in_specs=(heads, kv, kv, pages, pages, P(), P(), P(), P(), P()),
-                         out_specs=(heads, pages, pages), check_vma=False)  # fmt: skip
+    return jax.shard_map(
+        attend,
+        mesh=mesh,
+        in_specs=(heads, kv, kv, pages, pages, P(), P(), P(), P(), P()),
+        out_specs=(heads, pages, pages),
+        check_vma=False,
+    )
 
 
 def matmul_backend(backend: str, mesh: jax.sharding.Mesh | None) -> str:

@@ -59,8 +59,10 @@ class LoadedModel:
         total = sum(by_kind.values())
         parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(by_kind.items()))
         size = _path_bytes(self.path)
-        return (f"weights {total / 2**20:.1f} MiB (quantization={self.quantization}: {parts}); model file "
-                f"{size / 2**20:.1f} MiB ({total / max(size, 1):.2f}x)")  # fmt: skip
+        return (
+            f"weights {total / 2**20:.1f} MiB (quantization={self.quantization}: {parts}); model file "
+            f"{size / 2**20:.1f} MiB ({total / max(size, 1):.2f}x)"
+        )
 
 
 def _path_bytes(path: str) -> int:

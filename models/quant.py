@@ -28,10 +28,14 @@ import numpy as np
 
 from kernels_pallas.dense_matmul import dense_matmul, dense_matmul_many
 from kernels_pallas.quantized_matmul import (
-    BLOCK, dequantize, quantize_activations, quantized_matmul, quantized_matmul_many, quantizes_activations,
+    BLOCK,
+    dequantize,
+    quantize_activations,
+    quantized_matmul,
+    quantized_matmul_many,
+    quantizes_activations,
 )
 from models.config import QUANTIZATIONS  # noqa: F401  (re-exported: the modes this module implements)
-
 
 
 @dataclasses.dataclass
@@ -61,12 +65,16 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in (self.values, self.scales, self.mins)
-                   if a is not None)  # fmt: skip
+        return sum(
+            int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+            for a in (self.values, self.scales, self.mins)
+            if a is not None
+        )
 
 
-jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["values", "scales", "mins", "layer"],
-                                 meta_fields=["bits"])  # fmt: skip
+jax.tree_util.register_dataclass(
+    QuantizedWeight, data_fields=["values", "scales", "mins", "layer"], meta_fields=["bits"]
+)
 
 
 def is_quantized(w) -> bool:
@@ -154,13 +162,22 @@ class HostQuantized:
     bits: int
 
     def to_device(self) -> QuantizedWeight:
-        return QuantizedWeight(jnp.asarray(self.values), jnp.asarray(self.scales),
-                               None if self.mins is None else jnp.asarray(self.mins), None, self.bits)  # fmt: skip
+        return QuantizedWeight(
+            jnp.asarray(self.values),
+            jnp.asarray(self.scales),
+            None if self.mins is None else jnp.asarray(self.mins),
+            None,
+            self.bits,
+        )
 
     def take_rows(self, index: np.ndarray) -> HostQuantized:
         """Rows (output channels) permuted or selected: values, scales and mins move together."""
-        return HostQuantized(self.values[..., index, :], self.scales[..., index, :],
-                             None if self.mins is None else self.mins[..., index, :], self.bits)  # fmt: skip
+        return HostQuantized(
+            self.values[..., index, :],
+            self.scales[..., index, :],
+            None if self.mins is None else self.mins[..., index, :],
+            self.bits,
+        )
 
 
 def quantizable(shape: tuple[int, ...], group: int = BLOCK) -> bool:
@@ -199,8 +216,9 @@ def pack_4bit(q: np.ndarray) -> np.ndarray:
 
 def host_dequantize(h: HostQuantized) -> np.ndarray:
     """f32[..., N, K] of a host-side quantized weight (numpy; tests and requantization)."""
-    return np.asarray(dequantize(jnp.asarray(h.values), jnp.asarray(h.scales),
-                                 None if h.mins is None else jnp.asarray(h.mins)))  # fmt: skip
+    return np.asarray(
+        dequantize(jnp.asarray(h.values), jnp.asarray(h.scales), None if h.mins is None else jnp.asarray(h.mins))
+    )
 
 
 def held_mode(quantization: str, *, head: bool = False) -> str:

@@ -35,9 +35,11 @@ def check_tensor_parallel(cfg: LlamaConfig, tp: int) -> None:
         raise ValueError(f"tensor_parallel_size={tp!r}: need an integer >= 1")
     valid = [n for n in range(1, h + 1) if h % n == 0 and (k % n == 0 or n % k == 0)]
     if tp not in valid:
-        raise ValueError(f"tensor_parallel_size={tp}: {cfg.name} has {h} query heads and {k} KV heads; a "
-                         f"tensor-parallel size must divide the query heads and divide or be a multiple of the "
-                         f"KV heads: one of {valid}")  # fmt: skip
+        raise ValueError(
+            f"tensor_parallel_size={tp}: {cfg.name} has {h} query heads and {k} KV heads; a "
+            f"tensor-parallel size must divide the query heads and divide or be a multiple of the "
+            f"KV heads: one of {valid}"
+        )
 
 
 def param_specs(cfg: LlamaConfig, tp: int, params=None):
@@ -53,16 +55,29 @@ def param_specs(cfg: LlamaConfig, tp: int, params=None):
         kv_col, kv_bias = (col, bias) if kv else (P(), P())
         mlp_col, mlp_row = (col, row) if mlp else (P(), P())
         vocab_rows, vocab_cols = (P(MODEL, None), P(None, MODEL)) if vocab else (P(), P())
-    layers = LayerParams(attn_norm=P(), wq=col, wk=kv_col, wv=kv_col, wo=row, mlp_norm=P(), w_gate=mlp_col,
-                         w_up=mlp_col, w_down=mlp_row, bq=bias if cfg.attention_bias else None,
-                         bk=kv_bias if cfg.attention_bias else None, bv=kv_bias if cfg.attention_bias else None)
-    specs = LlamaParams(embed=vocab_rows, layers=layers, final_norm=P(),
-                        lm_head=None if cfg.tie_word_embeddings else vocab_cols)  # fmt: skip
+    layers = LayerParams(
+        attn_norm=P(),
+        wq=col,
+        wk=kv_col,
+        wv=kv_col,
+        wo=row,
+        mlp_norm=P(),
+        w_gate=mlp_col,
+        w_up=mlp_col,
+        w_down=mlp_row,
+        bq=bias if cfg.attention_bias else None,
+        bk=kv_bias if cfg.attention_bias else None,
+        bv=kv_bias if cfg.attention_bias else None,
+    )
+    specs = LlamaParams(
+        embed=vocab_rows, layers=layers, final_norm=P(), lm_head=None if cfg.tie_word_embeddings else vocab_cols
+    )
     return specs if params is None else _quantized_specs(specs, params, tp)
 
 
 def _quantized_specs(specs, params, tp: int):
     """Dense specs over [.., in, out] -> a QuantizedWeight of specs over its [.., out, in] arrays."""
+
     def one(spec, leaf):
         if not is_quantized(leaf):
             return spec

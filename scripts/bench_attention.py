@@ -40,8 +40,15 @@ def make_batch(args, rng):
     q = jnp.asarray(rng.standard_normal((sum(q_lens), args.q_heads, args.head_dim)), dt)
     qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     kv_lens = np.full(args.seqs, args.kv_len, np.int32)
-    batch = (q, k_pages, v_pages, jnp.asarray(kv_lens), jnp.asarray(block_tables, jnp.int32), jnp.asarray(qsl),
-             jnp.array([args.seqs], jnp.int32))  # fmt: skip
+    batch = (
+        q,
+        k_pages,
+        v_pages,
+        jnp.asarray(kv_lens),
+        jnp.asarray(block_tables, jnp.int32),
+        jnp.asarray(qsl),
+        jnp.array([args.seqs], jnp.int32),
+    )
     kv_bytes = 2 * args.seqs * args.kv_len * args.kv_heads * args.head_dim * dt.itemsize
     return batch, kv_bytes
 
@@ -75,9 +82,11 @@ def main() -> int:
     platform = jax.default_backend()
     device = jax.devices()[0]
     batch, kv_bytes = make_batch(args, np.random.default_rng(0))
-    print(f"device {device.device_kind} ({platform}); {args.seqs} seqs x {args.kv_len} cached tokens, "
-          f"{args.prefill} with a {args.chunk}-token chunk; T={batch[0].shape[0]}; "
-          f"K/V to read {kv_bytes / 2**20:.1f} MiB")
+    print(
+        f"device {device.device_kind} ({platform}); {args.seqs} seqs x {args.kv_len} cached tokens, "
+        f"{args.prefill} with a {args.chunk}-token chunk; T={batch[0].shape[0]}; "
+        f"K/V to read {kv_bytes / 2**20:.1f} MiB"
+    )
     runs = [("reference", False)]
     if platform == "gpu":
         runs.append(("pallas_gpu", False))

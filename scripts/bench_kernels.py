@@ -77,8 +77,15 @@ def stream(ms: list[int]) -> int:
 
     print(f"{'bits':>4} {'M':>3}  {'isa':>5} {'min ms':>7} {'med ms':>7} {'GB/s':>6}   (weights from memory)")
     for bits in (4, 8):
-        shapes = {"q": (hidden, hidden), "k": (192, hidden), "v": (192, hidden), "o": (hidden, hidden),
-                  "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}  # fmt: skip
+        shapes = {
+            "q": (hidden, hidden),
+            "k": (192, hidden),
+            "v": (192, hidden),
+            "o": (hidden, hidden),
+            "gate": (inter, hidden),
+            "up": (inter, hidden),
+            "down": (hidden, inter),
+        }
         w = {name: weight(n, k, bits) for name, (n, k) in shapes.items()}
         nbytes = sum(a.nbytes for t in w.values() for a in t if a is not None)
         for m in ms:
@@ -93,8 +100,10 @@ def stream(ms: list[int]) -> int:
                     fn(x, w).block_until_ready()
                     times[isa].append(time.perf_counter() - t)
             for isa, ts in times.items():
-                print(f"{bits:>4} {m:>3}  {isa:>5} {min(ts) * 1e3:>7.2f} {np.median(ts) * 1e3:>7.2f} "
-                      f"{nbytes / min(ts) / 1e9:>6.1f}")
+                print(
+                    f"{bits:>4} {m:>3}  {isa:>5} {min(ts) * 1e3:>7.2f} {np.median(ts) * 1e3:>7.2f} "
+                    f"{nbytes / min(ts) / 1e9:>6.1f}"
+                )
             sys.stdout.flush()
     return 0
 
@@ -134,10 +143,13 @@ def main() -> int:
             scales = jnp.asarray(rng.random((n, k // 32)) * 0.01 + 1e-3, jnp.float16)
             mins = jnp.asarray(-rng.random((n, k // 32)) * 0.01, jnp.float16)
             inputs = {
-                "xla f32 slice+dot": (x, stack, jnp.int32(2)), "xla f32 dot": (x, stack[2]),
-                "ours f32": (x, stack, jnp.int32(2)), "xla int8 dot": (xi, wi),
-                "ours int8": (x, v8, scales), "ours int4": (x, v4, scales, mins),
-            }  # fmt: skip
+                "xla f32 slice+dot": (x, stack, jnp.int32(2)),
+                "xla f32 dot": (x, stack[2]),
+                "ours f32": (x, stack, jnp.int32(2)),
+                "xla int8 dot": (xi, wi),
+                "ours int8": (x, v8, scales),
+                "ours int4": (x, v4, scales, mins),
+            }
             ops = 2 * m * k * n
             row = [ops / best_time(fn, *inputs[name], reps=args.reps) / 1e9 for name, fn in kernels.items()]
             print(f"{m:>4} {k:>5} {n:>6}  " + "  ".join(f"{g:>17.0f}" for g in row))

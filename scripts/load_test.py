@@ -39,20 +39,34 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxserve.v1 import jaxserve_pb2 as pb  # noqa: E402
 from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc  # noqa: E402
 
-WORDS = ("the quick brown fox jumps over lazy dog river mountain city light dark winter summer music paper stone "
-         "garden window story number table ocean forest bridge market engine signal silver golden ancient modern "
-         "simple careful bright quiet heavy small large early late north south east west under above between "
-         "through water fire earth wind cloud rain snow road house door").split()  # fmt: skip
+WORDS = (
+    "the quick brown fox jumps over lazy dog river mountain city light dark winter summer music paper stone "
+    "garden window story number table ocean forest bridge market engine signal silver golden ancient modern "
+    "simple careful bright quiet heavy small large early late north south east west under above between "
+    "through water fire earth wind cloud rain snow road house door"
+).split()
 # Engine flags passed through to a started server: (our option, `jaxserve serve` flag, `jaxserve-grpc` flag).
-ENGINE_FLAGS = [(n, "--" + n.replace("_", "-"), "--" + n) for n in (
-    "model", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "page_size",
-    "kv_cache_memory", "compile_cache_dir")]  # fmt: skip
+ENGINE_FLAGS = [
+    (n, "--" + n.replace("_", "-"), "--" + n)
+    for n in (
+        "model",
+        "max_model_len",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "max_waiting_requests",
+        "page_size",
+        "kv_cache_memory",
+        "compile_cache_dir",
+    )
+]
 
 
 def make_prompts(count: int, words: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(max(1, words + rng.randint(-words // 8, words // 8))))
-            for _ in range(count)]  # fmt: skip
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(max(1, words + rng.randint(-words // 8, words // 8))))
+        for _ in range(count)
+    ]
 
 
 class Record:
@@ -74,8 +88,14 @@ class Record:
 
 async def http_request(session: aiohttp.ClientSession, url: str, prompt: str, args) -> Record:
     rec = Record()
-    body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
+    body = {
+        "prompt": prompt,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     try:
         async with session.post(url + "/v1/completions", json=body) as resp:
             if resp.status != 200:
@@ -105,8 +125,10 @@ async def http_request(session: aiohttp.ClientSession, url: str, prompt: str, ar
 
 async def grpc_request(stub: pb_grpc.JaxServeStub, prompt: str, args) -> Record:
     rec = Record()
-    req = pb.GenerateRequest(text=prompt, sampling=pb.SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True))  # fmt: skip
+    req = pb.GenerateRequest(
+        text=prompt,
+        sampling=pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True),
+    )
     try:
         async for resp in stub.Generate(req):
             new = sum(len(o.token_ids) for o in resp.outputs)
@@ -127,8 +149,11 @@ async def run_load(protocol: str, target: str, args) -> dict:
     records: list[Record] = []
     async with contextlib.AsyncExitStack() as stack:
         if protocol == "http":
-            session = await stack.enter_async_context(aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=args.concurrency), timeout=aiohttp.ClientTimeout(total=None)))
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=args.concurrency), timeout=aiohttp.ClientTimeout(total=None)
+                )
+            )
             send = lambda p: http_request(session, target, p, args)  # noqa: E731
         else:
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(target))
@@ -184,10 +209,19 @@ def summarize(protocol: str, target: str, records: list[Record], cancelled: int,
     for r in bad:
         kinds[r.error] = kinds.get(r.error, 0) + 1
     tokens = sum(r.tokens for r in ok)
-    out = {"protocol": protocol, "target": target, "elapsed_s": round(elapsed, 3), "requests": len(ok),
-           "requests_per_s": len(ok) / elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
-           "errors": len(bad), "error_kinds": kinds, "cancelled": cancelled,
-           "first_errors": list(dict.fromkeys(f"{r.error}: {r.message}" for r in bad))[:5]}  # first distinct ones
+    out = {
+        "protocol": protocol,
+        "target": target,
+        "elapsed_s": round(elapsed, 3),
+        "requests": len(ok),
+        "requests_per_s": len(ok) / elapsed,
+        "output_tokens": tokens,
+        "output_tokens_per_s": tokens / elapsed,
+        "errors": len(bad),
+        "error_kinds": kinds,
+        "cancelled": cancelled,
+        "first_errors": list(dict.fromkeys(f"{r.error}: {r.message}" for r in bad))[:5],
+    }  # first distinct ones
     for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         out[f"{name}_p50_ms"], out[f"{name}_p99_ms"] = pct(values, 50), pct(values, 99)
     return out
@@ -195,12 +229,19 @@ def summarize(protocol: str, target: str, records: list[Record], cancelled: int,
 
 def print_table(results: list[dict]) -> None:
     f = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
-    rows = [("requests", "requests", "d"), ("requests/s", "requests_per_s", ".2f"),
-            ("output tokens/s", "output_tokens_per_s", ".1f"), ("TTFT p50 ms", "ttft_p50_ms", ".1f"),
-            ("TTFT p99 ms", "ttft_p99_ms", ".1f"), ("TPOT p50 ms", "tpot_p50_ms", ".2f"),
-            ("TPOT p99 ms", "tpot_p99_ms", ".2f"), ("e2e p50 ms", "e2e_p50_ms", ".1f"),
-            ("e2e p99 ms", "e2e_p99_ms", ".1f"), ("errors", "errors", "d"),
-            ("cancelled", "cancelled", "d")]  # fmt: skip
+    rows = [
+        ("requests", "requests", "d"),
+        ("requests/s", "requests_per_s", ".2f"),
+        ("output tokens/s", "output_tokens_per_s", ".1f"),
+        ("TTFT p50 ms", "ttft_p50_ms", ".1f"),
+        ("TTFT p99 ms", "ttft_p99_ms", ".1f"),
+        ("TPOT p50 ms", "tpot_p50_ms", ".2f"),
+        ("TPOT p99 ms", "tpot_p99_ms", ".2f"),
+        ("e2e p50 ms", "e2e_p50_ms", ".1f"),
+        ("e2e p99 ms", "e2e_p99_ms", ".1f"),
+        ("errors", "errors", "d"),
+        ("cancelled", "cancelled", "d"),
+    ]
     print(f"{'':18}" + "".join(f"{r['protocol']:>12}" for r in results))
     for label, key, spec in rows:
         print(f"{label:18}" + "".join(f"{f(r[key], spec):>12}" for r in results))
@@ -223,8 +264,12 @@ def free_port() -> int:
 def server_command(protocol: str, port: int, args) -> list[str]:
     if protocol == "http":
         cmd = [sys.executable, "-m", "jaxserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        return cmd + [x for name, flag, _ in ENGINE_FLAGS if getattr(args, name) is not None
-                      for x in (flag, str(getattr(args, name)))]  # fmt: skip
+        return cmd + [
+            x
+            for name, flag, _ in ENGINE_FLAGS
+            if getattr(args, name) is not None
+            for x in (flag, str(getattr(args, name)))
+        ]
     cmd = [sys.executable, "-m", "jaxserve.servers.grpc_server", "--host=127.0.0.1", f"--port={port}"]
     return cmd + [f"{flag}={getattr(args, name)}" for name, _, flag in ENGINE_FLAGS if getattr(args, name) is not None]
 
@@ -289,8 +334,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", help="HTTP server, e.g. http://127.0.0.1:8000")
     p.add_argument("--grpc", help="gRPC server, e.g. 127.0.0.1:50051")
-    p.add_argument("--start", nargs="?", const="http", metavar="PROTOCOLS",
-                   help="launch the server(s) here: http (default), grpc or http,grpc")
+    p.add_argument(
+        "--start",
+        nargs="?",
+        const="http",
+        metavar="PROTOCOLS",
+        help="launch the server(s) here: http (default), grpc or http,grpc",
+    )
     p.add_argument("--start-timeout", type=float, default=600, help="seconds a started server may take to be ready")
     p.add_argument("--concurrency", type=int, default=32, help="clients per protocol")
     p.add_argument("--duration", type=float, default=60, help="seconds clients keep starting requests")

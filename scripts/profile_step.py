@@ -49,8 +49,9 @@ def phase_of(name: str, scope: str) -> str:
     if "[jaxserve_ragged_paged_attention]" in scope:
         return "attention"
     # (an einsum's op_name carries its spec, "kgtd,ukd->kgtu": those are the jnp attention's, not projections)
-    is_matmul = (name.startswith(("ffi_call", "custom-call", "dot", "ynn_fusion", "onednn")) or "dot" in name) \
-        and "->" not in scope
+    is_matmul = (
+        name.startswith(("ffi_call", "custom-call", "dot", "ynn_fusion", "onednn")) or "dot" in name
+    ) and "->" not in scope
     if "lm_head" in scope or ("/sample/" in scope and is_matmul):  # (older caches: the LM head under sample)
         return "LM head"
     if is_matmul:
@@ -74,12 +75,14 @@ def exclusive_times(events: list[dict]) -> list[tuple[str, float]]:
     for evs in by_tid.values():
         evs.sort(key=lambda e: (e["ts"], -e["dur"]))
         stack: list[list] = []  # [event, child time]
+
         def close(until):
             while stack and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= until:
                 e, child = stack.pop()
                 out.append((e["name"], e["dur"] - child))
                 if stack:
                     stack[-1][1] += e["dur"]
+
         for e in evs:
             close(e["ts"])
             stack.append([e, 0.0])
@@ -101,16 +104,24 @@ def main() -> int:
     from jaxserve.llm import build_engine
     from jaxserve.sampling import SamplingParams
 
-    engine = build_engine(None, quantization=args.quantization, attention_backend=args.attention_backend,
-                          kv_cache_dtype=args.kv_cache_dtype,
-                          max_model_len=512, max_num_seqs=max(args.num_seqs, 1), max_num_batched_tokens=512,
-                          quiet=True, progress=False)  # fmt: skip
+    engine = build_engine(
+        None,
+        quantization=args.quantization,
+        attention_backend=args.attention_backend,
+        kv_cache_dtype=args.kv_cache_dtype,
+        max_model_len=512,
+        max_num_seqs=max(args.num_seqs, 1),
+        max_num_batched_tokens=512,
+        quiet=True,
+        progress=False,
+    )
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for i in range(args.num_seqs):
         engine.add_request(f"p{i}", [int(x) for x in rng.integers(100, 40000, args.context)], params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
-            engine.scheduler.waiting:  # fmt: skip
+    while (
+        any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting
+    ):
         engine.step()
     for _ in range(3):
         engine.step()
@@ -138,9 +149,11 @@ def main() -> int:
     totals["host"] = max(0.0, wall * 1e3 - device)
     per_step = {k: totals[k] / args.steps for k in PHASES}
     total = sum(per_step.values())
-    print(f"quantization={args.quantization}, kv_cache_dtype={args.kv_cache_dtype}, "
-          f"{args.num_seqs} sequences decoding at context ~{args.context}: "
-          f"bucket T{bucket}, {total:.1f} ms per step ({args.num_seqs / total * 1e3:.0f} tok/s)")
+    print(
+        f"quantization={args.quantization}, kv_cache_dtype={args.kv_cache_dtype}, "
+        f"{args.num_seqs} sequences decoding at context ~{args.context}: "
+        f"bucket T{bucket}, {total:.1f} ms per step ({args.num_seqs / total * 1e3:.0f} tok/s)"
+    )
     for k in PHASES:
         print(f"  {k:<16} {per_step[k]:8.2f} ms  {100 * per_step[k] / total:5.1f}%")
     for name, ms in per_thunk.most_common(args.top):

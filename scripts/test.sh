@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh --test), lint (ruff) and run the test suite. Extra arguments go to pytest.
+# Set up (scripts/setup.sh --test), lint and check the formatting (ruff) and run the test suite. Extra arguments go to pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test || exit 1
 .venv/bin/ruff check . || { echo "ruff: lint errors above (config: [tool.ruff] in pyproject.toml)"; exit 1; }
+.venv/bin/ruff format --check . || { echo "ruff: run '.venv/bin/ruff format .' (config: [tool.ruff])"; exit 1; }
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"  # and the 15 slowest tests
 rc=$?
 if [ "$rc" -eq 5 ]; then  # pytest: no tests collected; not a failure of the code under test

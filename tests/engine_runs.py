@@ -20,8 +20,14 @@ def scoring_engine(model, max_model_len: int, *, chunk: int = 64, page_size: int
     from jaxserve.engine import LLMEngine
     from jaxserve.options import engine_config
 
-    config = engine_config(max_model_len=max_model_len, max_num_seqs=1, max_num_batched_tokens=chunk,
-                           page_size=page_size, token_buckets=buckets or (chunk,), **options)  # fmt: skip
+    config = engine_config(
+        max_model_len=max_model_len,
+        max_num_seqs=1,
+        max_num_batched_tokens=chunk,
+        page_size=page_size,
+        token_buckets=buckets or (chunk,),
+        **options,
+    )
     return LLMEngine(model, config)
 
 
@@ -34,7 +40,7 @@ def run_all(engine, prompts, params, prefix="r"):
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                done[int(out.request_id[len(prefix):])] = out
+                done[int(out.request_id[len(prefix) :])] = out
     bm = engine.block_manager
     assert bm.num_free_pages == bm.num_usable_pages
     bm._check_invariants()

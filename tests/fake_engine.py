@@ -40,9 +40,18 @@ def fake_sampler_output(tokens: Sequence[int], vocab_size: int) -> SamplerOutput
 
 
 class FakeEngine:
-    def __init__(self, tokenizer, *, max_model_len: int = 256, vocab_size: int | None = None, max_num_seqs: int = 8,
-                 max_waiting_requests: int = 64, max_num_batched_tokens: int = 8, page_size: int = 16,
-                 path: str = "fake-model.gguf"):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        max_model_len: int = 256,
+        vocab_size: int | None = None,
+        max_num_seqs: int = 8,
+        max_waiting_requests: int = 64,
+        max_num_batched_tokens: int = 8,
+        page_size: int = 16,
+        path: str = "fake-model.gguf",
+    ):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size or tokenizer.vocab_size
@@ -77,8 +86,9 @@ class FakeEngine:
         limit = self.max_model_len - len(ids)
         max_tokens = limit if params.max_tokens is None else min(limit, params.max_tokens)
         child_ids = [request_id] if params.n == 1 else [f"{k}_{request_id}" for k in range(params.n)]
-        reqs = [Request(rid, ids, params, max_tokens, status=RequestStatus.RUNNING, arrival_time=now)
-                for rid in child_ids]  # fmt: skip
+        reqs = [
+            Request(rid, ids, params, max_tokens, status=RequestStatus.RUNNING, arrival_time=now) for rid in child_ids
+        ]
         self.outputs.new_request(request_id, text, ids, params, RequestMetrics(arrival_time=now), reqs)
         for k, req in enumerate(reqs):
             self._active[req.request_id] = (req, k)
@@ -114,19 +124,36 @@ class FakeEngine:
 
     def stats(self) -> EngineStats:
         n = len(self._active)
-        return EngineStats(num_waiting=0, num_running=n, kv_pages_in_use=n, kv_pages_total=self.max_num_seqs,
-                           prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0,
-                           prompt_tokens=self.num_prompt_tokens, generation_tokens=self.outputs.num_generated_tokens,
-                           steps=self.num_steps, compilations=0, compilation_cache_hits=0,
-                           compilations_since_warmup=0)  # fmt: skip
+        return EngineStats(
+            num_waiting=0,
+            num_running=n,
+            kv_pages_in_use=n,
+            kv_pages_total=self.max_num_seqs,
+            prefix_cache_queries=0,
+            prefix_cache_hits=0,
+            num_preemptions=0,
+            prompt_tokens=self.num_prompt_tokens,
+            generation_tokens=self.outputs.num_generated_tokens,
+            steps=self.num_steps,
+            compilations=0,
+            compilation_cache_hits=0,
+            compilations_since_warmup=0,
+        )
 
     def model_card(self) -> ModelCard:
-        return ModelCard(path=self.path, max_model_len=self.max_model_len, vocab_size=self.vocab_size, dtype="float32",
-                         num_parameters=0, max_num_seqs=self.max_num_seqs,
-                         max_num_batched_tokens=self.max_num_batched_tokens,
-                         page_size=self.page_size, num_kv_pages=self.max_num_seqs,
-                         has_chat_template=bool(self.tokenizer.chat_template),
-                         max_waiting_requests=self.max_waiting_requests)  # fmt: skip
+        return ModelCard(
+            path=self.path,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            dtype="float32",
+            num_parameters=0,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            page_size=self.page_size,
+            num_kv_pages=self.max_num_seqs,
+            has_chat_template=bool(self.tokenizer.chat_template),
+            max_waiting_requests=self.max_waiting_requests,
+        )
 
     @property
     def step_channel(self):

@@ -26,22 +26,41 @@ def main(process_id: int, port: int, path: str, num_processes: int) -> None:
     from jaxserve.sampling import SamplingParams
     from tests.multihost_prompts import PARAMS, PROMPTS
 
-    engine = build_engine(path, quiet=True, compile_cache_dir=None, max_model_len=128, max_num_seqs=8,
-                          max_num_batched_tokens=32, page_size=8, token_buckets=(8, 32),
-                          tensor_parallel_size=num_processes, multihost=True)  # fmt: skip
+    engine = build_engine(
+        path,
+        quiet=True,
+        compile_cache_dir=None,
+        max_model_len=128,
+        max_num_seqs=8,
+        max_num_batched_tokens=32,
+        page_size=8,
+        token_buckets=(8, 32),
+        tensor_parallel_size=num_processes,
+        multihost=True,
+    )
     runner = engine.runner
     if process_id != 0:
         steps = runner.channel.follow()
         print("FOLLOWED " + json.dumps({"steps": steps}), flush=True)
         return
-    outs = LLM.from_engine(engine).generate([{"prompt_token_ids": p} for p in PROMPTS],
-                                            SamplingParams(**PARAMS), use_tqdm=False)  # fmt: skip
+    outs = LLM.from_engine(engine).generate(
+        [{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(**PARAMS), use_tqdm=False
+    )
     runner.channel.stop()
     wq = runner.params.layers.wq
-    print("RESULT " + json.dumps({"tokens": [o.outputs[0].token_ids for o in outs], "steps": engine.num_steps,
-                                  "devices": len(wq.sharding.device_set),
-                                  "local_wq": list(wq.addressable_shards[0].data.shape),
-                                  "compiles_since_warmup": runner.compiles_since_warmup}), flush=True)  # fmt: skip
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "tokens": [o.outputs[0].token_ids for o in outs],
+                "steps": engine.num_steps,
+                "devices": len(wq.sharding.device_set),
+                "local_wq": list(wq.addressable_shards[0].data.shape),
+                "compiles_since_warmup": runner.compiles_since_warmup,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

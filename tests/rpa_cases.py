@@ -30,8 +30,15 @@ class RaggedCase:
         return int(self.query_start_loc[int(self.num_seqs[0])])
 
     def args(self):
-        return (self.q, self.k_pages, self.v_pages, self.kv_lens, self.block_tables, self.query_start_loc,
-                self.num_seqs)  # fmt: skip
+        return (
+            self.q,
+            self.k_pages,
+            self.v_pages,
+            self.kv_lens,
+            self.block_tables,
+            self.query_start_loc,
+            self.num_seqs,
+        )
 
 
 def make_case(
@@ -75,8 +82,9 @@ def make_case(
     qsl[s + 1 :] = total  # padding sequences own no rows
     lens = np.zeros(s + pad_seqs, np.int32)
     lens[:s] = kv_lens
-    return RaggedCase(q, k_pages, v_pages, lens, block_tables, qsl, np.array([s], np.int32), list(q_lens),
-                      sliding_window, soft_cap)  # fmt: skip
+    return RaggedCase(
+        q, k_pages, v_pages, lens, block_tables, qsl, np.array([s], np.int32), list(q_lens), sliding_window, soft_cap
+    )
 
 
 @st.composite
@@ -101,9 +109,16 @@ def ragged_cases(draw, max_seqs: int = 8, max_kv: int = 80, heads=((4, 4), (6, 3
     cap = draw(st.one_of(st.none(), st.floats(5.0, 50.0)))
     seed = draw(st.integers(0, 2**31 - 1))
     return make_case(
-        np.random.default_rng(seed), q_lens, kv_lens, page_size=page_size, num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, sliding_window=window, soft_cap=cap,
-    )  # fmt: skip
+        np.random.default_rng(seed),
+        q_lens,
+        kv_lens,
+        page_size=page_size,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        sliding_window=window,
+        soft_cap=cap,
+    )
 
 
 def dense_attention(case: RaggedCase) -> np.ndarray:

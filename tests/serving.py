@@ -25,9 +25,15 @@ def tiny_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int
     from jaxserve.llm import engine_config
     from models.loader import load_model
 
-    cfg = engine_config(max_model_len=max_model_len, max_num_seqs=8, max_num_batched_tokens=32, page_size=PAGE,
-                        kv_cache_memory=64 * 2 * TINY.num_layers * PAGE * TINY.num_kv_heads * TINY.head_dim * 4,
-                        token_buckets=(8, 32), max_waiting_requests=max_waiting_requests)  # fmt: skip
+    cfg = engine_config(
+        max_model_len=max_model_len,
+        max_num_seqs=8,
+        max_num_batched_tokens=32,
+        page_size=PAGE,
+        kv_cache_memory=64 * 2 * TINY.num_layers * PAGE * TINY.num_kv_heads * TINY.head_dim * 4,
+        token_buckets=(8, 32),
+        max_waiting_requests=max_waiting_requests,
+    )
     return LLMEngine(load_model(path), cfg)
 
 
@@ -36,9 +42,15 @@ def fake_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int
     from models.loader import load_model
     from tests.fake_engine import FakeEngine
 
-    return FakeEngine(load_model(path).tokenizer, max_model_len=max_model_len, max_num_seqs=8,
-                      max_waiting_requests=max_waiting_requests, vocab_size=TINY.vocab_size, max_num_batched_tokens=32,
-                      page_size=PAGE)  # fmt: skip
+    return FakeEngine(
+        load_model(path).tokenizer,
+        max_model_len=max_model_len,
+        max_num_seqs=8,
+        max_waiting_requests=max_waiting_requests,
+        vocab_size=TINY.vocab_size,
+        max_num_batched_tokens=32,
+        page_size=PAGE,
+    )
 
 
 def pages_in_use(engine) -> int:

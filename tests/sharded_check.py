@@ -20,8 +20,10 @@ import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests")))  # fmt: skip
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests")),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 from jaxserve.llm import LLM  # noqa: E402
@@ -38,12 +40,19 @@ def layout(engine) -> dict:
         a = getattr(a, "values", a)  # a quantized weight: its values' shard
         return list(a.addressable_shards[0].data.shape)
 
-    return {"devices": [d.id for d in runner.cache.k.sharding.device_set] if runner.mesh is not None else [0],
-            "wq": local(layers.wq), "wk": local(layers.wk), "wo": local(layers.wo), "w_down": local(layers.w_down),
-            "embed": local(runner.params.embed), "kv": local(runner.cache.k),
-            "wq_spec": str(getattr(layers.wq, "values", layers.wq).sharding),
-            "replicas": len(getattr(engine, "engines", [engine])), "memory": runner.describe_memory(),
-            "one_copy": all(e.model.params is e.runner.params for e in getattr(engine, "engines", [engine]))}
+    return {
+        "devices": [d.id for d in runner.cache.k.sharding.device_set] if runner.mesh is not None else [0],
+        "wq": local(layers.wq),
+        "wk": local(layers.wk),
+        "wo": local(layers.wo),
+        "w_down": local(layers.w_down),
+        "embed": local(runner.params.embed),
+        "kv": local(runner.cache.k),
+        "wq_spec": str(getattr(layers.wq, "values", layers.wq).sharding),
+        "replicas": len(getattr(engine, "engines", [engine])),
+        "memory": runner.describe_memory(),
+        "one_copy": all(e.model.params is e.runner.params for e in getattr(engine, "engines", [engine])),
+    }
 
 
 def run(path: str, layouts, prompts, params, **options) -> dict:
@@ -73,8 +82,11 @@ def serve_one(path: str, prompt, **options) -> dict:
     out = asyncio.run(frontend.complete(GenerateRequest(params=params, prompt_token_ids=tuple(prompt))))
     text = frontend.metrics.exposition()[0].decode()
     async_engine.shutdown()
-    return {"tokens": out.outputs[0].token_ids, "replica_pages": pages,
-            "metrics": [line for line in text.splitlines() if line.startswith("jaxserve_kv_pages_total")]}  # fmt: skip
+    return {
+        "tokens": out.outputs[0].token_ids,
+        "replica_pages": pages,
+        "metrics": [line for line in text.splitlines() if line.startswith("jaxserve_kv_pages_total")],
+    }
 
 
 def kernels() -> dict:
@@ -124,16 +136,40 @@ def main(case: str) -> None:
         write_gguf(path, cfg, random_arrays(cfg, seed=5))
         prompts = [[rnd.randrange(3, 260) for _ in range(rnd.randint(3, 60))] for _ in range(10)]
         layouts = [(1, 1), (2, 1), (4, 1), (8, 1), (4, 2)]
-        results = run(path, layouts, prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
-                      max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
-                      kv_cache_memory=1 << 20, token_buckets=(8, 32))  # fmt: skip
-        results["served"] = serve_one(path, prompts[0], tensor_parallel_size=2, data_parallel_size=2,
-                                      max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
-                                      kv_cache_memory=1 << 20, token_buckets=(8, 32))  # fmt: skip
+        results = run(
+            path,
+            layouts,
+            prompts,
+            SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+            max_model_len=128,
+            max_num_seqs=8,
+            max_num_batched_tokens=32,
+            page_size=8,
+            kv_cache_memory=1 << 20,
+            token_buckets=(8, 32),
+        )
+        results["served"] = serve_one(
+            path,
+            prompts[0],
+            tensor_parallel_size=2,
+            data_parallel_size=2,
+            max_model_len=128,
+            max_num_seqs=8,
+            max_num_batched_tokens=32,
+            page_size=8,
+            kv_cache_memory=1 << 20,
+            token_buckets=(8, 32),
+        )
         results["kernels"] = kernels()
-        results["config"] = {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
-                             "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size,
-                             "vocab": cfg.vocab_size}  # fmt: skip
+        results["config"] = {
+            "layers": cfg.num_layers,
+            "hidden": cfg.hidden_size,
+            "heads": cfg.num_heads,
+            "kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "mlp": cfg.intermediate_size,
+            "vocab": cfg.vocab_size,
+        }
     elif case == "tiny_int8":  # int8 weights: values and scales split together; the reference matmul everywhere
         from tests.tiny_models import TINY, random_arrays, write_gguf
 
@@ -141,16 +177,41 @@ def main(case: str) -> None:
         path = os.path.join(tempfile.mkdtemp(), "tiny8.gguf")
         write_gguf(path, cfg, random_arrays(cfg, seed=5))
         prompts = [[rnd.randrange(3, 260) for _ in range(rnd.randint(3, 60))] for _ in range(6)]
-        results = run(path, [(1, 1), (2, 1), (4, 1)], prompts,
-                      SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), quantization="int8",
-                      attention_backend="reference", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
-                      page_size=8, kv_cache_memory=1 << 20, token_buckets=(8, 32))  # fmt: skip
-        dense = run(path, [(1, 1)], prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
-                    max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
-                    kv_cache_memory=1 << 20, token_buckets=(8, 32))  # fmt: skip
+        results = run(
+            path,
+            [(1, 1), (2, 1), (4, 1)],
+            prompts,
+            SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+            quantization="int8",
+            attention_backend="reference",
+            max_model_len=128,
+            max_num_seqs=8,
+            max_num_batched_tokens=32,
+            page_size=8,
+            kv_cache_memory=1 << 20,
+            token_buckets=(8, 32),
+        )
+        dense = run(
+            path,
+            [(1, 1)],
+            prompts,
+            SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+            max_model_len=128,
+            max_num_seqs=8,
+            max_num_batched_tokens=32,
+            page_size=8,
+            kv_cache_memory=1 << 20,
+            token_buckets=(8, 32),
+        )
         results["dense"] = dense["1x1"]["tokens"]
-        results["config"] = {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
-                             "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size, "vocab": cfg.vocab_size}
+        results["config"] = {
+            "layers": cfg.num_layers,
+            "hidden": cfg.hidden_size,
+            "heads": cfg.num_heads,
+            "head_dim": cfg.head_dim,
+            "mlp": cfg.intermediate_size,
+            "vocab": cfg.vocab_size,
+        }
     else:
         from models.loader import default_model_path
 
@@ -163,13 +224,30 @@ def main(case: str) -> None:
         chat = [{"role": "user", "content": "What is the capital of France?"}]
         prompts[0] = tok.encode(tok.apply_chat_template(chat), add_special_tokens=False)
         layouts = [(1, 1), (3, 1), (3, 2)]
-        results = run(path, layouts, prompts, SamplingParams(temperature=0.0, max_tokens=24), max_model_len=256,
-                      max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(16, 64))  # fmt: skip
+        results = run(
+            path,
+            layouts,
+            prompts,
+            SamplingParams(temperature=0.0, max_tokens=24),
+            max_model_len=256,
+            max_num_seqs=8,
+            max_num_batched_tokens=64,
+            token_buckets=(16, 64),
+        )
         results["first_text"] = tok.decode(results["1x1"]["tokens"][0], skip_special_tokens=True)
         # int8 weights over TP 3 (values and scales split together), the reference kernels on both sides
-        results["int8"] = run(path, [(1, 1), (3, 1)], prompts, SamplingParams(temperature=0.0, max_tokens=24),
-                              quantization="int8", attention_backend="reference", max_model_len=256, max_num_seqs=8,
-                              max_num_batched_tokens=64, token_buckets=(16, 64))  # fmt: skip
+        results["int8"] = run(
+            path,
+            [(1, 1), (3, 1)],
+            prompts,
+            SamplingParams(temperature=0.0, max_tokens=24),
+            quantization="int8",
+            attention_backend="reference",
+            max_model_len=256,
+            max_num_seqs=8,
+            max_num_batched_tokens=64,
+            token_buckets=(16, 64),
+        )
     print("RESULT " + json.dumps(results))
 
 

@@ -20,8 +20,21 @@ from jaxserve.batch import BatchJob, errors_path_for, merge, recover
 from tests.serving import fake_engine, tiny_engine, tiny_gguf
 
 CACHE = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests"))
-ENGINE_FLAGS = ["--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "32", "--page-size", "8",
-                "--kv-cache-memory", "1MiB", "--compile-cache-dir", CACHE, "--quiet"]  # fmt: skip
+ENGINE_FLAGS = [
+    "--max-model-len",
+    "128",
+    "--max-num-seqs",
+    "8",
+    "--max-num-batched-tokens",
+    "32",
+    "--page-size",
+    "8",
+    "--kv-cache-memory",
+    "1MiB",
+    "--compile-cache-dir",
+    CACHE,
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +55,14 @@ def tiny(model_path):
 
 
 def plain(i, **extra):
-    return {"id": f"p{i}", "prompt": f"item {i} " * (1 + i % 5), "max_tokens": 6 + i % 7, "temperature": 0,
-            "ignore_eos": True, **extra}  # fmt: skip
+    return {
+        "id": f"p{i}",
+        "prompt": f"item {i} " * (1 + i % 5),
+        "max_tokens": 6 + i % 7,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
 
 
 def write_jsonl(path, rows):
@@ -77,16 +96,29 @@ MIXED = [
     {"id": "both", "prompt": "x", "messages": [{"role": "user", "content": "y"}]},
     {"id": "long", "prompt": [5] * 200},
     {"id": "ctx", "prompt": "x", "max_tokens": 500},
-    {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
-     "body": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}},
+    {
+        "custom_id": "c1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0},
+    },
     {"custom_id": "c2", "method": "POST", "url": "/v1/embeddings", "body": {}},
     {"custom_id": "c3", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", "n": 0}},
-    {"custom_id": "c4", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 3},
-     "extra": 1},
-    {"custom_id": "c5", "method": "POST", "url": "/v1/completions",
-     "body": {"prompt": "hi", "max_tokens": 3, "temperature": 0, "return_token_ids": True}},
+    {
+        "custom_id": "c4",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"prompt": "hi", "max_tokens": 3},
+        "extra": 1,
+    },
+    {
+        "custom_id": "c5",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"prompt": "hi", "max_tokens": 3, "temperature": 0, "return_token_ids": True},
+    },
     {"custom_id": "c6", "method": "POST", "url": "/v1/completions", "body": {"prompt": ["a", "b"]}},
-]  # fmt: skip
+]
 EXPECTED_ERRORS = {  # line -> (id, param, words)
     2: (None, "body", "malformed JSON"),
     4: ("p0", "id", "duplicate id 'p0' (first on line 1)"),
@@ -152,9 +184,11 @@ def test_feeding_is_bounded_and_results_match_the_python_api(engine, tmp_path, m
     monkeypatch.undo()
     results = by_id(out)
     llm = LLM.from_engine(engine)
-    expected = llm.generate([r["prompt"] for r in rows], [SamplingParams(temperature=0, max_tokens=r["max_tokens"],
-                                                                         ignore_eos=True) for r in rows],
-                            use_tqdm=False)  # fmt: skip
+    expected = llm.generate(
+        [r["prompt"] for r in rows],
+        [SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True) for r in rows],
+        use_tqdm=False,
+    )
     assert [results[r["id"]]["text"] for r in rows] == [o.outputs[0].text for o in expected]
 
 
@@ -176,8 +210,20 @@ def test_resume_cuts_a_torn_line_and_skips_done_ids(engine, tmp_path):
 
 
 def _batch_cmd(model_path, inp, out, *extra):
-    return [sys.executable, "-m", "jaxserve.cli", "batch", "--input", inp, "--output", out, "--model", model_path,
-            *ENGINE_FLAGS, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "jaxserve.cli",
+        "batch",
+        "--input",
+        inp,
+        "--output",
+        out,
+        "--model",
+        model_path,
+        *ENGINE_FLAGS,
+        *extra,
+    ]
 
 
 def _count_lines(path):
@@ -224,11 +270,28 @@ def test_two_processes_with_jax_distributed_then_merge(model_path, tiny, tmp_pat
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "out.jsonl")
-    procs = [subprocess.Popen(_batch_cmd(model_path, inp, out, "--shard", "auto", "--coordinator-address",
-                                         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                                         "--allow-errors"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            _batch_cmd(
+                model_path,
+                inp,
+                out,
+                "--shard",
+                "auto",
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--allow-errors",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     shard_counts = [len(recover(f"{out}.shard-{i}-of-2")) for i in range(2)]

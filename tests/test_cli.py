@@ -16,7 +16,11 @@ pytestmark = pytest.mark.real_model
 def _run(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, "-m", "jaxserve.cli", *args], input=stdin, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "jaxserve.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=env,
     )
 
@@ -39,14 +43,28 @@ def test_chat_from_stdin_applies_template(real_generator):
     assert proc.returncode == 0, proc.stderr
     tok = real_generator.tokenizer
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}]))
-    want = tok.decode(list(real_generator.generate_ids(ids, SamplingParams(temperature=0.0, max_tokens=16))),
-                      skip_special_tokens=True)  # fmt: skip
+    want = tok.decode(
+        list(real_generator.generate_ids(ids, SamplingParams(temperature=0.0, max_tokens=16))), skip_special_tokens=True
+    )
     assert proc.stdout == want + "\n"
 
 
 def test_sampling_with_seed_is_reproducible():
-    args = ("generate", "Once upon a time", "--max-tokens", "10", "--temperature", "0.9", "--top-p", "0.9",
-            "--top-k", "40", "--seed", "123", "--quiet")  # fmt: skip
+    args = (
+        "generate",
+        "Once upon a time",
+        "--max-tokens",
+        "10",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "40",
+        "--seed",
+        "123",
+        "--quiet",
+    )
     a, b = _run(*args), _run(*args)
     assert a.returncode == 0 and b.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.strip()

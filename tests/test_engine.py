@@ -36,17 +36,33 @@ def bytes_per_page():
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     """Budget 32 tokens, 8 sequences, pages to spare."""
-    return LLMEngine(tiny_model, engine_config(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
-                                               page_size=PAGE, kv_cache_memory=64 * bytes_per_page(),
-                                               token_buckets=(8, 32)))  # fmt: skip
+    return LLMEngine(
+        tiny_model,
+        engine_config(
+            max_model_len=128,
+            max_num_seqs=8,
+            max_num_batched_tokens=32,
+            page_size=PAGE,
+            kv_cache_memory=64 * bytes_per_page(),
+            token_buckets=(8, 32),
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
 def small_engine(tiny_model):
     """Budget 8 tokens (prompts are chunked), 4 sequences, 17 usable pages: too few for 4 long sequences."""
-    return LLMEngine(tiny_model, engine_config(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=8,
-                                               page_size=PAGE, kv_cache_memory=18 * bytes_per_page(),
-                                               token_buckets=(8,)))  # fmt: skip
+    return LLMEngine(
+        tiny_model,
+        engine_config(
+            max_model_len=128,
+            max_num_seqs=4,
+            max_num_batched_tokens=8,
+            page_size=PAGE,
+            kv_cache_memory=18 * bytes_per_page(),
+            token_buckets=(8,),
+        ),
+    )
 
 
 def prompts(n, seed=0, lo=3, hi=60):
@@ -114,17 +130,28 @@ def test_same_seed_same_text_alone_and_in_a_batch(engine):
     alone = run(engine, [ps[0]], sp)[0].outputs[0]
     batch = run(engine, ps, [sp, *others])[0].outputs[0]
     assert alone.token_ids == batch.token_ids and alone.text == batch.text
-    unseeded = [run(engine, [ps[0]], SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True))[0]
-                for _ in range(2)]  # fmt: skip
+    unseeded = [
+        run(engine, [ps[0]], SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True))[0] for _ in range(2)
+    ]
     assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
 
 
 def test_nothing_compiles_after_warmup(engine):
     base = engine.runner.compiles_since_warmup
     ps = prompts(10, seed=8, lo=1, hi=100)
-    mixed = [SamplingParams(temperature=t, top_k=k, min_p=0.05 * (i % 2), presence_penalty=0.5 * (i % 3),
-                            repetition_penalty=1.0 + 0.2 * (i % 2), logprobs=(i % 4) or None, max_tokens=5 + i,
-                            seed=i) for i, (t, k) in enumerate([(0.0, 0), (1.0, 5)] * 5)]  # fmt: skip
+    mixed = [
+        SamplingParams(
+            temperature=t,
+            top_k=k,
+            min_p=0.05 * (i % 2),
+            presence_penalty=0.5 * (i % 3),
+            repetition_penalty=1.0 + 0.2 * (i % 2),
+            logprobs=(i % 4) or None,
+            max_tokens=5 + i,
+            seed=i,
+        )
+        for i, (t, k) in enumerate([(0.0, 0), (1.0, 5)] * 5)
+    ]
     run(engine, ps, mixed)
     assert engine.runner.compiles_since_warmup == base  # process-wide counter: other engines compiled earlier
 
@@ -143,8 +170,11 @@ def test_token_history_is_built_only_for_steps_with_penalties(engine, monkeypatc
     plain = run(engine, prompts(2, seed=3), [SamplingParams(temperature=0.0, max_tokens=4)] * 2)
     assert built and set(built) == {1}  # no penalty: a [S, 1] stub, the device's -1 block stands in
     built.clear()
-    penalized = run(engine, prompts(2, seed=3), [SamplingParams(temperature=0.0, max_tokens=4, presence_penalty=1.5,
-                                                                repetition_penalty=1.3)] * 2)  # fmt: skip
+    penalized = run(
+        engine,
+        prompts(2, seed=3),
+        [SamplingParams(temperature=0.0, max_tokens=4, presence_penalty=1.5, repetition_penalty=1.3)] * 2,
+    )
     assert set(built) == {engine.runner.max_model_len}
     assert tokens(plain) != tokens(penalized)  # the history is read, and used
 
@@ -168,8 +198,7 @@ def test_stop_strings_cut_the_text_and_never_leak(engine):
 
 def test_n_logprobs_min_tokens_and_stop_token_ids(engine):
     p = prompts(1, seed=10)[0]
-    out = run(engine, [p], SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=5, logprobs=3,
-                                          ignore_eos=True))[0]  # fmt: skip
+    out = run(engine, [p], SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=5, logprobs=3, ignore_eos=True))[0]
     assert [o.index for o in out.outputs] == [0, 1, 2]
     assert len({tuple(o.token_ids) for o in out.outputs}) == 3
     for o in out.outputs:
@@ -182,8 +211,9 @@ def test_n_logprobs_min_tokens_and_stop_token_ids(engine):
     first = run(engine, [p], GREEDY)[0].outputs[0].token_ids[0]
     stopped = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[first]))[0].outputs[0]
     assert stopped.token_ids == [first] and stopped.finish_reason == "stop" and stopped.stop_reason == first
-    held = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[first],
-                                           min_tokens=1))[0].outputs[0]  # fmt: skip
+    held = run(engine, [p], SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[first], min_tokens=1))[
+        0
+    ].outputs[0]
     assert held.token_ids[0] != first
 
 

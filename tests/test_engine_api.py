@@ -24,8 +24,20 @@ from models.tokenizer import Tokenizer
 from tests.fake_engine import FakeEngine, echo_token
 from tests.serving import LoopThread
 
-MEMBERS = ("tokenize", "check_prompt", "add_request", "abort_request", "step", "has_unfinished_requests",
-           "waiting_room", "stats", "model_card", "step_channel", "tokenizer", "max_model_len")  # fmt: skip
+MEMBERS = (
+    "tokenize",
+    "check_prompt",
+    "add_request",
+    "abort_request",
+    "step",
+    "has_unfinished_requests",
+    "waiting_room",
+    "stats",
+    "model_card",
+    "step_channel",
+    "tokenizer",
+    "max_model_len",
+)
 
 
 @pytest.fixture(scope="module")

@@ -20,22 +20,34 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 @pytest.fixture(scope="module")
 def real_engine(real_model):
     """16 sequences, 256-token steps, the pool sized automatically (capped at 16 full-length sequences)."""
-    return LLMEngine(real_model, engine_config(max_model_len=512, max_num_seqs=16, max_num_batched_tokens=256,
-                                               token_buckets=(1, 16, 64, 256)))  # fmt: skip
+    return LLMEngine(
+        real_model,
+        engine_config(max_model_len=512, max_num_seqs=16, max_num_batched_tokens=256, token_buckets=(1, 16, 64, 256)),
+    )
 
 
 @pytest.fixture(scope="module")
 def tight_engine(real_model):
     """16-token steps (every prompt is chunked), 4 sequences, 40 pages of 16: long sequences get preempted."""
     bytes_per_page = 2 * 30 * 16 * 3 * 64 * 4
-    return LLMEngine(real_model, engine_config(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=16,
-                                               kv_cache_memory=41 * bytes_per_page, token_buckets=(1, 16)))  # fmt: skip
+    return LLMEngine(
+        real_model,
+        engine_config(
+            max_model_len=512,
+            max_num_seqs=4,
+            max_num_batched_tokens=16,
+            kv_cache_memory=41 * bytes_per_page,
+            token_buckets=(1, 16),
+        ),
+    )
 
 
 def texts(tok, n, seed=0):
     """n prompts of different lengths (8 to ~300 tokens) from a pool of real sentences."""
-    words = ("the cat sat on a mat while the model of a language predicted every next token with care and the "
-             "cache of keys and values grew page by page as the scheduler mixed prompts and decodes").split()
+    words = (
+        "the cat sat on a mat while the model of a language predicted every next token with care and the "
+        "cache of keys and values grew page by page as the scheduler mixed prompts and decodes"
+    ).split()
     rnd = random.Random(seed)
     out = []
     for i in range(n):
@@ -107,13 +119,19 @@ def test_abort_storm_and_seeds(real_engine, prompts16):
 
 def test_llm_api_on_the_real_model(real_engine):
     llm = LLM.from_engine(real_engine)
-    outs = llm.chat([[{"role": "user", "content": "What is the capital of France?"}],
-                     [{"role": "user", "content": "Name a primary colour."}]],
-                    SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)  # fmt: skip
+    outs = llm.chat(
+        [
+            [{"role": "user", "content": "What is the capital of France?"}],
+            [{"role": "user", "content": "Name a primary colour."}],
+        ],
+        SamplingParams(temperature=0.0, max_tokens=24),
+        use_tqdm=False,
+    )
     assert "Paris" in outs[0].outputs[0].text
     assert outs[1].outputs[0].finish_reason in ("stop", "length") and outs[1].outputs[0].text.strip()
-    stop = llm.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=24, stop=["."]),
-                        use_tqdm=False)[0].outputs[0]  # fmt: skip
+    stop = llm.generate(
+        "The capital of France is", SamplingParams(temperature=0.0, max_tokens=24, stop=["."]), use_tqdm=False
+    )[0].outputs[0]
     assert "." not in stop.text and stop.finish_reason == "stop" and stop.stop_reason == "."
 
 
@@ -124,11 +142,16 @@ def test_batch_job_on_the_real_model(real_engine, tmp_path):
     from jaxserve.batch import BatchJob, errors_path_for, recover
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    rows = [{"id": "q", "messages": question, "max_tokens": 24, "temperature": 0},
-            {"custom_id": "c", "method": "POST", "url": "/v1/completions",
-             "body": {"model": "smollm2", "prompt": "The three primary colors are", "max_tokens": 24,
-                      "temperature": 0}},
-            {"id": "bad", "prompt": "x", "top_p": 2}]  # fmt: skip
+    rows = [
+        {"id": "q", "messages": question, "max_tokens": 24, "temperature": 0},
+        {
+            "custom_id": "c",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "smollm2", "prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0},
+        },
+        {"id": "bad", "prompt": "x", "top_p": 2},
+    ]
     inp, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = BatchJob(real_engine, str(inp), out, progress=False).run()

@@ -109,8 +109,11 @@ def wait_idle(engine, frontend=None, timeout: float = 5.0) -> None:
     """Wait until no request holds pages or runs; fail if that does not happen within `timeout`."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if pages_in_use(engine) == 0 and not engine.has_unfinished_requests() and \
-                (frontend is None or frontend.num_inflight == 0):  # fmt: skip
+        if (
+            pages_in_use(engine) == 0
+            and not engine.has_unfinished_requests()
+            and (frontend is None or frontend.num_inflight == 0)
+        ):
             return
         time.sleep(0.02)
     assert pages_in_use(engine) == 0
@@ -151,9 +154,11 @@ def free_port() -> int:
 # ---- the RPCs ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampling", [S(max_tokens=20, temperature=0, ignore_eos=True),
-                                      S(max_tokens=20, temperature=0.9, seed=7, ignore_eos=True)],
-                         ids=["greedy", "seeded"])  # fmt: skip
+@pytest.mark.parametrize(
+    "sampling",
+    [S(max_tokens=20, temperature=0, ignore_eos=True), S(max_tokens=20, temperature=0.9, seed=7, ignore_eos=True)],
+    ids=["greedy", "seeded"],
+)
 def test_generate_streams_deltas_that_add_up_to_complete(srv, sampling):
     req = pb.GenerateRequest(text="Hello world", sampling=sampling, request_id="stream-1")
     msgs = list(srv.stub.Generate(req))
@@ -164,11 +169,16 @@ def test_generate_streams_deltas_that_add_up_to_complete(srv, sampling):
     deltas = [d for m in msgs for d in m.outputs]
     assert all(d.index == 0 for d in deltas)
     assert [d.finish_reason for d in deltas] == [pb.FINISH_REASON_UNSPECIFIED] * (len(deltas) - 1) + [
-        pb.FINISH_REASON_LENGTH]  # fmt: skip
+        pb.FINISH_REASON_LENGTH
+    ]
     ids = [t for d in deltas for t in d.token_ids]
     prompt_len = len(srv.engine.tokenizer.encode("Hello world"))
-    assert msgs[-1].usage == pb.Usage(prompt_tokens=prompt_len, completion_tokens=20, total_tokens=prompt_len + 20,
-                                      cached_tokens=msgs[-1].usage.cached_tokens)  # fmt: skip
+    assert msgs[-1].usage == pb.Usage(
+        prompt_tokens=prompt_len,
+        completion_tokens=20,
+        total_tokens=prompt_len + 20,
+        cached_tokens=msgs[-1].usage.cached_tokens,
+    )
     full = srv.stub.Complete(pb.GenerateRequest(text="Hello world", sampling=sampling))
     (c,) = full.outputs
     assert len(ids) == 20 and ids == list(c.token_ids)
@@ -181,8 +191,9 @@ def test_generate_streams_deltas_that_add_up_to_complete(srv, sampling):
 
 
 def test_logprobs(srv):
-    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=S(max_tokens=6, temperature=0,
-                                                                              ignore_eos=True, logprobs=3))  # fmt: skip
+    req = pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=S(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    )
     deltas = [d for m in srv.stub.Generate(req) for d in m.outputs]
     streamed = [lp for d in deltas for lp in d.logprobs]
     assert [len(d.logprobs) for d in deltas] == [len(d.token_ids) for d in deltas]
@@ -206,10 +217,13 @@ def test_n_and_stop_token(srv):
     req.sampling.stop_token_ids.append(stop_id)
     c = srv.stub.Complete(req).outputs[0]
     assert c.finish_reason == pb.FINISH_REASON_STOP and c.WhichOneof("stop_reason") == "stop_token_id"
-    assert c.stop_token_id == stop_id and list(c.token_ids) == list(greedy.token_ids[:first + 1])
+    assert c.stop_token_id == stop_id and list(c.token_ids) == list(greedy.token_ids[: first + 1])
 
-    msgs = list(srv.stub.Generate(pb.GenerateRequest(text="Hi", sampling=S(n=2, max_tokens=8, temperature=1.0,
-                                                                             seed=3, ignore_eos=True))))  # fmt: skip
+    msgs = list(
+        srv.stub.Generate(
+            pb.GenerateRequest(text="Hi", sampling=S(n=2, max_tokens=8, temperature=1.0, seed=3, ignore_eos=True))
+        )
+    )
     for index in (0, 1):
         mine = [d for m in msgs for d in m.outputs if d.index == index]
         assert sum(len(d.token_ids) for d in mine) == 8
@@ -220,8 +234,10 @@ def test_n_and_stop_token(srv):
 
 def test_chat_prompt(srv):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    req = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(**m) for m in messages]),
-                             sampling=S(max_tokens=3, temperature=0, ignore_eos=True))  # fmt: skip
+    req = pb.GenerateRequest(
+        chat=pb.Chat(messages=[pb.ChatMessage(**m) for m in messages]),
+        sampling=S(max_tokens=3, temperature=0, ignore_eos=True),
+    )
     out = srv.stub.Complete(req)
     tok = srv.engine.tokenizer
     expected = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
@@ -236,13 +252,24 @@ def test_tokenize_list_models_model_info(srv):
     raw = srv.stub.Tokenize(pb.TokenizeRequest(text="Hello", add_special_tokens=False, model="tiny"))
     assert list(raw.token_ids) == tok.encode("Hello", add_special_tokens=False)
 
-    card = pb.ModelCard(id="tiny", max_model_len=128, vocab_size=260, dtype="float32", architecture="llama",
-                        num_parameters=srv.engine.model_card().num_parameters)  # fmt: skip
+    card = pb.ModelCard(
+        id="tiny",
+        max_model_len=128,
+        vocab_size=260,
+        dtype="float32",
+        architecture="llama",
+        num_parameters=srv.engine.model_card().num_parameters,
+    )
     assert list(srv.stub.ListModels(pb.ListModelsRequest()).models) == [card]
     info = srv.stub.ModelInfo(pb.ModelInfoRequest())
-    assert info == pb.ModelInfoResponse(model=card, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
-                                        num_kv_pages=srv.engine.model_card().num_kv_pages,
-                                        has_chat_template=bool(tok.chat_template))  # fmt: skip
+    assert info == pb.ModelInfoResponse(
+        model=card,
+        max_num_seqs=8,
+        max_num_batched_tokens=32,
+        page_size=8,
+        num_kv_pages=srv.engine.model_card().num_kv_pages,
+        has_chat_template=bool(tok.chat_template),
+    )
     assert srv.stub.ModelInfo(pb.ModelInfoRequest(model="tiny")) == info
 
     err = rpc_error(lambda: srv.stub.ModelInfo(pb.ModelInfoRequest(model="llama-70b")))
@@ -268,8 +295,9 @@ def test_health_and_reflection(srv):
     (resp,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in resp.list_services_response.service}
     assert names == {"jaxserve.v1.JaxServe", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
-    (resp,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-        file_containing_symbol="jaxserve.v1.JaxServe")]))  # fmt: skip
+    (resp,) = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="jaxserve.v1.JaxServe")])
+    )
     assert resp.file_descriptor_response.file_descriptor_proto  # grpcurl can describe the service
 
 
@@ -316,8 +344,11 @@ BAD = {  # name: (request, status code, the field the details start with)
     "token_id_out_of_vocab": (_req(token_ids=_ids([1, 100000])), Code.INVALID_ARGUMENT, "token_ids"),
     "token_id_negative": (_req(token_ids=_ids([-3])), Code.INVALID_ARGUMENT, "token_ids"),
     "chat_empty": (_req(chat=pb.Chat()), Code.INVALID_ARGUMENT, "chat.messages"),
-    "chat_bad_role": (_req(chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="hi")])),
-                      Code.INVALID_ARGUMENT, "chat.messages[0].role"),  # fmt: skip
+    "chat_bad_role": (
+        _req(chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="hi")])),
+        Code.INVALID_ARGUMENT,
+        "chat.messages[0].role",
+    ),
     "unknown_model": (_req(model="gpt-5"), Code.NOT_FOUND, "model"),
     "request_id_unprintable": (_req(request_id="a\x01b"), Code.INVALID_ARGUMENT, "request_id"),
     "request_id_too_long": (_req(request_id="r" * 257), Code.INVALID_ARGUMENT, "request_id"),
@@ -360,14 +391,21 @@ def test_metadata_over_the_size_limit(srv):
     assert_still_serves(srv)
 
 
-@pytest.mark.parametrize("raw", [b"\x1a\x02\xff\xfe",  # field 3 (text), invalid UTF-8
-                                 b"\x1a\x09ab"],  # field 3 claims 9 bytes, has 2
-                         ids=["bad_utf8", "truncated"])  # fmt: skip
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x1a\x02\xff\xfe",  # field 3 (text), invalid UTF-8
+        b"\x1a\x09ab",
+    ],  # field 3 claims 9 bytes, has 2
+    ids=["bad_utf8", "truncated"],
+)
 def test_undecodable_request(srv, raw):
     identity = dict(request_serializer=None, response_deserializer=None)
     before = outcome_count(srv.frontend, "invalid")
-    for call in (lambda: list(srv.channel.unary_stream("/jaxserve.v1.JaxServe/Generate", **identity)(raw)),
-                 lambda: srv.channel.unary_unary("/jaxserve.v1.JaxServe/Complete", **identity)(raw)):  # fmt: skip
+    for call in (
+        lambda: list(srv.channel.unary_stream("/jaxserve.v1.JaxServe/Generate", **identity)(raw)),
+        lambda: srv.channel.unary_unary("/jaxserve.v1.JaxServe/Complete", **identity)(raw),
+    ):
         err = rpc_error(call)
         assert err.code() == Code.INVALID_ARGUMENT and err.details().startswith("request:"), err.details()
         assert err_field(err) == "request"
@@ -381,8 +419,11 @@ def test_duplicate_request_id_while_running(srv):
         first = next(stream)
         assert first.request_id == "dup" and srv.frontend.num_inflight == 1
         err = rpc_error(lambda: srv.stub.Complete(long_request(4, request_id="dup")))
-        assert err.code() == Code.INVALID_ARGUMENT and err.details().startswith("request_id") and \
-            err_field(err) == "request_id"  # fmt: skip
+        assert (
+            err.code() == Code.INVALID_ARGUMENT
+            and err.details().startswith("request_id")
+            and err_field(err) == "request_id"
+        )
         assert srv.frontend.num_inflight == 1  # the running request is still tracked (the drain waits for it)
         rest = list(stream)
     assert rest[-1].finished and sum(len(d.token_ids) for m in [first, *rest] for d in m.outputs) == 60
@@ -467,6 +508,7 @@ def test_burst_over_the_queue_limit(spare, loop):
     engine, async_engine = spare
     served = loop.run(_start(engine, async_engine))
     try:
+
         def one(_):
             try:
                 return list(served.stub.Generate(long_request(40)))[-1]
@@ -590,15 +632,39 @@ def test_engine_options_from_flags():
 
     fv = flags.FlagValues()
     define_flags(fv)
-    fv(["jaxserve-grpc", "--max_num_seqs=8", "--kv_cache_memory=1MiB", "--noenable_prefix_caching",
-        "--max_waiting_requests=3", "--dtype=bfloat16", "--compile_cache_dir=", "--tensor_parallel_size=3",
-        "--quantization=int4", "--kv_cache_dtype=int8"])  # fmt: skip
+    fv(
+        [
+            "jaxserve-grpc",
+            "--max_num_seqs=8",
+            "--kv_cache_memory=1MiB",
+            "--noenable_prefix_caching",
+            "--max_waiting_requests=3",
+            "--dtype=bfloat16",
+            "--compile_cache_dir=",
+            "--tensor_parallel_size=3",
+            "--quantization=int4",
+            "--kv_cache_dtype=int8",
+        ]
+    )
     assert engine_options_from_flags(fv) == dict(
-        model=None, dtype="bfloat16", quantization="int4", attention_backend="auto", max_model_len=None,
+        model=None,
+        dtype="bfloat16",
+        quantization="int4",
+        attention_backend="auto",
+        max_model_len=None,
         compile_cache_dir=None,
-        max_num_seqs=8, max_num_batched_tokens=512, page_size=16, kv_cache_dtype="int8", enable_prefix_caching=False,
-        seed=0, kv_cache_memory=1 << 20, max_waiting_requests=3, tensor_parallel_size=3, data_parallel_size=1,
-        multihost=False)  # fmt: skip
+        max_num_seqs=8,
+        max_num_batched_tokens=512,
+        page_size=16,
+        kv_cache_dtype="int8",
+        enable_prefix_caching=False,
+        seed=0,
+        kv_cache_memory=1 << 20,
+        max_waiting_requests=3,
+        tensor_parallel_size=3,
+        data_parallel_size=1,
+        multihost=False,
+    )
     assert fv.port == 50051 and fv.host == "127.0.0.1" and fv.drain_timeout == 30.0 and fv.metrics_port is None
     fv = flags.FlagValues()
     define_flags(fv)
@@ -612,9 +678,26 @@ def test_binary_serves_and_drains_on_sigterm(gguf, tmp_path):
     exe = shutil.which("jaxserve-grpc", path=os.path.dirname(sys.executable))
     cmd = [exe] if exe else [sys.executable, "-m", "jaxserve.servers.grpc_server"]
     cache = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests"))
-    cmd += ["--model", gguf, "--port", str(port), "--max_model_len", "128", "--max_num_seqs", "8",
-            "--max_num_batched_tokens", "32", "--page_size", "8", "--kv_cache_memory", "1MiB", "--drain_timeout", "5",
-            "--compile_cache_dir", cache]  # fmt: skip
+    cmd += [
+        "--model",
+        gguf,
+        "--port",
+        str(port),
+        "--max_model_len",
+        "128",
+        "--max_num_seqs",
+        "8",
+        "--max_num_batched_tokens",
+        "32",
+        "--page_size",
+        "8",
+        "--kv_cache_memory",
+        "1MiB",
+        "--drain_timeout",
+        "5",
+        "--compile_cache_dir",
+        cache,
+    ]
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(__file__)))
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -19,9 +19,21 @@ REGENERATE = f"python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc
 
 def test_committed_stubs_match_the_proto(tmp_path):
     out = str(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={out}",
-                             f"--pyi_out={out}", f"--grpc_python_out={out}", PROTO],
-                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I.",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            PROTO,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     from jaxserve.v1.jaxserve_pb2_grpc import GRPC_GENERATED_VERSION
 
@@ -33,7 +45,9 @@ def test_committed_stubs_match_the_proto(tmp_path):
             fresh = f.read()
         if committed != fresh:
             stale.append(path)
-    assert not stale, (f"stale generated stubs {stale}: regenerate them from the repository root with\n"
-                       f"    {REGENERATE}\n(with grpcio-tools {GRPC_GENERATED_VERSION}, the version they were made "
-                       f"with, "
-                       f"or update that version in pyproject.toml too)")  # fmt: skip
+    assert not stale, (
+        f"stale generated stubs {stale}: regenerate them from the repository root with\n"
+        f"    {REGENERATE}\n(with grpcio-tools {GRPC_GENERATED_VERSION}, the version they were made "
+        f"with, "
+        f"or update that version in pyproject.toml too)"
+    )

@@ -13,18 +13,40 @@ from tests.engine_runs import scoring_engine
 
 VOCAB = 49152  # the SmolLM2 tokenizer is saved beside each checkpoint, so the vocab must match it
 
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)  # fmt: skip
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
 
 FAMILIES = {
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
-        rope_theta=500000.0, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64})),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rope_theta=10000.0, tie_word_embeddings=False,
-                                                            sliding_window=128)),  # < prompt length
-}  # fmt: skip
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(rope_theta=10000.0, tie_word_embeddings=False, sliding_window=128),
+    ),  # < prompt length
+}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -74,11 +96,23 @@ def test_llama3_rope_frequencies_match_transformers():
 
 @pytest.mark.parametrize(
     "changes,message",
-    [({"num_layers": 10**6}, "num_layers"), ({"vocab_size": 1 << 40}, "vocab_size"),
-     ({"num_heads": 5}, "not a multiple"), ({"rms_norm_eps": float("nan")}, "rms_norm_eps")],
-)  # fmt: skip
+    [
+        ({"num_layers": 10**6}, "num_layers"),
+        ({"vocab_size": 1 << 40}, "vocab_size"),
+        ({"num_heads": 5}, "not a multiple"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ],
+)
 def test_absurd_configs_are_rejected(changes, message):
-    base = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-                head_dim=16, max_position_embeddings=128)  # fmt: skip
+    base = dict(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+    )
     with pytest.raises(ValueError, match=message):
         LlamaConfig(**{**base, **changes})

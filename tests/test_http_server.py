@@ -102,8 +102,11 @@ def test_completions_streamed_equals_whole(server):
     whole = server.client.completions.create(prompt="hello there", **GREEDY)
     assert whole.choices[0].finish_reason == "length"
     assert whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 0
-    chunks = list(server.client.completions.create(prompt="hello there", stream=True,
-                                                   stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
+    chunks = list(
+        server.client.completions.create(
+            prompt="hello there", stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -126,8 +129,16 @@ def test_chat_streamed_equals_whole(server):
 
 
 def test_seeded_sampling_n_and_logprobs(server):
-    args = dict(model="tiny", prompt="abc", max_tokens=6, temperature=1.0, seed=7, n=2, logprobs=3,
-                extra_body={"ignore_eos": True})
+    args = dict(
+        model="tiny",
+        prompt="abc",
+        max_tokens=6,
+        temperature=1.0,
+        seed=7,
+        n=2,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     a = server.client.completions.create(**args)
     b = server.client.completions.create(**args)
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
@@ -136,8 +147,14 @@ def test_seeded_sampling_n_and_logprobs(server):
     assert len(lp.tokens) == 6 and len(lp.token_logprobs) == 6
     # (top_logprobs is keyed by the decoded text, so byte tokens that decode alike share one key)
     assert all(top and x <= max(top.values()) + 1e-6 <= 1e-6 for top, x in zip(lp.top_logprobs, lp.token_logprobs))
-    chat = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                                 max_tokens=4, logprobs=True, top_logprobs=2, temperature=0)
+    chat = server.client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        temperature=0,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
 
@@ -151,8 +168,11 @@ def test_a_list_of_prompts(server):
     assert [c.text for c in whole.choices] == [t for t in alone for _ in range(2)]
     assert whole.usage.completion_tokens == 6 * 12
     streamed: dict[int, str] = {}
-    chunks = list(server.client.completions.create(prompt=prompts, n=2, stream=True,
-                                                   stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
+    chunks = list(
+        server.client.completions.create(
+            prompt=prompts, n=2, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     for chunk in chunks:
         for c in chunk.choices:
             streamed[c.index] = streamed.get(c.index, "") + c.text
@@ -170,11 +190,20 @@ def test_models_health_ready_metrics(server):
     server.client.completions.create(prompt="x", **GREEDY)
     assert server.metric("jaxserve_generation_tokens_total") == before + 12
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics").read().decode()
-    for name in ("jaxserve_requests_total{outcome=\"length\"}", "jaxserve_time_to_first_token_seconds_bucket",
-                 "jaxserve_time_per_output_token_seconds_bucket", "jaxserve_e2e_request_latency_seconds_count",
-                 "jaxserve_prompt_tokens_total", "jaxserve_num_requests_waiting", "jaxserve_num_requests_running",
-                 "jaxserve_kv_pages_in_use", "jaxserve_prefix_cache_hit_rate", "jaxserve_num_preemptions_total",
-                 "jaxserve_compilations_total", "jaxserve_compilations_since_warmup 0.0"):  # fmt: skip
+    for name in (
+        'jaxserve_requests_total{outcome="length"}',
+        "jaxserve_time_to_first_token_seconds_bucket",
+        "jaxserve_time_per_output_token_seconds_bucket",
+        "jaxserve_e2e_request_latency_seconds_count",
+        "jaxserve_prompt_tokens_total",
+        "jaxserve_num_requests_waiting",
+        "jaxserve_num_requests_running",
+        "jaxserve_kv_pages_in_use",
+        "jaxserve_prefix_cache_hit_rate",
+        "jaxserve_num_preemptions_total",
+        "jaxserve_compilations_total",
+        "jaxserve_compilations_since_warmup 0.0",
+    ):
         assert name in text, name
 
 
@@ -228,8 +257,15 @@ BAD = [
     ("unknown-model", C, with_(model="gpt-4"), None, 404, "model", "not served"),
     ("echo-unsupported", C, with_(echo=True), None, 400, "echo", "not supported"),
     ("stream-not-bool", C, with_(stream="yes"), None, 400, "stream", "boolean"),
-    ("stream-options-without-stream", C, with_(stream_options={"include_usage": True}), None, 400,
-     "stream_options", "stream: true"),
+    (
+        "stream-options-without-stream",
+        C,
+        with_(stream_options={"include_usage": True}),
+        None,
+        400,
+        "stream_options",
+        "stream: true",
+    ),
     ("priority-string", C, with_(priority="high"), None, 400, "priority", "integer"),
     ("timeout-negative", C, with_(timeout=-1), None, 400, "timeout", "seconds"),
     ("request-id-too-long", C, with_(request_id="r" * 300), None, 400, "request_id", "256"),
@@ -238,17 +274,52 @@ BAD = [
     ("wrong-content-type", C, with_(), {"Content-Type": "text/html"}, 400, "content-type", "application/json"),
     ("unknown-path", "/v1/nothing", with_(), None, 404, "path", "no route"),
     ("chat-no-messages", CHAT, json.dumps({"model": "tiny"}).encode(), None, 400, "messages", "non-empty list"),
-    ("chat-bad-role", CHAT, json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), None, 400,
-     "messages[0].role", "one of"),
-    ("chat-content-int", CHAT, json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), None, 400,
-     "messages[0].content", "string"),
-    ("chat-top-logprobs-alone", CHAT, json.dumps({"messages": MSG, "top_logprobs": 2}).encode(), None, 400,
-     "top_logprobs", "logprobs: true"),
-    ("chat-top-logprobs-over", CHAT, json.dumps({"messages": MSG, "logprobs": True, "top_logprobs": 30}).encode(),
-     None, 400, "top_logprobs", "[0, 20]"),
-    ("chat-max-completion-over-context", CHAT, json.dumps({"messages": MSG, "max_completion_tokens": 500}).encode(),
-     None, 400, "max_completion_tokens", "context"),
-]  # fmt: skip
+    (
+        "chat-bad-role",
+        CHAT,
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(),
+        None,
+        400,
+        "messages[0].role",
+        "one of",
+    ),
+    (
+        "chat-content-int",
+        CHAT,
+        json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(),
+        None,
+        400,
+        "messages[0].content",
+        "string",
+    ),
+    (
+        "chat-top-logprobs-alone",
+        CHAT,
+        json.dumps({"messages": MSG, "top_logprobs": 2}).encode(),
+        None,
+        400,
+        "top_logprobs",
+        "logprobs: true",
+    ),
+    (
+        "chat-top-logprobs-over",
+        CHAT,
+        json.dumps({"messages": MSG, "logprobs": True, "top_logprobs": 30}).encode(),
+        None,
+        400,
+        "top_logprobs",
+        "[0, 20]",
+    ),
+    (
+        "chat-max-completion-over-context",
+        CHAT,
+        json.dumps({"messages": MSG, "max_completion_tokens": 500}).encode(),
+        None,
+        400,
+        "max_completion_tokens",
+        "context",
+    ),
+]
 
 
 @pytest.mark.parametrize("path,body,headers,status,param,words", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
@@ -284,8 +355,10 @@ def test_duplicate_request_id(server, slow_steps):
 def _open_stream(port, body):
     sock = socket.create_connection(("127.0.0.1", port))
     raw = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))  # fmt: skip
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw)
+    )
     return sock
 
 
@@ -309,8 +382,12 @@ def test_deadline_mid_stream(server, slow_steps):
     assert server.wait_idle() == 0
     # Streamed: the stream carries an error event, then [DONE].
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("POST", C, json.dumps({**OK, "max_tokens": 100, "ignore_eos": True, "timeout": 0.3,
-                                        "stream": True}), {"Content-Type": "application/json"})  # fmt: skip
+    conn.request(
+        "POST",
+        C,
+        json.dumps({**OK, "max_tokens": 100, "ignore_eos": True, "timeout": 0.3, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     events = [line[6:] for line in resp.read().decode().splitlines() if line.startswith("data: ")]
     assert resp.status == 200 and events[-1] == "[DONE]"
@@ -328,8 +405,7 @@ def test_burst_over_queue_limit(model_path):
         statuses = sorted(r[0] for r in results)
         assert set(statuses) == {200, 429}, statuses
         refused = [r[1] for r in results if r[0] == 429]
-        assert all(e["error"]["type"] == "rate_limit_error" and "server busy" in e["error"]["message"]
-                   for e in refused)  # fmt: skip
+        assert all(e["error"]["type"] == "rate_limit_error" and "server busy" in e["error"]["message"] for e in refused)
         assert all(r[1]["usage"]["completion_tokens"] == 30 for r in results if r[0] == 200)
         assert s.metric('jaxserve_requests_total{outcome="rejected"}') == len(refused)
         assert s.wait_idle() == 0
@@ -361,10 +437,33 @@ def test_serve_binary_drains_on_sigterm(model_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cache = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests"))
-    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.cli", "serve", "--model", model_path, "--port", str(port),
-                             "--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
-                             "--page-size", "8", "--kv-cache-memory", "1MiB", "--compile-cache-dir", cache,
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jaxserve.cli",
+            "serve",
+            "--model",
+            model_path,
+            "--port",
+            str(port),
+            "--max-model-len",
+            "128",
+            "--max-num-seqs",
+            "8",
+            "--max-num-batched-tokens",
+            "32",
+            "--page-size",
+            "8",
+            "--kv-cache-memory",
+            "1MiB",
+            "--compile-cache-dir",
+            cache,
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -376,8 +475,10 @@ def test_serve_binary_drains_on_sigterm(model_path):
                 pass
             assert time.monotonic() < deadline, "server not ready in 180 s"
             time.sleep(0.25)
-        sock = _open_stream(port, {**OK, "max_tokens": 100, "ignore_eos": True, "stream": True,
-                                   "stream_options": {"include_usage": True}})  # fmt: skip
+        sock = _open_stream(
+            port,
+            {**OK, "max_tokens": 100, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}},
+        )
         received = b""
         while b"data: " not in received:
             received += sock.recv(65536)

@@ -46,9 +46,14 @@ def test_allocate_matches_plan():
 
 @pytest.mark.parametrize(
     "kw,field",
-    [({"page_size": 0}, "page_size"), ({"page_size": 12}, "page_size"), ({"kv_cache_dtype": "int3"}, "kv_cache_dtype"),
-     ({"kv_cache_memory": -5}, "kv_cache_memory"), ({"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction")],
-)  # fmt: skip
+    [
+        ({"page_size": 0}, "page_size"),
+        ({"page_size": 12}, "page_size"),
+        ({"kv_cache_dtype": "int3"}, "kv_cache_dtype"),
+        ({"kv_cache_memory": -5}, "kv_cache_memory"),
+        ({"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
+    ],
+)
 def test_cache_config_validation_names_the_field(kw, field):
     with pytest.raises(ValueError, match=f"CacheConfig.{field}="):
         CacheConfig(**kw)

@@ -17,11 +17,38 @@ CACHE = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxse
 
 def test_load_test_smoke(tmp_path):
     out = tmp_path / "load.json"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "load_test.py"), "--start", "http,grpc",
-           "--model", tiny_gguf(tmp_path), "--max-model-len", "128", "--max-num-seqs", "8",
-           "--max-num-batched-tokens", "32", "--page-size", "8", "--kv-cache-memory", "1MiB",
-           "--compile-cache-dir", CACHE, "--concurrency", "4", "--duration", "3", "--grace", "20",
-           "--prompt-words", "8", "--max-tokens", "8", "--json", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "load_test.py"),
+        "--start",
+        "http,grpc",
+        "--model",
+        tiny_gguf(tmp_path),
+        "--max-model-len",
+        "128",
+        "--max-num-seqs",
+        "8",
+        "--max-num-batched-tokens",
+        "32",
+        "--page-size",
+        "8",
+        "--kv-cache-memory",
+        "1MiB",
+        "--compile-cache-dir",
+        CACHE,
+        "--concurrency",
+        "4",
+        "--duration",
+        "3",
+        "--grace",
+        "20",
+        "--prompt-words",
+        "8",
+        "--max-tokens",
+        "8",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = {r["protocol"]: r for r in json.loads(out.read_text())["results"]}

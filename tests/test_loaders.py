@@ -48,8 +48,9 @@ def test_gguf_roundtrip_undoes_qk_permutation(tmp_path, tiny_arrays, qtype):
     assert set(loaded) == set(tiny_arrays)
     for name, want in tiny_arrays.items():
         assert loaded[name].shape == want.shape, name
-        np.testing.assert_allclose(loaded[name], want, atol=TOL[qtype] * max(1.0, float(np.abs(want).max())),
-                                   err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            loaded[name], want, atol=TOL[qtype] * max(1.0, float(np.abs(want).max())), err_msg=name
+        )
     if qtype != "F32":  # a wrong permutation would be off by O(1), far beyond any quantization error
         assert not np.allclose(np.asarray(loaded["wq"][0]), np.asarray(tiny_arrays["wq"][0]), atol=0)
 

@@ -18,6 +18,7 @@ from tests.tiny_models import TINY, random_arrays, tiny_config
 
 def _dense_reference(arrays, cfg, ids) -> np.ndarray:
     """The decoder written out in numpy, no cache: logits f32[n, V] for every position."""
+
     def norm(x, w):
         return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.rms_norm_eps) * w
 

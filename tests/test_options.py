@@ -10,12 +10,21 @@ from absl import flags
 from jaxserve.cli import build_parser
 from jaxserve.config import EngineConfig, SchedulerConfig
 from jaxserve.options import (
-    LOAD_OPTIONS, OPTIONS, engine_config, engine_options_from_absl, engine_options_from_args, options_for,
-)  # fmt: skip
+    LOAD_OPTIONS,
+    OPTIONS,
+    engine_config,
+    engine_options_from_absl,
+    engine_options_from_args,
+    options_for,
+)
 from jaxserve.servers.grpc_server import define_flags
 
-COMMANDS = {"serve": ["serve"], "batch": ["batch", "--input", "in.jsonl", "--output", "out.jsonl"],
-            "generate": ["generate"], "chat": ["chat"]}  # fmt: skip
+COMMANDS = {
+    "serve": ["serve"],
+    "batch": ["batch", "--input", "in.jsonl", "--output", "out.jsonl"],
+    "generate": ["generate"],
+    "chat": ["chat"],
+}
 BATCHING = {"serve": True, "batch": True, "generate": False, "chat": False}
 
 
@@ -59,10 +68,33 @@ def test_absl_flags_have_the_table_defaults_and_agree_with_argparse():
 
 
 def test_the_same_flags_give_the_same_options_on_every_front_end():
-    argparse_line = ["serve", "--max-num-seqs", "8", "--no-prefix-caching", "--kv-cache-memory", "1MiB", "-q", "int4",
-                     "-tp", "2", "--max-waiting-requests", "7", "--multihost", "--kv-cache-dtype", "int8"]  # fmt: skip
-    absl_line = ["--max_num_seqs=8", "--noenable_prefix_caching", "--kv_cache_memory=1MiB", "--quantization=int4",
-                 "--tensor_parallel_size=2", "--max_waiting_requests=7", "--multihost", "--kv_cache_dtype=int8"]
+    argparse_line = [
+        "serve",
+        "--max-num-seqs",
+        "8",
+        "--no-prefix-caching",
+        "--kv-cache-memory",
+        "1MiB",
+        "-q",
+        "int4",
+        "-tp",
+        "2",
+        "--max-waiting-requests",
+        "7",
+        "--multihost",
+        "--kv-cache-dtype",
+        "int8",
+    ]
+    absl_line = [
+        "--max_num_seqs=8",
+        "--noenable_prefix_caching",
+        "--kv_cache_memory=1MiB",
+        "--quantization=int4",
+        "--tensor_parallel_size=2",
+        "--max_waiting_requests=7",
+        "--multihost",
+        "--kv_cache_dtype=int8",
+    ]
     got = engine_options_from_args(build_parser().parse_args(argparse_line), batching=True)
     assert got == engine_options_from_absl(_absl(absl_line))
     assert got["kv_cache_memory"] == 1 << 20 and got["enable_prefix_caching"] is False and got["quantization"] == "int4"

@@ -42,8 +42,13 @@ def _setup(tok, params: SamplingParams, rid: str = "r"):
 
 def _out(rows: int, logprobs=None) -> SamplerOutput:
     lp = np.zeros(rows, np.float32) if logprobs is None else np.asarray(logprobs, np.float32)
-    return SamplerOutput(np.zeros(rows, np.int32), lp, np.ones(rows, np.int32), np.full((rows, 20), -1, np.int32),
-                         np.zeros((rows, 20), np.float32))  # fmt: skip
+    return SamplerOutput(
+        np.zeros(rows, np.int32),
+        lp,
+        np.ones(rows, np.int32),
+        np.full((rows, 20), -1, np.int32),
+        np.zeros((rows, 20), np.float32),
+    )
 
 
 def test_a_run_of_tokens_and_a_stop_string_inside_it(tok):
@@ -79,8 +84,11 @@ def test_each_token_takes_the_logprobs_of_its_own_row(tok):
 def test_n_sequences_gather_into_one_output_and_abort_ends_the_rest(tok):
     proc, sched, reqs = _setup(tok, SamplingParams(n=2, stop=["!"], max_tokens=64))
     one, two = tok.encode(" hi!"), tok.encode(" yo")
-    outs = proc.process([SequenceTokens("0_r", one, [0] * len(one), False),
-                         SequenceTokens("1_r", two, [1] * len(two), False)], _out(2), now=1.0)  # fmt: skip
+    outs = proc.process(
+        [SequenceTokens("0_r", one, [0] * len(one), False), SequenceTokens("1_r", two, [1] * len(two), False)],
+        _out(2),
+        now=1.0,
+    )
     (out,) = outs  # one RequestOutput for the request, both sequences in it
     assert [o.text for o in out.outputs] == [" hi", " yo"] and not out.finished
     assert out.outputs[0].finish_reason == "stop" and out.outputs[1].finish_reason is None

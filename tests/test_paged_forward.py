@@ -26,10 +26,12 @@ def _ragged_step(model, cache, chunks, tables, starts):
     """One step over several sequences: chunks[i] are tokens starting at position starts[i] of sequence i."""
     token_ids = np.concatenate([np.asarray(c, np.int32) for c in chunks])
     positions = np.concatenate([np.arange(s, s + len(c), dtype=np.int32) for c, s in zip(chunks, starts)])
-    slots = np.concatenate([
-        np.array([tables[i][p // PAGE] * PAGE + p % PAGE for p in range(s, s + len(c))], np.int32)
-        for i, (c, s) in enumerate(zip(chunks, starts))
-    ])  # fmt: skip
+    slots = np.concatenate(
+        [
+            np.array([tables[i][p // PAGE] * PAGE + p % PAGE for p in range(s, s + len(c))], np.int32)
+            for i, (c, s) in enumerate(zip(chunks, starts))
+        ]
+    )
     width = max(len(t) for t in tables)
     meta = AttentionMetadata(
         slot_mapping=slots,
@@ -74,13 +76,17 @@ def two_prompt_step(vocab_size: int, seed: int = 4):
     b = [int(x) for x in rng.integers(3, vocab_size, 5)]
     tables = [[3, 1, 6], [5, 2]]
     meta = AttentionMetadata(
-        slot_mapping=np.array([tables[0][p // 8] * 8 + p % 8 for p in range(21)]
-                              + [tables[1][p // 8] * 8 + p % 8 for p in range(5)] + [-1, -1], np.int32),
+        slot_mapping=np.array(
+            [tables[0][p // 8] * 8 + p % 8 for p in range(21)]
+            + [tables[1][p // 8] * 8 + p % 8 for p in range(5)]
+            + [-1, -1],
+            np.int32,
+        ),
         query_start_loc=np.array([0, 21, 26, 26], np.int32),
         kv_lens=np.array([21, 5, 0], np.int32),
         block_tables=np.array([tables[0], tables[1] + [0], [0, 0, 0]], np.int32),
         num_seqs=np.array(2, np.int32),
-    )  # fmt: skip
+    )
     tokens = np.array(a + b + [0, 0], np.int32)
     positions = np.array(list(range(21)) + list(range(5)) + [0, 0], np.int32)
     return tokens, positions, meta

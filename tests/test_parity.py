@@ -18,7 +18,7 @@ BF16_MIN_TOP1_AGREEMENT = 0.9
 PROMPTS = [
     ("chat", None),  # filled with the chat template below
     ("plain", "The capital of France is"),
-    ("code", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
+    ("code", 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'),
     ("list", "Here are three tips for staying healthy:\n1."),
     ("unicode", "Café, naïve, 日本語, and emoji 🤗 walk into a bar."),
     ("numbers", "2 + 2 = 4, 3 * 7 = 21, and 12345 + 1 ="),

@@ -11,9 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels_pallas.quantized_matmul import (
-    BLOCK, F32_MIN_ROWS, NEVER, check_inputs, dequantize, f32_min_rows, quantize_activations, quantized_matmul,
-    quantized_matmul_many, quantized_matmul_ref, unpack_4bit,
-)  # fmt: skip
+    BLOCK,
+    F32_MIN_ROWS,
+    NEVER,
+    check_inputs,
+    dequantize,
+    f32_min_rows,
+    quantize_activations,
+    quantized_matmul,
+    quantized_matmul_many,
+    quantized_matmul_ref,
+    unpack_4bit,
+)
 from models.quant import host_dequantize, pack_4bit, quantize_int4, quantize_int8
 
 
@@ -59,9 +68,15 @@ REF = jax.jit(lambda *a: quantized_matmul_ref(*a, min_f32_rows=f32_min_rows("aut
 
 
 @settings(max_examples=20, deadline=None)
-@given(m=st.integers(1, 70), n=st.integers(1, 70), kb=st.integers(1, 12), bits=st.sampled_from([4, 8]),
-       group_blocks=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1),
-       scale=st.sampled_from([1e-3, 1.0, 50.0]))  # fmt: skip
+@given(
+    m=st.integers(1, 70),
+    n=st.integers(1, 70),
+    kb=st.integers(1, 12),
+    bits=st.sampled_from([4, 8]),
+    group_blocks=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([1e-3, 1.0, 50.0]),
+)
 def test_kernel_equals_reference_and_f64(m, n, kb, bits, group_blocks, seed, scale):
     kb = kb * group_blocks  # K holds whole groups
     k = kb * BLOCK
@@ -156,17 +171,25 @@ def test_quantizers_round_trip_within_half_a_step():
     np.testing.assert_array_equal(np.asarray(unpack_4bit(jnp.asarray(pack_4bit(nib)))), nib)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(x=np.zeros((2, 40), np.float32)), "multiple of 32"),
-    (dict(values=np.zeros((4, 64), np.int16)), "int8"),
-    (dict(scales=np.zeros((4, 3), np.float16)), "group"),
-    (dict(scales=np.zeros((4, 2), np.float32)), "float16"),
-    (dict(mins=np.zeros((4, 2), np.float16)), "mins"),
-    (dict(layer=np.int32(0)), "layer"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(x=np.zeros((2, 40), np.float32)), "multiple of 32"),
+        (dict(values=np.zeros((4, 64), np.int16)), "int8"),
+        (dict(scales=np.zeros((4, 3), np.float16)), "group"),
+        (dict(scales=np.zeros((4, 2), np.float32)), "float16"),
+        (dict(mins=np.zeros((4, 2), np.float16)), "mins"),
+        (dict(layer=np.int32(0)), "layer"),
+    ],
+)
 def test_bad_inputs_name_the_problem(bad, match):
-    args = dict(x=np.zeros((2, 64), np.float32), values=np.zeros((4, 64), np.int8),
-                scales=np.zeros((4, 2), np.float16), mins=None, layer=None)  # fmt: skip
+    args = dict(
+        x=np.zeros((2, 64), np.float32),
+        values=np.zeros((4, 64), np.int8),
+        scales=np.zeros((4, 2), np.float16),
+        mins=None,
+        layer=None,
+    )
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         check_inputs(*args.values())
@@ -190,9 +213,12 @@ def test_reference_backend_runs_without_the_cpu_kernels():
     x = rng.standard_normal((2, 64)).astype(np.float32)
     text = jax.jit(lambda x: quantized_matmul(x, values, scales, mins, backend="reference")).lower(x).as_text()
     assert "jaxserve_qmatmul" not in text
-    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: quantized_matmul(x, values, scales, mins,
-                                                                              backend="reference"))(x)),
-                               np.asarray(REF(x, values, scales, mins)), rtol=0, atol=0)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(lambda x: quantized_matmul(x, values, scales, mins, backend="reference"))(x)),
+        np.asarray(REF(x, values, scales, mins)),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("bits", [4, 8])

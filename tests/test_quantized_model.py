@@ -84,10 +84,12 @@ def test_auto_keeps_the_files_blocks_bit_for_bit(gguf_path):
     for layer in (0, cfg.num_layers - 1):
         raw = np.asarray(f.tensors[f"blk.{layer}.ffn_up.weight"].data).reshape(cfg.intermediate_size, -1, 20)
         np.testing.assert_array_equal(np.asarray(up.values[layer]), raw[..., 4:].reshape(cfg.intermediate_size, -1))
-        np.testing.assert_array_equal(np.asarray(up.scales[layer]).view(np.uint16),
-                                      raw[..., 0:2].copy().view(np.uint16)[..., 0])  # fmt: skip
-        np.testing.assert_array_equal(np.asarray(up.mins[layer]).view(np.uint16),
-                                      raw[..., 2:4].copy().view(np.uint16)[..., 0])  # fmt: skip
+        np.testing.assert_array_equal(
+            np.asarray(up.scales[layer]).view(np.uint16), raw[..., 0:2].copy().view(np.uint16)[..., 0]
+        )
+        np.testing.assert_array_equal(
+            np.asarray(up.mins[layer]).view(np.uint16), raw[..., 2:4].copy().view(np.uint16)[..., 0]
+        )
         rawq = np.asarray(f.tensors[f"blk.{layer}.attn_q.weight"].data).reshape(cfg.hidden_size, -1, 20)
         rows = unpermute_rows(np.arange(cfg.hidden_size), cfg.num_heads)
         np.testing.assert_array_equal(np.asarray(wq.values[layer]), rawq[rows, :, 4:].reshape(cfg.hidden_size, -1))
@@ -106,12 +108,14 @@ def teacher_forced(gguf_path, real_model):
     """Top-1 agreement of each mode's teacher-forced logits with fp32 over a fixed ~200-token text."""
     from tests.engine_runs import scoring_engine
 
-    text = ("Photosynthesis is the process by which green plants and some other organisms use sunlight to "
-            "synthesize foods from carbon dioxide and water. It generally involves the green pigment chlorophyll "
-            "and generates oxygen as a byproduct. The process takes place mainly in the leaves, inside cells "
-            "that contain chloroplasts, and it is the source of nearly all the oxygen in the atmosphere. In the "
-            "first stage, light is absorbed and its energy is stored in ATP and NADPH; in the second, the Calvin "
-            "cycle fixes carbon dioxide into sugars that the plant uses to grow.")  # fmt: skip
+    text = (
+        "Photosynthesis is the process by which green plants and some other organisms use sunlight to "
+        "synthesize foods from carbon dioxide and water. It generally involves the green pigment chlorophyll "
+        "and generates oxygen as a byproduct. The process takes place mainly in the leaves, inside cells "
+        "that contain chloroplasts, and it is the source of nearly all the oxygen in the atmosphere. In the "
+        "first stage, light is absorbed and its energy is stored in ATP and NADPH; in the second, the Calvin "
+        "cycle fixes carbon dioxide into sugars that the plant uses to grow."
+    )
     ids = real_model.tokenizer.encode(text)
     ref = scoring_engine(real_model, 512, chunk=256, page_size=16).prompt_logits(ids)
     out = {}
@@ -133,8 +137,15 @@ def test_real_model_int4_engine_answers(gguf_path):
     from jaxserve.llm import LLM
     from jaxserve.sampling import SamplingParams
 
-    llm = LLM(gguf_path, quantization="int4", quiet=True, max_model_len=256, max_num_seqs=4,
-              max_num_batched_tokens=64, token_buckets=(4, 64))  # fmt: skip
+    llm = LLM(
+        gguf_path,
+        quantization="int4",
+        quiet=True,
+        max_model_len=256,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        token_buckets=(4, 64),
+    )
     assert isinstance(llm.engine.runner.params.layers.w_gate, QuantizedWeight)
     greedy = SamplingParams(max_tokens=8, temperature=0.0)
     outs = llm.generate(["The capital of France is", "def add(a, b):"], greedy, use_tqdm=False)
@@ -148,8 +159,14 @@ def test_real_model_int8_kv_cache_answers_and_holds_more_tokens(gguf_path):
     from jaxserve.llm import LLM
     from jaxserve.sampling import SamplingParams
 
-    kw = dict(quiet=True, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, token_buckets=(4, 64),
-              kv_cache_memory=16 << 20)  # fmt: skip
+    kw = dict(
+        quiet=True,
+        max_model_len=256,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        token_buckets=(4, 64),
+        kv_cache_memory=16 << 20,
+    )
     llm = LLM(gguf_path, kv_cache_dtype="int8", **kw)
     pool = llm.engine.runner.pool
     assert pool.dtype == "int8" and "3.76x" in pool.describe()
@@ -172,8 +189,9 @@ def test_auto_keeps_q4_0_q4_1_q8_0_blocks_of_a_tiny_file(tmp_path, qtype, bits):
         if name.endswith("norm"):
             continue
         assert w.bits == bits, name
-        np.testing.assert_allclose(np.asarray(w.dequantize()).swapaxes(-1, -2), dense[name], rtol=1e-6, atol=1e-7,
-                                   err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(w.dequantize()).swapaxes(-1, -2), dense[name], rtol=1e-6, atol=1e-7, err_msg=name
+        )
     if qtype == "Q4_0":
         wq = model.params.layers.wq
         np.testing.assert_array_equal(np.asarray(wq.mins), (np.asarray(wq.scales, np.float32) * -8).astype(np.float16))
@@ -201,8 +219,9 @@ def test_auto_requantizes_k_quants(tmp_path, qtype, mode):
     assert np.all(np.abs(host_dequantize(q) - want) <= 0.5 * step + 2e-3 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("backend, rows", [("cpu", 1), ("cpu", 6), ("cpu", 40), ("reference", 3), ("reference", 10),
-                                           ("reference", 20)])  # fmt: skip
+@pytest.mark.parametrize(
+    "backend, rows", [("cpu", 1), ("cpu", 6), ("cpu", 40), ("reference", 3), ("reference", 10), ("reference", 20)]
+)
 def test_lm_head_splits_activations_in_two_int8_terms(backend, rows):
     """head_linear: where the matmul quantizes x, x = x_q + r runs as 2M rows and the logits come within 1e-4
     of their scale of the f64 product of the int8 weights, 10x closer than the plain quantized product (so the

@@ -45,8 +45,7 @@ def _compiled(backend, isa, sm_scale, sliding_window, soft_cap, kw: tuple):
         attn = functools.partial(ragged_paged_attention_cpu, isa=isa)
     else:
         extra["backend"] = backend
-    return jax.jit(lambda *a: attn(*a, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                                   **extra))  # fmt: skip
+    return jax.jit(lambda *a: attn(*a, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, **extra))
 
 
 def _run(case, backend="reference", isa=None, **kw):
@@ -78,8 +77,17 @@ def test_reference_decode_prefill_mixed_story():
 
 
 def test_padding_rows_and_sequences_give_zero():
-    case = make_case(np.random.default_rng(1), [3, 1], [10, 7], page_size=8, num_q_heads=4, num_kv_heads=2,
-                     head_dim=16, pad_seqs=2, pad_tokens=5)  # fmt: skip
+    case = make_case(
+        np.random.default_rng(1),
+        [3, 1],
+        [10, 7],
+        page_size=8,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        pad_seqs=2,
+        pad_tokens=5,
+    )
     out = _run(case)
     assert np.all(out[case.num_valid_rows :] == 0)
 
@@ -129,8 +137,17 @@ def test_cpu_kernel_equals_dense_at_smollm2_head_dim(case):
 @pytest.mark.parametrize("isa", ISAS)
 def test_cpu_kernel_decode_prefill_mixed_story_and_padding(isa):
     rng = np.random.default_rng(0)
-    case = make_case(rng, [37, 1, 8, 1], [37, 50, 25, 300], page_size=16, num_q_heads=9, num_kv_heads=3,
-                     head_dim=64, pad_seqs=2, pad_tokens=5)  # fmt: skip
+    case = make_case(
+        rng,
+        [37, 1, 8, 1],
+        [37, 50, 25, 300],
+        page_size=16,
+        num_q_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        pad_seqs=2,
+        pad_tokens=5,
+    )
     out = _run(case, isa=isa)
     _check(case, out)
     assert np.all(out[case.num_valid_rows :] == 0)
@@ -141,8 +158,17 @@ def test_cpu_kernel_decode_prefill_mixed_story_and_padding(isa):
 @pytest.mark.parametrize("head_dim", [32, 128])
 def test_cpu_kernel_sliding_window_and_soft_cap(isa, head_dim):
     rng = np.random.default_rng(3)
-    case = make_case(rng, [20, 1, 5], [40, 70, 5], page_size=8, num_q_heads=4, num_kv_heads=2, head_dim=head_dim,
-                     sliding_window=12, soft_cap=30.0)  # fmt: skip
+    case = make_case(
+        rng,
+        [20, 1, 5],
+        [40, 70, 5],
+        page_size=8,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        sliding_window=12,
+        soft_cap=30.0,
+    )
     _check(case, _run(case, isa=isa))
 
 
@@ -155,8 +181,9 @@ def test_cpu_kernel_many_sequences_units_take_every_kv_head(isa, page_size):
     q_lens = [1] * 14 + [20, 3]
     kv_lens = [int(k) for k in rng.integers(1, 90, 14)] + [45, 70]
     for window in (None, 10):
-        case = make_case(rng, q_lens, kv_lens, page_size=page_size, num_q_heads=9, num_kv_heads=3, head_dim=64,
-                         sliding_window=window)  # fmt: skip
+        case = make_case(
+            rng, q_lens, kv_lens, page_size=page_size, num_q_heads=9, num_kv_heads=3, head_dim=64, sliding_window=window
+        )
         _check(case, _run(case, isa=isa))
         q8, exact = _int8_case(case)
         _check(exact, _run(q8, isa=isa))
@@ -173,8 +200,9 @@ def _int8_case(case):
     from kernels_pallas.kv_quant import dequantize_rows, quantize_rows
 
     kq, vq = (np.asarray(quantize_rows(jnp.asarray(p))) for p in (case.k_pages, case.v_pages))
-    exact = dataclasses.replace(case, k_pages=np.asarray(dequantize_rows(jnp.asarray(kq))),
-                                v_pages=np.asarray(dequantize_rows(jnp.asarray(vq))))  # fmt: skip
+    exact = dataclasses.replace(
+        case, k_pages=np.asarray(dequantize_rows(jnp.asarray(kq))), v_pages=np.asarray(dequantize_rows(jnp.asarray(vq)))
+    )
     return dataclasses.replace(case, k_pages=kq, v_pages=vq), exact
 
 
@@ -205,8 +233,7 @@ def test_int8_rows_round_trip_and_write():
 
 
 def test_pallas_backends_refuse_int8_pages():
-    case = make_case(np.random.default_rng(1), [3, 1], [10, 7], page_size=8, num_q_heads=4, num_kv_heads=2,
-                     head_dim=16)  # fmt: skip
+    case = make_case(np.random.default_rng(1), [3, 1], [10, 7], page_size=8, num_q_heads=4, num_kv_heads=2, head_dim=16)
     q8, _ = _int8_case(case)
     for backend in ("pallas_tpu", "pallas_gpu"):
         with pytest.raises(ValueError, match="int8"):

@@ -49,8 +49,17 @@ def test_smollm2_mixed_decode_prefill_story():
     # SmolLM2 heads (9 q / 3 kv, head_dim 64), page 16. seq 0: a 37-token prompt in one chunk, five blocks of
     # 8 rows; seq 1: decode at 50 cached; seq 2: a second chunk (tokens 17..24). Two padding sequences and
     # five padding rows of real (finite) q data: those rows must come out exactly 0.
-    case = make_case(np.random.default_rng(0), [37, 1, 8], [37, 50, 25], page_size=16, num_q_heads=9,
-                     num_kv_heads=3, head_dim=64, pad_seqs=2, pad_tokens=5)  # fmt: skip
+    case = make_case(
+        np.random.default_rng(0),
+        [37, 1, 8],
+        [37, 50, 25],
+        page_size=16,
+        num_q_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        pad_seqs=2,
+        pad_tokens=5,
+    )
     out = _run(case, block_q=8)
     _check(case, out)
     assert np.all(out[case.num_valid_rows :] == 0)
@@ -59,8 +68,9 @@ def test_smollm2_mixed_decode_prefill_story():
 def test_sequences_past_num_seqs_give_zero():
     # three filled slots but num_seqs = 2: the third slot's rows are padding even though its metadata is real.
     # head_dim 24 also runs the padded (masked) head_dim lanes.
-    case = make_case(np.random.default_rng(2), [3, 2, 4], [10, 7, 12], page_size=8, num_q_heads=4, num_kv_heads=4,
-                     head_dim=24)  # fmt: skip
+    case = make_case(
+        np.random.default_rng(2), [3, 2, 4], [10, 7, 12], page_size=8, num_q_heads=4, num_kv_heads=4, head_dim=24
+    )
     case.num_seqs = np.array([2], np.int32)
     out = _run(case)
     _check(case, out)
@@ -70,15 +80,25 @@ def test_sequences_past_num_seqs_give_zero():
 def test_window_soft_cap_head_dim_128_story():
     # head_dim 128, GQA 2:1, a 30-row chunk ending mid-page at 45 cached with a 20-token window: the first
     # pages are skipped, steps of one 16-key page, rows in a block see different key ranges.
-    case = make_case(np.random.default_rng(3), [30, 1, 1], [45, 70, 9], page_size=16, num_q_heads=4,
-                     num_kv_heads=2, head_dim=128, sliding_window=20, soft_cap=30.0)  # fmt: skip
+    case = make_case(
+        np.random.default_rng(3),
+        [30, 1, 1],
+        [45, 70, 9],
+        page_size=16,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=128,
+        sliding_window=20,
+        soft_cap=30.0,
+    )
     _check(case, _run(case, block_q=8, pages_per_block=1))
 
 
 def test_bf16_story():
     # bf16 inputs: P is cast to bf16 for the P @ V MMA, as on the GPU; fp32 accumulation keeps the error small
-    case = make_case(np.random.default_rng(4), [20, 1], [33, 17], page_size=8, num_q_heads=9, num_kv_heads=3,
-                     head_dim=64)  # fmt: skip
+    case = make_case(
+        np.random.default_rng(4), [20, 1], [33, 17], page_size=8, num_q_heads=9, num_kv_heads=3, head_dim=64
+    )
     case.q, case.k_pages, case.v_pages = (
         np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) for x in (case.q, case.k_pages, case.v_pages)
     )  # the oracle sees the same rounded inputs
@@ -131,7 +151,11 @@ def test_bad_inputs_are_clear_errors(change, match):
     head_dim_k = change.pop("head_dim_k", 16)
     q = jnp.zeros((8, 4, 16))
     pages = jnp.zeros((6, page_size, 2, head_dim_k))
-    meta = (jnp.ones(2, jnp.int32), jnp.zeros((2, 3), jnp.int32), jnp.array([0, 1, 2], jnp.int32),
-            jnp.array([2], jnp.int32))  # fmt: skip
+    meta = (
+        jnp.ones(2, jnp.int32),
+        jnp.zeros((2, 3), jnp.int32),
+        jnp.array([0, 1, 2], jnp.int32),
+        jnp.array([2], jnp.int32),
+    )
     with pytest.raises(ValueError, match=match):
         ragged_paged_attention_gpu(q, pages, pages, *meta, sm_scale=0.25, interpret=True, **change)

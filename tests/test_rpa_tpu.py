@@ -45,9 +45,13 @@ def _run(case: RaggedCase, *, dtype=np.float32, **block_sizes) -> np.ndarray:
     q, k_pages, v_pages, *meta = case.args()
     fn = jax.jit(
         functools.partial(
-            ragged_paged_attention_tpu, sm_scale=q.shape[-1] ** -0.5, sliding_window=case.sliding_window,
-            soft_cap=case.soft_cap, interpret=True, **block_sizes,
-        )  # fmt: skip
+            ragged_paged_attention_tpu,
+            sm_scale=q.shape[-1] ** -0.5,
+            sliding_window=case.sliding_window,
+            soft_cap=case.soft_cap,
+            interpret=True,
+            **block_sizes,
+        )
     )
     try:
         out = fn(q.astype(dtype), k_pages.astype(dtype), v_pages.astype(dtype), *meta)
@@ -65,8 +69,11 @@ def _check(case: RaggedCase, out: np.ndarray, expected: np.ndarray, atol=2e-5, r
 
 # Defaults (32-token query blocks, 128-token KV blocks), and small blocks: sequences split across query blocks
 # and many KV blocks per sequence.
-_BLOCK_SIZES = [{}, {"num_queries_per_block": 16, "num_kv_pages_per_block": 1},
-                {"num_queries_per_block": 16, "num_kv_pages_per_block": 2}]  # fmt: skip
+_BLOCK_SIZES = [
+    {},
+    {"num_queries_per_block": 16, "num_kv_pages_per_block": 1},
+    {"num_queries_per_block": 16, "num_kv_pages_per_block": 2},
+]
 
 
 @settings(max_examples=20, deadline=None)
@@ -78,8 +85,17 @@ def test_kernel_equals_dense(case, block_sizes):
 
 def _smollm2_story(seed: int) -> RaggedCase:
     # seq 0: a 37-token prompt in one chunk; seq 1: decode at 50 cached; seq 2: second chunk (tokens 17..24)
-    return make_case(np.random.default_rng(seed), [37, 1, 8], [37, 50, 25], page_size=16, num_q_heads=9,
-                     num_kv_heads=3, head_dim=64, pad_seqs=2, pad_tokens=5)  # fmt: skip
+    return make_case(
+        np.random.default_rng(seed),
+        [37, 1, 8],
+        [37, 50, 25],
+        page_size=16,
+        num_q_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        pad_seqs=2,
+        pad_tokens=5,
+    )
 
 
 def test_smollm2_decode_prefill_mixed_story():
@@ -105,8 +121,17 @@ def test_smollm2_story_bf16():
 def test_sliding_window_reads_no_page_before_the_window():
     """Pages wholly before the window of a sequence's first query row are fenced off: reading one raises."""
     window, page_size = 12, 8
-    case = make_case(np.random.default_rng(2), [1, 20, 1], [90, 70, 13], page_size=page_size, num_q_heads=4,
-                     num_kv_heads=2, head_dim=16, sliding_window=window, soft_cap=20.0)  # fmt: skip
+    case = make_case(
+        np.random.default_rng(2),
+        [1, 20, 1],
+        [90, 70, 13],
+        page_size=page_size,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        sliding_window=window,
+        soft_cap=20.0,
+    )
     expected = dense_attention(case)
     first_pages = [max(0, kv - q - window + 1) // page_size for q, kv in zip(case.q_lens, case.kv_lens)]
     assert first_pages == [9, 4, 0]
@@ -152,8 +177,15 @@ def test_lowers_for_tpu(dtype, heads_dim_page, options):
     num_tokens, num_pages, max_seqs, max_pages = 100, 64, 8, 16
     sds = jax.ShapeDtypeStruct
     pages = sds((num_pages, page_size, num_kv_heads, head_dim), dtype)
-    args = (sds((num_tokens, num_q_heads, head_dim), dtype), pages, pages, sds((max_seqs,), jnp.int32),
-            sds((max_seqs, max_pages), jnp.int32), sds((max_seqs + 1,), jnp.int32), sds((1,), jnp.int32))  # fmt: skip
+    args = (
+        sds((num_tokens, num_q_heads, head_dim), dtype),
+        pages,
+        pages,
+        sds((max_seqs,), jnp.int32),
+        sds((max_seqs, max_pages), jnp.int32),
+        sds((max_seqs + 1,), jnp.int32),
+        sds((1,), jnp.int32),
+    )
     fn = jax.jit(functools.partial(ragged_paged_attention_tpu, sm_scale=head_dim**-0.5, **options))
     text = fn.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text and "ragged_paged_attention_tpu" in text

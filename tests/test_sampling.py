@@ -104,37 +104,100 @@ def test_stop_and_stop_token_ids_normalize_to_tuples():
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(top_k=-1), dict(top_k=MAX_TOP_K), dict(temperature=0), dict(temperature=100), dict(top_p=1e-9),
-     dict(seed=2**63 - 1), dict(seed=np.uint64(5)), dict(logprobs=0), dict(logprobs=MAX_LOGPROBS),
-     dict(min_tokens=16), dict(max_tokens=None, min_tokens=1000), dict(n=64), dict(repetition_penalty=10),
-     dict(presence_penalty=-2, frequency_penalty=2), dict(min_p=1), dict(temperature=np.float32(0.5))],
-)  # fmt: skip
+    [
+        dict(top_k=-1),
+        dict(top_k=MAX_TOP_K),
+        dict(temperature=0),
+        dict(temperature=100),
+        dict(top_p=1e-9),
+        dict(seed=2**63 - 1),
+        dict(seed=np.uint64(5)),
+        dict(logprobs=0),
+        dict(logprobs=MAX_LOGPROBS),
+        dict(min_tokens=16),
+        dict(max_tokens=None, min_tokens=1000),
+        dict(n=64),
+        dict(repetition_penalty=10),
+        dict(presence_penalty=-2, frequency_penalty=2),
+        dict(min_p=1),
+        dict(temperature=np.float32(0.5)),
+    ],
+)
 def test_edge_values_are_accepted(kw):
     SamplingParams(**kw)
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("n", 0), ("n", 65), ("n", True), ("n", 1.0),
-     ("temperature", -0.1), ("temperature", 100.5), ("temperature", float("nan")), ("temperature", float("inf")),
-     ("temperature", "hot"), ("temperature", True), ("temperature", None),
-     ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")),
-     ("top_k", -2), ("top_k", MAX_TOP_K + 1), ("top_k", True), ("top_k", 2.0),
-     ("min_p", -0.1), ("min_p", 1.1), ("min_p", float("nan")),
-     ("presence_penalty", 2.5), ("presence_penalty", -2.1), ("frequency_penalty", float("-inf")),
-     ("frequency_penalty", 3), ("repetition_penalty", 0.0), ("repetition_penalty", 10.5),
-     ("repetition_penalty", -1), ("repetition_penalty", False),
-     ("seed", -1), ("seed", 2**63), ("seed", True), ("seed", 1.5),
-     ("stop", ""), ("stop", [""]), ("stop", ["a"] * (MAX_STOP + 1)), ("stop", ["x" * 257]), ("stop", [1]),
-     ("stop", b"ab"), ("stop", {"a"}), ("stop", 5), ("stop", ["a", None]),
-     ("stop_token_ids", [-1]), ("stop_token_ids", [True]), ("stop_token_ids", list(range(MAX_STOP + 1))),
-     ("stop_token_ids", [1.0]), ("stop_token_ids", "12"), ("stop_token_ids", [2**31]), ("stop_token_ids", 3),
-     ("ignore_eos", 1), ("ignore_eos", "yes"), ("skip_special_tokens", None), ("include_stop_str_in_output", 0),
-     ("ignore_eos", np.bool_(True)),
-     ("max_tokens", 0), ("max_tokens", 2**20 + 1), ("max_tokens", True), ("max_tokens", 3.0),
-     ("min_tokens", -1), ("min_tokens", True), ("min_tokens", None), ("min_tokens", 17),
-     ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1), ("logprobs", True), ("logprobs", 1.0)],
-)  # fmt: skip
+    [
+        ("n", 0),
+        ("n", 65),
+        ("n", True),
+        ("n", 1.0),
+        ("temperature", -0.1),
+        ("temperature", 100.5),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", "hot"),
+        ("temperature", True),
+        ("temperature", None),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_p", float("nan")),
+        ("top_k", -2),
+        ("top_k", MAX_TOP_K + 1),
+        ("top_k", True),
+        ("top_k", 2.0),
+        ("min_p", -0.1),
+        ("min_p", 1.1),
+        ("min_p", float("nan")),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", -2.1),
+        ("frequency_penalty", float("-inf")),
+        ("frequency_penalty", 3),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", 10.5),
+        ("repetition_penalty", -1),
+        ("repetition_penalty", False),
+        ("seed", -1),
+        ("seed", 2**63),
+        ("seed", True),
+        ("seed", 1.5),
+        ("stop", ""),
+        ("stop", [""]),
+        ("stop", ["a"] * (MAX_STOP + 1)),
+        ("stop", ["x" * 257]),
+        ("stop", [1]),
+        ("stop", b"ab"),
+        ("stop", {"a"}),
+        ("stop", 5),
+        ("stop", ["a", None]),
+        ("stop_token_ids", [-1]),
+        ("stop_token_ids", [True]),
+        ("stop_token_ids", list(range(MAX_STOP + 1))),
+        ("stop_token_ids", [1.0]),
+        ("stop_token_ids", "12"),
+        ("stop_token_ids", [2**31]),
+        ("stop_token_ids", 3),
+        ("ignore_eos", 1),
+        ("ignore_eos", "yes"),
+        ("skip_special_tokens", None),
+        ("include_stop_str_in_output", 0),
+        ("ignore_eos", np.bool_(True)),
+        ("max_tokens", 0),
+        ("max_tokens", 2**20 + 1),
+        ("max_tokens", True),
+        ("max_tokens", 3.0),
+        ("min_tokens", -1),
+        ("min_tokens", True),
+        ("min_tokens", None),
+        ("min_tokens", 17),
+        ("logprobs", -1),
+        ("logprobs", MAX_LOGPROBS + 1),
+        ("logprobs", True),
+        ("logprobs", 1.0),
+    ],
+)
 def test_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match="^" + re.escape(f"SamplingParams.{field}=")):
         SamplingParams(**{field: value})
@@ -156,10 +219,23 @@ def test_error_message_does_not_echo_a_huge_value():
 
 def test_build_fills_rows_and_pads():
     rows = [
-        _row(step=3, seed=2**40 + 5, prompt=[1, 2], output=[3], banned=[9, 4], temperature=0.5, top_k=7, top_p=0.9,
-             min_p=0.1, repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=-0.5, logprobs=2),
+        _row(
+            step=3,
+            seed=2**40 + 5,
+            prompt=[1, 2],
+            output=[3],
+            banned=[9, 4],
+            temperature=0.5,
+            top_k=7,
+            top_p=0.9,
+            min_p=0.1,
+            repetition_penalty=1.5,
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            logprobs=2,
+        ),
         _row(step=1, seed=7, prompt=list(range(100)), output=[5] * 50, temperature=0.0),  # no penalties: no history
-    ]  # fmt: skip
+    ]
     st = SamplingTensors.build(rows, 4, 8)
     assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(st))
     np.testing.assert_allclose(st.temperature, [0.5, 0, 0, 0])
@@ -262,9 +338,11 @@ def _penalty_batch(seed):
     for i in range(S):
         kw = {}
         if i % 4:  # every fourth row has no penalty
-            kw = dict(repetition_penalty=float(rng.choice([0.5, 1.0, 1.3, 2.0])),
-                      presence_penalty=float(rng.choice([-1.0, 0.0, 0.7])),
-                      frequency_penalty=float(rng.choice([-0.4, 0.0, 1.5])))  # fmt: skip
+            kw = dict(
+                repetition_penalty=float(rng.choice([0.5, 1.0, 1.3, 2.0])),
+                presence_penalty=float(rng.choice([-1.0, 0.0, 0.7])),
+                frequency_penalty=float(rng.choice([-0.4, 0.0, 1.5])),
+            )
         n_prompt, n_out = rng.integers(0, H // 2 + 1, size=2)
         # Few distinct ids so tokens repeat and show up in both prompt and output.
         prompt = rng.integers(0, 24, n_prompt).tolist()
@@ -278,8 +356,9 @@ def test_penalties_match_vllm_formulas(seed):
     rows = _penalty_batch(seed)
     logits = _logits(10 + seed)
     got = np.asarray(_penalize(jnp.asarray(logits), SamplingTensors.build(rows, S, H)))
-    want = np.stack([_penalties_ref(logits[i], r.params, r.prompt_token_ids, r.output_token_ids)
-                     for i, r in enumerate(rows)])  # fmt: skip
+    want = np.stack(
+        [_penalties_ref(logits[i], r.params, r.prompt_token_ids, r.output_token_ids) for i, r in enumerate(rows)]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(got[::4], logits[::4])  # rows without penalties are untouched, bit for bit
     # End to end, greedy picks the argmax of the penalized logits.
@@ -323,12 +402,17 @@ def test_min_p_never_draws_below_the_threshold():
 def test_sampled_token_is_inside_the_filtered_set(seed):
     rng = np.random.default_rng(seed)
     rows = [
-        _row(step=int(rng.integers(1000)), seed=int(rng.integers(2**40)),
-             temperature=float(rng.choice([0.3, 1.0, 2.5])),
-             top_k=int(rng.choice([-1, 0, 1, 3, 10, 200])), top_p=float(rng.choice([1.0, 0.95, 0.6, 0.2])),
-             min_p=float(rng.choice([0.0, 0.05, 0.3])), banned=rng.integers(0, V, 3).tolist())
+        _row(
+            step=int(rng.integers(1000)),
+            seed=int(rng.integers(2**40)),
+            temperature=float(rng.choice([0.3, 1.0, 2.5])),
+            top_k=int(rng.choice([-1, 0, 1, 3, 10, 200])),
+            top_p=float(rng.choice([1.0, 0.95, 0.6, 0.2])),
+            min_p=float(rng.choice([0.0, 0.05, 0.3])),
+            banned=rng.integers(0, V, 3).tolist(),
+        )
         for _ in range(S)
-    ]  # fmt: skip
+    ]
     logits = _logits(100 + seed, scale=3.0)
     out = _run(rows, logits)
     for i, r in enumerate(rows):
@@ -341,11 +425,19 @@ def test_draws_depend_only_on_seed_step_and_logits():
     rng = np.random.default_rng(5)
     logits = _logits(6)
     rows = [
-        _row(step=int(rng.integers(100)), seed=int(rng.integers(2**63)), temperature=float(rng.choice([0.0, 0.8, 1.5])),
-             top_p=float(rng.choice([1.0, 0.9])), top_k=int(rng.choice([0, 20])), logprobs=int(rng.choice([0, 5])),
-             repetition_penalty=float(rng.choice([1.0, 1.0, 1.4])), prompt=[1, 2, 3], output=[4])
+        _row(
+            step=int(rng.integers(100)),
+            seed=int(rng.integers(2**63)),
+            temperature=float(rng.choice([0.0, 0.8, 1.5])),
+            top_p=float(rng.choice([1.0, 0.9])),
+            top_k=int(rng.choice([0, 20])),
+            logprobs=int(rng.choice([0, 5])),
+            repetition_penalty=float(rng.choice([1.0, 1.0, 1.4])),
+            prompt=[1, 2, 3],
+            output=[4],
+        )
         for _ in range(S)
-    ]  # fmt: skip
+    ]
     batch = _run(rows, logits).token_ids
     perm = rng.permutation(S)
     np.testing.assert_array_equal(_run([rows[j] for j in perm], logits[perm]).token_ids, batch[perm])
@@ -371,10 +463,18 @@ def test_steps_draw_from_the_distribution():
 def test_logprobs_come_from_the_raw_logits():
     logits = _logits(7)
     rows = [
-        _row(step=i, seed=i, logprobs=MAX_LOGPROBS if i % 2 else None, temperature=0.5, top_k=5,
-             repetition_penalty=1.5, output=[int(logits[i].argmax())], banned=[int(np.argsort(-logits[i])[1])])
+        _row(
+            step=i,
+            seed=i,
+            logprobs=MAX_LOGPROBS if i % 2 else None,
+            temperature=0.5,
+            top_k=5,
+            repetition_penalty=1.5,
+            output=[int(logits[i].argmax())],
+            banned=[int(np.argsort(-logits[i])[1])],
+        )
         for i in range(S)
-    ]  # fmt: skip
+    ]
     out = _run(rows, logits)
     ref = _log_softmax(logits)
     np.testing.assert_allclose(out.logprobs, ref[np.arange(S), out.token_ids], atol=1e-5)
@@ -395,8 +495,11 @@ def test_padding_rows_are_harmless():
     logits = np.full((S, V), np.nan, np.float32)
     real = _logits(9)[:3]
     logits[:3] = real
-    rows = [_row(temperature=0.0, logprobs=3), _row(step=4, seed=4, top_k=1),
-            _row(temperature=0.0, presence_penalty=1.0, output=[int(real[2].argmax())])]
+    rows = [
+        _row(temperature=0.0, logprobs=3),
+        _row(step=4, seed=4, top_k=1),
+        _row(temperature=0.0, presence_penalty=1.0, output=[int(real[2].argmax())]),
+    ]
     out = _run(rows, logits)
     want2 = _penalties_ref(real[2], rows[2].params, (), rows[2].output_token_ids).argmax()
     np.testing.assert_array_equal(out.token_ids[:3], [real[0].argmax(), real[1].argmax(), want2])

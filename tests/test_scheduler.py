@@ -25,8 +25,9 @@ def make(num_pages=64, page_size=4, prefix=True, **cfg):
 def req(rid, n_prompt, max_tokens=8, priority=0, arrival=0.0, base=100, **params):
     prompt = [base + i for i in range(n_prompt)]
     params.setdefault("max_tokens", max_tokens)
-    return Request(rid, prompt, SamplingParams(**params), max_tokens, eos_token_ids=(EOS,), priority=priority,
-                   arrival_time=arrival)
+    return Request(
+        rid, prompt, SamplingParams(**params), max_tokens, eos_token_ids=(EOS,), priority=priority, arrival_time=arrival
+    )
 
 
 def run_step(s, token=7):
@@ -37,9 +38,11 @@ def run_step(s, token=7):
 
 
 def test_host_modules_never_import_jax():
-    code = ("import sys; import jaxserve.scheduler, jaxserve.request, jaxserve.sampling_params, "
-            "jaxserve.kv_cache.block_manager, jaxserve.detokenizer; "
-            "bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; print(bad); assert not bad")
+    code = (
+        "import sys; import jaxserve.scheduler, jaxserve.request, jaxserve.sampling_params, "
+        "jaxserve.kv_cache.block_manager, jaxserve.detokenizer; "
+        "bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; print(bad); assert not bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -78,8 +81,11 @@ def test_stop_conditions_free_pages():
     plan, out, updates = run_step(s, token=EOS)
     finished = {u.request.request_id: u.request.status for u in updates if u.finished}
     # EOS ends "eos" and "len" (not ignore_eos); "min" must reach min_tokens first
-    assert finished == {"len": RequestStatus.FINISHED_STOPPED, "eos": RequestStatus.FINISHED_STOPPED,
-                        "stopid": RequestStatus.FINISHED_STOPPED}
+    assert finished == {
+        "len": RequestStatus.FINISHED_STOPPED,
+        "eos": RequestStatus.FINISHED_STOPPED,
+        "stopid": RequestStatus.FINISHED_STOPPED,
+    }
     assert s.requests.keys() == {"min"}
     _, _, updates = run_step(s, token=9)  # not a stop id of "min"; 2 tokens = min_tokens reached
     assert not updates[0].finished
@@ -197,8 +203,10 @@ def test_context_end_finishes_with_length():
     assert r.status is RequestStatus.FINISHED_LENGTH and r.num_tokens == 8
 
 
-@pytest.mark.parametrize("field,value", [("max_num_seqs", 0), ("max_num_batched_tokens", True),
-                                         ("max_model_len", 2**40), ("max_waiting_requests", "9")])
+@pytest.mark.parametrize(
+    "field,value",
+    [("max_num_seqs", 0), ("max_num_batched_tokens", True), ("max_model_len", 2**40), ("max_waiting_requests", "9")],
+)
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SchedulerConfig.{field}"):
         SchedulerConfig(**{field: value})
@@ -214,8 +222,16 @@ def test_random_story_keeps_invariants():
     for step in range(400):
         if rnd.random() < 0.3 and len(s.waiting) < 50:
             rid = f"r{step}"
-            s.add_request(req(rid, rnd.randint(1, 30), max_tokens=rnd.randint(1, 15), base=rnd.choice([0, 50]),
-                              priority=rnd.randint(0, 2), arrival=float(step)))
+            s.add_request(
+                req(
+                    rid,
+                    rnd.randint(1, 30),
+                    max_tokens=rnd.randint(1, 15),
+                    base=rnd.choice([0, 50]),
+                    priority=rnd.randint(0, 2),
+                    arrival=float(step),
+                )
+            )
             alive.append(rid)
         if alive and rnd.random() < 0.1:
             s.finish_request(alive.pop(rnd.randrange(len(alive))), RequestStatus.FINISHED_ABORTED)

@@ -25,13 +25,16 @@ PROMPT = "The three primary colors are"
 
 @pytest.fixture(scope="module")
 def served(real_model):
-    engine = LLMEngine(real_model, engine_config(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64,
-                                                 token_buckets=(16, 64)))  # fmt: skip
+    engine = LLMEngine(
+        real_model, engine_config(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(16, 64))
+    )
     # The Python API's answers, before the async loop takes the engine over.
     llm = LLM.from_engine(engine)
     greedy = SamplingParams(temperature=0.0, max_tokens=24)
-    reference = {"chat": llm.chat(QUESTION, greedy, use_tqdm=False)[0].outputs[0].text,
-                 "completion": llm.generate(PROMPT, greedy, use_tqdm=False)[0].outputs[0].text}  # fmt: skip
+    reference = {
+        "chat": llm.chat(QUESTION, greedy, use_tqdm=False)[0].outputs[0].text,
+        "completion": llm.generate(PROMPT, greedy, use_tqdm=False)[0].outputs[0].text,
+    }
     async_engine = AsyncEngine(engine)
     frontend = Frontend(async_engine, model_name="smollm2")
     loop = LoopThread()
@@ -50,8 +53,9 @@ def test_openai_client_matches_python_api(served):
     chat = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24)
     assert chat.choices[0].message.content == reference["chat"]
     assert "Paris" in reference["chat"]
-    streamed = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24,
-                                              stream=True)  # fmt: skip
+    streamed = client.chat.completions.create(
+        model="smollm2", messages=QUESTION, temperature=0, max_tokens=24, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == reference["chat"]
     comp = client.completions.create(model="smollm2", prompt=PROMPT, temperature=0, max_tokens=24)
     assert comp.choices[0].text == reference["completion"]
@@ -63,8 +67,10 @@ def test_grpc_stream_matches_python_api(served):
     engine, reference, _, port = served
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.JaxServeStub(channel)
-        request = pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(**m) for m in QUESTION]),
-                                     sampling=pb.SamplingParams(temperature=0, max_tokens=24))  # fmt: skip
+        request = pb.GenerateRequest(
+            chat=pb.Chat(messages=[pb.ChatMessage(**m) for m in QUESTION]),
+            sampling=pb.SamplingParams(temperature=0, max_tokens=24),
+        )
         messages = list(stub.Generate(request, timeout=60))
     assert len(messages) > 1 and messages[-1].finished
     assert "".join(d.text for m in messages for d in m.outputs) == reference["chat"]

@@ -17,8 +17,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def sharded_run(case: str) -> dict:
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_check.py"), case], capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sharded_check.py"), case], capture_output=True, text=True, timeout=900
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT ") :])
@@ -122,9 +123,16 @@ def _processes_follow_process_0(path: str, num_processes: int, reference) -> Non
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per process
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_check.py"), str(i), str(port), path,
-                               str(num_processes)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(num_processes)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "multihost_check.py"), str(i), str(port), path, str(num_processes)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(num_processes)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0] * num_processes, [o[1][-2000:] for o in outs]
     result = json.loads(next(line for line in outs[0][0].splitlines() if line.startswith("RESULT "))[7:])
@@ -141,8 +149,9 @@ def _reference(engine):
     from jaxserve.sampling import SamplingParams
     from tests.multihost_prompts import PARAMS, PROMPTS
 
-    return LLM.from_engine(engine).generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(**PARAMS),
-                                            use_tqdm=False)  # fmt: skip
+    return LLM.from_engine(engine).generate(
+        [{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(**PARAMS), use_tqdm=False
+    )
 
 
 def test_two_processes_serve_over_one_mesh(tmp_path):
@@ -160,8 +169,10 @@ def test_real_model_over_three_processes(real_model, gguf_path):
     from jaxserve.engine import LLMEngine
     from jaxserve.llm import engine_config
 
-    engine = LLMEngine(real_model, engine_config(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
-                                                 page_size=8, token_buckets=(8, 32)))  # fmt: skip
+    engine = LLMEngine(
+        real_model,
+        engine_config(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8, token_buckets=(8, 32)),
+    )
     result = _processes_follow_process_0(gguf_path, 3, _reference(engine))
     assert result["local_wq"] == [30, 576, 192]
 
@@ -180,21 +191,59 @@ def test_serve_multihost_two_processes(tmp_path):
     from tests.serving import tiny_engine, tiny_gguf
 
     path = tiny_gguf(tmp_path)
-    expected = LLM.from_engine(tiny_engine(path)).generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(**PARAMS),
-                                                           use_tqdm=False)[0].outputs[0].text  # fmt: skip
+    expected = (
+        LLM.from_engine(tiny_engine(path))
+        .generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(**PARAMS), use_tqdm=False)[0]
+        .outputs[0]
+        .text
+    )
     ports = []
     for _ in range(3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxserve.cli", "serve", "--model", path, "--port", str(ports[i]),
-                               "--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
-                               "--page-size", "8", "--kv-cache-memory", "1MiB", "--compile-cache-dir", "", "--quiet",
-                               "--tensor-parallel-size", "2", "--multihost", "--coordinator-address",
-                               f"127.0.0.1:{ports[2]}", "--num-processes", "2", "--process-id", str(i)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxserve.cli",
+                "serve",
+                "--model",
+                path,
+                "--port",
+                str(ports[i]),
+                "--max-model-len",
+                "128",
+                "--max-num-seqs",
+                "8",
+                "--max-num-batched-tokens",
+                "32",
+                "--page-size",
+                "8",
+                "--kv-cache-memory",
+                "1MiB",
+                "--compile-cache-dir",
+                "",
+                "--quiet",
+                "--tensor-parallel-size",
+                "2",
+                "--multihost",
+                "--coordinator-address",
+                f"127.0.0.1:{ports[2]}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -208,8 +257,9 @@ def test_serve_multihost_two_processes(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.25)
         body = json.dumps({"prompt": PROMPTS[1], **PARAMS}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{ports[0]}/v1/completions", body,
-                                     {"Content-Type": "application/json"})  # fmt: skip
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{ports[0]}/v1/completions", body, {"Content-Type": "application/json"}
+        )
         answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
         assert answer["choices"][0]["text"] == expected
         procs[0].send_signal(signal.SIGTERM)

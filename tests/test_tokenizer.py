@@ -245,9 +245,53 @@ def test_round_trip(tok, hf_tokenizer, text):
 
 # Pieces that sit on pre-tokenizer boundaries, glued together at random.
 _PIECES = [
-    " ", "  ", "\t", "\n", "\r\n", "\r", "a", "Z", "word", " word", "'s", "'re", "'T", "'", "0", "7", "42", " 9",
-    "²", "٣", "é", "e\u0301", "ß", "日本", "ع", "ש", "न", "ि", "🤗", "👨\u200d👩", "🇫🇷", "\u200d", "\ufe0f",
-    ".", ",", "!!", "{", "}", "<", "|", ">", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im", "\x00", "\u00a0",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\r",
+    "a",
+    "Z",
+    "word",
+    " word",
+    "'s",
+    "'re",
+    "'T",
+    "'",
+    "0",
+    "7",
+    "42",
+    " 9",
+    "²",
+    "٣",
+    "é",
+    "e\u0301",
+    "ß",
+    "日本",
+    "ع",
+    "ש",
+    "न",
+    "ि",
+    "🤗",
+    "👨\u200d👩",
+    "🇫🇷",
+    "\u200d",
+    "\ufe0f",
+    ".",
+    ",",
+    "!!",
+    "{",
+    "}",
+    "<",
+    "|",
+    ">",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|im",
+    "\x00",
+    "\u00a0",
 ]
 _glued_text = st.lists(st.sampled_from(_PIECES), max_size=40).map("".join)
 _hyp = settings(max_examples=200, deadline=None)
@@ -400,8 +444,13 @@ HOSTILE_TEMPLATES = {
     "{% endfor %}ok",
     "huge_power": "{% set n = 10**100000 %}ok",
 }
-OUTPUT_BOMBS = {"nested_loops_output_bomb", "content_repeat_bomb", "repeat_allocation", "list_repeat_allocation",
-                "doubling_in_a_loop"}
+OUTPUT_BOMBS = {
+    "nested_loops_output_bomb",
+    "content_repeat_bomb",
+    "repeat_allocation",
+    "list_repeat_allocation",
+    "doubling_in_a_loop",
+}
 
 
 @pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))

@@ -97,8 +97,9 @@ def write_gguf(
     w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                        "{% endfor %}")
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
 
     hf = {  # gguf name -> HF-layout ([out, in]) host array
         "token_embd.weight": arrays["embed"],
@@ -106,9 +107,17 @@ def write_gguf(
     }
     if "lm_head" in arrays:
         hf["output.weight"] = arrays["lm_head"].T
-    names = {"attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight",
-             "wo": "attn_output.weight", "mlp_norm": "ffn_norm.weight", "w_gate": "ffn_gate.weight",
-             "w_up": "ffn_up.weight", "w_down": "ffn_down.weight"}  # fmt: skip
+    names = {
+        "attn_norm": "attn_norm.weight",
+        "wq": "attn_q.weight",
+        "wk": "attn_k.weight",
+        "wv": "attn_v.weight",
+        "wo": "attn_output.weight",
+        "mlp_norm": "ffn_norm.weight",
+        "w_gate": "ffn_gate.weight",
+        "w_up": "ffn_up.weight",
+        "w_down": "ffn_down.weight",
+    }
     for ours, suffix in names.items():
         for i in range(cfg.num_layers):
             a = arrays[ours][i]

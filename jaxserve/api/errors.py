@@ -54,8 +54,14 @@ class APIError(Exception):
         return f"APIError({self.kind.name}, {self.message!r}, field={self.field!r})"
 
     def openai_body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind.openai_type, "param": self.field,
-                          "code": self.kind.http_status}}  # fmt: skip
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind.openai_type,
+                "param": self.field,
+                "code": self.kind.http_status,
+            }
+        }
 
 
 class ValidationError(APIError, ValueError):

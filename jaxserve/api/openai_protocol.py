@@ -10,9 +10,18 @@ import dataclasses
 import time
 
 from jaxserve.api.validation import (
-    GenerateRequest, Limits, ValidationError, check_messages, check_priority, check_prompt_text, check_request_id,
-    check_timeout, check_token_id_list, is_int, sampling_params,
-)  # fmt: skip
+    GenerateRequest,
+    Limits,
+    ValidationError,
+    check_messages,
+    check_priority,
+    check_prompt_text,
+    check_request_id,
+    check_timeout,
+    check_token_id_list,
+    is_int,
+    sampling_params,
+)
 
 # Fields we cannot honour: refused when set to anything but their neutral value, never silently ignored.
 _UNSUPPORTED = {
@@ -85,8 +94,14 @@ def parse_chat(body: dict, limits: Limits = Limits()) -> OpenAIRequest:
         fields["top_logprobs"] = top
         rename["logprobs"] = "top_logprobs"
     params = sampling_params(fields, rename)
-    return _finish(body, limits, params, [{"messages": messages}], chat=True,
-                   max_tokens_field=rename.get("max_tokens", "max_tokens"))
+    return _finish(
+        body,
+        limits,
+        params,
+        [{"messages": messages}],
+        chat=True,
+        max_tokens_field=rename.get("max_tokens", "max_tokens"),
+    )
 
 
 def _common_checks(body: dict) -> None:
@@ -103,8 +118,9 @@ def _common_checks(body: dict) -> None:
         raise ValidationError("user", "must be a string")
 
 
-def _finish(body: dict, limits: Limits, params, prompts: list[dict], *, chat: bool,
-            max_tokens_field: str = "max_tokens") -> OpenAIRequest:  # fmt: skip
+def _finish(
+    body: dict, limits: Limits, params, prompts: list[dict], *, chat: bool, max_tokens_field: str = "max_tokens"
+) -> OpenAIRequest:
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -123,15 +139,18 @@ def _finish(body: dict, limits: Limits, params, prompts: list[dict], *, chat: bo
     if not is_int(priority):
         raise ValidationError("priority", "must be an integer")
     rid = None if rid is None else check_request_id(rid, limits)
-    requests = [GenerateRequest(
-        params=params,
-        request_id=None if rid is None else rid if len(prompts) == 1 else f"{rid}-{i}",
-        model=body.get("model"),
-        priority=check_priority(priority),
-        timeout=check_timeout(body.get("timeout"), limits),
-        max_tokens_field=max_tokens_field,
-        **prompt,
-    ) for i, prompt in enumerate(prompts)]  # fmt: skip
+    requests = [
+        GenerateRequest(
+            params=params,
+            request_id=None if rid is None else rid if len(prompts) == 1 else f"{rid}-{i}",
+            model=body.get("model"),
+            priority=check_priority(priority),
+            timeout=check_timeout(body.get("timeout"), limits),
+            max_tokens_field=max_tokens_field,
+            **prompt,
+        )
+        for i, prompt in enumerate(prompts)
+    ]
     return OpenAIRequest(requests[0], stream, include_usage, chat, tuple(requests[1:]))
 
 
@@ -142,14 +161,22 @@ def usage(out) -> dict:
     """Token counts of a RequestOutput (all n completions)."""
     prompt = len(out.prompt_token_ids)
     completion = sum(len(c.token_ids) for c in out.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "cached_tokens": out.num_cached_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "cached_tokens": out.num_cached_tokens,
+    }
 
 
 def _usage(out) -> dict:
     u = usage(out)
-    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-            "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
+    return {
+        "prompt_tokens": u["prompt_tokens"],
+        "completion_tokens": u["completion_tokens"],
+        "total_tokens": u["total_tokens"],
+        "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]},
+    }
 
 
 def _new_logprobs(comp, count: int) -> list[tuple[int, dict]]:
@@ -169,8 +196,14 @@ class CompletionShape:
         self.offsets: dict[int, int] = {}
 
     def _envelope(self, choices: list, **extra) -> dict:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, **extra}  # fmt: skip
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
     def _logprobs(self, comp, count: int) -> dict | None:
         if comp.logprobs is None:
@@ -182,16 +215,25 @@ class CompletionShape:
             piece = alts[tid].decoded_token
             lp["tokens"].append(piece)
             lp["token_logprobs"].append(alts[tid].logprob)
-            lp["top_logprobs"].append({a.decoded_token: a.logprob for t, a in sorted(alts.items(),
-                                                                                    key=lambda x: x[1].rank)})
+            lp["top_logprobs"].append(
+                {a.decoded_token: a.logprob for t, a in sorted(alts.items(), key=lambda x: x[1].rank)}
+            )
             lp["text_offset"].append(offset)
             offset += len(piece)
         self.offsets[comp.index] = offset
         return lp
 
     def final(self, out) -> dict:
-        choices = [{"index": c.index, "text": c.text, "logprobs": self._logprobs(c, len(c.token_ids)),
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]  # fmt: skip
+        choices = [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": self._logprobs(c, len(c.token_ids)),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in out.outputs
+        ]
         return self._envelope(choices, usage=_usage(out))
 
     def start(self, out) -> dict | None:
@@ -201,9 +243,18 @@ class CompletionShape:
         extra = {"usage": None} if include_usage else {}
         for c in out.outputs:
             if c.delta_token_ids or c.delta_text or c.finish_reason:
-                yield self._envelope([{"index": c.index, "text": c.delta_text,
-                                       "logprobs": self._logprobs(c, len(c.delta_token_ids)),
-                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **extra)
+                yield self._envelope(
+                    [
+                        {
+                            "index": c.index,
+                            "text": c.delta_text,
+                            "logprobs": self._logprobs(c, len(c.delta_token_ids)),
+                            "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason,
+                        }
+                    ],
+                    **extra,
+                )
 
     def usage_chunk(self, out) -> dict:
         return self._envelope([], usage=_usage(out))
@@ -218,28 +269,60 @@ class ChatShape(CompletionShape):
         content = []
         for tid, alts in _new_logprobs(comp, count):
             top = [a for _, a in sorted(alts.items(), key=lambda x: x[1].rank)]
-            content.append({"token": alts[tid].decoded_token, "logprob": alts[tid].logprob,
-                            "bytes": list(alts[tid].decoded_token.encode()),
-                            "top_logprobs": [{"token": a.decoded_token, "logprob": a.logprob,
-                                              "bytes": list(a.decoded_token.encode())} for a in top]})  # fmt: skip
+            content.append(
+                {
+                    "token": alts[tid].decoded_token,
+                    "logprob": alts[tid].logprob,
+                    "bytes": list(alts[tid].decoded_token.encode()),
+                    "top_logprobs": [
+                        {"token": a.decoded_token, "logprob": a.logprob, "bytes": list(a.decoded_token.encode())}
+                        for a in top
+                    ],
+                }
+            )
         return {"content": content}
 
     def final(self, out) -> dict:
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._logprobs(c, len(c.token_ids)), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for c in out.outputs]  # fmt: skip
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self._logprobs(c, len(c.token_ids)),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in out.outputs
+        ]
         body = self._envelope(choices, usage=_usage(out))
         body["object"] = "chat.completion"
         return body
 
     def start(self, out) -> dict:
-        return self._envelope([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None, "finish_reason": None} for c in out.outputs])  # fmt: skip
+        return self._envelope(
+            [
+                {
+                    "index": c.index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for c in out.outputs
+            ]
+        )
 
     def chunks(self, out, include_usage: bool):
         extra = {"usage": None} if include_usage else {}
         for c in out.outputs:
             if c.delta_token_ids or c.delta_text or c.finish_reason:
-                yield self._envelope([{"index": c.index, "delta": {"content": c.delta_text} if c.delta_text else {},
-                                       "logprobs": self._logprobs(c, len(c.delta_token_ids)),
-                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}], **extra)
+                yield self._envelope(
+                    [
+                        {
+                            "index": c.index,
+                            "delta": {"content": c.delta_text} if c.delta_text else {},
+                            "logprobs": self._logprobs(c, len(c.delta_token_ids)),
+                            "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason,
+                        }
+                    ],
+                    **extra,
+                )

@@ -117,21 +117,28 @@ def check_prompt_tokens(ids: Sequence[int], *, max_model_len: int, vocab_size: i
     if not ids:
         raise ValidationError(field, "empty; it must have at least one token")
     if len(ids) >= max_model_len:
-        raise PromptTooLongError(field, f"{len(ids)} tokens; with room for one new token that exceeds "
-                                     f"max_model_len={max_model_len} (prompts are never truncated)")  # fmt: skip
+        raise PromptTooLongError(
+            field,
+            f"{len(ids)} tokens; with room for one new token that exceeds "
+            f"max_model_len={max_model_len} (prompts are never truncated)",
+        )
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise ValidationError(field, f"token ids out of range [0, {vocab_size}): {bad[:5]}")
 
 
-def check_context(num_prompt_tokens: int, max_tokens: int | None, *, max_model_len: int,
-                  field: str = "max_tokens") -> None:  # fmt: skip
+def check_context(
+    num_prompt_tokens: int, max_tokens: int | None, *, max_model_len: int, field: str = "max_tokens"
+) -> None:
     """Servers refuse a `max_tokens` the context cannot hold (as OpenAI and vLLM do); the Python API stops
     such a request at the context end instead (finish_reason "length")."""
     if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
-        raise ValidationError(field, f"{max_tokens} is too large: this model's context is {max_model_len} tokens "
-                                     f"and the prompt has {num_prompt_tokens} "
-                                     f"({num_prompt_tokens} + {max_tokens} > {max_model_len})")  # fmt: skip
+        raise ValidationError(
+            field,
+            f"{max_tokens} is too large: this model's context is {max_model_len} tokens "
+            f"and the prompt has {num_prompt_tokens} "
+            f"({num_prompt_tokens} + {max_tokens} > {max_model_len})",
+        )
 
 
 def check_messages(messages, limits: Limits = Limits(), field: str = "messages") -> tuple[dict, ...]:
@@ -166,8 +173,9 @@ def check_messages(messages, limits: Limits = Limits(), field: str = "messages")
     return tuple(out)
 
 
-def tokenize_request(req: GenerateRequest, tokenizer, *, max_model_len: int,
-                     vocab_size: int) -> tuple[str | None, list[int]]:  # fmt: skip
+def tokenize_request(
+    req: GenerateRequest, tokenizer, *, max_model_len: int, vocab_size: int
+) -> tuple[str | None, list[int]]:
     """Render (chat) and tokenize a request's prompt, then check it against the context: (text, token ids)."""
     from models.tokenizer import TokenizerError
 

@@ -36,8 +36,10 @@ class PoolPlan:
     def describe(self) -> str:
         what = self.dtype
         if self.dtype == "int8":
-            what = (f"int8 with an f32 scale per token and KV head ({self.tokens_vs_float32:.2f}x the tokens float32 "
-                    f"holds in the same memory)")  # fmt: skip
+            what = (
+                f"int8 with an f32 scale per token and KV head ({self.tokens_vs_float32:.2f}x the tokens float32 "
+                f"holds in the same memory)"
+            )
         return (
             f"KV cache: {self.num_pages} pages x {self.page_size} tokens ({self.num_tokens} usable tokens), "
             f"{what}, {self.total_bytes / 2**20:.1f} MiB of a {self.budget_bytes / 2**20:.1f} MiB budget "
@@ -82,8 +84,7 @@ def plan_kv_pool(
     dtype = jnp.dtype(model_dtype if cache.kv_cache_dtype == "auto" else cache.kv_cache_dtype)
     # kv_shards: devices the KV heads are split over; the budget is per device, so a page costs 1/kv_shards.
     row = row_width(model.head_dim, dtype)  # int8 rows carry their f32 scale
-    bytes_per_page = (2 * model.num_layers * cache.page_size * model.num_kv_heads * row * dtype.itemsize
-                      // kv_shards)  # fmt: skip
+    bytes_per_page = 2 * model.num_layers * cache.page_size * model.num_kv_heads * row * dtype.itemsize // kv_shards
     if cache.kv_cache_memory is not None:
         budget, source = cache.kv_cache_memory, "kv_cache_memory"
     else:

@@ -21,14 +21,22 @@ from jaxserve.api.validation import GenerateRequest, Limits, check_prompt_text, 
 from jaxserve.outputs import RequestOutput
 from jaxserve.servers.metrics import ServerMetrics
 
-_OUTCOME_OF_KIND = {"validation": "invalid", "too_large": "invalid", "headers": "invalid", "admission": "rejected",
-                    "unavailable": "unavailable", "not_found": "not_found", "deadline": "deadline",
-                    "cancelled": "cancelled"}  # fmt: skip
+_OUTCOME_OF_KIND = {
+    "validation": "invalid",
+    "too_large": "invalid",
+    "headers": "invalid",
+    "admission": "rejected",
+    "unavailable": "unavailable",
+    "not_found": "not_found",
+    "deadline": "deadline",
+    "cancelled": "cancelled",
+}
 
 
 class Frontend:
-    def __init__(self, engine, *, model_name: str | None = None, limits: Limits = Limits(),
-                 stall_timeout: float = 120.0):  # fmt: skip
+    def __init__(
+        self, engine, *, model_name: str | None = None, limits: Limits = Limits(), stall_timeout: float = 120.0
+    ):
         """engine: a started AsyncEngine (so warm: every bucket compiled). stall_timeout: seconds the engine may
         hold work without finishing a step before the server reports not ready."""
         self.engine = engine
@@ -63,14 +71,21 @@ class Frontend:
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
-            raise APIError(NOT_FOUND, f"model: {model!r} is not served here (this server serves "
-                                      f"{self.model_name!r})", "model")  # fmt: skip
+            raise APIError(
+                NOT_FOUND, f"model: {model!r} is not served here (this server serves {self.model_name!r})", "model"
+            )
 
     def model_card(self) -> dict:
         card = self.card
-        return {"id": self.model_name, "max_model_len": self.max_model_len, "vocab_size": card.vocab_size,
-                "dtype": card.dtype, "architecture": "llama", "created": int(self._started),
-                "num_parameters": card.num_parameters}  # fmt: skip
+        return {
+            "id": self.model_name,
+            "max_model_len": self.max_model_len,
+            "vocab_size": card.vocab_size,
+            "dtype": card.dtype,
+            "architecture": "llama",
+            "created": int(self._started),
+            "num_parameters": card.num_parameters,
+        }
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -114,8 +129,9 @@ class Frontend:
                         break
             except asyncio.TimeoutError:
                 outcome = "deadline"
-                raise APIError(DEADLINE, f"timeout: the request ran past its deadline of {req.timeout:g}s",
-                               "timeout") from None  # fmt: skip
+                raise APIError(
+                    DEADLINE, f"timeout: the request ran past its deadline of {req.timeout:g}s", "timeout"
+                ) from None
             finally:
                 self._inflight.pop(token, None)
                 await stream.aclose()  # aborts the request in the engine unless it finished

@@ -26,9 +26,16 @@ from grpc_reflection.v1alpha import reflection
 
 from jaxserve.api.errors import INTERNAL, UNAVAILABLE, VALIDATION, APIError, to_api_error
 from jaxserve.api.validation import (
-    GenerateRequest, ValidationError, check_messages, check_priority, check_prompt_text, check_request_id,
-    check_timeout, check_token_id_list, sampling_params,
-)  # fmt: skip
+    GenerateRequest,
+    ValidationError,
+    check_messages,
+    check_priority,
+    check_prompt_text,
+    check_request_id,
+    check_timeout,
+    check_token_id_list,
+    sampling_params,
+)
 from jaxserve.servers import lifecycle
 from jaxserve.api.openai_protocol import usage
 from jaxserve.servers.frontend import Frontend
@@ -42,8 +49,12 @@ FIELD_METADATA_KEY = "jaxserve-field"
 HEALTH_INTERVAL_S = 0.5
 STOP_GRACE_S = 2.0  # after the drain: lets the last responses flush before connections close
 _OPTIONAL_SAMPLING = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields if f.has_presence)
-_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
-           "abort": pb.FINISH_REASON_ABORT}  # fmt: skip
+_FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+}
 
 
 class _Undecodable:
@@ -69,7 +80,7 @@ def _renamed(err: APIError, renames: dict[str, str]) -> APIError:
     new = renames.get(err.field or "")
     if not new:
         return err
-    message = new + err.message[len(err.field):] if err.message.startswith(err.field) else err.message
+    message = new + err.message[len(err.field) :] if err.message.startswith(err.field) else err.message
     return APIError(err.kind, message, new)
 
 
@@ -100,12 +111,17 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         if s.stop_token_ids:
             fields["stop_token_ids"] = list(s.stop_token_ids)
         return GenerateRequest(
-            params=sampling_params(fields), prompt=prompt, prompt_token_ids=ids, messages=messages,
+            params=sampling_params(fields),
+            prompt=prompt,
+            prompt_token_ids=ids,
+            messages=messages,
             request_id=check_request_id(request.request_id, fe.limits) if request.request_id else None,
-            model=request.model or None, priority=check_priority(request.priority),
+            model=request.model or None,
+            priority=check_priority(request.priority),
             timeout=check_timeout(request.timeout_seconds, fe.limits, "timeout_seconds")
-            if request.timeout_seconds != 0 else None,
-        )  # fmt: skip
+            if request.timeout_seconds != 0
+            else None,
+        )
 
     @staticmethod
     def _renames(request) -> dict[str, str]:
@@ -149,8 +165,10 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             # The client went away or its deadline passed (grpc.aio cancels this task; nobody hears an answer),
             # or the drain timed out and cancelled what was left: tell that client why.
             if self.frontend.draining and not context.done():
-                await self._abort(context, APIError(UNAVAILABLE, "server shutting down: the request did not "
-                                                                 "finish within the drain timeout"))  # fmt: skip
+                await self._abort(
+                    context,
+                    APIError(UNAVAILABLE, "server shutting down: the request did not finish within the drain timeout"),
+                )
             raise
         except Exception as e:
             log.exception("gRPC handler failed")
@@ -189,9 +207,12 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             out = await self.frontend.complete(req, id_prefix="grpc")
             m, num_top = out.metrics, req.params.logprobs or 0
             return pb.CompleteResponse(
-                request_id=out.request_id, outputs=[_completion(c, num_top) for c in out.outputs],
-                usage=pb.Usage(**usage(out)), time_to_first_token_seconds=m.ttft or 0.0,
-                time_per_output_token_seconds=m.tpot or 0.0)  # fmt: skip
+                request_id=out.request_id,
+                outputs=[_completion(c, num_top) for c in out.outputs],
+                usage=pb.Usage(**usage(out)),
+                time_to_first_token_seconds=m.ttft or 0.0,
+                time_per_output_token_seconds=m.tpot or 0.0,
+            )
 
         return await self._run(request, context, body, generation=True)
 
@@ -215,16 +236,26 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             self.frontend.check_model(request.model or None)
             card = self.frontend.card
             return pb.ModelInfoResponse(
-                model=self._card(), max_num_seqs=card.max_num_seqs, max_num_batched_tokens=card.max_num_batched_tokens,
-                page_size=card.page_size, num_kv_pages=card.num_kv_pages, has_chat_template=card.has_chat_template)
+                model=self._card(),
+                max_num_seqs=card.max_num_seqs,
+                max_num_batched_tokens=card.max_num_batched_tokens,
+                page_size=card.page_size,
+                num_kv_pages=card.num_kv_pages,
+                has_chat_template=card.has_chat_template,
+            )
 
         return await self._run(request, context, body)
 
     def _card(self) -> pb.ModelCard:
         card = self.frontend.model_card()
-        return pb.ModelCard(id=card["id"], max_model_len=card["max_model_len"], vocab_size=card["vocab_size"],
-                            dtype=str(card["dtype"]), architecture=card["architecture"],
-                            num_parameters=card["num_parameters"])  # fmt: skip
+        return pb.ModelCard(
+            id=card["id"],
+            max_model_len=card["max_model_len"],
+            vocab_size=card["vocab_size"],
+            dtype=str(card["dtype"]),
+            architecture=card["architecture"],
+            num_parameters=card["num_parameters"],
+        )
 
 
 # ---- output conversion ------------------------------------------------------------------------------------------
@@ -253,17 +284,23 @@ def _stop(msg, stop_reason) -> None:
 
 
 def _delta(c, num_top: int) -> pb.CompletionDelta:
-    msg = pb.CompletionDelta(index=c.index, text=c.delta_text, token_ids=c.delta_token_ids,
-                             finish_reason=_FINISH[c.finish_reason])  # fmt: skip
+    msg = pb.CompletionDelta(
+        index=c.index, text=c.delta_text, token_ids=c.delta_token_ids, finish_reason=_FINISH[c.finish_reason]
+    )
     if c.logprobs is not None and c.delta_token_ids:
-        msg.logprobs.extend(_token_logprobs(c.logprobs[-len(c.delta_token_ids):], c.delta_token_ids, num_top))
+        msg.logprobs.extend(_token_logprobs(c.logprobs[-len(c.delta_token_ids) :], c.delta_token_ids, num_top))
     _stop(msg, c.stop_reason)
     return msg
 
 
 def _completion(c, num_top: int) -> pb.Completion:
-    msg = pb.Completion(index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=_FINISH[c.finish_reason],
-                        cumulative_logprob=c.cumulative_logprob or 0.0)  # fmt: skip
+    msg = pb.Completion(
+        index=c.index,
+        text=c.text,
+        token_ids=c.token_ids,
+        finish_reason=_FINISH[c.finish_reason],
+        cumulative_logprob=c.cumulative_logprob or 0.0,
+    )
     if c.logprobs is not None:
         msg.logprobs.extend(_token_logprobs(c.logprobs, c.token_ids, num_top))
     _stop(msg, c.stop_reason)
@@ -284,9 +321,14 @@ _METHODS = {  # name: (handler kind, request, response)
 
 def _method_handlers(servicer: JaxServeServicer) -> dict:
     """The generated handlers, but with request deserializers that never raise (see _Undecodable)."""
-    return {name: kind(getattr(servicer, name), request_deserializer=_lenient(request),
-                       response_serializer=response.SerializeToString)
-            for name, (kind, request, response) in _METHODS.items()}  # fmt: skip
+    return {
+        name: kind(
+            getattr(servicer, name),
+            request_deserializer=_lenient(request),
+            response_serializer=response.SerializeToString,
+        )
+        for name, (kind, request, response) in _METHODS.items()
+    }
 
 
 async def update_health(frontend: Frontend, health_servicer) -> bool:
@@ -308,7 +350,7 @@ async def build_server(frontend: Frontend, host: str = "127.0.0.1", port: int = 
         ("grpc.max_metadata_size", frontend.limits.max_header_bytes),
         ("grpc.absolute_max_metadata_size", frontend.limits.max_header_bytes),
         ("grpc.so_reuseport", 0),  # a port already taken must fail to bind, not be silently shared
-    ]  # fmt: skip
+    ]
     server = grpc.aio.server(options=options)
     handlers = _method_handlers(JaxServeServicer(frontend))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -334,8 +376,16 @@ async def _keep_health(frontend: Frontend, health_servicer) -> None:
         await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
-async def serve(frontend: Frontend, host: str = "127.0.0.1", port: int = 0, *, drain_timeout: float = 30.0,
-                metrics_port: int | None = None, ready_callback=None, stop_event: asyncio.Event | None = None) -> int:
+async def serve(
+    frontend: Frontend,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    drain_timeout: float = 30.0,
+    metrics_port: int | None = None,
+    ready_callback=None,
+    stop_event: asyncio.Event | None = None,
+) -> int:
     """Serve until SIGTERM / SIGINT (handled only on the main thread) or `stop_event`, then drain and return 0;
     return 1 if the engine loop dies. ready_callback(port) is called once the server listens."""
     server, bound, health_servicer = await build_server(frontend, host, port)
@@ -382,7 +432,7 @@ def define_flags(fv=None) -> None:
         (number, "drain_timeout", 30.0, "seconds in-flight requests get after SIGTERM"),
         (integer, "metrics_port", None, "Prometheus /metrics port (default: off)"),
         (number, "stall_timeout", 120.0, "seconds without engine progress before health turns NOT_SERVING"),
-    ]:  # fmt: skip
+    ]:
         define(name, default, doc, flag_values=fv)
 
 
@@ -421,8 +471,16 @@ def main(argv) -> None:
         print(f"[jaxserve-grpc] serving {frontend.model_name!r} on {fv.host}:{port}", file=sys.stderr, flush=True)
 
     try:
-        code = asyncio.run(serve(frontend, fv.host, fv.port, drain_timeout=fv.drain_timeout,
-                                 metrics_port=fv.metrics_port or None, ready_callback=ready))  # fmt: skip
+        code = asyncio.run(
+            serve(
+                frontend,
+                fv.host,
+                fv.port,
+                drain_timeout=fv.drain_timeout,
+                metrics_port=fv.metrics_port or None,
+                ready_callback=ready,
+            )
+        )
     finally:
         engine.shutdown()
         release_followers(core)

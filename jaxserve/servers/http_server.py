@@ -49,8 +49,9 @@ async def start(frontend: Frontend, host: str = "127.0.0.1", port: int = 0) -> t
     """Start listening; returns the runner (call `.cleanup()` to stop) and the bound port."""
     # The parser's own limits are a backstop above ours, so that our middleware answers with a JSON 431.
     backstop = 4 * frontend.limits.max_header_bytes
-    runner = web.AppRunner(build_app(frontend), handler_cancellation=True, access_log=None,
-                           max_line_size=backstop, max_field_size=backstop)  # fmt: skip
+    runner = web.AppRunner(
+        build_app(frontend), handler_cancellation=True, access_log=None, max_line_size=backstop, max_field_size=backstop
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -58,8 +59,15 @@ async def start(frontend: Frontend, host: str = "127.0.0.1", port: int = 0) -> t
     return runner, bound
 
 
-async def serve(frontend: Frontend, host: str = "127.0.0.1", port: int = 8000, *, drain_timeout: float = 30.0,
-                stop_event=None, ready_callback=None) -> int:  # fmt: skip
+async def serve(
+    frontend: Frontend,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    drain_timeout: float = 30.0,
+    stop_event=None,
+    ready_callback=None,
+) -> int:
     """Serve until SIGTERM/SIGINT (drain, then 0) or engine death (1)."""
     runner, bound = await start(frontend, host, port)
     log.info("serving %s on http://%s:%d", frontend.model_name, host, bound)
@@ -85,8 +93,11 @@ async def _errors_and_limits(request: web.Request, handler):
     try:
         header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
         if header_bytes > frontend.limits.max_header_bytes:
-            raise APIError(HEADERS, f"headers: {header_bytes} bytes exceeds the limit of "
-                                    f"{frontend.limits.max_header_bytes}", "headers")  # fmt: skip
+            raise APIError(
+                HEADERS,
+                f"headers: {header_bytes} bytes exceeds the limit of {frontend.limits.max_header_bytes}",
+                "headers",
+            )
         return await handler(request)
     except APIError as e:
         _count_refusal(frontend, e, request)
@@ -99,8 +110,10 @@ async def _errors_and_limits(request: web.Request, handler):
         if e.status == 404:
             return _error_response(APIError(NOT_FOUND, f"path: no route {request.method} {request.path}", "path"))
         if e.status >= 400:
-            return web.json_response({"error": {"message": e.reason, "type": "invalid_request_error",
-                                                "param": None, "code": e.status}}, status=e.status)  # fmt: skip
+            return web.json_response(
+                {"error": {"message": e.reason, "type": "invalid_request_error", "param": None, "code": e.status}},
+                status=e.status,
+            )
         raise
     except Exception as e:  # a bug: this request ends, the server goes on
         log.exception("request %s %s failed", request.method, request.path)
@@ -144,8 +157,10 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
     """Run the request's prompt(s) and answer whole or as server-sent events. Prompt i's completion k is choice
     i * n + k; each prompt runs as its own engine request, all at once."""
     many = len(parsed.requests) > 1
-    reqs = [r if r.request_id else dataclasses.replace(r, request_id=f"{rid}-{i}" if many else rid)
-            for i, r in enumerate(parsed.requests)]  # fmt: skip
+    reqs = [
+        r if r.request_id else dataclasses.replace(r, request_id=f"{rid}-{i}" if many else rid)
+        for i, r in enumerate(parsed.requests)
+    ]
     request[_COUNTED] = True
     shapes = [(ChatShape if parsed.chat else CompletionShape)(frontend.model_name, rid) for _ in reqs]
     n = reqs[0].params.n
@@ -236,9 +251,20 @@ async def _send(response: web.StreamResponse, obj) -> None:
 
 async def _models(request: web.Request) -> web.Response:
     card = request.app[_FRONTEND].model_card()
-    return web.json_response({"object": "list", "data": [{"id": card["id"], "object": "model",
-                                                          "created": card["created"], "owned_by": "jaxserve",
-                                                          "max_model_len": card["max_model_len"]}]})  # fmt: skip
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": card["id"],
+                    "object": "model",
+                    "created": card["created"],
+                    "owned_by": "jaxserve",
+                    "max_model_len": card["max_model_len"],
+                }
+            ],
+        }
+    )
 
 
 async def _tokenize(request: web.Request) -> web.Response:
@@ -267,4 +293,3 @@ async def _ready(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     body, ctype = request.app[_FRONTEND].metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": ctype})
-

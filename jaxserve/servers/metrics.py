@@ -10,8 +10,18 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-OUTCOMES = ("stop", "length", "abort", "error", "cancelled", "deadline", "invalid", "rejected", "unavailable",
-            "not_found")  # fmt: skip
+OUTCOMES = (
+    "stop",
+    "length",
+    "abort",
+    "error",
+    "cancelled",
+    "deadline",
+    "invalid",
+    "rejected",
+    "unavailable",
+    "not_found",
+)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
@@ -24,12 +34,21 @@ class ServerMetrics:
         self.requests = Counter("jaxserve_requests", "Requests that ended, by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
-        self.ttft = Histogram("jaxserve_time_to_first_token_seconds", "Arrival to first token (queue + prefill)",
-                              buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.tpot = Histogram("jaxserve_time_per_output_token_seconds", "Mean time per output token after the "
-                              "first, per request", buckets=_TPOT_BUCKETS, registry=r)  # fmt: skip
-        self.e2e = Histogram("jaxserve_e2e_request_latency_seconds", "Arrival to the last output",
-                             buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram(
+            "jaxserve_time_to_first_token_seconds",
+            "Arrival to first token (queue + prefill)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "jaxserve_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "jaxserve_e2e_request_latency_seconds", "Arrival to the last output", buckets=_LATENCY_BUCKETS, registry=r
+        )
         r.register(_EngineCollector(engine, model_name))
 
     def observe(self, outcome: str, output=None) -> None:
@@ -79,18 +98,27 @@ class _EngineCollector:
         yield gauge("jaxserve_kv_pages_in_use", "KV cache pages referenced by a request", st.kv_pages_in_use)
         yield gauge("jaxserve_kv_pages_total", "Usable KV cache pages", st.kv_pages_total)
         queried, hits = st.prefix_cache_queries, st.prefix_cache_hits
-        yield gauge("jaxserve_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
-                    hits / queried if queried else 0.0)  # fmt: skip
+        yield gauge(
+            "jaxserve_prefix_cache_hit_rate",
+            "Prompt tokens found in the prefix cache / looked up",
+            hits / queried if queried else 0.0,
+        )
         yield counter("jaxserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queried)
         yield counter("jaxserve_prefix_cache_hits", "Prompt tokens found in the prefix cache", hits)
-        yield counter("jaxserve_num_preemptions", "Sequences preempted (recomputed later) for lack of pages",
-                      st.num_preemptions)  # fmt: skip
+        yield counter(
+            "jaxserve_num_preemptions", "Sequences preempted (recomputed later) for lack of pages", st.num_preemptions
+        )
         yield counter("jaxserve_prompt_tokens", "Prompt tokens admitted", st.prompt_tokens)
         yield counter("jaxserve_generation_tokens", "Tokens generated", st.generation_tokens)
         yield counter("jaxserve_engine_steps", "Engine steps run", st.steps)
-        yield counter("jaxserve_compilations", "XLA compilations in this process (persistent-cache loads too)",
-                      st.compilations)  # fmt: skip
-        yield counter("jaxserve_compilation_cache_hits", "Compilations served by the persistent cache",
-                      st.compilation_cache_hits)  # fmt: skip
-        yield gauge("jaxserve_compilations_since_warmup", "Compilations after warm-up (0 in a healthy server)",
-                    st.compilations_since_warmup)  # fmt: skip
+        yield counter(
+            "jaxserve_compilations", "XLA compilations in this process (persistent-cache loads too)", st.compilations
+        )
+        yield counter(
+            "jaxserve_compilation_cache_hits", "Compilations served by the persistent cache", st.compilation_cache_hits
+        )
+        yield gauge(
+            "jaxserve_compilations_since_warmup",
+            "Compilations after warm-up (0 in a healthy server)",
+            st.compilations_since_warmup,
+        )

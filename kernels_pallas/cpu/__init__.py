@@ -25,10 +25,14 @@ SOURCES = ("qmatmul.cc", "matmul_f32.cc", "attention.cc")
 HEADERS = ("common.h",)
 CXXFLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 # FFI handler symbol -> the target name XLA knows it by.
-TARGETS = {"JaxserveQMatmulInt8": "jaxserve_qmatmul_int8", "JaxserveQMatmulInt4": "jaxserve_qmatmul_int4",
-           "JaxserveQMatmulMulti": "jaxserve_qmatmul_multi",
-           "JaxserveMatmulF32": "jaxserve_matmul_f32", "JaxserveMatmulF32Multi": "jaxserve_matmul_f32_multi",
-           "JaxserveRaggedPagedAttention": "jaxserve_ragged_paged_attention"}
+TARGETS = {
+    "JaxserveQMatmulInt8": "jaxserve_qmatmul_int8",
+    "JaxserveQMatmulInt4": "jaxserve_qmatmul_int4",
+    "JaxserveQMatmulMulti": "jaxserve_qmatmul_multi",
+    "JaxserveMatmulF32": "jaxserve_matmul_f32",
+    "JaxserveMatmulF32Multi": "jaxserve_matmul_f32_multi",
+    "JaxserveRaggedPagedAttention": "jaxserve_ragged_paged_attention",
+}
 _lock = threading.Lock()
 
 
@@ -100,8 +104,10 @@ def cpu_has_vnni() -> bool:
 @functools.cache
 def _load() -> None:
     if not cpu_supports_kernels():
-        raise CpuKernelsUnavailable("this CPU lacks AVX2/FMA/F16C, which jaxserve's CPU kernels need: run the jnp "
-                                    "reference kernels with attention_backend='reference'")  # fmt: skip
+        raise CpuKernelsUnavailable(
+            "this CPU lacks AVX2/FMA/F16C, which jaxserve's CPU kernels need: run the jnp "
+            "reference kernels with attention_backend='reference'"
+        )
     lib = ctypes.cdll.LoadLibrary(build())
     for symbol, target in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")

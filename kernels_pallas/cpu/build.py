@@ -9,8 +9,11 @@ from kernels_pallas.cpu import CpuKernelsUnavailable, build, cpu_supports_kernel
 
 def main() -> int:
     if not cpu_supports_kernels():
-        print("[jaxserve] this CPU lacks AVX2/FMA/F16C: the C++ kernels are not built; the jnp reference kernels "
-              "run instead (attention_backend='reference')", file=sys.stderr)  # fmt: skip
+        print(
+            "[jaxserve] this CPU lacks AVX2/FMA/F16C: the C++ kernels are not built; the jnp reference kernels "
+            "run instead (attention_backend='reference')",
+            file=sys.stderr,
+        )
         return 0
     try:
         path = build(verbose="-v" in sys.argv)

@@ -61,16 +61,23 @@ def main() -> int:
             first, last = stamps(out)
             records.append(record(t0, start, first, last or end, out.outputs[0].token_ids))
     else:
-        outs = llm.generate([{"prompt_token_ids": p} for p in wl["prompts"]], [params(n) for n in wl["out_lens"]],
-                            use_tqdm=False)  # fmt: skip
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p in wl["prompts"]], [params(n) for n in wl["out_lens"]], use_tqdm=False
+        )
         end = time.perf_counter()
         for out in outs:
             first, last = stamps(out)
             records.append(record(t0, t0, first, last or end, out.outputs[0].token_ids))
     wall = time.perf_counter() - t0
-    res = {"ok": True, "load_s": load_s, "warmup_s": warmup_s, "wall_s": wall, "requests": records,
-           "extra": {"vllm_max_model_len": max_len},
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    res = {
+        "ok": True,
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "wall_s": wall,
+        "requests": records,
+        "extra": {"vllm_max_model_len": max_len},
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     with open(result, "w") as f:
         json.dump(res, f)
     return 0
