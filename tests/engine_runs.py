@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 
-def greedy(engine, ids, max_tokens: int):
-    """One greedy request, EOS ignored, stepped to its end: its CompletionOutput."""
+def greedy(engine, ids, max_tokens: int, *, ignore_eos: bool = True):
+    """One greedy request (EOS ignored unless ignore_eos=False), stepped to its end: its CompletionOutput."""
     from jaxserve.sampling import SamplingParams
 
-    engine.add_request("greedy", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    engine.add_request("greedy", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos))
     out = None
     while engine.has_unfinished_requests():
         for o in engine.step():

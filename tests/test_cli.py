@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from jaxserve.sampling import SamplingParams
+from tests.engine_runs import greedy
 
 pytestmark = pytest.mark.real_model
 
@@ -25,27 +25,23 @@ def _run(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def test_generate_default_model_greedy(real_generator):
+def test_generate_default_model_greedy(real_scorer):
     prompt = "The capital of France is"
     proc = _run("generate", prompt, "--max-tokens", "12", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
-    ids = real_generator.tokenizer.encode(prompt)
-    want = real_generator.tokenizer.decode(
-        list(real_generator.generate_ids(ids, SamplingParams(temperature=0.0, max_tokens=12))),
-        skip_special_tokens=True,
-    )
+    tok = real_scorer.tokenizer
+    ids = tok.encode(prompt)
+    want = tok.decode(list(greedy(real_scorer, ids, 12, ignore_eos=False).token_ids), skip_special_tokens=True)
     assert proc.stdout == want + "\n"
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in proc.stderr and "tokens/s" in proc.stderr
 
 
-def test_chat_from_stdin_applies_template(real_generator):
+def test_chat_from_stdin_applies_template(real_scorer):
     proc = _run("chat", "--temperature", "0", "--max-tokens", "16", stdin="What is 2+2?")
     assert proc.returncode == 0, proc.stderr
-    tok = real_generator.tokenizer
+    tok = real_scorer.tokenizer
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}]))
-    want = tok.decode(
-        list(real_generator.generate_ids(ids, SamplingParams(temperature=0.0, max_tokens=16))), skip_special_tokens=True
-    )
+    want = tok.decode(list(greedy(real_scorer, ids, 16, ignore_eos=False).token_ids), skip_special_tokens=True)
     assert proc.stdout == want + "\n"
 
 

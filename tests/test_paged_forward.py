@@ -45,7 +45,7 @@ def _ragged_step(model, cache, chunks, tables, starts):
 
 
 @pytest.mark.real_model
-def test_two_sequences_on_scattered_pages_match_single_stream(real_model, real_generator):
+def test_two_sequences_on_scattered_pages_match_single_stream(real_model, real_scorer):
     tok = real_model.tokenizer
     a = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the tallest mountain?"}]))
     b = tok.encode("def add(a, b):\n    return a + b\n\nprint(add(2, 3))")
@@ -60,8 +60,8 @@ def test_two_sequences_on_scattered_pages_match_single_stream(real_model, real_g
     next_b = int(logits1[-1].argmax())
     logits2, cache = _ragged_step(real_model, cache, [a[split:], [next_b]], [table_a, table_b], [split, len(b)])
 
-    want_a = real_generator.prompt_logits(a)
-    want_b = real_generator.prompt_logits(b + [next_b])
+    want_a = real_scorer.prompt_logits(a)
+    want_b = real_scorer.prompt_logits(b + [next_b])
     got_a = np.concatenate([logits1[:split], logits2[: len(a) - split]])
     got_b = np.concatenate([logits1[split:], logits2[-1:]])
     np.testing.assert_allclose(got_a, want_a, atol=2e-4)

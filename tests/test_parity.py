@@ -69,14 +69,14 @@ def test_fp32_logits_and_greedy_match_hf(real_model, real_scorer, hf_model, name
 def test_bf16_top1_agreement(gguf_path, real_model, hf_model):
     """bf16 weights and activations: greedy top-1 equals the fp32 reference on most positions."""
     model16 = load_model(gguf_path, dtype="bfloat16")
-    gen16 = scoring_engine(model16, 1024, chunk=512, page_size=16)
+    engine16 = scoring_engine(model16, 1024, chunk=512, page_size=16)
     agree = total = 0
     for name, text in PROMPTS:
         ids = _prompt_ids(real_model.tokenizer, name, text)
         # Teacher-force the fp32 reference's own greedy continuation, so every position is comparable.
         seq = ids + _hf_greedy(hf_model, ids, 16)
         ref_top1 = _hf_logits(hf_model, seq).argmax(-1)
-        ours_top1 = gen16.prompt_logits(seq).argmax(-1)
+        ours_top1 = engine16.prompt_logits(seq).argmax(-1)
         agree += int(np.sum(ref_top1 == ours_top1))
         total += len(seq)
     rate = agree / total
