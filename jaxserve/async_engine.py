@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from jaxserve.engine_api import Engine, EngineStats, ModelCard
-from jaxserve.errors import EngineDeadError
+from jaxserve.errors import ENGINE_STOPPED, EngineDeadError
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling import SamplingParams
 
@@ -111,8 +111,8 @@ class AsyncEngine:
                     finished = True
                     return
         finally:
-            if admitted and not finished:  # (a refused add must not abort another request of that id)
-                self._commands.put(("abort", request_id))
+            if admitted and not finished:  # only this caller's own request: never another of the same id
+                self._commands.put(("abort_own", (request_id, stream)))
 
     async def abort(self, request_id: str) -> None:
         """End a request; its stream yields a last output with finish_reason "abort" (unless already done)."""
@@ -125,7 +125,7 @@ class AsyncEngine:
 
     def _check_alive(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(f"the engine stopped: {self._dead!r}")
+            raise EngineDeadError(ENGINE_STOPPED) from self._dead
         if self._stopping:
             raise EngineDeadError("the engine is shutting down")
 
@@ -155,7 +155,9 @@ class AsyncEngine:
         except BaseException as e:  # the device step failed: nothing can be served any more
             log.exception("engine loop died")
             self._dead = e
-            self._fail_all(EngineDeadError(f"the engine stopped: {e!r}"))
+            dead = EngineDeadError(ENGINE_STOPPED)
+            dead.__cause__ = e  # (Python API callers read the cause; servers send only the message)
+            self._fail_all(dead)
 
     def _handle(self, kind: str, arg) -> None:
         if kind == "add":
@@ -165,11 +167,18 @@ class AsyncEngine:
                     raise ValueError(f"request_id={request_id!r} is already in use")
                 self.engine.add_request(request_id, prompt, params, priority=priority)
             except Exception as e:  # validation / admission: this caller's error only
-                loop.call_soon_threadsafe(_set_exception, added, e)
+                _post(loop, _set_exception, added, e)
+                return
+            if not _post(loop, _set_result, added, None):  # its event loop closed meanwhile: nobody will read
+                self.engine.abort_request(request_id)
                 return
             self._streams[request_id] = (loop, stream)
-            loop.call_soon_threadsafe(_set_result, added, None)
-        elif kind == "abort":
+        elif kind in ("abort", "abort_own"):
+            if kind == "abort_own":  # (a caller whose add was refused as a duplicate id owns no request)
+                arg, stream = arg
+                entry = self._streams.get(arg)
+                if entry is None or entry[1] is not stream:
+                    return
             out = self.engine.abort_request(arg)
             if out is not None:
                 self._deliver(out)
@@ -181,18 +190,13 @@ class AsyncEngine:
         if out.finished:
             del self._streams[out.request_id]
         loop, stream = entry
-        try:
-            loop.call_soon_threadsafe(stream.put_nowait, out)
-        except RuntimeError:  # the caller's event loop is closed; abort what it left behind
+        if not _post(loop, stream.put_nowait, out):  # the caller's event loop is closed; abort what it left
             self._streams.pop(out.request_id, None)
             self.engine.abort_request(out.request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         for loop, stream in self._streams.values():
-            try:
-                loop.call_soon_threadsafe(stream.put_nowait, error)
-            except RuntimeError:
-                pass
+            _post(loop, stream.put_nowait, error)
         self._streams.clear()
         while True:  # callers waiting on an add
             try:
@@ -200,7 +204,16 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if kind == "add":
-                arg[4].call_soon_threadsafe(_set_exception, arg[6], error)
+                _post(arg[4], _set_exception, arg[6], error)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """Run fn(*args) on a caller's event loop; False if that loop is closed (the caller is gone)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _set_result(fut: asyncio.Future, value) -> None:

@@ -48,6 +48,9 @@ MAX_BATCHED_TOKENS = 1 << 16
 MAX_MODEL_LEN = 1 << 20
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits.
@@ -56,6 +59,8 @@ class SchedulerConfig:
     max_num_seqs: sequences one step may hold (running requests). max_model_len: prompt + output tokens of one
     sequence. max_waiting_requests: admission bound of the waiting queue (a full queue refuses new requests).
     enable_chunked_prefill: split prompts longer than the step's remaining budget across steps.
+    policy: "fcfs" (arrival order; a request may not set a priority) or "priority" (vLLM's names: requests' own
+    priorities order admission and preemption, lower first).
     """
 
     max_num_batched_tokens: int = 512
@@ -63,8 +68,11 @@ class SchedulerConfig:
     max_model_len: int = 2048
     max_waiting_requests: int = 4096
     enable_chunked_prefill: bool = True
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"SchedulerConfig.policy={self.policy!r} must be one of {SCHEDULING_POLICIES}")
         for name, hi in (
             ("max_num_batched_tokens", MAX_BATCHED_TOKENS),
             ("max_num_seqs", MAX_NUM_SEQS),

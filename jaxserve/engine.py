@@ -19,11 +19,13 @@ import numpy as np
 
 from jaxserve.api.validation import (  # noqa: F401  (PromptTooLongError: re-exported)
     PromptTooLongError,
+    check_banned,
     check_priority,
     check_prompt_tokens,
     check_request_id,
 )
 from jaxserve.config import EngineConfig
+from jaxserve.sampling_params import banned_ids
 from jaxserve.engine_api import EngineStats, ModelCard
 from jaxserve.kv_cache.block_manager import BlockManager
 from jaxserve.model_runner import ModelRunner
@@ -120,7 +122,9 @@ class LLMEngine:
             raise ValueError(f"request_id={request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: need a SamplingParams, got {type(params).__name__}")
-        check_priority(priority)
+        check_priority(priority, policy=self.config.scheduler.policy)
+        eos = tuple(self.tokenizer.eos_token_ids)
+        check_banned(params, eos)
         text, ids = self.tokenize(prompt)
         self.check_prompt(ids)
         free_seqs = self.waiting_room
@@ -141,7 +145,7 @@ class LLMEngine:
                 ids,
                 params,
                 max_tokens,
-                eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+                eos_token_ids=eos,
                 seed=(base_seed + k) % 2**63,
                 priority=priority,
                 arrival_time=now,
@@ -267,5 +271,5 @@ class LLMEngine:
         step = req.num_output_tokens
         banned: tuple[int, ...] = ()
         if step < params.min_tokens:
-            banned = params.stop_token_ids + (() if params.ignore_eos else req.eos_token_ids)
+            banned = banned_ids(params, req.eos_token_ids)
         return SampleRow(params, req.seed, step, req.prompt_token_ids, req.output_token_ids, banned)

@@ -8,5 +8,8 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at max_waiting_requests (admission: HTTP 429 / RESOURCE_EXHAUSTED)."""
 
 
+ENGINE_STOPPED = "the engine stopped (the server log has its error)"  # what clients are told; never the error
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; no request can be served (HTTP 503 / UNAVAILABLE)."""

@@ -18,6 +18,7 @@ from jaxserve.config import (
     ATTENTION_BACKENDS,
     DEFAULT_COMPILE_CACHE_DIR,
     KV_CACHE_DTYPES,
+    SCHEDULING_POLICIES,
     CacheConfig,
     EngineConfig,
     ParallelConfig,
@@ -145,6 +146,15 @@ OPTIONS: tuple[Option, ...] = (
         "reuse KV pages of shared prompt prefixes",
         field="enable_prefix_caching",
         off="--no-prefix-caching",
+        batching=True,
+    ),
+    Option(
+        "scheduling_policy",
+        "str",
+        "fcfs: arrival order, a request's priority other than 0 is refused; priority: requests' priorities order "
+        "admission and preemption (lower first)",
+        field="scheduler.policy",
+        choices=SCHEDULING_POLICIES,
         batching=True,
     ),
     Option("seed", "int", "seeds requests that bring none", field="seed", batching=True),

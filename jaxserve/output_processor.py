@@ -11,16 +11,14 @@ string ended a sequence it still runs.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Sequence
 
+from jaxserve.api.errors import internal_error
 from jaxserve.detokenizer import TextStream
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling import SamplerOutput, SamplingParams
 from models.tokenizer import Tokenizer
-
-log = logging.getLogger("jaxserve.output_processor")
 
 
 @dataclasses.dataclass
@@ -116,8 +114,7 @@ class OutputProcessor:
             try:
                 self._add_tokens(state, seq, item, out, now)
             except Exception as e:  # a bug in one request's output path ends that request, not the engine
-                log.exception("request %s failed", state.request_id)
-                state.error = f"internal error: {type(e).__name__}: {e}"
+                state.error = internal_error(e, f"the output of request {state.request_id}").message
                 if seq.completion.finish_reason is None:
                     self._finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
                     self._finish_seq(seq, "abort", "")

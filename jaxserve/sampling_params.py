@@ -87,6 +87,8 @@ class SamplingParams:
             bad("stop", self.stop, f"must be a string or a list of at most {MAX_STOP} strings")
         if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
             bad("stop", self.stop, f"each stop string must be a non-empty str of at most {MAX_STOP_CHARS} characters")
+        if not all(s.isascii() or _is_unicode(s) for s in stop):
+            bad("stop", self.stop, "each stop string must be valid Unicode text (no lone surrogates)")
         object.__setattr__(self, "stop", tuple(stop))
 
         ids = () if self.stop_token_ids is None else self.stop_token_ids
@@ -108,6 +110,21 @@ class SamplingParams:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def banned_ids(params: SamplingParams, eos_token_ids: Sequence[int]) -> tuple[int, ...]:
+    """The ids a sequence may not sample while it has fewer than min_tokens: its stop ids and (unless ignore_eos)
+    the model's EOS ids, each once."""
+    ids = params.stop_token_ids + (() if params.ignore_eos else tuple(eos_token_ids))
+    return tuple(dict.fromkeys(ids))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_int(x) -> bool:

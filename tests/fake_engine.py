@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxserve.api.validation import check_prompt_tokens, check_request_id
+from jaxserve.api.validation import check_banned, check_priority, check_prompt_tokens, check_request_id
 from jaxserve.engine_api import EngineStats, ModelCard
 from jaxserve.errors import QueueFullError
 from jaxserve.output_processor import OutputProcessor, SequenceTokens
@@ -51,6 +51,7 @@ class FakeEngine:
         max_num_batched_tokens: int = 8,
         page_size: int = 16,
         path: str = "fake-model.gguf",
+        scheduling_policy: str = "fcfs",
     ):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -59,6 +60,7 @@ class FakeEngine:
         self.max_waiting_requests = max_waiting_requests
         self.max_num_batched_tokens, self.page_size = max_num_batched_tokens, page_size  # (the model card's only)
         self.path = path
+        self.scheduling_policy = scheduling_policy  # checked as the engine checks it (it orders nothing here)
         self.outputs = OutputProcessor(tokenizer, self._finish)
         self._active: dict[str, tuple[Request, int]] = {}  # sequence id -> (request, its index k)
         self.num_steps = self.num_prompt_tokens = 0
@@ -76,6 +78,8 @@ class FakeEngine:
     def add_request(self, request_id, prompt, params=None, *, priority=0, arrival_time=None) -> None:
         params = params or SamplingParams()
         check_request_id(request_id)
+        check_priority(priority, policy=self.scheduling_policy)
+        check_banned(params or SamplingParams(), self.tokenizer.eos_token_ids)
         if request_id in self.outputs.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text, ids = self.tokenize(prompt)

@@ -4,6 +4,7 @@ output; aborts give every page back; seeds, stop strings, n, logprobs, min_token
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import numpy as np
@@ -226,6 +227,16 @@ def test_bad_requests_are_refused_and_nothing_is_queued(engine):
         engine.add_request("empty", [], GREEDY)
     with pytest.raises(ValueError, match="priority"):
         engine.add_request("prio", [5], GREEDY, priority=True)
+    with pytest.raises(ValueError, match="priority: -3: this server schedules in arrival order") as e:
+        engine.add_request("prio", [5], GREEDY, priority=-3)  # fcfs (the default): no client jumps the queue
+    assert e.value.field == "priority"
+    many_eos = SamplingParams(min_tokens=4, stop_token_ids=list(range(10, 26)))
+    with pytest.MonkeyPatch.context() as m:  # a model with 20 EOS ids: 16 stop ids + 20 do not fit the 32 bans
+        m.setattr(engine.tokenizer, "eos_token_ids", tuple(range(30, 50)))
+        with pytest.raises(ValueError, match="stop_token_ids: 16 stop token ids and this model's 20 EOS ids"):
+            engine.add_request("bans", [5], many_eos)
+        engine.add_request("bans-ok", [5], dataclasses.replace(many_eos, ignore_eos=True, max_tokens=5))
+        assert len(run_to_end(engine)["bans-ok"].outputs[0].token_ids) == 5
     with pytest.raises(ValueError, match="every element must be an int"):
         engine.add_request("float", [5, 6.7], GREEDY)
     assert not engine.has_unfinished_requests()
@@ -253,6 +264,13 @@ def test_llm_api_keeps_order_and_text(engine):
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         llm.generate(["ok", 3.5], GREEDY, use_tqdm=False)
     assert not engine.has_unfinished_requests()
+
+
+def run_to_end(engine) -> dict:
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    return done
 
 
 def test_async_engine_streams_and_aborts(engine):
@@ -300,3 +318,25 @@ def test_logprobs_match_the_model(engine):
     for tok, lp in entry.items():
         assert lp.logprob == pytest.approx(ref[tok], abs=1e-4)
         assert lp.rank == 1 + int(np.sum(ref > ref[tok]))
+
+
+def test_the_priority_policy_orders_by_the_requests_priorities(tiny_model):
+    """--scheduling-policy priority: one sequence a step, the later but more urgent request runs first."""
+    engine = LLMEngine(
+        tiny_model,
+        engine_config(
+            max_model_len=128,
+            max_num_seqs=1,
+            max_num_batched_tokens=8,
+            page_size=PAGE,
+            token_buckets=(8,),
+            scheduling_policy="priority",
+        ),
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    engine.add_request("late", [5, 6], params, priority=5)
+    engine.add_request("urgent", [7, 8], params, priority=-1)
+    order = []
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["urgent", "late"]

@@ -117,3 +117,90 @@ def test_batch_job_over_the_fake_engine(tok, tmp_path):
     assert set(got) == set(prompts), summary.describe()
     for k, p in prompts.items():
         assert json.dumps(got[k]).count(json.dumps(echo_text(tok, p, 3))[1:-1]) == 1, got[k]
+
+
+def test_a_refused_duplicate_id_never_aborts_the_running_request(tok):
+    """AsyncEngine (the Python API): callers that reuse a running request's id are refused, and one cancelled
+    while its refused add is still in flight aborts nothing (it used to post an abort of that id)."""
+    import asyncio
+    import time
+
+    from jaxserve.sampling import SamplingParams
+
+    engine = FakeEngine(tok, max_model_len=256)
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.005), step())[1]
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        victim = aeng.generate([5, 6, 7], SamplingParams(max_tokens=100, temperature=0), request_id="v")
+        outs = [await victim.__anext__()]
+        refused = cancelled = 0
+        for _ in range(20):
+            intruder = aeng.generate([5], SamplingParams(max_tokens=5), request_id="v")
+            try:
+                await asyncio.wait_for(intruder.__anext__(), 0.0005)
+            except asyncio.TimeoutError:
+                cancelled += 1
+            except ValueError as e:
+                assert "already in use" in str(e)
+                refused += 1
+            await intruder.aclose()
+        outs += [o async for o in victim]
+        return outs, refused, cancelled
+
+    try:
+        outs, refused, cancelled = asyncio.run(main())
+    finally:
+        aeng.shutdown()
+    assert cancelled > 0, (refused, cancelled)  # the case that used to abort the victim happened
+    last = outs[-1].outputs[0]
+    assert outs[-1].finished and last.finish_reason == "length" and len(last.token_ids) == 100
+
+
+def test_a_consumer_whose_event_loop_closed_ends_alone(tok):
+    """A Python-API caller's event loop closes while its add waits behind a step: the engine loop aborts that
+    request and goes on (it used to die on the closed loop's RuntimeError)."""
+    import asyncio
+    import threading
+    import time
+
+    from jaxserve.sampling import SamplingParams
+
+    engine = FakeEngine(tok, max_model_len=256)
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.02), step())[1]
+    aeng = AsyncEngine(engine)
+    long_params = SamplingParams(max_tokens=60, temperature=0)
+    result = {}
+
+    def victim():  # keeps the loop stepping (slowly) while the orphan's add waits
+        async def main():
+            return [o async for o in aeng.generate([5, 6, 7], long_params, request_id="v")]
+
+        result["v"] = asyncio.run(main())
+
+    t = threading.Thread(target=victim)
+    t.start()
+    try:
+        time.sleep(0.1)
+        loop = asyncio.new_event_loop()
+        orphan = aeng.generate([8, 9], SamplingParams(max_tokens=50), request_id="orphan")
+        task = loop.create_task(orphan.__anext__())  # noqa: F841  (kept referenced until the loop closes)
+        loop.run_until_complete(asyncio.sleep(0.001))  # the add is posted; the loop thread is mid-step
+        loop.close()  # (the task is left pending: its loop closes under it)
+        t.join(30)
+        assert aeng.is_running, aeng.error
+        last = result["v"][-1].outputs[0]
+        assert last.finish_reason == "length" and len(last.token_ids) == 60
+        end = time.monotonic() + 5
+        while engine.has_unfinished_requests() and time.monotonic() < end:
+            time.sleep(0.01)
+        assert not engine.has_unfinished_requests()  # the orphan was aborted, not left running
+
+        async def again():
+            return [o async for o in aeng.generate([1, 2], SamplingParams(max_tokens=3))]
+
+        assert asyncio.run(again())[-1].finished
+    finally:
+        aeng.shutdown()

@@ -266,6 +266,30 @@ BAD = [
         "stream_options",
         "stream: true",
     ),
+    ("priority-under-fcfs", C, with_(priority=1), None, 400, "priority", "arrival order"),
+    ("lone-surrogate-prompt", C, with_(prompt="ab\ud800c"), None, 400, "prompt", "lone surrogate"),
+    ("lone-surrogate-stop", C, with_(stop=["\udfff"]), None, 400, "stop", "Unicode"),
+    (
+        "lone-surrogate-message",
+        CHAT,
+        json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "\ud83d"}]}).encode(),
+        None,
+        400,
+        "messages[0].content",
+        "lone surrogate",
+    ),
+    (
+        "lone-surrogate-part",
+        CHAT,
+        json.dumps(
+            {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}
+        ).encode(),
+        None,
+        400,
+        "messages[0].content[0].text",
+        "lone surrogate",
+    ),
+    ("lone-surrogate-tokenize", "/tokenize", json.dumps({"prompt": "\ud800"}).encode(), None, 400, "prompt", "lone"),
     ("priority-string", C, with_(priority="high"), None, 400, "priority", "integer"),
     ("timeout-negative", C, with_(timeout=-1), None, 400, "timeout", "seconds"),
     ("request-id-too-long", C, with_(request_id="r" * 300), None, 400, "request_id", "256"),
@@ -341,14 +365,23 @@ def test_bad_input_is_counted(server):
     assert server.metric('jaxserve_requests_total{outcome="invalid"}') == before + 1
 
 
-def test_duplicate_request_id(server, slow_steps):
-    body = {**OK, "max_tokens": 60, "ignore_eos": True, "request_id": "dup-1"}
+def test_a_reused_request_id_cannot_touch_the_running_request(server, slow_steps):
+    """20 intruders send a running request's id with a deadline shorter than a step (issue 15 item 1: the refused
+    duplicate's cancelled add used to abort the victim): the victim gets every token; each intruder gets its own
+    answer or its own deadline, and nothing that says the id is in use."""
+    victim = {**OK, "max_tokens": 120, "ignore_eos": True, "request_id": "victim-1"}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        first = pool.submit(server.request, "POST", C, body)
+        first = pool.submit(server.request, "POST", C, victim)
         time.sleep(0.3)
-        status, got = server.request("POST", C, body)
-        assert status == 400 and got["error"]["param"] == "request_id" and "in use" in got["error"]["message"]
-        assert first.result()[0] == 200  # the first request was not hurt
+        for i in range(20):
+            intruder = {**OK, "max_tokens": 50, "request_id": "victim-1", "timeout": 0.001 if i % 2 else 0.03}
+            status, got = server.request("POST", C, intruder)
+            assert status in (200, 504), (status, got)
+            assert "in use" not in json.dumps(got), got
+        assert not first.done()  # the intruders came while the victim ran
+        status, got = first.result()
+    assert status == 200 and got["usage"]["completion_tokens"] == 120, got
+    assert got["choices"][0]["finish_reason"] == "length"
     assert server.wait_idle() == 0
 
 
@@ -410,6 +443,33 @@ def test_burst_over_queue_limit(model_path):
         assert s.metric('jaxserve_requests_total{outcome="rejected"}') == len(refused)
         assert s.wait_idle() == 0
         assert s.request("POST", C, OK)[0] == 200
+    finally:
+        s.close()
+
+
+def test_bugs_and_engine_death_tell_clients_no_internals(model_path, monkeypatch, caplog):
+    """A bug answers 500 with an incident id (the log has the exception); a dead engine's /health, /ready and
+    requests say it stopped, never its error text."""
+    s = Server(model_path)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(http_server, "parse_completion", lambda *a, **k: {}["secret-key-123"])
+            status, got = s.request("POST", C, OK)
+        assert status == 500 and "incident" in got["error"]["message"], got
+        incident = got["error"]["message"].split("incident ")[1].split(";")[0]
+        assert "secret-key-123" not in json.dumps(got) and "KeyError" not in json.dumps(got)
+        assert any(incident in r.getMessage() and "secret-key-123" in r.getMessage() for r in caplog.records)
+
+        def broken():
+            raise RuntimeError("device 3 lost: /dev/accel3 at 0xdeadbeef")
+
+        s.engine.step = broken
+        status, got = s.request("POST", C, {**OK, "max_tokens": 5})
+        assert status in (500, 503) and "0xdeadbeef" not in json.dumps(got), got
+        for path in ("/health", "/ready"):
+            status, got = s.request("GET", path)
+            assert status == 503 and "engine stopped" in json.dumps(got), got
+            assert "0xdeadbeef" not in json.dumps(got) and "RuntimeError" not in json.dumps(got)
     finally:
         s.close()
 

@@ -11,13 +11,16 @@
     cancelled    499   CANCELLED            the client went away (nobody reads the answer)
     internal     500   INTERNAL             a bug; that request ends, the engine goes on
 
-Front ends raise or catch `APIError`; `to_api_error` maps the engine's own exceptions onto the table.
+Front ends raise or catch `APIError`; `to_api_error` maps the engine's own exceptions onto the table. A bug's
+text never reaches a client: it gets an incident id, the server log the exception (`internal_error`).
 This module imports neither grpc nor an HTTP framework: servers look the codes up by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import uuid
 
 from jaxserve.errors import EngineDeadError, QueueFullError
 
@@ -90,4 +93,14 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ValueError):  # the engine's and SamplingParams' own checks name their field first
         message = str(exc)
         return APIError(VALIDATION, message, field_of(message))
-    return APIError(INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    return internal_error(exc)
+
+
+log = logging.getLogger("jaxserve.errors")
+
+
+def internal_error(exc: BaseException, where: str = "a request") -> APIError:
+    """A bug: logged here with its traceback under a fresh incident id; the client's message names only the id."""
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s in %s: %s: %s", incident, where, type(exc).__name__, exc, exc_info=exc)
+    return APIError(INTERNAL, f"internal error (incident {incident}; the server log has the details)")

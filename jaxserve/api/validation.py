@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from jaxserve.api.errors import APIError, TOO_LARGE, ValidationError, field_of
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import MAX_BANNED, SamplingParams, banned_ids
 
 PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -73,9 +73,29 @@ def check_request_id(request_id, limits: Limits = Limits(), field: str = "reques
     return request_id
 
 
-def check_priority(priority, field: str = "priority") -> int:
+def check_banned(params, eos_token_ids: Sequence[int], field: str = "stop_token_ids") -> None:
+    """While min_tokens is not reached a step bans a sequence's stop ids and the model's EOS ids: at most
+    MAX_BANNED of them fit the sampler's row (checked here, before queueing, never inside a step)."""
+    if params.min_tokens > 0:
+        n = len(banned_ids(params, eos_token_ids))
+        if n > MAX_BANNED:
+            raise ValidationError(
+                field,
+                f"{len(params.stop_token_ids)} stop token ids and this model's {len(eos_token_ids)} EOS ids "
+                f"are {n} ids to ban while min_tokens={params.min_tokens} is not reached; at most {MAX_BANNED} "
+                "(fewer stop ids, min_tokens=0 or ignore_eos)",
+            )
+
+
+def check_priority(priority, field: str = "priority", *, policy: str = "priority") -> int:
+    """An integer in range; other than 0 only where the engine schedules by priority (a client may not jump an
+    arrival-order queue)."""
     if not is_int(priority) or abs(priority) > 2**31:
         raise ValidationError(field, f"must be an integer in [-2**31, 2**31], got {_short(priority)}")
+    if priority != 0 and policy != "priority":
+        raise ValidationError(
+            field, f"{priority}: this server schedules in arrival order (start it with --scheduling-policy priority)"
+        )
     return priority
 
 
@@ -91,6 +111,19 @@ def check_timeout(timeout, limits: Limits = Limits(), field: str = "timeout") ->
 # ---- prompts ----------------------------------------------------------------------------------------------------
 
 
+def check_unicode(text: str, field: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which is no Unicode scalar value: no tokenizer, detokenizer
+    or JSON encoder takes it, so it is refused here, naming the field."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValidationError(
+                field, f"not valid Unicode text: a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}"
+            ) from None
+    return text
+
+
 def check_prompt_text(text, limits: Limits = Limits(), field: str = "prompt") -> str:
     if not isinstance(text, str):
         raise ValidationError(field, f"must be a string, got {type(text).__name__}")
@@ -98,7 +131,7 @@ def check_prompt_text(text, limits: Limits = Limits(), field: str = "prompt") ->
         raise ValidationError(field, "empty; it must have at least one token")
     if len(text) > limits.max_prompt_chars:
         raise ValidationError(field, f"{len(text)} characters exceeds the limit of {limits.max_prompt_chars}")
-    return text
+    return check_unicode(text, field)
 
 
 def check_token_id_list(ids, max_len: int, field: str = "prompt") -> tuple[int, ...]:
@@ -160,12 +193,13 @@ def check_messages(messages, limits: Limits = Limits(), field: str = "messages")
             for j, part in enumerate(content):
                 if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValidationError(f"{where}.content[{j}]", "only {type: text, text: str} parts are supported")
-                parts.append(part["text"])
+                parts.append(check_unicode(part["text"], f"{where}.content[{j}].text"))
             content = "".join(parts)
         if content is None and role == "assistant":
             content = ""
         if not isinstance(content, str):
             raise ValidationError(f"{where}.content", f"must be a string, got {type(content).__name__}")
+        check_unicode(content, f"{where}.content")
         total += len(content)
         if total > limits.max_prompt_chars:
             raise ValidationError(field, f"more than {limits.max_prompt_chars} characters in all")

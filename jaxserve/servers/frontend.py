@@ -11,6 +11,7 @@ is counted once in the server's metrics.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 import uuid
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator
 
 from jaxserve.api.errors import DEADLINE, INTERNAL, NOT_FOUND, UNAVAILABLE, APIError, to_api_error
 from jaxserve.api.validation import GenerateRequest, Limits, check_prompt_text, tokenize_request
+from jaxserve.errors import ENGINE_STOPPED
 from jaxserve.outputs import RequestOutput
 from jaxserve.servers.metrics import ServerMetrics
 
@@ -57,7 +59,7 @@ class Frontend:
     def ready(self) -> tuple[bool, str]:
         """(serving?, why not). Warm by construction; not while draining, dead or stalled."""
         if not self.engine.is_running:
-            return False, f"engine stopped: {self.engine.error!r}"
+            return False, ENGINE_STOPPED
         if self.draining:
             return False, "draining"
         stalled = self.engine.stalled_for()
@@ -104,9 +106,12 @@ class Frontend:
             self._check_accepting()
             self.check_model(req.model)
             _, ids = self.prepare(req)
-            rid = req.request_id or f"{id_prefix}-{uuid.uuid4().hex}"
+            # The engine's id is always made here, unique: a client's request_id is only echoed back on its own
+            # outputs, so no client can name (abort, probe or collide with) another client's request.
+            engine_id = f"{id_prefix}-{uuid.uuid4().hex}"
+            echo_id = req.request_id or engine_id
             deadline = None if req.timeout is None else time.monotonic() + req.timeout
-            stream = self.engine.generate(ids, req.params, request_id=rid, priority=req.priority)
+            stream = self.engine.generate(ids, req.params, request_id=engine_id, priority=req.priority)
             token = object()  # (not the request id: a refused duplicate id must not untrack the original)
             self._inflight[token] = asyncio.current_task()
             try:
@@ -124,7 +129,7 @@ class Frontend:
                         raise APIError(INTERNAL, out.error)
                     if out.finished:
                         outcome = out.outputs[0].finish_reason or "stop"
-                    yield out
+                    yield out if echo_id is engine_id else dataclasses.replace(out, request_id=echo_id)
                     if out.finished:
                         break
             except asyncio.TimeoutError:
@@ -164,7 +169,7 @@ class Frontend:
         if self.draining:
             raise APIError(UNAVAILABLE, "server is draining: not accepting new requests")
         if not self.engine.is_running:
-            raise APIError(UNAVAILABLE, f"engine stopped: {self.engine.error!r}")
+            raise APIError(UNAVAILABLE, ENGINE_STOPPED)
 
     # ---- drain ------------------------------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ import uuid
 
 from aiohttp import web
 
-from jaxserve.api.errors import HEADERS, INTERNAL, NOT_FOUND, TOO_LARGE, VALIDATION, APIError
+from jaxserve.api.errors import HEADERS, NOT_FOUND, TOO_LARGE, VALIDATION, APIError, internal_error
+from jaxserve.errors import ENGINE_STOPPED
 from jaxserve.api.openai_protocol import ChatShape, CompletionShape, OpenAIRequest, parse_chat, parse_completion
 from jaxserve.api.validation import parse_json_body
 from jaxserve.servers import lifecycle
@@ -116,8 +117,7 @@ async def _errors_and_limits(request: web.Request, handler):
             )
         raise
     except Exception as e:  # a bug: this request ends, the server goes on
-        log.exception("request %s %s failed", request.method, request.path)
-        return _error_response(APIError(INTERNAL, f"internal error: {type(e).__name__}: {e}"))
+        return _error_response(internal_error(e, f"{request.method} {request.path}"))
 
 
 def _count_refusal(frontend: Frontend, err: APIError, request: web.Request) -> None:
@@ -281,7 +281,7 @@ async def _tokenize(request: web.Request) -> web.Response:
 async def _health(request: web.Request) -> web.Response:
     frontend = request.app[_FRONTEND]
     if not frontend.engine.is_running:
-        return web.json_response({"status": "dead", "error": repr(frontend.engine.error)}, status=503)
+        return web.json_response({"status": "dead", "error": ENGINE_STOPPED}, status=503)
     return web.json_response({"status": "ok"})
 
 
