@@ -78,6 +78,13 @@ def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
         help="seconds without engine progress before /ready reports not ready",
     )
     p.add_argument("--max-body-bytes", type=argparse_bytes, default=4 << 20, help="request body limit")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer <key>' on every model request (repeat for several keys; "
+        "default: $JAXSERVE_API_KEY, which keeps the key out of the process list; /health, /ready, /metrics open)",
+    )
     p.add_argument("--max-header-bytes", type=argparse_bytes, default=16 << 10, help="request headers limit")
 
 
@@ -221,7 +228,7 @@ def cmd_serve(args) -> int:
     from jaxserve.async_engine import AsyncEngine
     from jaxserve.multihost import follow_or_none, release_followers
     from jaxserve.servers import http_server
-    from jaxserve.servers.frontend import Frontend
+    from jaxserve.servers.frontend import Frontend, api_keys_from
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.multihost:
@@ -231,7 +238,11 @@ def cmd_serve(args) -> int:
         return 0
     limits = Limits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
     frontend = Frontend(
-        AsyncEngine(engine), model_name=args.served_model_name, limits=limits, stall_timeout=args.stall_timeout
+        AsyncEngine(engine),
+        model_name=args.served_model_name,
+        limits=limits,
+        stall_timeout=args.stall_timeout,
+        api_keys=api_keys_from(args.api_key),
     )
     try:
         return asyncio.run(http_server.serve(frontend, args.host, args.port, drain_timeout=args.drain_timeout))

@@ -550,6 +550,32 @@ def _serve_in_background(loop, frontend, **kw):
     return future, bound.result(10), stop
 
 
+def test_api_keys_on_every_rpc(gguf, loop):
+    """--api-key: every JaxServe RPC needs 'authorization: Bearer <key>' metadata (UNAUTHENTICATED naming
+    authorization otherwise); the health service stays open."""
+    engine = fake_engine(gguf)
+    async_engine = AsyncEngine(engine)
+    served = loop.run(_start(engine, async_engine, api_keys=("grpc-key",)))
+    try:
+        for metadata in ((), (("authorization", "Bearer nope"),), (("authorization", "grpc-key"),)):
+            for call in (
+                lambda: served.stub.Complete(long_request(3), metadata=metadata),
+                lambda: list(served.stub.Generate(long_request(3), metadata=metadata)),
+                lambda: served.stub.Tokenize(pb.TokenizeRequest(text="hi"), metadata=metadata),
+                lambda: served.stub.ModelInfo(pb.ModelInfoRequest(), metadata=metadata),
+            ):
+                err = rpc_error(call)
+                assert err.code() == Code.UNAUTHENTICATED and err_field(err) == "authorization", err.details()
+        good = (("authorization", "Bearer grpc-key"),)
+        assert len(served.stub.Complete(long_request(3), metadata=good).outputs[0].token_ids) == 3
+        health = served.health_stub.Check(health_pb2.HealthCheckRequest(service="jaxserve.v1.JaxServe"))
+        assert health.status == SERVING
+    finally:
+        served.channel.close()
+        loop.run(served.server.stop(0))
+        async_engine.shutdown()
+
+
 def test_drain_finishes_in_flight_then_stops(spare, loop):
     engine, async_engine = spare
     frontend = Frontend(async_engine, model_name="tiny", limits=LIMITS)

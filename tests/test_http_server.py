@@ -25,10 +25,10 @@ LIMITS = Limits(max_body_bytes=64 << 10, max_header_bytes=4 << 10, max_prompt_ch
 
 
 class Server:
-    def __init__(self, path, **engine_options):
+    def __init__(self, path, api_keys=(), **engine_options):
         self.engine = fake_engine(path, **engine_options)
         self.async_engine = AsyncEngine(self.engine)
-        self.frontend = Frontend(self.async_engine, model_name="tiny", limits=LIMITS)
+        self.frontend = Frontend(self.async_engine, model_name="tiny", limits=LIMITS, api_keys=api_keys)
         self.loop = LoopThread()
         self.runner, self.port = self.loop.run(http_server.start(self.frontend))
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
@@ -470,6 +470,38 @@ def test_bugs_and_engine_death_tell_clients_no_internals(model_path, monkeypatch
             status, got = s.request("GET", path)
             assert status == 503 and "engine stopped" in json.dumps(got), got
             assert "0xdeadbeef" not in json.dumps(got) and "RuntimeError" not in json.dumps(got)
+    finally:
+        s.close()
+
+
+def test_api_keys_and_json_only(model_path):
+    """--api-key: model requests need one of the keys as a Bearer token (401 naming authorization otherwise);
+    probes and scrapes stay open; bodies must be application/json (what a web page cannot send cross-origin
+    without a preflight), keyed or not."""
+    s = Server(model_path, api_keys=("key-one", "key-two"))
+    try:
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "key-one"},
+            {"Authorization": "Basic key-one"},
+        ):
+            status, got = s.request("POST", C, OK, headers=headers)
+            assert status == 401 and got["error"]["param"] == "authorization", (headers, got)
+            assert "key-one" not in json.dumps(got)
+        assert s.request("GET", "/v1/models")[0] == 401
+        assert s.request("POST", C, OK, headers={"Authorization": "Bearer key-two"})[0] == 200
+        keyed = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="key-one", max_retries=0)
+        assert keyed.completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            s.client.completions.create(model="tiny", prompt="hi", max_tokens=3)  # (its key is "unused")
+        for path in ("/health", "/ready", "/metrics"):
+            assert s.request("GET", path)[0] == 200, path
+        assert s.metric('jaxserve_requests_total{outcome="unauthenticated"}') == 6
+        auth = {"Authorization": "Bearer key-one"}
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", ""):
+            status, got = s.request("POST", C, OK, headers={**auth, "Content-Type": ctype})
+            assert status == 400 and got["error"]["param"] == "content-type", (ctype, got)
     finally:
         s.close()
 

@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
-from jaxserve.api.errors import DEADLINE, INTERNAL, NOT_FOUND, UNAVAILABLE, APIError, to_api_error
+from jaxserve.api.errors import (
+    DEADLINE,
+    INTERNAL,
+    NOT_FOUND,
+    UNAUTHENTICATED,
+    UNAVAILABLE,
+    APIError,
+    to_api_error,
+)
 from jaxserve.api.validation import GenerateRequest, Limits, check_prompt_text, tokenize_request
 from jaxserve.errors import ENGINE_STOPPED
 from jaxserve.outputs import RequestOutput
@@ -30,17 +39,33 @@ _OUTCOME_OF_KIND = {
     "admission": "rejected",
     "unavailable": "unavailable",
     "not_found": "not_found",
+    "unauthenticated": "unauthenticated",
     "deadline": "deadline",
     "cancelled": "cancelled",
 }
 
 
+def api_keys_from(flag_values) -> tuple[str, ...]:
+    """The server's API keys: the --api-key flags, else $JAXSERVE_API_KEY (none: the server is open)."""
+    keys = list(flag_values or ())
+    if not keys and os.environ.get("JAXSERVE_API_KEY"):
+        keys = [os.environ["JAXSERVE_API_KEY"]]
+    return tuple(keys)
+
+
 class Frontend:
     def __init__(
-        self, engine, *, model_name: str | None = None, limits: Limits = Limits(), stall_timeout: float = 120.0
+        self,
+        engine,
+        *,
+        model_name: str | None = None,
+        limits: Limits = Limits(),
+        stall_timeout: float = 120.0,
+        api_keys: Sequence[str] = (),
     ):
         """engine: a started AsyncEngine (so warm: every bucket compiled). stall_timeout: seconds the engine may
-        hold work without finishing a step before the server reports not ready."""
+        hold work without finishing a step before the server reports not ready. api_keys: when any, every model
+        request must bring one of them (`Authorization: Bearer <key>`; health, readiness and metrics are open)."""
         self.engine = engine
         self.card = engine.model_card()
         self.tokenizer = engine.tokenizer
@@ -49,6 +74,9 @@ class Frontend:
         self.vocab_size = self.card.vocab_size
         self.limits = limits
         self.stall_timeout = stall_timeout
+        if any(not isinstance(k, str) or not k or not k.isprintable() for k in api_keys):
+            raise ValueError("api_keys: each key must be a non-empty printable string")
+        self._api_keys = tuple(k.encode() for k in api_keys)
         self.metrics = ServerMetrics(engine, self.model_name)
         self.draining = False
         self._inflight: dict[object, asyncio.Task | None] = {}
@@ -70,6 +98,21 @@ class Frontend:
     @property
     def num_inflight(self) -> int:
         return len(self._inflight)
+
+    def check_api_key(self, authorization: str | None) -> None:
+        """`authorization`: the request's Authorization header (HTTP) or metadata (gRPC). Every key is compared,
+        each in constant time, so the time taken says nothing about any key."""
+        if not self._api_keys:
+            return
+        scheme, _, presented = (authorization or "").partition(" ")
+        given = presented.strip().encode("utf-8", "replace")
+        ok = False
+        for key in self._api_keys:
+            ok |= hmac.compare_digest(given, key)
+        if scheme.lower() != "bearer" or not ok:
+            raise APIError(
+                UNAUTHENTICATED, "authorization: missing or invalid API key (send 'Bearer <key>')", "authorization"
+            )
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:

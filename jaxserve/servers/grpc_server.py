@@ -38,7 +38,7 @@ from jaxserve.api.validation import (
 )
 from jaxserve.servers import lifecycle
 from jaxserve.api.openai_protocol import usage
-from jaxserve.servers.frontend import Frontend
+from jaxserve.servers.frontend import Frontend, api_keys_from
 from jaxserve.v1 import jaxserve_pb2 as pb
 from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 
@@ -149,6 +149,12 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
     async def _run(self, request, context, body, generation: bool = False):
         """Run a handler body, turning every failure into a status: APIError by its kind, bugs as INTERNAL (this
         request ends, the server goes on), and a cancel from the drain as UNAVAILABLE."""
+        try:
+            self.frontend.check_api_key(dict(context.invocation_metadata() or ()).get("authorization"))
+        except APIError as e:
+            if generation:
+                self.frontend.count_refusal(e)
+            await self._abort(context, e)
         if isinstance(request, _Undecodable):
             err = APIError(VALIDATION, f"request: not a valid message ({request.error})", "request")
             if generation:
@@ -433,6 +439,13 @@ def define_flags(fv=None) -> None:
         (number, "stall_timeout", 120.0, "seconds without engine progress before health turns NOT_SERVING"),
     ]:
         define(name, default, doc, flag_values=fv)
+    flags.DEFINE_multi_string(
+        "api_key",
+        None,
+        "require 'authorization: Bearer <key>' metadata on every JaxServe RPC (repeat for several keys; default: "
+        "$JAXSERVE_API_KEY; health and reflection stay open)",
+        flag_values=fv,
+    )
 
 
 def engine_options_from_flags(fv) -> dict:
@@ -464,7 +477,8 @@ def main(argv) -> None:
     if follow_or_none(core) is None:  # processes other than 0 replay process 0's steps
         sys.exit(0)
     engine = AsyncEngine(core)
-    frontend = Frontend(engine, model_name=fv.model_name, stall_timeout=fv.stall_timeout)
+    keys = api_keys_from(fv.api_key)
+    frontend = Frontend(engine, model_name=fv.model_name, stall_timeout=fv.stall_timeout, api_keys=keys)
 
     def ready(port: int) -> None:
         print(f"[jaxserve-grpc] serving {frontend.model_name!r} on {fv.host}:{port}", file=sys.stderr, flush=True)

@@ -88,6 +88,9 @@ def _error_response(err: APIError) -> web.Response:
     return web.json_response(err.openai_body(), status=err.kind.http_status)
 
 
+_OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes need no API key
+
+
 @web.middleware
 async def _errors_and_limits(request: web.Request, handler):
     frontend = request.app[_FRONTEND]
@@ -99,6 +102,8 @@ async def _errors_and_limits(request: web.Request, handler):
                 f"headers: {header_bytes} bytes exceeds the limit of {frontend.limits.max_header_bytes}",
                 "headers",
             )
+        if request.path not in _OPEN_PATHS:
+            frontend.check_api_key(request.headers.get("Authorization"))
         return await handler(request)
     except APIError as e:
         _count_refusal(frontend, e, request)
@@ -131,8 +136,10 @@ async def _json_body(request: web.Request) -> dict:
     limit = frontend.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise APIError(TOO_LARGE, f"body: {request.content_length} bytes exceeds the limit of {limit}", "body")
+    # Only JSON: a browser page may send text/plain (or a typeless Blob: aiohttp reads that as octet-stream)
+    # cross-origin without a CORS preflight, so accepting those would let any web page use this server.
     ctype = request.content_type
-    if ctype not in ("application/json", "application/octet-stream", "text/plain", ""):
+    if ctype != "application/json":
         raise APIError(VALIDATION, f"content-type: need application/json, got {ctype!r}", "content-type")
     return parse_json_body(await request.read(), frontend.limits)
 
