@@ -42,6 +42,7 @@ from jaxserve.api.validation import (
     check_messages,
     check_priority,
     check_prompt_text,
+    check_request_size,
     check_token_id_list,
     parse_json_body,
     sampling_params,
@@ -405,6 +406,7 @@ class BatchJob:
                         summary.skipped += 1
                         continue
                     try:
+                        check_request_size([item.request], stream=False, limits=self.limits, max_model_len=max_len)
                         _, ids = tokenize_request(
                             item.request, engine.tokenizer, max_model_len=max_len, vocab_size=vocab
                         )

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
+    from jaxserve.api.validation import Limits
+
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--served-model-name", default=None, help="the name clients use (default: the model's)")
@@ -78,6 +80,18 @@ def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
         help="seconds without engine progress before /ready reports not ready",
     )
     p.add_argument("--max-body-bytes", type=argparse_bytes, default=4 << 20, help="request body limit")
+    p.add_argument(
+        "--max-seqs-per-request",
+        type=int,
+        default=Limits.max_seqs_per_request,
+        help="sequences (prompts x n) one request may add; more is a 400 naming n (or prompt)",
+    )
+    p.add_argument(
+        "--max-response-bytes",
+        type=argparse_bytes,
+        default=Limits.max_response_bytes,
+        help="largest non-streamed answer, estimated up front from n, max_tokens and logprobs (a 400 beyond it)",
+    )
     p.add_argument(
         "--api-key",
         action="append",
@@ -236,7 +250,12 @@ def cmd_serve(args) -> int:
     engine = _batching_engine(args)
     if follow_or_none(engine) is None:  # processes other than 0 replay process 0's steps
         return 0
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
+    limits = Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_seqs_per_request=args.max_seqs_per_request,
+        max_response_bytes=args.max_response_bytes,
+    )
     frontend = Frontend(
         AsyncEngine(engine),
         model_name=args.served_model_name,

@@ -61,8 +61,8 @@ def loop():
     lt.close()
 
 
-async def _start(engine, async_engine, **frontend_options):
-    frontend = Frontend(async_engine, model_name="tiny", limits=LIMITS, **frontend_options)
+async def _start(engine, async_engine, limits=LIMITS, **frontend_options):
+    frontend = Frontend(async_engine, model_name="tiny", limits=limits, **frontend_options)
     return Served(engine, frontend, *await build_server(frontend))
 
 
@@ -570,6 +570,34 @@ def test_api_keys_on_every_rpc(gguf, loop):
         assert len(served.stub.Complete(long_request(3), metadata=good).outputs[0].token_ids) == 3
         health = served.health_stub.Check(health_pb2.HealthCheckRequest(service="jaxserve.v1.JaxServe"))
         assert health.status == SERVING
+    finally:
+        served.channel.close()
+        loop.run(served.server.stop(0))
+        async_engine.shutdown()
+
+
+def test_work_per_request_is_capped_up_front(gguf, loop):
+    """n beyond max_seqs_per_request, and a Complete answer estimated past max_response_bytes, are INVALID_ARGUMENT
+    naming the field before anything runs; the same work streamed through Generate is served."""
+    import dataclasses
+
+    engine = fake_engine(gguf)
+    async_engine = AsyncEngine(engine)
+    limits = dataclasses.replace(LIMITS, max_seqs_per_request=4, max_response_bytes=1 << 16)
+    served = loop.run(_start(engine, async_engine, limits=limits))
+    try:
+        big = pb.GenerateRequest(
+            text="Hi", sampling=S(n=4, max_tokens=100, logprobs=20, temperature=0, ignore_eos=True)
+        )
+        for request, field in (
+            (pb.GenerateRequest(text="Hi", sampling=S(n=5, max_tokens=3)), "n"),
+            (big, "max_tokens"),
+        ):
+            err = rpc_error(lambda: served.stub.Complete(request))
+            assert err.code() == Code.INVALID_ARGUMENT and err_field(err) == field, err.details()
+        assert engine.stats().generation_tokens == 0
+        msgs = list(served.stub.Generate(big))
+        assert msgs[-1].usage.completion_tokens == 400
     finally:
         served.channel.close()
         loop.run(served.server.stop(0))

@@ -25,10 +25,10 @@ LIMITS = Limits(max_body_bytes=64 << 10, max_header_bytes=4 << 10, max_prompt_ch
 
 
 class Server:
-    def __init__(self, path, api_keys=(), **engine_options):
+    def __init__(self, path, api_keys=(), limits=LIMITS, **engine_options):
         self.engine = fake_engine(path, **engine_options)
         self.async_engine = AsyncEngine(self.engine)
-        self.frontend = Frontend(self.async_engine, model_name="tiny", limits=LIMITS, api_keys=api_keys)
+        self.frontend = Frontend(self.async_engine, model_name="tiny", limits=limits, api_keys=api_keys)
         self.loop = LoopThread()
         self.runner, self.port = self.loop.run(http_server.start(self.frontend))
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
@@ -502,6 +502,36 @@ def test_api_keys_and_json_only(model_path):
         for ctype in ("text/plain", "application/x-www-form-urlencoded", ""):
             status, got = s.request("POST", C, OK, headers={**auth, "Content-Type": ctype})
             assert status == 400 and got["error"]["param"] == "content-type", (ctype, got)
+    finally:
+        s.close()
+
+
+def test_work_per_request_is_capped_up_front(model_path):
+    """One request adds at most --max-seqs-per-request sequences (prompts x n), and a non-streamed answer may not
+    be estimated past --max-response-bytes: refused with 400 naming the field before anything is queued."""
+    import dataclasses
+
+    s = Server(model_path, limits=dataclasses.replace(LIMITS, max_seqs_per_request=16, max_response_bytes=1 << 20))
+    try:
+        cases = [
+            ({"prompt": ["a", "b", "c", "d"], "n": 5}, "prompt", "20 sequences"),
+            ({"n": 17}, "n", "at most 16"),
+            ({"n": 8, "max_tokens": 100, "logprobs": 20}, "max_tokens", "stream it"),
+        ]
+        for change, field, words in cases:
+            status, got = s.request("POST", C, {**OK, **change})
+            assert status == 400 and got["error"]["param"] == field and words in got["error"]["message"], got
+        chat = {"model": "tiny", "messages": MSG, "n": 8, "max_completion_tokens": 100, "logprobs": True}
+        status, got = s.request("POST", CHAT, {**chat, "top_logprobs": 20})
+        assert status == 400 and got["error"]["param"] == "max_completion_tokens", got
+        assert s.engine.stats().generation_tokens == 0 and s.metric('jaxserve_requests_total{outcome="invalid"}') == 4
+        # under the bounds, or streamed, the same work is served
+        assert s.request("POST", C, {**OK, "prompt": ["a", "b", "c", "d"], "n": 4})[0] == 200
+        assert s.request("POST", C, {**OK, "n": 8, "max_tokens": 100, "logprobs": 5, "ignore_eos": True})[0] == 200
+        streamed = s.client.completions.create(
+            model="tiny", prompt="hi", n=8, max_tokens=100, logprobs=20, stream=True, extra_body={"ignore_eos": True}
+        )
+        assert sum(len(c.choices[0].logprobs.tokens) for c in streamed if c.choices) == 800
     finally:
         s.close()
 

@@ -31,6 +31,8 @@ class Limits:
     max_messages: int = 1024
     max_request_id_chars: int = 256
     max_timeout_seconds: float = 24 * 3600.0
+    max_seqs_per_request: int = 256  # prompts x n that one request may add (the waiting queue holds 4096)
+    max_response_bytes: int = 64 << 20  # the most a non-streamed answer may take, estimated before it runs
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -143,6 +145,38 @@ def check_token_id_list(ids, max_len: int, field: str = "prompt") -> tuple[int, 
     if not all(is_int(t) for t in ids):
         raise ValidationError(field, "every token id must be an integer")
     return tuple(ids)
+
+
+_TOKEN_BYTES = 16  # JSON per generated token: its text and id
+_LOGPROB_BYTES = 96  # JSON per logprob entry (token text, bytes, logprob): an upper estimate
+
+
+def check_request_size(
+    requests: Sequence[GenerateRequest], *, stream: bool, limits: Limits, max_model_len: int
+) -> None:
+    """Bound the work one request may bring before any of it is queued: its sequences (prompts x n), and for a
+    non-streamed answer the size its body may reach (sequences x max_tokens x the JSON a token takes)."""
+    first = requests[0]
+    seqs = sum(r.params.n for r in requests)
+    if seqs > limits.max_seqs_per_request:
+        raise ValidationError(
+            "n" if len(requests) == 1 else "prompt",
+            f"{len(requests)} prompt(s) x n={first.params.n} is {seqs} sequences; one request may add at most "
+            f"{limits.max_seqs_per_request}",
+        )
+    if stream:
+        return
+    tokens = first.params.max_tokens if first.params.max_tokens is not None else max_model_len
+    lp = first.params.logprobs
+    per_token = _TOKEN_BYTES + (0 if lp is None else (1 + lp) * _LOGPROB_BYTES)
+    estimate = seqs * tokens * per_token
+    if estimate > limits.max_response_bytes:
+        raise ValidationError(
+            first.max_tokens_field,
+            f"{seqs} sequence(s) x {tokens} tokens{' with logprobs' if lp is not None else ''} may make a "
+            f"{estimate / 2**20:.0f} MiB answer, over this server's {limits.max_response_bytes / 2**20:.0f} MiB for "
+            "one that is not streamed: stream it, or ask for fewer tokens, sequences or logprobs",
+        )
 
 
 def check_prompt_tokens(ids: Sequence[int], *, max_model_len: int, vocab_size: int, field: str = "prompt") -> None:

@@ -27,7 +27,13 @@ from jaxserve.api.errors import (
     APIError,
     to_api_error,
 )
-from jaxserve.api.validation import GenerateRequest, Limits, check_prompt_text, tokenize_request
+from jaxserve.api.validation import (
+    GenerateRequest,
+    Limits,
+    check_prompt_text,
+    check_request_size,
+    tokenize_request,
+)
 from jaxserve.errors import ENGINE_STOPPED
 from jaxserve.outputs import RequestOutput
 from jaxserve.servers.metrics import ServerMetrics
@@ -137,6 +143,9 @@ class Frontend:
     def tokenize(self, text, add_special_tokens: bool = True, field: str = "text") -> list[int]:
         check_prompt_text(text, self.limits, field)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def check_size(self, requests: Sequence[GenerateRequest], *, stream: bool) -> None:
+        check_request_size(requests, stream=stream, limits=self.limits, max_model_len=self.max_model_len)
 
     def prepare(self, req: GenerateRequest) -> tuple[str | None, list[int]]:
         return tokenize_request(req, self.tokenizer, max_model_len=self.max_model_len, vocab_size=self.vocab_size)

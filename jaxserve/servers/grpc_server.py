@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from jaxserve.api.errors import UNAVAILABLE, VALIDATION, APIError, internal_error
 from jaxserve.api.validation import (
     GenerateRequest,
+    Limits,
     ValidationError,
     check_messages,
     check_priority,
@@ -139,9 +140,11 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         metadata = ((FIELD_METADATA_KEY, err.field),) if err.field else ()
         await context.abort(grpc.StatusCode[err.kind.grpc_code], err.message, metadata)
 
-    def _parse(self, request) -> GenerateRequest:
+    def _parse(self, request, *, stream: bool) -> GenerateRequest:
         try:
-            return self._to_request(request)
+            req = self._to_request(request)
+            self.frontend.check_size([req], stream=stream)
+            return req
         except APIError as e:
             self.frontend.count_refusal(e)
             raise
@@ -183,7 +186,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
 
     async def Generate(self, request, context):
         async def body():
-            req = self._parse(request)
+            req = self._parse(request, stream=True)
             num_top = req.params.logprobs or 0
             stream = self.frontend.generate(req, id_prefix="grpc")
             sent_finish: set[int] = set()
@@ -208,7 +211,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
 
     async def Complete(self, request, context):
         async def body():
-            req = self._parse(request)
+            req = self._parse(request, stream=False)
             out = await self.frontend.complete(req, id_prefix="grpc")
             m, num_top = out.metrics, req.params.logprobs or 0
             return pb.CompleteResponse(
@@ -439,6 +442,15 @@ def define_flags(fv=None) -> None:
         (number, "stall_timeout", 120.0, "seconds without engine progress before health turns NOT_SERVING"),
     ]:
         define(name, default, doc, flag_values=fv)
+    flags.DEFINE_integer(
+        "max_seqs_per_request", Limits.max_seqs_per_request, "sequences (n) one request may add", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "max_response_bytes",
+        Limits.max_response_bytes,
+        "largest Complete answer, estimated up front from n, max_tokens and logprobs",
+        flag_values=fv,
+    )
     flags.DEFINE_multi_string(
         "api_key",
         None,
@@ -478,7 +490,8 @@ def main(argv) -> None:
         sys.exit(0)
     engine = AsyncEngine(core)
     keys = api_keys_from(fv.api_key)
-    frontend = Frontend(engine, model_name=fv.model_name, stall_timeout=fv.stall_timeout, api_keys=keys)
+    limits = Limits(max_seqs_per_request=fv.max_seqs_per_request, max_response_bytes=fv.max_response_bytes)
+    frontend = Frontend(engine, model_name=fv.model_name, stall_timeout=fv.stall_timeout, api_keys=keys, limits=limits)
 
     def ready(port: int) -> None:
         print(f"[jaxserve-grpc] serving {frontend.model_name!r} on {fv.host}:{port}", file=sys.stderr, flush=True)

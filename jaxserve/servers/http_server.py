@@ -163,6 +163,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequest, rid: str):
     """Run the request's prompt(s) and answer whole or as server-sent events. Prompt i's completion k is choice
     i * n + k; each prompt runs as its own engine request, all at once."""
+    frontend.check_size(parsed.requests, stream=parsed.stream)
     many = len(parsed.requests) > 1
     reqs = [
         r if r.request_id else dataclasses.replace(r, request_id=f"{rid}-{i}" if many else rid)
