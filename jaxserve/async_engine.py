@@ -85,6 +85,7 @@ class AsyncEngine:
         *,
         request_id: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs (each carries the text so far and the delta); the last has
         finished=True. Bad input raises ValueError naming the field before the first output."""
@@ -93,7 +94,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         added: asyncio.Future = loop.create_future()
         stream: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("add", (request_id, prompt, params, priority, loop, stream, added)))
+        options = {"priority": priority, "cache_salt": cache_salt}
+        self._commands.put(("add", (request_id, prompt, params, options, loop, stream, added)))
         finished = admitted = False
         try:
             try:
@@ -161,11 +163,11 @@ class AsyncEngine:
 
     def _handle(self, kind: str, arg) -> None:
         if kind == "add":
-            request_id, prompt, params, priority, loop, stream, added = arg
+            request_id, prompt, params, options, loop, stream, added = arg
             try:
                 if request_id in self._streams:
                     raise ValueError(f"request_id={request_id!r} is already in use")
-                self.engine.add_request(request_id, prompt, params, priority=priority)
+                self.engine.add_request(request_id, prompt, params, **options)
             except Exception as e:  # validation / admission: this caller's error only
                 _post(loop, _set_exception, added, e)
                 return

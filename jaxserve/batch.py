@@ -40,6 +40,7 @@ from jaxserve.api.validation import (
     Limits,
     ValidationError,
     check_messages,
+    check_cache_salt,
     check_priority,
     check_prompt_text,
     check_request_size,
@@ -51,7 +52,7 @@ from jaxserve.api.validation import (
 
 OPENAI_LINE_FIELDS = {"custom_id", "method", "url", "body"}
 OPENAI_URLS = {"/v1/completions": False, "/v1/chat/completions": True}  # url -> chat?
-PLAIN_FIELDS = {"id", "prompt", "messages", "priority", "return_token_ids", "model", *PARAM_FIELDS}
+PLAIN_FIELDS = {"id", "prompt", "messages", "priority", "cache_salt", "return_token_ids", "model", *PARAM_FIELDS}
 
 
 @dataclasses.dataclass
@@ -151,6 +152,7 @@ def _parse_plain(body: dict, line: int, limits: Limits, max_model_len: int) -> I
         prompt_token_ids=ids,
         messages=messages,
         priority=check_priority(body.get("priority", 0)),
+        cache_salt=check_cache_salt(body.get("cache_salt")),
     )
     return Item(line, key, False, messages is not None, request, want_ids)
 
@@ -411,7 +413,13 @@ class BatchJob:
                             item.request, engine.tokenizer, max_model_len=max_len, vocab_size=vocab
                         )
                         rid = f"batch-{number}"
-                        engine.add_request(rid, ids, item.request.params, priority=item.request.priority)
+                        engine.add_request(
+                            rid,
+                            ids,
+                            item.request.params,
+                            priority=item.request.priority,
+                            cache_salt=item.request.cache_salt,
+                        )
                     except Exception as e:  # validation; anything else is this line's failure, not the job's
                         fail(number, item.key, to_api_error(e), item.openai)
                         continue

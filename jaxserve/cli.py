@@ -93,6 +93,11 @@ def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
         help="largest non-streamed answer, estimated up front from n, max_tokens and logprobs (a 400 beyond it)",
     )
     p.add_argument(
+        "--prefix-cache-per-key",
+        action="store_true",
+        help="split the prefix cache by API key: a key's requests share cached pages only among themselves",
+    )
+    p.add_argument(
         "--api-key",
         action="append",
         default=None,
@@ -262,6 +267,7 @@ def cmd_serve(args) -> int:
         limits=limits,
         stall_timeout=args.stall_timeout,
         api_keys=api_keys_from(args.api_key),
+        prefix_cache_per_key=args.prefix_cache_per_key,
     )
     try:
         return asyncio.run(http_server.serve(frontend, args.host, args.port, drain_timeout=args.drain_timeout))

@@ -114,8 +114,10 @@ class LLMEngine:
         *,
         priority: int = 0,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> None:
-        """Queue a request (raises ValueError naming the field on bad input; nothing is queued then)."""
+        """Queue a request (raises ValueError naming the field on bad input; nothing is queued then). Its
+        prefix-cache pages are shared only with requests of the same `cache_salt` (None: the unsalted pool)."""
         params = params or SamplingParams()
         check_request_id(request_id)
         if request_id in self.outputs.requests:
@@ -123,6 +125,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: need a SamplingParams, got {type(params).__name__}")
         check_priority(priority, policy=self.config.scheduler.policy)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt or len(cache_salt) > 1024):
+            raise ValueError("cache_salt: must be a non-empty string of at most 1024 characters, or None")
         eos = tuple(self.tokenizer.eos_token_ids)
         check_banned(params, eos)
         text, ids = self.tokenize(prompt)
@@ -148,6 +152,7 @@ class LLMEngine:
                 eos_token_ids=eos,
                 seed=(base_seed + k) % 2**63,
                 priority=priority,
+                cache_salt=cache_salt,
                 arrival_time=now,
             )
             for k, rid in enumerate(child_ids)

@@ -83,8 +83,10 @@ class Engine(Protocol):
         *,
         priority: int = 0,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> None:
-        """Queue a request; ValueError naming the field (nothing queued), QueueFullError when full."""
+        """Queue a request; ValueError naming the field (nothing queued), QueueFullError when full. Prefix-cache
+        pages are shared only among requests with the same `cache_salt`."""
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request now; its final output, None if unknown or finished."""

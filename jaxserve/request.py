@@ -42,6 +42,7 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     seed: int = 0  # resolved: the params' seed, or one the engine drew
     priority: int = 0  # lower runs first; ties by arrival
+    cache_salt: str | None = None  # prefix-cache pages are shared only among requests with the same salt
     arrival_time: float = 0.0
     arrival_index: int = 0  # admission order: breaks arrival_time ties
     status: RequestStatus = RequestStatus.WAITING

@@ -133,13 +133,15 @@ class Scheduler:
         # Waiting requests, unless this step already had to preempt (no room to admit anyone).
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            pages, num_cached = self.block_manager.get_computed_pages(req.request_id, req.all_token_ids, record=False)
+            pages, num_cached = self.block_manager.get_computed_pages(
+                req.request_id, req.all_token_ids, record=False, salt=req.cache_salt
+            )
             n = req.num_tokens - num_cached
             if n > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 n = budget
-            if self.block_manager.allocate_slots(req.request_id, num_cached + n, pages) is None:
+            if self.block_manager.allocate_slots(req.request_id, num_cached + n, pages, salt=req.cache_salt) is None:
                 break
             self.waiting.pop(0)
             self.block_manager.record_lookup(req.num_tokens, num_cached)

@@ -75,7 +75,7 @@ class FakeEngine:
     def check_prompt(self, prompt_token_ids) -> None:
         check_prompt_tokens(prompt_token_ids, max_model_len=self.max_model_len, vocab_size=self.vocab_size)
 
-    def add_request(self, request_id, prompt, params=None, *, priority=0, arrival_time=None) -> None:
+    def add_request(self, request_id, prompt, params=None, *, priority=0, arrival_time=None, cache_salt=None) -> None:
         params = params or SamplingParams()
         check_request_id(request_id)
         check_priority(priority, policy=self.scheduling_policy)

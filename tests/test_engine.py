@@ -102,6 +102,28 @@ def test_prefix_cache_hit_equals_miss(engine):
     assert engine.block_manager.hit_rate > 0
 
 
+def test_cache_salt_separates_the_prefix_cache(engine):
+    """Issue 15 item 5: a salted request hits only pages cached under its own salt (never the unsalted pool or
+    another salt's), so usage.cached_tokens says nothing about other tenants' prompts; the output is the same."""
+    p = prompts(1, seed=21, lo=40, hi=40)[0]
+
+    def one(salt):
+        engine.add_request("salted", p, GREEDY, cache_salt=salt)
+        return run_to_end(engine)["salted"]
+
+    plain = one(None)
+    assert one(None).num_cached_tokens == 32  # the unsalted pool hits
+    assert one("tenant-a").num_cached_tokens == 0  # not the unsalted pool's pages
+    assert one("tenant-b").num_cached_tokens == 0  # nor another salt's
+    again = one("tenant-a")
+    assert again.num_cached_tokens == 32 and again.outputs[0].token_ids == plain.outputs[0].token_ids
+    bm = engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages
+    bm._check_invariants()
+    with pytest.raises(ValueError, match="cache_salt"):
+        engine.add_request("bad-salt", p, GREEDY, cache_salt="")
+
+
 def test_abort_storm_returns_every_page(engine):
     rnd = random.Random(5)
     ps = prompts(30, seed=5)

@@ -353,6 +353,7 @@ BAD = {  # name: (request, status code, the field the details start with)
     "request_id_unprintable": (_req(request_id="a\x01b"), Code.INVALID_ARGUMENT, "request_id"),
     "request_id_too_long": (_req(request_id="r" * 257), Code.INVALID_ARGUMENT, "request_id"),
     "priority_under_fcfs": (_req(priority=1), Code.INVALID_ARGUMENT, "priority"),
+    "cache_salt_control_char": (_req(cache_salt="a\x01"), Code.INVALID_ARGUMENT, "cache_salt"),
     "priority_2_40": (_req(priority=2**40), Code.INVALID_ARGUMENT, "priority"),
     "timeout_negative": (_req(timeout_seconds=-1), Code.INVALID_ARGUMENT, "timeout_seconds"),
     "timeout_nan": (_req(timeout_seconds=float("nan")), Code.INVALID_ARGUMENT, "timeout_seconds"),

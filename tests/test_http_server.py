@@ -536,6 +536,26 @@ def test_work_per_request_is_capped_up_front(model_path):
         s.close()
 
 
+def test_cache_salt_field_and_per_key_pools(model_path):
+    """cache_salt is a request field (400 naming it when bad), and --prefix-cache-per-key puts each API key's
+    requests in a pool of their own: the engine gets a salt no client can send."""
+    s = Server(model_path, api_keys=("k0", "k1"))
+    s.frontend.prefix_cache_per_key = True
+    seen = []
+    add = s.engine.add_request
+    s.engine.add_request = lambda *a, **kw: (seen.append(kw.get("cache_salt")), add(*a, **kw))[1]
+    try:
+        for key, salt in (("k0", None), ("k1", None), ("k0", "team"), ("k1", "team")):
+            body = {**OK} if salt is None else {**OK, "cache_salt": salt}
+            assert s.request("POST", C, body, headers={"Authorization": f"Bearer {key}"})[0] == 200
+        assert seen == ["\x00key 0\x00", "\x00key 1\x00", "\x00key 0\x00team", "\x00key 1\x00team"]
+        for bad in ("", "\x00key 1\x00", 5, "x" * 300):
+            status, got = s.request("POST", C, {**OK, "cache_salt": bad}, headers={"Authorization": "Bearer k0"})
+            assert status == 400 and got["error"]["param"] == "cache_salt", (bad, got)
+    finally:
+        s.close()
+
+
 def test_draining_refuses_new_requests(model_path):
     s = Server(model_path)
     try:

@@ -1,6 +1,7 @@
 """OpenAI request bodies (/v1/completions, /v1/chat/completions) -> `GenerateRequest`, through the shared
 validators. vLLM's extensions are accepted (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-stop_token_ids, skip_special_tokens, include_stop_str_in_output, priority, request_id) plus `timeout` (seconds).
+stop_token_ids, skip_special_tokens, include_stop_str_in_output, priority, request_id, cache_salt) plus `timeout`
+(seconds).
 Unknown fields are ignored, as OpenAI does; known fields of the wrong type or range are refused by name.
 """
 
@@ -14,6 +15,7 @@ from jaxserve.api.validation import (
     Limits,
     ValidationError,
     check_messages,
+    check_cache_salt,
     check_priority,
     check_prompt_text,
     check_request_id,
@@ -146,6 +148,7 @@ def _finish(
             model=body.get("model"),
             priority=check_priority(priority),
             timeout=check_timeout(body.get("timeout"), limits),
+            cache_salt=check_cache_salt(body.get("cache_salt")),
             max_tokens_field=max_tokens_field,
             **prompt,
         )

@@ -52,6 +52,7 @@ class GenerateRequest:
     request_id: str | None = None
     model: str | None = None
     priority: int = 0
+    cache_salt: str | None = None  # prefix-cache pages are shared only among requests with the same salt
     timeout: float | None = None  # seconds from arrival; None = no deadline of its own
     max_tokens_field: str = "max_tokens"  # the client's name for it, for the context check's error
 
@@ -87,6 +88,15 @@ def check_banned(params, eos_token_ids: Sequence[int], field: str = "stop_token_
                 f"are {n} ids to ban while min_tokens={params.min_tokens} is not reached; at most {MAX_BANNED} "
                 "(fewer stop ids, min_tokens=0 or ignore_eos)",
             )
+
+
+def check_cache_salt(salt, field: str = "cache_salt") -> str | None:
+    """vLLM's cache_salt: a non-empty string of at most 256 printable characters, or None."""
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt or len(salt) > 256 or not salt.isprintable():
+        raise ValidationError(field, "must be a non-empty string of at most 256 printable characters")
+    return salt
 
 
 def check_priority(priority, field: str = "priority", *, policy: str = "priority") -> int:

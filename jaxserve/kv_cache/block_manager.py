@@ -42,6 +42,12 @@ def hash_page(parent: bytes | None, model_id: str, token_ids: Sequence[int]) -> 
     return hashlib.sha256((parent or b"") + model_id.encode() + packed).digest()
 
 
+def salt_root(salt: str | None) -> bytes | None:
+    """The parent of a salted request's first page (None unsalted): requests share cached pages only when they
+    bring the same salt, so a tenant's prompts cannot be probed through another's hits (vLLM's cache_salt)."""
+    return None if not salt else hashlib.sha256(b"jaxserve cache salt\0" + salt.encode()).digest()
+
+
 @dataclasses.dataclass(frozen=True)
 class _CachedPage:
     hash: bytes
@@ -117,7 +123,7 @@ class BlockManager:
     # ---- the API the scheduler drives ---------------------------------------------------------
 
     def get_computed_pages(
-        self, request_id: str, token_ids: Sequence[int], *, record: bool = True
+        self, request_id: str, token_ids: Sequence[int], *, record: bool = True, salt: str | None = None
     ) -> tuple[list[int], int]:
         """The longest run of cached full pages that prefixes `token_ids`, and the tokens they hold.
 
@@ -134,7 +140,7 @@ class BlockManager:
             )
         if not self.enable_prefix_caching:
             return [], 0
-        ps, pages, parent = self.page_size, [], None
+        ps, pages, parent = self.page_size, [], salt_root(salt)
         for i in range(max(0, (len(token_ids) - 1) // ps)):  # (n - 1) // ps: never the whole prompt
             chunk = tuple(token_ids[i * ps : (i + 1) * ps])
             h = hash_page(parent, self.model_id, chunk)
@@ -157,11 +163,17 @@ class BlockManager:
         self.num_hit_tokens += num_hit_tokens
 
     def allocate_slots(
-        self, request_id: str, num_tokens_total: int, computed_pages: Sequence[int] | None = None
+        self,
+        request_id: str,
+        num_tokens_total: int,
+        computed_pages: Sequence[int] | None = None,
+        *,
+        salt: str | None = None,
     ) -> list[int] | None:
         """Make `request_id` own enough pages for `num_tokens_total` tokens; return the new page ids.
 
-        The first call may pass `computed_pages` (a hit from `get_computed_pages`) to adopt them.
+        The first call may pass `computed_pages` (a hit from `get_computed_pages` with the same `salt`) to adopt
+        them; `salt` (first call only) starts the request's hash chain.
         Returns None, changing nothing, when there are not enough free pages: the caller preempts.
         """
         _check_request_id(request_id)
@@ -172,7 +184,7 @@ class BlockManager:
         if computed:
             if req is not None:
                 raise ValueError(f"computed_pages: only on the first allocate_slots of request_id={request_id!r}")
-            self._check_prefix_chain(computed)
+            self._check_prefix_chain(computed, salt_root(salt))
             if num_tokens_total < len(computed) * self.page_size:
                 raise ValueError(
                     f"num_tokens_total={num_tokens_total} is fewer than the {len(computed)} computed_pages hold"
@@ -184,7 +196,7 @@ class BlockManager:
         if num_new > self.num_free_pages - num_revived:
             return None
         if req is None:
-            req = self._requests[request_id] = _Request()
+            req = self._requests[request_id] = _Request(last_hash=salt_root(salt))
         for page in computed:
             if self._ref_count[page] == 0:
                 del self._evictable[page]
@@ -254,8 +266,7 @@ class BlockManager:
         self.num_evictions += 1
         return page
 
-    def _check_prefix_chain(self, pages: list[int]) -> None:
-        parent = None
+    def _check_prefix_chain(self, pages: list[int], parent: bytes | None) -> None:
         for page in pages:
             entry = self._cached.get(page) if _is_int(page) else None
             if entry is None:

@@ -68,10 +68,13 @@ class Frontend:
         limits: Limits = Limits(),
         stall_timeout: float = 120.0,
         api_keys: Sequence[str] = (),
+        prefix_cache_per_key: bool = False,
     ):
         """engine: a started AsyncEngine (so warm: every bucket compiled). stall_timeout: seconds the engine may
         hold work without finishing a step before the server reports not ready. api_keys: when any, every model
-        request must bring one of them (`Authorization: Bearer <key>`; health, readiness and metrics are open)."""
+        request must bring one of them (`Authorization: Bearer <key>`; health, readiness and metrics are open).
+        prefix_cache_per_key: the prefix cache is split by API key (each key's requests share pages only among
+        themselves, on top of any cache_salt they send)."""
         self.engine = engine
         self.card = engine.model_card()
         self.tokenizer = engine.tokenizer
@@ -83,6 +86,9 @@ class Frontend:
         if any(not isinstance(k, str) or not k or not k.isprintable() for k in api_keys):
             raise ValueError("api_keys: each key must be a non-empty printable string")
         self._api_keys = tuple(k.encode() for k in api_keys)
+        if prefix_cache_per_key and not api_keys:
+            raise ValueError("prefix_cache_per_key: needs api_keys")
+        self.prefix_cache_per_key = prefix_cache_per_key
         self.metrics = ServerMetrics(engine, self.model_name)
         self.draining = False
         self._inflight: dict[object, asyncio.Task | None] = {}
@@ -105,20 +111,23 @@ class Frontend:
     def num_inflight(self) -> int:
         return len(self._inflight)
 
-    def check_api_key(self, authorization: str | None) -> None:
+    def check_api_key(self, authorization: str | None) -> int | None:
         """`authorization`: the request's Authorization header (HTTP) or metadata (gRPC). Every key is compared,
-        each in constant time, so the time taken says nothing about any key."""
+        each in constant time, so the time taken says nothing about any key. Returns the key's index (None when
+        the server has no keys): the tenant whose prefix-cache pool the request uses under prefix_cache_per_key."""
         if not self._api_keys:
-            return
+            return None
         scheme, _, presented = (authorization or "").partition(" ")
         given = presented.strip().encode("utf-8", "replace")
-        ok = False
-        for key in self._api_keys:
-            ok |= hmac.compare_digest(given, key)
-        if scheme.lower() != "bearer" or not ok:
+        index = None
+        for i, key in enumerate(self._api_keys):
+            if hmac.compare_digest(given, key) and index is None:
+                index = i
+        if scheme.lower() != "bearer" or index is None:
             raise APIError(
                 UNAUTHENTICATED, "authorization: missing or invalid API key (send 'Bearer <key>')", "authorization"
             )
+        return index
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
@@ -150,7 +159,16 @@ class Frontend:
     def prepare(self, req: GenerateRequest) -> tuple[str | None, list[int]]:
         return tokenize_request(req, self.tokenizer, max_model_len=self.max_model_len, vocab_size=self.vocab_size)
 
-    async def generate(self, req: GenerateRequest, *, id_prefix: str = "req") -> AsyncIterator[RequestOutput]:
+    def cache_salt(self, req: GenerateRequest, tenant: int | None) -> str | None:
+        """The salt the engine gets: the client's cache_salt, inside its API key's own pool under
+        prefix_cache_per_key (the NUL bytes make it a salt no client can send: theirs must be printable)."""
+        if not self.prefix_cache_per_key or tenant is None:
+            return req.cache_salt
+        return f"\x00key {tenant}\x00{req.cache_salt or ''}"
+
+    async def generate(
+        self, req: GenerateRequest, *, id_prefix: str = "req", tenant: int | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Raises APIError (before the first output for bad input or admission;
         later for a deadline, a dead engine or a bug). Cancelling the consumer aborts the request."""
         outcome, last = "error", None
@@ -163,7 +181,13 @@ class Frontend:
             engine_id = f"{id_prefix}-{uuid.uuid4().hex}"
             echo_id = req.request_id or engine_id
             deadline = None if req.timeout is None else time.monotonic() + req.timeout
-            stream = self.engine.generate(ids, req.params, request_id=engine_id, priority=req.priority)
+            stream = self.engine.generate(
+                ids,
+                req.params,
+                request_id=engine_id,
+                priority=req.priority,
+                cache_salt=self.cache_salt(req, tenant),
+            )
             token = object()  # (not the request id: a refused duplicate id must not untrack the original)
             self._inflight[token] = asyncio.current_task()
             try:
@@ -211,9 +235,11 @@ class Frontend:
         """Count a request a server refused before it reached `generate` (which counts its own outcomes)."""
         self.metrics.observe(_OUTCOME_OF_KIND.get(err.kind.name, "error"))
 
-    async def complete(self, req: GenerateRequest, *, id_prefix: str = "req") -> RequestOutput:
+    async def complete(
+        self, req: GenerateRequest, *, id_prefix: str = "req", tenant: int | None = None
+    ) -> RequestOutput:
         last = None
-        async for out in self.generate(req, id_prefix=id_prefix):
+        async for out in self.generate(req, id_prefix=id_prefix, tenant=tenant):
             last = out
         return last
 

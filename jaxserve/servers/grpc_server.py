@@ -29,6 +29,7 @@ from jaxserve.api.validation import (
     GenerateRequest,
     Limits,
     ValidationError,
+    check_cache_salt,
     check_messages,
     check_priority,
     check_prompt_text,
@@ -119,6 +120,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             request_id=check_request_id(request.request_id, fe.limits) if request.request_id else None,
             model=request.model or None,
             priority=check_priority(request.priority),
+            cache_salt=check_cache_salt(request.cache_salt) if request.cache_salt else None,
             timeout=check_timeout(request.timeout_seconds, fe.limits, "timeout_seconds")
             if request.timeout_seconds != 0
             else None,
@@ -149,11 +151,15 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             self.frontend.count_refusal(e)
             raise
 
+    def _tenant(self, context) -> int | None:
+        """The API key the call came with (raises UNAUTHENTICATED when keys are required and it has none)."""
+        return self.frontend.check_api_key(dict(context.invocation_metadata() or ()).get("authorization"))
+
     async def _run(self, request, context, body, generation: bool = False):
         """Run a handler body, turning every failure into a status: APIError by its kind, bugs as INTERNAL (this
         request ends, the server goes on), and a cancel from the drain as UNAVAILABLE."""
         try:
-            self.frontend.check_api_key(dict(context.invocation_metadata() or ()).get("authorization"))
+            self._tenant(context)
         except APIError as e:
             if generation:
                 self.frontend.count_refusal(e)
@@ -188,7 +194,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         async def body():
             req = self._parse(request, stream=True)
             num_top = req.params.logprobs or 0
-            stream = self.frontend.generate(req, id_prefix="grpc")
+            stream = self.frontend.generate(req, id_prefix="grpc", tenant=self._tenant(context))
             sent_finish: set[int] = set()
             try:
                 async for out in stream:
@@ -212,7 +218,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
     async def Complete(self, request, context):
         async def body():
             req = self._parse(request, stream=False)
-            out = await self.frontend.complete(req, id_prefix="grpc")
+            out = await self.frontend.complete(req, id_prefix="grpc", tenant=self._tenant(context))
             m, num_top = out.metrics, req.params.logprobs or 0
             return pb.CompleteResponse(
                 request_id=out.request_id,
@@ -451,6 +457,9 @@ def define_flags(fv=None) -> None:
         "largest Complete answer, estimated up front from n, max_tokens and logprobs",
         flag_values=fv,
     )
+    flags.DEFINE_bool(
+        "prefix_cache_per_key", False, "split the prefix cache by API key (needs --api_key)", flag_values=fv
+    )
     flags.DEFINE_multi_string(
         "api_key",
         None,
@@ -491,7 +500,14 @@ def main(argv) -> None:
     engine = AsyncEngine(core)
     keys = api_keys_from(fv.api_key)
     limits = Limits(max_seqs_per_request=fv.max_seqs_per_request, max_response_bytes=fv.max_response_bytes)
-    frontend = Frontend(engine, model_name=fv.model_name, stall_timeout=fv.stall_timeout, api_keys=keys, limits=limits)
+    frontend = Frontend(
+        engine,
+        model_name=fv.model_name,
+        stall_timeout=fv.stall_timeout,
+        api_keys=keys,
+        limits=limits,
+        prefix_cache_per_key=fv.prefix_cache_per_key,
+    )
 
     def ready(port: int) -> None:
         print(f"[jaxserve-grpc] serving {frontend.model_name!r} on {fv.host}:{port}", file=sys.stderr, flush=True)

@@ -88,6 +88,7 @@ def _error_response(err: APIError) -> web.Response:
     return web.json_response(err.openai_body(), status=err.kind.http_status)
 
 
+_TENANT = web.RequestKey("tenant", object)  # the index of the API key a request came with (its prefix-cache pool)
 _OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes need no API key
 
 
@@ -103,7 +104,7 @@ async def _errors_and_limits(request: web.Request, handler):
                 "headers",
             )
         if request.path not in _OPEN_PATHS:
-            frontend.check_api_key(request.headers.get("Authorization"))
+            request[_TENANT] = frontend.check_api_key(request.headers.get("Authorization"))
         return await handler(request)
     except APIError as e:
         _count_refusal(frontend, e, request)
@@ -173,7 +174,7 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
     shapes = [(ChatShape if parsed.chat else CompletionShape)(frontend.model_name, rid) for _ in reqs]
     n = reqs[0].params.n
     if not parsed.stream:
-        tasks = [asyncio.ensure_future(frontend.complete(r)) for r in reqs]
+        tasks = [asyncio.ensure_future(frontend.complete(r, tenant=request.get(_TENANT))) for r in reqs]
         try:
             outs = await asyncio.gather(*tasks)
         finally:  # one prompt failed (or the client left): the others stop too
@@ -185,7 +186,10 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
         body["usage"] = _sum_usage([b["usage"] for b in bodies])
         return web.json_response(body)
     queue: asyncio.Queue = asyncio.Queue()
-    tasks = [asyncio.ensure_future(_pump(frontend.generate(r), i, queue)) for i, r in enumerate(reqs)]
+    tasks = [
+        asyncio.ensure_future(_pump(frontend.generate(r, tenant=request.get(_TENANT)), i, queue))
+        for i, r in enumerate(reqs)
+    ]
     try:
         index, item = await queue.get()
         if isinstance(item, APIError):  # before any output: still a plain HTTP error response

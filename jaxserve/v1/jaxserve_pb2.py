@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajaxserve/v1/jaxserve.proto\x12\x0bjaxserve.v1\"\xac\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nmax_tokens\x18\r \x01(\x03H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\x03H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x03H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.jaxserve.v1.ChatMessage\"\xf7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x11.jaxserve.v1.ChatH\x00\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x07 \x01(\x03\x12\x17\n\x0ftimeout_seconds\x18\x08 \x01(\x01\x42\x08\n\x06prompt\"I\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x0c\n\x04rank\x18\x04 \x01(\x03\"Y\n\rTokenLogprobs\x12%\n\x07sampled\x18\x01 \x01(\x0b\x32\x14.jaxserve.v1.Logprob\x12!\n\x03top\x18\x02 \x03(\x0b\x32\x14.jaxserve.v1.Logprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x15\n\rcached_tokens\x18\x04 \x01(\x03\"\xe0\x01\n\x0f\x43ompletionDelta\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.jaxserve.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x03H\x00\x42\r\n\x0bstop_reason\"\x8a\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.jaxserve.v1.CompletionDelta\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"\xf7\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.jaxserve.v1.TokenLogprobs\x12\x1a\n\x12\x63umulative_logprob\x18\x05 \x01(\x01\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x03H\x00\x42\r\n\x0bstop_reason\"\xbf\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x07outputs\x18\x02 \x03(\x0b\x32\x17.jaxserve.v1.Completion\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.jaxserve.v1.Usage\x12#\n\x1btime_to_first_token_seconds\x18\x04 \x01(\x01\x12%\n\x1dtime_per_output_token_seconds\x18\x05 \x01(\x01\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x15\n\rmax_model_len\x18\x03 \x01(\x03\"\x13\n\x11ListModelsRequest\"\x7f\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x03\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x16\n\x0enum_parameters\x18\x06 \x01(\x03\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.jaxserve.v1.ModelCard\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb4\x01\n\x11ModelInfoResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.jaxserve.v1.ModelCard\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\x03\x12\x1e\n\x16max_num_batched_tokens\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x03\x12\x14\n\x0cnum_kv_pages\x18\x05 \x01(\x03\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x82\x03\n\x08JaxServe\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.CompleteResponse\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12M\n\nListModels\x12\x1e.jaxserve.v1.ListModelsRequest\x1a\x1f.jaxserve.v1.ListModelsResponse\x12J\n\tModelInfo\x12\x1d.jaxserve.v1.ModelInfoRequest\x1a\x1e.jaxserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajaxserve/v1/jaxserve.proto\x12\x0bjaxserve.v1\"\xac\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nmax_tokens\x18\r \x01(\x03H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\x03H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x03H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.jaxserve.v1.ChatMessage\"\x8b\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x11.jaxserve.v1.ChatH\x00\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x07 \x01(\x03\x12\x17\n\x0ftimeout_seconds\x18\x08 \x01(\x01\x12\x12\n\ncache_salt\x18\t \x01(\tB\x08\n\x06prompt\"I\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x0c\n\x04rank\x18\x04 \x01(\x03\"Y\n\rTokenLogprobs\x12%\n\x07sampled\x18\x01 \x01(\x0b\x32\x14.jaxserve.v1.Logprob\x12!\n\x03top\x18\x02 \x03(\x0b\x32\x14.jaxserve.v1.Logprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x15\n\rcached_tokens\x18\x04 \x01(\x03\"\xe0\x01\n\x0f\x43ompletionDelta\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.jaxserve.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x03H\x00\x42\r\n\x0bstop_reason\"\x8a\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.jaxserve.v1.CompletionDelta\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"\xf7\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.jaxserve.v1.TokenLogprobs\x12\x1a\n\x12\x63umulative_logprob\x18\x05 \x01(\x01\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\x03H\x00\x42\r\n\x0bstop_reason\"\xbf\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x07outputs\x18\x02 \x03(\x0b\x32\x17.jaxserve.v1.Completion\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.jaxserve.v1.Usage\x12#\n\x1btime_to_first_token_seconds\x18\x04 \x01(\x01\x12%\n\x1dtime_per_output_token_seconds\x18\x05 \x01(\x01\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x15\n\rmax_model_len\x18\x03 \x01(\x03\"\x13\n\x11ListModelsRequest\"\x7f\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x03\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x16\n\x0enum_parameters\x18\x06 \x01(\x03\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.jaxserve.v1.ModelCard\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb4\x01\n\x11ModelInfoResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.jaxserve.v1.ModelCard\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\x03\x12\x1e\n\x16max_num_batched_tokens\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x03\x12\x14\n\x0cnum_kv_pages\x18\x05 \x01(\x03\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x82\x03\n\x08JaxServe\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.CompleteResponse\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12M\n\nListModels\x12\x1e.jaxserve.v1.ListModelsRequest\x1a\x1f.jaxserve.v1.ListModelsResponse\x12J\n\tModelInfo\x12\x1d.jaxserve.v1.ModelInfoRequest\x1a\x1e.jaxserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jaxserve.v1.jaxserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2796
-  _globals['_FINISHREASON']._serialized_end=2916
+  _globals['_FINISHREASON']._serialized_start=2816
+  _globals['_FINISHREASON']._serialized_end=2936
   _globals['_SAMPLINGPARAMS']._serialized_start=44
   _globals['_SAMPLINGPARAMS']._serialized_end=728
   _globals['_TOKENIDS']._serialized_start=730
@@ -42,35 +42,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHAT']._serialized_start=801
   _globals['_CHAT']._serialized_end=851
   _globals['_GENERATEREQUEST']._serialized_start=854
-  _globals['_GENERATEREQUEST']._serialized_end=1101
-  _globals['_LOGPROB']._serialized_start=1103
-  _globals['_LOGPROB']._serialized_end=1176
-  _globals['_TOKENLOGPROBS']._serialized_start=1178
-  _globals['_TOKENLOGPROBS']._serialized_end=1267
-  _globals['_USAGE']._serialized_start=1269
-  _globals['_USAGE']._serialized_end=1371
-  _globals['_COMPLETIONDELTA']._serialized_start=1374
-  _globals['_COMPLETIONDELTA']._serialized_end=1598
-  _globals['_GENERATERESPONSE']._serialized_start=1601
-  _globals['_GENERATERESPONSE']._serialized_end=1739
-  _globals['_COMPLETION']._serialized_start=1742
-  _globals['_COMPLETION']._serialized_end=1989
-  _globals['_COMPLETERESPONSE']._serialized_start=1992
-  _globals['_COMPLETERESPONSE']._serialized_end=2183
-  _globals['_TOKENIZEREQUEST']._serialized_start=2185
-  _globals['_TOKENIZEREQUEST']._serialized_end=2287
-  _globals['_TOKENIZERESPONSE']._serialized_start=2289
-  _globals['_TOKENIZERESPONSE']._serialized_end=2364
-  _globals['_LISTMODELSREQUEST']._serialized_start=2366
-  _globals['_LISTMODELSREQUEST']._serialized_end=2385
-  _globals['_MODELCARD']._serialized_start=2387
-  _globals['_MODELCARD']._serialized_end=2514
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2516
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2576
-  _globals['_MODELINFOREQUEST']._serialized_start=2578
-  _globals['_MODELINFOREQUEST']._serialized_end=2611
-  _globals['_MODELINFORESPONSE']._serialized_start=2614
-  _globals['_MODELINFORESPONSE']._serialized_end=2794
-  _globals['_JAXSERVE']._serialized_start=2919
-  _globals['_JAXSERVE']._serialized_end=3305
+  _globals['_GENERATEREQUEST']._serialized_end=1121
+  _globals['_LOGPROB']._serialized_start=1123
+  _globals['_LOGPROB']._serialized_end=1196
+  _globals['_TOKENLOGPROBS']._serialized_start=1198
+  _globals['_TOKENLOGPROBS']._serialized_end=1287
+  _globals['_USAGE']._serialized_start=1289
+  _globals['_USAGE']._serialized_end=1391
+  _globals['_COMPLETIONDELTA']._serialized_start=1394
+  _globals['_COMPLETIONDELTA']._serialized_end=1618
+  _globals['_GENERATERESPONSE']._serialized_start=1621
+  _globals['_GENERATERESPONSE']._serialized_end=1759
+  _globals['_COMPLETION']._serialized_start=1762
+  _globals['_COMPLETION']._serialized_end=2009
+  _globals['_COMPLETERESPONSE']._serialized_start=2012
+  _globals['_COMPLETERESPONSE']._serialized_end=2203
+  _globals['_TOKENIZEREQUEST']._serialized_start=2205
+  _globals['_TOKENIZEREQUEST']._serialized_end=2307
+  _globals['_TOKENIZERESPONSE']._serialized_start=2309
+  _globals['_TOKENIZERESPONSE']._serialized_end=2384
+  _globals['_LISTMODELSREQUEST']._serialized_start=2386
+  _globals['_LISTMODELSREQUEST']._serialized_end=2405
+  _globals['_MODELCARD']._serialized_start=2407
+  _globals['_MODELCARD']._serialized_end=2534
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2536
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2596
+  _globals['_MODELINFOREQUEST']._serialized_start=2598
+  _globals['_MODELINFOREQUEST']._serialized_end=2631
+  _globals['_MODELINFORESPONSE']._serialized_start=2634
+  _globals['_MODELINFORESPONSE']._serialized_end=2814
+  _globals['_JAXSERVE']._serialized_start=2939
+  _globals['_JAXSERVE']._serialized_end=3325
 # @@protoc_insertion_point(module_scope)
