@@ -37,7 +37,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._dead: BaseException | None = None
         self._stopping = False
-        # monotonic time of the loop's last sign of life: a step finished, or it went idle / woke up
+        # monotonic time of the loop's last progress: a step that ran work, or work arriving at an idle loop
         self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
         self._thread.start()
@@ -71,7 +71,8 @@ class AsyncEngine:
         return self._dead
 
     def stalled_for(self) -> float:
-        """Seconds the loop has had work but not finished a step (0 while idle or moving)."""
+        """Seconds the loop has had work but not finished a step that ran any (0 while idle or moving): a step
+        stuck on the device or in a broadcast, or steps that schedule nothing, both count."""
         if not self.engine.has_unfinished_requests():
             return 0.0
         return max(0.0, time.monotonic() - self.last_progress)
@@ -145,15 +146,19 @@ class AsyncEngine:
                     except queue.Empty:
                         break
                     block = False
-                    self.last_progress = time.monotonic()
+                    if not engine.has_unfinished_requests():  # work starts now: so does the stall clock
+                        self.last_progress = time.monotonic()
                     if kind == "stop":
                         self._fail_all(EngineDeadError("the engine was shut down"))
                         return
                     self._handle(kind, arg)
                 if engine.has_unfinished_requests():
-                    for out in engine.step():
+                    steps = engine.stats().steps
+                    outs = engine.step()
+                    for out in outs:
                         self._deliver(out)
-                    self.last_progress = time.monotonic()
+                    if outs or engine.stats().steps != steps:  # a step that ran work (an empty one is no progress)
+                        self.last_progress = time.monotonic()
         except BaseException as e:  # the device step failed: nothing can be served any more
             log.exception("engine loop died")
             self._dead = e

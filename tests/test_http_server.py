@@ -25,10 +25,12 @@ LIMITS = Limits(max_body_bytes=64 << 10, max_header_bytes=4 << 10, max_prompt_ch
 
 
 class Server:
-    def __init__(self, path, api_keys=(), limits=LIMITS, **engine_options):
+    def __init__(self, path, api_keys=(), limits=LIMITS, stall_timeout=120.0, **engine_options):
         self.engine = fake_engine(path, **engine_options)
         self.async_engine = AsyncEngine(self.engine)
-        self.frontend = Frontend(self.async_engine, model_name="tiny", limits=limits, api_keys=api_keys)
+        self.frontend = Frontend(
+            self.async_engine, model_name="tiny", limits=limits, api_keys=api_keys, stall_timeout=stall_timeout
+        )
         self.loop = LoopThread()
         self.runner, self.port = self.loop.run(http_server.start(self.frontend))
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
@@ -552,6 +554,29 @@ def test_cache_salt_field_and_per_key_pools(model_path):
         for bad in ("", "\x00key 1\x00", 5, "x" * 300):
             status, got = s.request("POST", C, {**OK, "cache_salt": bad}, headers={"Authorization": "Bearer k0"})
             assert status == 400 and got["error"]["param"] == "cache_salt", (bad, got)
+    finally:
+        s.close()
+
+
+def test_a_wedged_engine_fails_liveness_and_the_server_exits_1(model_path):
+    """Issue 15 item 9: steps that run nothing while work is pending are no progress: past the stall timeout
+    /health and /ready say so (503) and the server's lifecycle returns 1, as when the engine dies."""
+    from jaxserve.servers import lifecycle
+
+    s = Server(model_path, stall_timeout=0.5)
+    try:
+        assert s.request("GET", "/health")[0] == 200
+        s.engine.step = lambda: []  # the loop keeps stepping, nothing moves
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(s.request, "POST", C, {**OK, "timeout": 3})
+            time.sleep(1.0)
+            status, got = s.request("GET", "/health")
+            assert status == 503 and got["status"] == "stalled" and "no progress" in got["error"], got
+            status, got = s.request("GET", "/ready")
+            assert status == 503 and "no progress" in got["reason"], got
+            assert s.loop.run(lifecycle.wait_for_shutdown(s.frontend, poll=0.05), timeout=5) == 1
+            assert pending.result()[0] == 504  # that request's own deadline still ends it
+        del s.engine.step
     finally:
         s.close()
 

@@ -294,6 +294,10 @@ async def _health(request: web.Request) -> web.Response:
     frontend = request.app[_FRONTEND]
     if not frontend.engine.is_running:
         return web.json_response({"status": "dead", "error": ENGINE_STOPPED}, status=503)
+    stalled = frontend.engine.stalled_for()
+    if stalled > frontend.stall_timeout:
+        reason = f"the engine made no progress for {stalled:.0f}s with work pending"
+        return web.json_response({"status": "stalled", "error": reason}, status=503)
     return web.json_response({"status": "ok"})
 
 

@@ -1,5 +1,6 @@
 """A server's life after start-up, shared by the HTTP and gRPC servers: serve until SIGTERM / SIGINT (or a
-stop event), then drain; or until the engine loop dies, then exit non-zero."""
+stop event), then drain; or until the engine loop dies or stalls (work pending, no progress for the stall
+timeout), then exit non-zero."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ async def wait_for_shutdown(frontend, stop_event: asyncio.Event | None = None, p
         while not stop_event.is_set():
             if not frontend.engine.is_running:
                 log.error("the engine loop died (%r): shutting down", frontend.engine.error)
+                return 1
+            stalled = frontend.engine.stalled_for()
+            if stalled > frontend.stall_timeout:  # liveness: a wedged engine is as dead as a crashed one
+                log.error("the engine made no progress for %.0fs with work pending: shutting down", stalled)
                 return 1
             try:
                 await asyncio.wait_for(stop_event.wait(), poll)
