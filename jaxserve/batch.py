@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import os
 import re
 import sys
@@ -32,7 +33,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 
-from jaxserve.api.errors import APIError, to_api_error
+from jaxserve.api.errors import INTERNAL, APIError, to_api_error
 from jaxserve.api.openai_protocol import ChatShape, CompletionShape, parse_chat, parse_completion, usage
 from jaxserve.api.validation import (
     PARAM_FIELDS,
@@ -49,6 +50,8 @@ from jaxserve.api.validation import (
     sampling_params,
     tokenize_request,
 )
+
+log = logging.getLogger("jaxserve.batch")
 
 OPENAI_LINE_FIELDS = {"custom_id", "method", "url", "body"}
 OPENAI_URLS = {"/v1/completions": False, "/v1/chat/completions": True}  # url -> chat?
@@ -174,6 +177,23 @@ def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
 # ---- output -----------------------------------------------------------------------------------------------------
 
 
+class OutputLockedError(ValueError):
+    """Another job holds the output file."""
+
+
+def _lock(path: str):
+    """An exclusive, non-blocking lock on `path` (created if missing), held while the returned file is open."""
+    import fcntl
+
+    f = open(path, "ab")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise OutputLockedError(f"--output: {path} is being written by another batch job (it holds the lock)") from None
+    return f
+
+
 def errors_path_for(output: str) -> str:
     """out.jsonl -> out.errors.jsonl (out.jsonl.shard-0-of-2 -> out.errors.jsonl.shard-0-of-2)."""
     m = re.match(r"^(.*?)(\.shard-\d+-of-\d+)?$", output)
@@ -229,19 +249,42 @@ def cut_torn_tail(path: str, block: int = 1 << 16) -> None:
             f.truncate(keep)
 
 
-def iter_records(path: str) -> Iterator[tuple[int, dict]]:
-    """(byte offset, record) of each complete line of an output file, streamed; a torn tail is cut off first."""
+def _is_record(record, errors: bool) -> bool:
+    """An output record names its request by a non-empty string id (custom_id in the OpenAI form); an error
+    record its input line by a positive int."""
+    if not isinstance(record, dict):
+        return False
+    if errors:
+        line = record.get("line")
+        return isinstance(line, int) and not isinstance(line, bool) and line > 0
+    key = record_key(record)
+    return isinstance(key, str) and bool(key)
+
+
+def iter_records(path: str, corrupted: list[int] | None = None) -> Iterator[tuple[int, dict]]:
+    """(byte offset, record) of each complete line of an output (or errors) file that holds a record of its
+    kind, streamed; a torn tail is cut off first. Other lines (not JSON, NUL bytes, null, no string id, an error
+    without its line) are corrupted: skipped, never fatal, their line numbers appended to `corrupted`."""
     if not os.path.exists(path):
         return
     cut_torn_tail(path)
+    errors = _is_errors_path(path)
     with open(path, "rb") as f:
         offset = 0
-        for raw in f:
+        for number, raw in enumerate(f, 1):
             try:
-                yield offset, json.loads(raw)
+                record = json.loads(raw)
             except ValueError:
-                pass  # cannot happen for lines this module wrote; never fatal
+                record = None
+            if _is_record(record, errors):
+                yield offset, record
+            elif corrupted is not None:
+                corrupted.append(number)
             offset += len(raw)
+
+
+def _is_errors_path(path: str) -> bool:
+    return bool(re.search(r"\.errors(\.[^./]*)?(\.shard-\d+-of-\d+)?$", path))
 
 
 def recover(path: str) -> list[dict]:
@@ -305,6 +348,7 @@ class Summary:
     done: int = 0  # requests finished in this run
     skipped: int = 0  # ids already in the output (a resumed run)
     errors: int = 0  # lines that failed in this run
+    corrupted: int = 0  # lines of the output / errors files found unreadable when this run started (skipped)
     prompt_tokens: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
@@ -315,6 +359,7 @@ class Summary:
             f"{self.done} done, {self.skipped} already done (skipped), {self.errors} errors; "
             f"{self.output_tokens} output tokens in {self.seconds:.1f}s = {rate:.1f} tok/s, "
             f"{self.done / self.seconds if self.seconds else 0.0:.2f} req/s"
+            + (f"; {self.corrupted} corrupted output lines skipped" if self.corrupted else "")
         )
 
 
@@ -353,10 +398,21 @@ class BatchJob:
     def run(self) -> Summary:
         from tqdm import tqdm
 
-        done_ids = {record_key(r) for _, r in iter_records(self.output_path)}
-        reported_lines = {r.get("line") for _, r in iter_records(self.errors_path)}
+        lock = _lock(self.output_path)  # one job per output file, held until this run ends
+        corrupted: list[int] = []
+        corrupted_errors: list[int] = []
+        done_ids = {record_key(r) for _, r in iter_records(self.output_path, corrupted)}
+        reported_lines = {r["line"] for _, r in iter_records(self.errors_path, corrupted_errors)}
+        for path, lines in ((self.output_path, corrupted), (self.errors_path, corrupted_errors)):
+            if lines:
+                log.warning(
+                    "%s: %d corrupted line(s) skipped (%s): their ids are not done",
+                    path,
+                    len(lines),
+                    ", ".join(map(str, lines[:10])) + (" ..." if len(lines) > 10 else ""),
+                )
         out, errs = Appender(self.output_path), Appender(self.errors_path)
-        summary = Summary()
+        summary = Summary(corrupted=len(corrupted) + len(corrupted_errors))
         engine, max_len = self.engine, self.engine.max_model_len
         vocab = self.card.vocab_size
         seen: dict[str, int] = {}  # id -> its first line
@@ -431,7 +487,7 @@ class BatchJob:
                         continue
                     item = pending.pop(result.request_id)
                     if result.error is not None:
-                        fail(item.line, item.key, to_api_error(RuntimeError(result.error)), item.openai)
+                        fail(item.line, item.key, APIError(INTERNAL, result.error), item.openai)
                         continue
                     out.add(output_record(item, result, self.model_name))
                     summary.done += 1
@@ -453,6 +509,7 @@ class BatchJob:
             out.close()
             errs.close()
             bar.close()
+            lock.close()
         summary.seconds = time.perf_counter() - start
         return summary
 

@@ -234,6 +234,42 @@ def _count_lines(path):
         return 0
 
 
+def test_resume_over_a_corrupted_output_never_crashes(engine, tmp_path):
+    """Issue 15 item 12: null lines, non-string ids, errors without a line and NUL bytes in the output files are
+    reported as corrupted and skipped; no id is marked done by one; each id ends up with one good record."""
+    rows = [plain(i) for i in range(8)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = str(tmp_path / "out.jsonl")
+    run_job(engine, inp, out)
+    good = recover(out)
+    with open(out, "wb") as f:  # three good records survive; the rest is damage
+        f.writelines(json.dumps(r).encode() + b"\n" for r in good[:3])
+        f.write(b"null\n[1, 2]\n" + json.dumps({"id": 5, "text": "x"}).encode() + b"\n")
+        f.write(b'{"id": "p4", "te\x00\x00xt": \x00}\n' + json.dumps({"text": "no id"}).encode() + b"\n")
+    write_jsonl(errors_path_for(out), [{"id": "p9", "error": {}}, "null", {"line": "3"}])
+    summary = run_job(engine, inp, out)
+    assert summary.corrupted == 8 and summary.skipped == 3 and summary.done == 5, summary.describe()
+    assert "8 corrupted" in summary.describe()
+    records = recover(out)
+    keys = [r["id"] for r in records]
+    assert sorted(keys) == sorted(r["id"] for r in rows) and len(keys) == len(set(keys))  # each id once
+    assert {r["id"]: r["text"] for r in records} == {r["id"]: r["text"] for r in good}
+
+
+def test_a_second_job_on_the_same_output_is_refused(engine, tmp_path):
+    from jaxserve.batch import OutputLockedError, _lock
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [plain(i) for i in range(3)])
+    out = str(tmp_path / "out.jsonl")
+    held = _lock(out)  # another job's lock on the output
+    try:
+        with pytest.raises(OutputLockedError, match="another batch job"):
+            run_job(engine, inp, out)
+    finally:
+        held.close()
+    assert run_job(engine, inp, out).done == 3  # free again
+
+
 def test_sigkill_at_a_random_point_then_rerun(model_path, tiny, tmp_path):
     """Kill -9 once a random number of results are on disk, rerun: every id exactly once, identical outputs."""
     rows = [plain(i, max_tokens=24) for i in range(160)]
