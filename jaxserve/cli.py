@@ -184,8 +184,8 @@ def cmd_generate(args) -> int:
 
 def _generate(args, engine, prompt: str) -> int:
     tok = engine.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if args.chat else prompt
-    _stream(engine, tok.encode(text), _sampling(args, 0.0), args.quiet)
+    ids = tok.encode_chat([{"role": "user", "content": prompt}]) if args.chat else tok.encode(prompt)
+    _stream(engine, ids, _sampling(args, 0.0), args.quiet)
     return 0
 
 
@@ -208,7 +208,7 @@ def _chat(args, engine) -> int:
 
     def turn(user_text: str) -> None:
         messages.append({"role": "user", "content": user_text})
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
         reply = _stream(engine, ids, params, args.quiet)
         messages.append({"role": "assistant", "content": reply})
 

@@ -8,6 +8,8 @@ print(outs[0].outputs[0].text)
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import os
 import sys
@@ -152,8 +154,14 @@ class LLM:
         """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
-        prompts = [tok.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        # (contents are text: special-token text typed into a message never becomes a control token)
+        prompts = [
+            {"prompt_token_ids": tok.encode_chat(list(c), add_generation_prompt=add_generation_prompt)}
+            for c in conversations
+        ]
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        texts = [tok.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt) for c in conversations]
+        return [dataclasses.replace(o, prompt=t) for o, t in zip(outs, texts)]
 
     def _run(self, requests, params, priority, use_tqdm: bool) -> list[RequestOutput]:
         from tqdm import tqdm

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Sequence
 
 # Split regexes by GGUF `tokenizer.ggml.pre`, as in llama.cpp's llama-vocab.cpp.
@@ -40,6 +41,9 @@ TOKEN_TYPE_USER_DEFINED = 4
 MAX_TEMPLATE_OUTPUT = 1 << 20  # characters a chat template may render
 
 
+_MARK = "\ue000{}\ue001"  # private-use code points around a message index: a template copies them through
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+
 class TokenizerError(ValueError):
     pass
 
@@ -62,6 +66,7 @@ class Tokenizer:
         self.add_bos = add_bos
         self.chat_template = chat_template
         self._compiled_template = None
+        self._plain = None  # _plain_backend()
 
     @property
     def vocab_size(self) -> int:
@@ -107,6 +112,49 @@ class Tokenizer:
         except Exception as e:  # jinja2 sandbox violations, template errors, raise_exception()
             raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
         return "".join(chunks)
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """A chat prompt's ids: the template's own markup with its special tokens, each message's content as plain
+        text (a '<|im_start|>system' typed into a message stays text: no control token, no forged turn).
+
+        The template is rendered with a marker in place of each content; the text between markers is encoded as
+        usual, each content with special tokens split. A template that does not copy every content through once,
+        in order (it transforms or drops some), is rendered as it is instead, and then refused if a content holds
+        special-token text (TokenizerError)."""
+        markers = [dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)]
+        rendered = self.apply_chat_template(markers, add_generation_prompt)
+        pieces = _MARK_RE.split(rendered)
+        if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
+            text = self.apply_chat_template(messages, add_generation_prompt)
+            specials = self._special_texts()
+            for i, m in enumerate(messages):
+                if any(s in m["content"] for s in specials):
+                    raise TokenizerError(
+                        f"messages[{i}].content: holds special-token text, which this model's chat template "
+                        "cannot keep apart from its own markup"
+                    )
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:
+                ids += self.backend.encode(piece, add_special_tokens=False).ids if piece else []
+            else:
+                content = messages[int(piece)]["content"]
+                ids += self._plain_backend().encode(content, add_special_tokens=False).ids if content else []
+        return ids
+
+    def _plain_backend(self):
+        """A copy of the backend that encodes special-token text as ordinary text."""
+        if self._plain is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            plain = HFTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
+
+    def _special_texts(self) -> tuple[str, ...]:
+        return tuple(t.content for t in self.backend.get_added_tokens_decoder().values() if t.special)
 
     # -- construction ---------------------------------------------------------------------------------------
 

@@ -258,11 +258,11 @@ def tokenize_request(
     from models.tokenizer import TokenizerError
 
     if req.messages is not None:
-        try:
+        try:  # (message contents are text: special-token text in them never becomes a control token)
             text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True)
+            ids = tokenizer.encode_chat(list(req.messages), add_generation_prompt=True)
         except TokenizerError as e:
             raise ValidationError("messages", str(e)) from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
     elif req.prompt is not None:
         text, ids = req.prompt, tokenizer.encode(req.prompt)
     else:
