@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import time
 from typing import Any, Sequence
 
 # Split regexes by GGUF `tokenizer.ggml.pre`, as in llama.cpp's llama-vocab.cpp.
@@ -38,11 +40,13 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
 }
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
-MAX_TEMPLATE_OUTPUT = 1 << 20  # characters a chat template may render
+MAX_TEMPLATE_OUTPUT = 1 << 20  # characters a chat template may render (and any string or list it may build)
+MAX_TEMPLATE_SECONDS = 2.0  # wall time one render may take (checked on every line the template runs)
 
 
 _MARK = "\ue000{}\ue001"  # private-use code points around a message index: a template copies them through
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")
+
 
 class TokenizerError(ValueError):
     pass
@@ -98,6 +102,8 @@ class Tokenizer:
         bos = self.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = self.id_to_token(self.eos_token_id) if self.eos_token_id is not None else ""
         chunks, size = [], 0
+        previous = sys.gettrace()
+        sys.settrace(_template_tracer(time.monotonic() + MAX_TEMPLATE_SECONDS))
         try:
             stream = self._compiled_template.generate(
                 messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
@@ -109,8 +115,10 @@ class Tokenizer:
                 chunks.append(chunk)
         except TokenizerError:
             raise
-        except Exception as e:  # jinja2 sandbox violations, template errors, raise_exception()
+        except Exception as e:  # jinja2 sandbox violations, template errors, raise_exception(), the bounds
             raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
+        finally:
+            sys.settrace(previous)
         return "".join(chunks)
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
@@ -243,9 +251,105 @@ def _read_optional_json(path: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _template_tracer(deadline: float):
+    """A trace function that follows only compiled template code ("<template>" frames) and stops a render past
+    `deadline` on the next line it runs: nested loops that print nothing cannot run for ever."""
+
+    def on_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            from jinja2.exceptions import TemplateError
+
+            raise TemplateError(f"the render ran past its time bound of {MAX_TEMPLATE_SECONDS:g}s")
+        return on_line
+
+    def on_call(frame, event, arg):
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    return on_call
+
+
+_WIDE = re.compile(r"\d{7,}|\*")  # a printf / format width of a million or more, or one taken from an argument
+
+
+def _bounded(n: int, what: str) -> None:
+    if n > MAX_TEMPLATE_OUTPUT:
+        from jinja2.exceptions import TemplateError
+
+        raise TemplateError(f"{what} would exceed {MAX_TEMPLATE_OUTPUT} characters")
+
+
+def _check_str_call(s: str, name: str, args: tuple) -> None:
+    """Bound what a str method may build before it runs (center('', 10**9), 'x'.replace('', big), ...)."""
+    if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
+        _bounded(args[0], f"str.{name}")
+    elif name == "expandtabs":
+        _bounded(len(s) + s.count("\t") * (args[0] if args and isinstance(args[0], int) else 8), "str.expandtabs")
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        count = (len(s) + 1) if not args[0] else s.count(args[0])
+        _bounded(len(s) + count * max(0, len(args[1]) - len(args[0])), "str.replace")
+    elif name == "join" and args:
+        _bounded(sum(len(str(x)) + len(s) for x in args[0]) if hasattr(args[0], "__len__") else 0, "str.join")
+    elif name in ("format", "format_map") and _WIDE.search(s):
+        _bounded(MAX_TEMPLATE_OUTPUT + 1, "a format width")
+
+
+def _bounded_filters(filters: dict) -> dict:
+    """The string-building filters, each refusing a result over the bound before it is built."""
+    out = dict(filters)
+    center, indent, replace, join, fmt = (filters[k] for k in ("center", "indent", "replace", "join", "format"))
+
+    def b_center(value, width=80):
+        _bounded(int(width), "center")
+        return center(value, width)
+
+    def b_indent(s, width=4, first=False, blank=False):
+        n = width if isinstance(width, int) else len(str(width))
+        _bounded(len(str(s)) * (1 + n), "indent")
+        return indent(s, width, first, blank)
+
+    def b_replace(eval_ctx, s, old, new, count=None):
+        s, old, new = str(s), str(old), str(new)
+        hits = (len(s) + 1) if not old else s.count(old)
+        _bounded(len(s) + hits * max(0, len(new) - len(old)), "replace")
+        return replace(eval_ctx, s, old, new, count)
+
+    def b_join(eval_ctx, value, d="", attribute=None):
+        items = list(value)
+        _bounded(sum(len(str(x)) for x in items) + len(str(d)) * len(items), "join")
+        return join(eval_ctx, items, d, attribute)
+
+    def b_format(value, *args, **kwargs):
+        if _WIDE.search(str(value)):
+            _bounded(MAX_TEMPLATE_OUTPUT + 1, "a format width")
+        return fmt(value, *args, **kwargs)
+
+    from jinja2.utils import pass_eval_context
+
+    out.update(
+        center=b_center,
+        indent=b_indent,
+        replace=pass_eval_context(b_replace),
+        join=pass_eval_context(b_join),
+        format=b_format,
+    )
+    return out
+
+
 def _compile_template(source: str):
+    from jinja2.compiler import CodeGenerator
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedCodeGenerator(CodeGenerator):
+        """`a ~ b` calls environment.bounded_concat, which refuses a result over the bound before building it
+        (`{% set ns.s = ns.s ~ ns.s %}` in a loop doubles a string 64 times otherwise)."""
+
+        def visit_Concat(self, node, frame) -> None:
+            self.write("environment.bounded_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -254,7 +358,26 @@ def _compile_template(source: str):
         """Refuses `*`, `**` and `+` whose result would exceed the output bound before computing it, so a
         template cannot allocate a huge value (`'x' * 10**10`, doubling in a loop) that is never printed."""
 
-        intercepted_binops = frozenset(["*", "**", "+"])
+        intercepted_binops = frozenset(["*", "**", "+", "%"])
+        code_generator_class = BoundedCodeGenerator
+
+        def bounded_concat(self, parts):
+            strs = [str(p) for p in parts]
+            _bounded(sum(map(len, strs)), "a ~ concatenation")
+            return "".join(strs)
+
+        def wrap_str_format(self, value):
+            wrapped = super().wrap_str_format(value)
+            owner = getattr(value, "__self__", None)
+            if wrapped is not None and isinstance(owner, str) and _WIDE.search(owner):
+                _bounded(MAX_TEMPLATE_OUTPUT + 1, "a format width")
+            return wrapped
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805  (jinja2's own signature)
+            owner = getattr(__obj, "__self__", None)
+            if isinstance(owner, str):
+                _check_str_call(owner, getattr(__obj, "__name__", ""), args)
+            return super().call(__context, __obj, *args, **kwargs)
 
         def call_binop(self, context, operator, left, right):
             if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
@@ -264,6 +387,8 @@ def _compile_template(source: str):
                 if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
                     if len(seq) * max(count, 0) > MAX_TEMPLATE_OUTPUT:
                         raise TemplateError(f"repetition would exceed {MAX_TEMPLATE_OUTPUT} items")
+            if operator == "%" and isinstance(left, str) and _WIDE.search(left):
+                raise TemplateError("a printf width of a million or more (or taken from an argument)")
             if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
                 if len(left) + len(right) > MAX_TEMPLATE_OUTPUT:
                     raise TemplateError(f"concatenation would exceed {MAX_TEMPLATE_OUTPUT} items")
@@ -271,6 +396,7 @@ def _compile_template(source: str):
 
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.filters = _bounded_filters(env.filters)
     try:
         return env.from_string(source)
     except TemplateError as e:

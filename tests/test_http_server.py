@@ -581,6 +581,37 @@ def test_a_wedged_engine_fails_liveness_and_the_server_exits_1(model_path):
         s.close()
 
 
+def test_a_runaway_chat_template_fails_its_request_not_the_loop(model_path):
+    """Issue 15 item 7: a hostile template renders on a worker thread, is stopped by its time bound and fails
+    that request with a 400 naming messages, while the event loop answers everyone else meanwhile."""
+    from models.tokenizer import MAX_TEMPLATE_SECONDS, Tokenizer
+
+    s = Server(model_path)
+    tok = s.frontend.tokenizer
+    silent = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}"
+    s.frontend.tokenizer = Tokenizer(
+        tok.backend, bos_token_id=tok.bos_token_id, eos_token_ids=tok.eos_token_ids, add_bos=False, chat_template=silent
+    )
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            t0 = time.monotonic()
+            chat = pool.submit(s.request, "POST", CHAT, {"model": "tiny", "messages": MSG, "max_tokens": 2})
+            time.sleep(0.2)
+            lags = []
+            while not chat.done():
+                t = time.monotonic()
+                assert s.request("GET", "/health")[0] == 200
+                lags.append(time.monotonic() - t)
+            status, got = chat.result()
+            elapsed = time.monotonic() - t0
+        assert status == 400 and got["error"]["param"] == "messages" and "time bound" in got["error"]["message"]
+        assert MAX_TEMPLATE_SECONDS - 0.3 < elapsed < MAX_TEMPLATE_SECONDS + 2
+        assert lags and max(lags) < 0.5, lags  # the loop kept answering while the template ran
+    finally:
+        s.frontend.tokenizer = tok
+        s.close()
+
+
 def test_draining_refuses_new_requests(model_path):
     s = Server(model_path)
     try:

@@ -19,13 +19,14 @@ Two properties of this model that are not our bugs, and how the tests treat them
 
 from __future__ import annotations
 
+import time
 import unicodedata
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.tokenizer import MAX_TEMPLATE_OUTPUT, Tokenizer, TokenizerError
+from models.tokenizer import MAX_TEMPLATE_OUTPUT, MAX_TEMPLATE_SECONDS, Tokenizer, TokenizerError
 from tests.tiny_models import bytes_to_unicode
 
 pytestmark = pytest.mark.real_model
@@ -443,6 +444,20 @@ HOSTILE_TEMPLATES = {
     "doubling_in_a_loop": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
     "{% endfor %}ok",
     "huge_power": "{% set n = 10**100000 %}ok",
+    # issue 15 item 7: what the first bounds missed (string growth by ~, %, filters and methods; silent loops)
+    "tilde_doubling": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}ok",
+    "printf_width": "{{ '%1000000000s' % 'x' }}",
+    "printf_star_width": "{{ '%*s' % (10**9, 'x') }}",
+    "format_width": "{{ '{:>1000000000}'.format('x') }}",
+    "center_filter": "{{ 'x'|center(10**9) }}",
+    "center_method": "{{ 'x'.center(10**9) }}",
+    "replace_method": "{% set s = 'x' * 1000 %}{{ s.replace('x', s * 1000) }}",
+    "replace_filter": "{% set s = 'x' * 100000 %}{{ s|replace('', s) }}",
+    "join_filter": "{% set s = 'x' * 100000 %}{{ ([s] * 20)|join(s) }}",
+    "join_method": "{% set s = 'x' * 100000 %}{{ s.join([s] * 20) }}",
+    "indent_filter": "{% set s = 'a\\n' * 100000 %}{{ s|indent(1000) }}",
+    "silent_nested_loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}ok",
 }
 OUTPUT_BOMBS = {
     "nested_loops_output_bomb",
@@ -457,8 +472,10 @@ OUTPUT_BOMBS = {
 def test_hostile_chat_template_raises_tokenizer_error(tok, name):
     bad = _with_template(tok, HOSTILE_TEMPLATES[name])
     messages = [{"role": "user", "content": "x" * 100}]
+    t0 = time.monotonic()
     with pytest.raises(TokenizerError) as err:
         bad.apply_chat_template(messages)
+    assert time.monotonic() - t0 < MAX_TEMPLATE_SECONDS + 1.5  # refused before it runs away (time or memory)
     if name in OUTPUT_BOMBS:  # these run until the render-size bound stops them (~1M characters, not 10**10)
         assert str(MAX_TEMPLATE_OUTPUT) in str(err.value)
     assert messages == [{"role": "user", "content": "x" * 100}]

@@ -175,7 +175,9 @@ class Frontend:
         try:
             self._check_accepting()
             self.check_model(req.model)
-            _, ids = self.prepare(req)
+            # Render and tokenize on a worker thread: a slow template or a megabyte prompt never stalls the event
+            # loop every connection shares (the render itself is bounded in time and size: models.tokenizer).
+            _, ids = await asyncio.to_thread(self.prepare, req)
             # The engine's id is always made here, unique: a client's request_id is only echoed back on its own
             # outputs, so no client can name (abort, probe or collide with) another client's request.
             engine_id = f"{id_prefix}-{uuid.uuid4().hex}"

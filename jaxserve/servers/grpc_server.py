@@ -234,7 +234,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         async def body():
             self.frontend.check_model(request.model or None)
             add = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids = self.frontend.tokenize(request.text, add_special_tokens=add)
+            ids = await asyncio.to_thread(self.frontend.tokenize, request.text, add)  # (off the event loop)
             return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.frontend.max_model_len)
 
         return await self._run(request, context, body)

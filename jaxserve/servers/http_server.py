@@ -286,7 +286,7 @@ async def _tokenize(request: web.Request) -> web.Response:
     add_special = body.get("add_special_tokens", True)
     if not isinstance(add_special, bool):
         raise APIError(VALIDATION, "add_special_tokens: must be a boolean", "add_special_tokens")
-    ids = frontend.tokenize(body.get("prompt"), add_special, field="prompt")
+    ids = await asyncio.to_thread(frontend.tokenize, body.get("prompt"), add_special, "prompt")  # (off the loop)
     return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": frontend.max_model_len})
 
 
