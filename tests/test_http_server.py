@@ -612,6 +612,38 @@ def test_a_runaway_chat_template_fails_its_request_not_the_loop(model_path):
         s.close()
 
 
+def test_drain_ends_streams_and_waits_with_an_answer(model_path):
+    """Issue 15 item 8: past --drain-timeout an in-flight stream gets an error event and [DONE], a non-streamed
+    request a 503, within the drain (the stream used to hang until aiohttp's own shutdown timeout)."""
+    s = Server(model_path)
+    step = s.engine.step
+    s.engine.step = lambda: (time.sleep(0.02), step())[1]
+    try:
+        body = {**OK, "max_tokens": 120, "ignore_eos": True}
+        sock = _open_stream(s.port, {**body, "stream": True})
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            whole = pool.submit(s.request, "POST", C, body)
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert s.loop.run(s.frontend.drain(0.2), timeout=10) == 2
+            status, got = whole.result(timeout=5)
+            raw = b""
+            sock.settimeout(5)
+            while b"data: [DONE]" not in raw:
+                chunk = sock.recv(65536)
+                assert chunk, raw[-300:]
+                raw += chunk
+            elapsed = time.monotonic() - t0
+        sock.close()
+        assert status == 503 and "drain timeout" in got["error"]["message"], got
+        assert b"drain timeout" in raw.split(b"data: [DONE]")[0][-400:], raw[-400:]
+        assert elapsed < 2.0, elapsed
+        assert s.wait_idle() == 0
+    finally:
+        del s.engine.step
+        s.close()
+
+
 def test_draining_refuses_new_requests(model_path):
     s = Server(model_path)
     try:

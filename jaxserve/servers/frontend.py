@@ -92,6 +92,7 @@ class Frontend:
         self.metrics = ServerMetrics(engine, self.model_name)
         self.draining = False
         self._inflight: dict[object, asyncio.Task | None] = {}
+        self._drain_cancelled: set[asyncio.Task] = set()  # tasks the drain's timeout cancelled (see generate)
         self._started = time.time()
 
     # ---- state ------------------------------------------------------------------------------------------------
@@ -218,7 +219,11 @@ class Frontend:
             finally:
                 self._inflight.pop(token, None)
                 await stream.aclose()  # aborts the request in the engine unless it finished
-        except (asyncio.CancelledError, GeneratorExit):
+        except (asyncio.CancelledError, GeneratorExit) as e:
+            if isinstance(e, asyncio.CancelledError) and asyncio.current_task() in self._drain_cancelled:
+                # the drain's timeout, not the client: it hears why (an SSE error event, a 503), not silence
+                outcome = "unavailable"
+                raise APIError(UNAVAILABLE, DRAIN_TIMED_OUT) from None
             # (a consumer that closes the stream after the finished output is not a cancel)
             if last is None or not last.finished:
                 outcome = "cancelled"
@@ -261,11 +266,15 @@ class Frontend:
         while self._inflight and time.monotonic() < end:
             await asyncio.sleep(0.05)
         left = [t for t in self._inflight.values() if t is not None]
+        self._drain_cancelled.update(left)
         for task in left:
             task.cancel()
         if left:
             await asyncio.sleep(0.1)  # let the cancelled streams post their aborts
         return len(left)
+
+
+DRAIN_TIMED_OUT = "server shutting down: the request did not finish within the drain timeout"
 
 
 def default_model_name(path: str) -> str:

@@ -40,7 +40,7 @@ from jaxserve.api.validation import (
 )
 from jaxserve.servers import lifecycle
 from jaxserve.api.openai_protocol import usage
-from jaxserve.servers.frontend import Frontend, api_keys_from
+from jaxserve.servers.frontend import DRAIN_TIMED_OUT, Frontend, api_keys_from
 from jaxserve.v1 import jaxserve_pb2 as pb
 from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 
@@ -182,7 +182,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             if self.frontend.draining and not context.done():
                 await self._abort(
                     context,
-                    APIError(UNAVAILABLE, "server shutting down: the request did not finish within the drain timeout"),
+                    APIError(UNAVAILABLE, DRAIN_TIMED_OUT),
                 )
             raise
         except Exception as e:  # a bug: that call ends with INTERNAL and an incident id; the log has the rest
