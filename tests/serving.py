@@ -5,11 +5,22 @@ server while the test talks to it with ordinary (blocking) clients."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 from tests.tiny_models import TINY, random_arrays, write_gguf
 
 PAGE = 8
+TEST_CACHE = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests"))
+
+
+def tiny_engine_flags(cache: str = TEST_CACHE) -> list[str]:
+    """The command-line flags of tiny_engine's configuration (budget 32 tokens, 8 sequences, 1 MiB of pages),
+    for the binaries the tests start (cache="" turns the persistent compile cache off)."""
+    return [
+        *("--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "32"),
+        *("--page-size", "8", "--kv-cache-memory", "1MiB", "--compile-cache-dir", cache),
+    ]
 
 
 def tiny_gguf(directory) -> str:

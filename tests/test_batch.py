@@ -6,7 +6,6 @@ run."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
@@ -17,22 +16,10 @@ import time
 import pytest
 
 from jaxserve.batch import BatchJob, errors_path_for, merge, recover
-from tests.serving import fake_engine, tiny_engine, tiny_gguf
+from tests.serving import fake_engine, tiny_engine, tiny_engine_flags, tiny_gguf
 
-CACHE = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests"))
 ENGINE_FLAGS = [
-    "--max-model-len",
-    "128",
-    "--max-num-seqs",
-    "8",
-    "--max-num-batched-tokens",
-    "32",
-    "--page-size",
-    "8",
-    "--kv-cache-memory",
-    "1MiB",
-    "--compile-cache-dir",
-    CACHE,
+    *tiny_engine_flags(),
     "--quiet",
 ]
 

@@ -19,7 +19,7 @@ from jaxserve.api.validation import Limits
 from jaxserve.async_engine import AsyncEngine
 from jaxserve.servers import http_server
 from jaxserve.servers.frontend import Frontend
-from tests.serving import LoopThread, fake_engine, pages_in_use, tiny_gguf
+from tests.serving import LoopThread, fake_engine, pages_in_use, tiny_engine_flags, tiny_gguf
 
 LIMITS = Limits(max_body_bytes=64 << 10, max_header_bytes=4 << 10, max_prompt_chars=4000)
 
@@ -658,7 +658,6 @@ def test_draining_refuses_new_requests(model_path):
 
 def test_serve_binary_drains_on_sigterm(model_path):
     """`jaxserve serve` as users run it: ready, then SIGTERM mid-stream -> the stream completes, exit 0."""
-    import os
     import signal
     import subprocess
     import sys
@@ -666,7 +665,6 @@ def test_serve_binary_drains_on_sigterm(model_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cache = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests"))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -677,18 +675,7 @@ def test_serve_binary_drains_on_sigterm(model_path):
             model_path,
             "--port",
             str(port),
-            "--max-model-len",
-            "128",
-            "--max-num-seqs",
-            "8",
-            "--max-num-batched-tokens",
-            "32",
-            "--page-size",
-            "8",
-            "--kv-cache-memory",
-            "1MiB",
-            "--compile-cache-dir",
-            cache,
+            *tiny_engine_flags(),
             "--quiet",
         ],
         stdout=subprocess.PIPE,

@@ -9,10 +9,9 @@ import os
 import subprocess
 import sys
 
-from tests.serving import tiny_gguf
+from tests.serving import tiny_engine_flags, tiny_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests"))
 
 
 def test_load_test_smoke(tmp_path):
@@ -24,18 +23,7 @@ def test_load_test_smoke(tmp_path):
         "http,grpc",
         "--model",
         tiny_gguf(tmp_path),
-        "--max-model-len",
-        "128",
-        "--max-num-seqs",
-        "8",
-        "--max-num-batched-tokens",
-        "32",
-        "--page-size",
-        "8",
-        "--kv-cache-memory",
-        "1MiB",
-        "--compile-cache-dir",
-        CACHE,
+        *tiny_engine_flags(),
         "--concurrency",
         "4",
         "--duration",

@@ -188,7 +188,7 @@ def test_serve_multihost_two_processes(tmp_path):
     from jaxserve.llm import LLM
     from jaxserve.sampling import SamplingParams
     from tests.multihost_prompts import PARAMS, PROMPTS
-    from tests.serving import tiny_engine, tiny_gguf
+    from tests.serving import tiny_engine, tiny_engine_flags, tiny_gguf
 
     path = tiny_gguf(tmp_path)
     expected = (
@@ -214,18 +214,7 @@ def test_serve_multihost_two_processes(tmp_path):
                 path,
                 "--port",
                 str(ports[i]),
-                "--max-model-len",
-                "128",
-                "--max-num-seqs",
-                "8",
-                "--max-num-batched-tokens",
-                "32",
-                "--page-size",
-                "8",
-                "--kv-cache-memory",
-                "1MiB",
-                "--compile-cache-dir",
-                "",
+                *tiny_engine_flags(""),
                 "--quiet",
                 "--tensor-parallel-size",
                 "2",
