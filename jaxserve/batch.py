@@ -261,14 +261,13 @@ def _is_record(record, errors: bool) -> bool:
     return isinstance(key, str) and bool(key)
 
 
-def iter_records(path: str, corrupted: list[int] | None = None) -> Iterator[tuple[int, dict]]:
-    """(byte offset, record) of each complete line of an output (or errors) file that holds a record of its
-    kind, streamed; a torn tail is cut off first. Other lines (not JSON, NUL bytes, null, no string id, an error
-    without its line) are corrupted: skipped, never fatal, their line numbers appended to `corrupted`."""
+def iter_records(path: str, corrupted: list[int] | None = None, *, errors: bool = False) -> Iterator[tuple[int, dict]]:
+    """(byte offset, record) of each complete line of an output file (errors=True: an errors file) that holds a
+    record of its kind, streamed; a torn tail is cut off first. Other lines (not JSON, NUL bytes, null, no string
+    id, an error without its line) are corrupted: skipped, never fatal, their line numbers appended to `corrupted`."""
     if not os.path.exists(path):
         return
     cut_torn_tail(path)
-    errors = _is_errors_path(path)
     with open(path, "rb") as f:
         offset = 0
         for number, raw in enumerate(f, 1):
@@ -283,13 +282,9 @@ def iter_records(path: str, corrupted: list[int] | None = None) -> Iterator[tupl
             offset += len(raw)
 
 
-def _is_errors_path(path: str) -> bool:
-    return bool(re.search(r"\.errors(\.[^./]*)?(\.shard-\d+-of-\d+)?$", path))
-
-
-def recover(path: str) -> list[dict]:
-    """Every complete record of an output file (small files: tests, summaries)."""
-    return [record for _, record in iter_records(path)]
+def recover(path: str, *, errors: bool = False) -> list[dict]:
+    """Every complete record of an output file, or an errors file (small files: tests, summaries)."""
+    return [record for _, record in iter_records(path, errors=errors)]
 
 
 def output_record(item: Item, out, model: str) -> dict:
@@ -402,7 +397,7 @@ class BatchJob:
         corrupted: list[int] = []
         corrupted_errors: list[int] = []
         done_ids = {record_key(r) for _, r in iter_records(self.output_path, corrupted)}
-        reported_lines = {r["line"] for _, r in iter_records(self.errors_path, corrupted_errors)}
+        reported_lines = {r["line"] for _, r in iter_records(self.errors_path, corrupted_errors, errors=True)}
         for path, lines in ((self.output_path, corrupted), (self.errors_path, corrupted_errors)):
             if lines:
                 log.warning(
@@ -557,7 +552,7 @@ def merge(input_path: str, output_path: str) -> tuple[int, int, list[int]]:
             index.setdefault(record_key(record), (k, offset))
     errors: dict[int, tuple[int, int]] = {}
     for k, path in enumerate(shards):
-        for offset, record in iter_records(errors_path_for(path)):
+        for offset, record in iter_records(errors_path_for(path), errors=True):
             errors[record["line"]] = (k, offset)
     written, missing, first = 0, [], set()
     tmp_out, tmp_err = output_path + ".merging", errors_path_for(output_path) + ".merging"

@@ -317,7 +317,7 @@ def cmd_batch(args) -> int:
     )
     summary = job.run()
     errors_path = errors_path_for(shard_path(args.output, index, count))
-    total_errors = sum(1 for _ in iter_records(errors_path))
+    total_errors = sum(1 for _ in iter_records(errors_path, errors=True))
     print(
         f"[jaxserve batch] shard {index}/{count}: {summary.describe()}; {total_errors} error lines in {errors_path}",
         file=sys.stderr,

@@ -127,7 +127,7 @@ def test_mixed_good_and_bad_lines(engine, tmp_path):
     out = str(tmp_path / "out.jsonl")
     summary = run_job(engine, inp, out)
     assert summary.done == 4 and summary.errors == len(EXPECTED_ERRORS)
-    errors = recover(errors_path_for(out))
+    errors = recover(errors_path_for(out), errors=True)
     assert errors_path_for(out) == str(tmp_path / "out.errors.jsonl")
     assert sorted(e["line"] for e in errors) == sorted(EXPECTED_ERRORS)
     for e in errors:
@@ -193,7 +193,7 @@ def test_resume_cuts_a_torn_line_and_skips_done_ids(engine, tmp_path):
     summary = run_job(engine, inp, out)
     assert (summary.done, summary.skipped, summary.errors) == (7, 5, 0)  # the bad line is not reported twice
     assert by_id(out) == by_id(full)
-    assert len(recover(out)) == 12 and len(recover(errors_path_for(out))) == 1
+    assert len(recover(out)) == 12 and len(recover(errors_path_for(out), errors=True)) == 1
 
 
 def _batch_cmd(model_path, inp, out, *extra):
@@ -241,6 +241,16 @@ def test_resume_over_a_corrupted_output_never_crashes(engine, tmp_path):
     keys = [r["id"] for r in records]
     assert sorted(keys) == sorted(r["id"] for r in rows) and len(keys) == len(set(keys))  # each id once
     assert {r["id"]: r["text"] for r in records} == {r["id"]: r["text"] for r in good}
+
+
+def test_an_output_named_like_an_errors_file_resumes(engine, tmp_path):
+    """Which kind of file is read comes from the caller, not the file's name: an output called *.errors.jsonl
+    is read as outputs (its ids are done), so a rerun skips them all."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [plain(i) for i in range(4)])
+    out = str(tmp_path / "results.errors.jsonl")
+    assert run_job(engine, inp, out).done == 4
+    again = run_job(engine, inp, out)
+    assert (again.done, again.skipped, again.corrupted) == (0, 4, 0), again.describe()
 
 
 def test_a_second_job_on_the_same_output_is_refused(engine, tmp_path):
@@ -323,7 +333,7 @@ def test_two_processes_with_jax_distributed_then_merge(model_path, tiny, tmp_pat
     assert (written, errors, missing) == (40, 3, [])
     assert [r["id"] for r in recover(out)] == [r["id"] for r in rows[:40]]  # input order
     assert by_id(out) == by_id(single)
-    assert recover(errors_path_for(out)) == recover(errors_path_for(single))
+    assert recover(errors_path_for(out), errors=True) == recover(errors_path_for(single), errors=True)
 
 
 def test_cut_torn_tail(tmp_path):

@@ -163,5 +163,5 @@ def test_batch_job_on_the_real_model(real_engine, tmp_path):
     assert "Paris" in results["q"]["text"]
     expected = llm.generate("The three primary colors are", greedy, use_tqdm=False)[0].outputs[0].text
     assert results["c"]["response"]["body"]["choices"][0]["text"] == expected
-    [error] = recover(errors_path_for(out))
+    [error] = recover(errors_path_for(out), errors=True)
     assert (error["line"], error["id"], error["error"]["param"]) == (3, "bad", "top_p")
