@@ -87,7 +87,7 @@ class SamplingParams:
             bad("stop", self.stop, f"must be a string or a list of at most {MAX_STOP} strings")
         if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
             bad("stop", self.stop, f"each stop string must be a non-empty str of at most {MAX_STOP_CHARS} characters")
-        if not all(s.isascii() or _is_unicode(s) for s in stop):
+        if any(lone_surrogate_at(s) is not None for s in stop):
             bad("stop", self.stop, "each stop string must be valid Unicode text (no lone surrogates)")
         object.__setattr__(self, "stop", tuple(stop))
 
@@ -119,12 +119,16 @@ def banned_ids(params: SamplingParams, eos_token_ids: Sequence[int]) -> tuple[in
     return tuple(dict.fromkeys(ids))
 
 
-def _is_unicode(text: str) -> bool:
+def lone_surrogate_at(text: str) -> int | None:
+    """The index of text's first lone surrogate (JSON can carry one: "\\ud800"; it is no Unicode scalar value,
+    so no tokenizer, detokenizer or JSON encoder takes it), or None for valid Unicode text."""
+    if text.isascii():
+        return None
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
 
 
 def _is_int(x) -> bool:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from jaxserve.api.errors import APIError, TOO_LARGE, ValidationError, field_of
-from jaxserve.sampling_params import MAX_BANNED, SamplingParams, banned_ids
+from jaxserve.sampling_params import MAX_BANNED, SamplingParams, banned_ids, lone_surrogate_at
 
 PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -124,15 +124,12 @@ def check_timeout(timeout, limits: Limits = Limits(), field: str = "timeout") ->
 
 
 def check_unicode(text: str, field: str) -> str:
-    """JSON may carry a lone surrogate ("\\ud800"), which is no Unicode scalar value: no tokenizer, detokenizer
-    or JSON encoder takes it, so it is refused here, naming the field."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValidationError(
-                field, f"not valid Unicode text: a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}"
-            ) from None
+    """Refuse a lone surrogate (sampling_params.lone_surrogate_at), naming the field."""
+    at = lone_surrogate_at(text)
+    if at is not None:
+        raise ValidationError(
+            field, f"not valid Unicode text: a lone surrogate (U+{ord(text[at]):04X}) at character {at}"
+        )
     return text
 
 
