@@ -155,13 +155,9 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
         # (contents are text: special-token text typed into a message never becomes a control token)
-        prompts = [
-            {"prompt_token_ids": tok.encode_chat(list(c), add_generation_prompt=add_generation_prompt)}
-            for c in conversations
-        ]
-        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-        texts = [tok.apply_chat_template(list(c), add_generation_prompt=add_generation_prompt) for c in conversations]
-        return [dataclasses.replace(o, prompt=t) for o, t in zip(outs, texts)]
+        rendered = [tok.chat_prompt(list(c), add_generation_prompt=add_generation_prompt) for c in conversations]
+        outs = self.generate([{"prompt_token_ids": ids} for _, ids in rendered], sampling_params, use_tqdm=use_tqdm)
+        return [dataclasses.replace(o, prompt=text) for o, (text, _) in zip(outs, rendered)]
 
     def _run(self, requests, params, priority, use_tqdm: bool) -> list[RequestOutput]:
         from tqdm import tqdm

@@ -122,34 +122,42 @@ class Tokenizer:
         return "".join(chunks)
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """A chat prompt's ids: the template's own markup with its special tokens, each message's content as plain
-        text (a '<|im_start|>system' typed into a message stays text: no control token, no forged turn).
+        """A chat prompt's ids (chat_prompt's)."""
+        return self.chat_prompt(messages, add_generation_prompt)[1]
 
-        The template is rendered with a marker in place of each content; the text between markers is encoded as
-        usual, each content with special tokens split. A template that does not copy every content through once,
-        in order (it transforms or drops some), is rendered as it is instead, and then refused if a content holds
+    def chat_prompt(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
+        """A chat prompt's text and ids: the template's own markup with its special tokens, each message's content
+        as plain text (a '<|im_start|>system' typed into a message stays text: no control token, no forged turn).
+
+        The template is rendered twice: as it is (the text), and with a marker in place of each content; the text
+        between markers is encoded as usual, each content with special tokens split. A template that does not copy
+        every content through unchanged, once, in order (the marked render with the contents put back is not the
+        text: it trims, transforms or drops some) is encoded from its text instead, and refused if a content holds
         special-token text (TokenizerError)."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
         markers = [dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)]
-        rendered = self.apply_chat_template(markers, add_generation_prompt)
-        pieces = _MARK_RE.split(rendered)
-        if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
-            text = self.apply_chat_template(messages, add_generation_prompt)
+        pieces = _MARK_RE.split(self.apply_chat_template(markers, add_generation_prompt))
+        contents = [m.get("content") or "" for m in messages]
+        order = [int(i) for i in pieces[1::2]]
+        rebuilt = "".join(p if k % 2 == 0 else contents[int(p)] for k, p in enumerate(pieces))
+        if order != list(range(len(messages))) or rebuilt != text:
             specials = self._special_texts()
-            for i, m in enumerate(messages):
-                if any(s in m["content"] for s in specials):
+            for i, content in enumerate(contents):
+                if any(s in content for s in specials):
                     raise TokenizerError(
                         f"messages[{i}].content: holds special-token text, which this model's chat template "
                         "cannot keep apart from its own markup"
                     )
-            return self.encode(text, add_special_tokens=False)
+            return text, self.encode(text, add_special_tokens=False)
         ids: list[int] = []
         for k, piece in enumerate(pieces):
             if k % 2 == 0:
                 ids += self.backend.encode(piece, add_special_tokens=False).ids if piece else []
-            else:
-                content = messages[int(piece)]["content"]
-                ids += self._plain_backend().encode(content, add_special_tokens=False).ids if content else []
-        return ids
+            elif contents[int(piece)]:
+                ids += self._plain_backend().encode(contents[int(piece)], add_special_tokens=False).ids
+        return text, ids
 
     def _plain_backend(self):
         """A copy of the backend that encodes special-token text as ordinary text."""

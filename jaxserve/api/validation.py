@@ -256,8 +256,7 @@ def tokenize_request(
 
     if req.messages is not None:
         try:  # (message contents are text: special-token text in them never becomes a control token)
-            text = tokenizer.apply_chat_template(list(req.messages), add_generation_prompt=True)
-            ids = tokenizer.encode_chat(list(req.messages), add_generation_prompt=True)
+            text, ids = tokenizer.chat_prompt(list(req.messages), add_generation_prompt=True)
         except TokenizerError as e:
             raise ValidationError("messages", str(e)) from None
     elif req.prompt is not None:
