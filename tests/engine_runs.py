@@ -8,11 +8,15 @@ def greedy(engine, ids, max_tokens: int, *, ignore_eos: bool = True):
     from jaxserve.sampling import SamplingParams
 
     engine.add_request("greedy", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos))
-    out = None
+    return run_to_end(engine)["greedy"].outputs[0]
+
+
+def run_to_end(engine) -> dict:
+    """Step until no request is left: {request_id: its final output}."""
+    done = {}
     while engine.has_unfinished_requests():
-        for o in engine.step():
-            out = o
-    return out.outputs[0]
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    return done
 
 
 def scoring_engine(model, max_model_len: int, *, chunk: int = 64, page_size: int = 8, buckets=None, **options):
@@ -36,11 +40,7 @@ def run_all(engine, prompts, params, prefix="r"):
     params = params if isinstance(params, list) else [params] * len(prompts)
     for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
         engine.add_request(f"{prefix}{i}", p, sp)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[int(out.request_id[len(prefix) :])] = out
+    done = {int(rid[len(prefix) :]): out for rid, out in run_to_end(engine).items()}
     bm = engine.block_manager
     assert bm.num_free_pages == bm.num_usable_pages
     bm._check_invariants()

@@ -15,6 +15,7 @@ from jaxserve.engine import LLMEngine, PromptTooLongError
 from jaxserve.llm import LLM, engine_config
 from jaxserve.sampling import SamplingParams
 from tests.engine_runs import run_all as run
+from tests.engine_runs import run_to_end
 from tests.tiny_models import TINY, random_arrays, write_gguf
 
 PAGE = 8
@@ -286,13 +287,6 @@ def test_llm_api_keeps_order_and_text(engine):
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         llm.generate(["ok", 3.5], GREEDY, use_tqdm=False)
     assert not engine.has_unfinished_requests()
-
-
-def run_to_end(engine) -> dict:
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    return done
 
 
 def test_async_engine_streams_and_aborts(engine):
