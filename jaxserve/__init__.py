@@ -9,6 +9,7 @@ _EXPORTS = {
     "LLMEngine": "jaxserve.engine",
     "EngineConfig": "jaxserve.config",
     "SamplingParams": "jaxserve.sampling_params",
+    "RequestOutputKind": "jaxserve.sampling_params",
     "RequestOutput": "jaxserve.outputs",
     "CompletionOutput": "jaxserve.outputs",
 }

@@ -6,9 +6,14 @@
     await engine.abort("r1")                           # from anywhere; the stream ends with finish_reason "abort"
 
 The loop thread owns the engine: callers never touch it, they post commands (add, abort) to a queue that the
-loop drains between steps, and get outputs through their own asyncio queue. A caller that stops iterating
-(client gone, task cancelled) aborts its request, so its pages come back. If a step fails, every stream gets
+loop drains between steps, and get outputs through their own stream. A caller that stops iterating (client
+gone, task cancelled) aborts its request, so its pages come back. If a step fails, every stream gets
 `EngineDeadError` and the engine stops.
+
+A caller that reads slower than the engine produces never makes the loop wait: the outputs it has not taken
+are folded into one (`RequestOutput.add`), so a slow reader gets one output covering all it missed. What that
+one output may hold is bounded (`max_buffered_tokens`): past it the stream ends with `SlowConsumerError` and
+the request is aborted, so a client that stops reading costs the host a bounded amount of memory.
 """
 
 from __future__ import annotations
@@ -22,18 +27,27 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from jaxserve.engine_api import Engine, EngineStats, ModelCard
-from jaxserve.errors import ENGINE_STOPPED, EngineDeadError
+from jaxserve.errors import ENGINE_STOPPED, EngineDeadError, SlowConsumerError
 from jaxserve.outputs import RequestOutput
-from jaxserve.sampling import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+
+# Tokens (each logprob alternative counts as one more) an unread stream may hold before it is ended: ~ 200 bytes
+# each, so ~ 6 MiB per stream at most.
+MAX_BUFFERED_TOKENS = 32768
 
 log = logging.getLogger("jaxserve.async_engine")
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, *, max_buffered_tokens: int = MAX_BUFFERED_TOKENS):
+        """max_buffered_tokens: what one stream may hold that its reader has not taken (tokens, each logprob
+        alternative counting one more); past it the stream ends with SlowConsumerError and its request aborts."""
+        if not isinstance(max_buffered_tokens, int) or max_buffered_tokens < 1:
+            raise ValueError(f"max_buffered_tokens={max_buffered_tokens!r}: must be a positive integer")
         self.engine = engine
+        self.max_buffered_tokens = max_buffered_tokens
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._ids = itertools.count()
         self._dead: BaseException | None = None
         self._stopping = False
@@ -94,7 +108,9 @@ class AsyncEngine:
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         added: asyncio.Future = loop.create_future()
-        stream: asyncio.Queue = asyncio.Queue()
+        params = params or SamplingParams()
+        aggregate = params.output_kind is RequestOutputKind.DELTA
+        stream = OutputStream(loop, self.max_buffered_tokens, aggregate)
         options = {"priority": priority, "cache_salt": cache_salt}
         self._commands.put(("add", (request_id, prompt, params, options, loop, stream, added)))
         finished = admitted = False
@@ -108,6 +124,7 @@ class AsyncEngine:
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
+                    finished = isinstance(item, SlowConsumerError)  # (the loop aborted it already)
                     raise item
                 yield item
                 if item.finished:
@@ -179,31 +196,29 @@ class AsyncEngine:
             if not _post(loop, _set_result, added, None):  # its event loop closed meanwhile: nobody will read
                 self.engine.abort_request(request_id)
                 return
-            self._streams[request_id] = (loop, stream)
+            self._streams[request_id] = stream
         elif kind in ("abort", "abort_own"):
             if kind == "abort_own":  # (a caller whose add was refused as a duplicate id owns no request)
                 arg, stream = arg
-                entry = self._streams.get(arg)
-                if entry is None or entry[1] is not stream:
+                if self._streams.get(arg) is not stream:
                     return
             out = self.engine.abort_request(arg)
             if out is not None:
                 self._deliver(out)
 
     def _deliver(self, out: RequestOutput) -> None:
-        entry = self._streams.get(out.request_id)
-        if entry is None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
             return
         if out.finished:
             del self._streams[out.request_id]
-        loop, stream = entry
-        if not _post(loop, stream.put_nowait, out):  # the caller's event loop is closed; abort what it left
+        if not stream.put(out):  # the caller's loop is closed, or it left too much unread: abort what it left
             self._streams.pop(out.request_id, None)
             self.engine.abort_request(out.request_id)
 
     def _fail_all(self, error: BaseException) -> None:
-        for loop, stream in self._streams.values():
-            _post(loop, stream.put_nowait, error)
+        for stream in self._streams.values():
+            stream.fail(error)
         self._streams.clear()
         while True:  # callers waiting on an add
             try:
@@ -212,6 +227,74 @@ class AsyncEngine:
                 break
             if kind == "add":
                 _post(arg[4], _set_exception, arg[6], error)
+
+
+class OutputStream:
+    """One request's outputs, from the loop thread to the caller's event loop. What the caller has not taken
+    yet is one output (later ones are folded into it), of at most `limit` tokens; past that the stream fails."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int, aggregate: bool):
+        self.loop = loop
+        self.limit = limit
+        self.aggregate = aggregate  # DELTA outputs: text and tokens join when folded
+        self._lock = threading.Lock()
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._buffered = 0  # tokens (+ logprob alternatives) in _pending
+        self._woken = False  # a wake-up is posted and the caller has not taken what it announced
+        self._ready = asyncio.Event()
+
+    # the loop thread
+
+    def put(self, out: RequestOutput) -> bool:
+        """Hand over an output; False when the stream cannot take it (closed loop, or over the bound: the caller
+        then gets SlowConsumerError) and the request should be aborted."""
+        size = sum(len(c.delta_token_ids) * (1 + _alternatives(c)) for c in out.outputs)
+        with self._lock:
+            if self._error is not None:
+                return False
+            if self._pending is None:
+                self._pending, self._buffered = out, size
+            else:
+                self._pending.add(out, self.aggregate)
+                self._buffered += size
+            overflow = self._buffered > self.limit and not out.finished
+            if overflow:
+                self._pending, self._error = (
+                    None,
+                    SlowConsumerError(
+                        f"the stream was ended: its reader fell {self._buffered} tokens behind (the limit is "
+                        f"{self.limit}; logprob alternatives count as tokens)"
+                    ),
+                )
+            wake, self._woken = not self._woken, True
+        if wake and not _post(self.loop, self._ready.set):
+            return False
+        return not overflow
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            self._pending, self._error = None, error
+            wake, self._woken = not self._woken, True
+        if wake:
+            _post(self.loop, self._ready.set)
+
+    # the caller's event loop
+
+    async def get(self) -> RequestOutput | BaseException:
+        while True:
+            with self._lock:
+                item = self._pending if self._pending is not None else self._error
+                if item is not None:
+                    self._pending, self._buffered, self._woken = None, 0, False
+                    return item
+                self._ready.clear()
+            await self._ready.wait()
+
+
+def _alternatives(comp) -> int:
+    """Logprob entries per token of a completion (0 without logprobs)."""
+    return len(comp.logprobs[-1]) if comp.logprobs else 0
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:

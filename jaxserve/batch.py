@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Iterator
 
 from jaxserve.api.errors import INTERNAL, APIError, to_api_error
+from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.api.openai_protocol import ChatShape, CompletionShape, parse_chat, parse_completion, usage
 from jaxserve.api.validation import (
     PARAM_FIELDS,
@@ -467,7 +468,7 @@ class BatchJob:
                         engine.add_request(
                             rid,
                             ids,
-                            item.request.params,
+                            dataclasses.replace(item.request.params, output_kind=RequestOutputKind.FINAL_ONLY),
                             priority=item.request.priority,
                             cache_salt=item.request.cache_salt,
                         )

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
     from jaxserve.api.validation import Limits
+    from jaxserve.async_engine import MAX_BUFFERED_TOKENS
 
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=port)
@@ -91,6 +92,19 @@ def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
         type=argparse_bytes,
         default=Limits.max_response_bytes,
         help="largest non-streamed answer, estimated up front from n, max_tokens and logprobs (a 400 beyond it)",
+    )
+    p.add_argument(
+        "--stream-write-timeout",
+        type=float,
+        default=Limits.stream_write_timeout,
+        help="seconds a streamed chunk may wait on a client that reads nothing; then the stream and its request end",
+    )
+    p.add_argument(
+        "--stream-buffer-tokens",
+        type=int,
+        default=MAX_BUFFERED_TOKENS,
+        help="tokens (each logprob alternative counts one more) a stream may hold unread before it is ended "
+        "and its request aborted",
     )
     p.add_argument(
         "--prefix-cache-per-key",
@@ -146,12 +160,17 @@ def _load(args):
 
 def _stream(engine, prompt_ids, params, quiet: bool) -> str:
     """Print the completion as it is produced; return its text."""
-    engine.add_request("cli", prompt_ids, params)
-    out = None
+    import dataclasses
+
+    from jaxserve.sampling_params import RequestOutputKind
+
+    engine.add_request("cli", prompt_ids, dataclasses.replace(params, output_kind=RequestOutputKind.DELTA))
+    out, pieces = None, []
     try:
         while engine.has_unfinished_requests():
             for out in engine.step():
-                sys.stdout.write(out.outputs[0].delta_text)
+                pieces.append(out.outputs[0].text)
+                sys.stdout.write(out.outputs[0].text)
                 sys.stdout.flush()
     except KeyboardInterrupt:
         engine.abort_request("cli")
@@ -159,14 +178,14 @@ def _stream(engine, prompt_ids, params, quiet: bool) -> str:
     sys.stdout.write("\n")
     sys.stdout.flush()
     if not quiet and out is not None:
-        m, n = out.metrics, len(out.outputs[0].token_ids)
+        m, n = out.metrics, out.metrics.num_generated_tokens
         rate = 1 / m.tpot if m.tpot else 0.0
         print(
             f"[jaxserve] prompt {len(prompt_ids)} tokens, generated {n} ({out.outputs[0].finish_reason}); "
             f"time to first token {m.ttft * 1e3:.0f} ms; decode {rate:.1f} tokens/s",
             file=sys.stderr,
         )
-    return out.outputs[0].text if out is not None else ""
+    return "".join(pieces)
 
 
 def cmd_generate(args) -> int:
@@ -260,9 +279,10 @@ def cmd_serve(args) -> int:
         max_header_bytes=args.max_header_bytes,
         max_seqs_per_request=args.max_seqs_per_request,
         max_response_bytes=args.max_response_bytes,
+        stream_write_timeout=args.stream_write_timeout,
     )
     frontend = Frontend(
-        AsyncEngine(engine),
+        AsyncEngine(engine, max_buffered_tokens=args.stream_buffer_tokens),
         model_name=args.served_model_name,
         limits=limits,
         stall_timeout=args.stall_timeout,

@@ -13,3 +13,8 @@ ENGINE_STOPPED = "the engine stopped (the server log has its error)"  # what cli
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped on an error; no request can be served (HTTP 503 / UNAVAILABLE)."""
+
+
+class SlowConsumerError(RuntimeError):
+    """A stream's reader fell too far behind (it stopped reading): the stream ended and its request was aborted
+    (HTTP 408 / gRPC RESOURCE_EXHAUSTED, to a client that may never read it)."""

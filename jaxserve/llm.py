@@ -19,6 +19,7 @@ from jaxserve.config import DEFAULT_COMPILE_CACHE_DIR
 from jaxserve.options import engine_config
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind
 
 __all__ = ["DEFAULT_COMPILE_CACHE_DIR", "LLM", "build_engine", "engine_config", "enable_compile_cache"]
 
@@ -172,7 +173,8 @@ class LLM:
                 room = engine.waiting_room
                 while pending and pending[-1][1].n <= room:
                     (rid, prompt), p, prio = pending.pop()
-                    engine.add_request(rid, prompt, p, priority=prio)
+                    # (only the finished output is read: nothing is copied per step, as vLLM's LLM does)
+                    engine.add_request(rid, prompt, _final_only(p), priority=prio)
                     room -= p.n
                 for out in engine.step():
                     if out.finished:
@@ -185,6 +187,10 @@ class LLM:
         finally:
             bar.close()
         return [done[rid] for rid, _ in requests]
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    return dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
 
 
 def _prompt_input(prompt: Prompt, index: int) -> str | list[int]:

@@ -6,6 +6,10 @@ detokenization and the stop strings; a stop string inside a run ends the sequenc
 it are dropped). Then the sequences of a request (n > 1) are gathered into one RequestOutput per request touched.
 The scheduler owns token ids, EOS, max_tokens and pages; this module only tells it (finish_request) when a stop
 string ended a sequence it still runs.
+
+What an output carries is the request's `SamplingParams.output_kind`: under DELTA nothing is kept after it is
+emitted (a step costs the same at token 10 and token 10,000, and so does the output it hands over); under
+FINAL_ONLY the request is emitted once, when it finishes; CUMULATIVE copies everything so far every step.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from jaxserve.detokenizer import TextStream
 from jaxserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling import SamplerOutput, SamplingParams
+from jaxserve.sampling_params import RequestOutputKind
 from models.tokenizer import Tokenizer
 
 
@@ -25,7 +30,8 @@ from models.tokenizer import Tokenizer
 class SequenceState:
     request: Request  # the scheduler's
     stream: TextStream
-    completion: CompletionOutput
+    completion: CompletionOutput  # its text, token_ids and logprobs: what the next output hands over
+    pieces: list[str] = dataclasses.field(default_factory=list)  # text not yet joined into completion.text
 
 
 @dataclasses.dataclass
@@ -119,7 +125,7 @@ class OutputProcessor:
                     self._finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
                     self._finish_seq(seq, "abort", "")
             touched[state.request_id] = state
-        return [self._emit(state, now) for state in touched.values()]
+        return [out for state in touched.values() if (out := self._emit(state, now)) is not None]
 
     def _add_tokens(
         self, state: RequestState, seq: SequenceState, item: SequenceTokens, out: SamplerOutput, now: float
@@ -137,8 +143,8 @@ class OutputProcessor:
             if comp.logprobs is not None:
                 self._add_logprobs(comp, token, out, row, state.params.logprobs)
             delta, stop = seq.stream.add(token)
-            comp.text += delta
-            comp.delta_text += delta
+            if delta:
+                seq.pieces.append(delta)
             if stop is not None:  # ends the sequence here, whatever the run's later tokens were
                 if not req.status.is_finished:  # the scheduler still runs it
                     self._finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
@@ -161,25 +167,19 @@ class OutputProcessor:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def _finish_seq(self, seq: SequenceState, reason: str, tail: str) -> None:
+        if tail:
+            seq.pieces.append(tail)
         comp = seq.completion
-        comp.text += tail
-        comp.delta_text += tail
         comp.finish_reason = reason
         comp.stop_reason = seq.request.stop_reason
 
-    def _emit(self, state: RequestState, now: float) -> RequestOutput:
-        outputs = []
-        for seq in state.seqs:
-            comp = seq.completion
-            outputs.append(
-                dataclasses.replace(
-                    comp,
-                    token_ids=list(comp.token_ids),
-                    logprobs=None if comp.logprobs is None else list(comp.logprobs),
-                )
-            )
-            comp.delta_text, comp.delta_token_ids = "", []
+    def _emit(self, state: RequestState, now: float) -> RequestOutput | None:
+        """The request's output now (None under FINAL_ONLY until it finishes)."""
         finished = state.finished
+        kind = state.params.output_kind
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        outputs = [self._completion_output(seq, kind) for seq in state.seqs]
         if finished:
             state.metrics.finished_time = now
             del self.requests[state.request_id]
@@ -195,4 +195,27 @@ class OutputProcessor:
             dataclasses.replace(state.metrics),
             cached,
             state.error,
+        )
+
+    @staticmethod
+    def _completion_output(seq: SequenceState, kind: RequestOutputKind) -> CompletionOutput:
+        comp = seq.completion
+        delta_text = "".join(seq.pieces)
+        seq.pieces.clear()
+        delta_ids = comp.delta_token_ids
+        comp.delta_token_ids = []
+        if kind is RequestOutputKind.DELTA:  # hand the new items over and keep nothing of them
+            out = dataclasses.replace(comp, text=delta_text, token_ids=list(delta_ids), delta_text=delta_text)
+            out.delta_token_ids = delta_ids
+            comp.token_ids = []
+            if comp.logprobs is not None:
+                comp.logprobs = []
+            return out
+        comp.text += delta_text  # (FINAL_ONLY: once; CUMULATIVE: everything so far, each step)
+        return dataclasses.replace(
+            comp,
+            token_ids=list(comp.token_ids),
+            logprobs=None if comp.logprobs is None else list(comp.logprobs),
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
         )

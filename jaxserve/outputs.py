@@ -59,3 +59,35 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     error: str | None = None  # set when the request ended on an internal error (the engine lives on)
+
+    def add(self, later: RequestOutput, aggregate: bool) -> None:
+        """Fold a later output of the same request into this one, which nobody has read yet (vLLM's
+        RequestOutput.add): a reader that fell behind gets one output covering every step it missed. aggregate:
+        the outputs are deltas (DELTA) whose text, token ids and logprobs join; otherwise the later output's
+        cumulative fields replace these. The delta fields always join."""
+        self.finished = later.finished
+        self.metrics = later.metrics
+        self.num_cached_tokens = later.num_cached_tokens
+        self.error = later.error or self.error
+        mine = {c.index: c for c in self.outputs}
+        for c in later.outputs:
+            old = mine.get(c.index)
+            if old is None:
+                self.outputs.append(c)
+                continue
+            old.delta_text += c.delta_text
+            old.delta_token_ids.extend(c.delta_token_ids)  # (every output owns its lists)
+            if aggregate:
+                old.text += c.text
+                old.token_ids.extend(c.token_ids)
+                if old.logprobs is not None and c.logprobs is not None:
+                    old.logprobs.extend(c.logprobs)
+                old.cumulative_logprob = c.cumulative_logprob
+                old.finish_reason, old.stop_reason = c.finish_reason, c.stop_reason
+            else:
+                old.text, old.token_ids, old.logprobs = c.text, c.token_ids, c.logprobs
+                old.cumulative_logprob, old.finish_reason, old.stop_reason = (
+                    c.cumulative_logprob,
+                    c.finish_reason,
+                    c.stop_reason,
+                )

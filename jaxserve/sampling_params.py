@@ -7,6 +7,7 @@ tensors.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Sequence
 
@@ -20,6 +21,18 @@ MAX_STOP_CHARS = 256
 MAX_BANNED = 32  # banned ids per row per step: EOS ids + stop_token_ids while min_tokens is not reached
 MAX_TOKENS_LIMIT = 1 << 20
 _MAX_TOKEN_ID = 2**31 - 1  # token ids travel as i32
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output of a request carries (vLLM's names). CUMULATIVE: everything so far (text, token ids,
+    logprobs), each step; DELTA: only what is new since the previous output, so a step's work and an unread
+    stream's buffer grow with the new tokens, not with the sequence (what the servers stream); FINAL_ONLY: one
+    output, when the request finishes (non-streamed answers, batch jobs, LLM.generate). Every kind also sets
+    delta_text / delta_token_ids."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +57,7 @@ class SamplingParams:
     logprobs: int | None = None  # alternatives per token; 0 = only the sampled token's logprob
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         def bad(field, value, want):
@@ -76,6 +90,8 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", self.min_tokens, f"must not exceed max_tokens={self.max_tokens}")
         integer("logprobs", 0, MAX_LOGPROBS, optional=True)
+        if not isinstance(self.output_kind, RequestOutputKind):
+            bad("output_kind", self.output_kind, "must be a RequestOutputKind")
 
         # Tuples, never None or lists: the params stay hashable and callers need no None checks.
         stop = self.stop

@@ -52,7 +52,10 @@ class FakeEngine:
         page_size: int = 16,
         path: str = "fake-model.gguf",
         scheduling_policy: str = "fcfs",
+        step_seconds: float = 0.0,
     ):
+        """step_seconds: how long a step takes (a device step's time: streams' readers keep up between steps,
+        so they see one output per step rather than a few steps folded into one)."""
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size or tokenizer.vocab_size
@@ -61,6 +64,7 @@ class FakeEngine:
         self.max_num_batched_tokens, self.page_size = max_num_batched_tokens, page_size  # (the model card's only)
         self.path = path
         self.scheduling_policy = scheduling_policy  # checked as the engine checks it (it orders nothing here)
+        self.step_seconds = step_seconds
         self.outputs = OutputProcessor(tokenizer, self._finish)
         self._active: dict[str, tuple[Request, int]] = {}  # sequence id -> (request, its index k)
         self.num_steps = self.num_prompt_tokens = 0
@@ -106,6 +110,8 @@ class FakeEngine:
         if not running:
             return []
         self.num_steps += 1
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
         new, tokens = [], []
         for row, (req, k) in enumerate(running):
             offset = k if req.sampling_params.temperature > 0 else 0

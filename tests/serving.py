@@ -48,8 +48,9 @@ def tiny_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int
     return LLMEngine(load_model(path), cfg)
 
 
-def fake_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int = 128):
-    """A FakeEngine (echoes each prompt, tests.fake_engine) with the tiny model's tokenizer: 8 sequences a step."""
+def fake_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int = 128, step_seconds: float = 0.002):
+    """A FakeEngine (echoes each prompt, tests.fake_engine) with the tiny model's tokenizer: 8 sequences a step,
+    each step taking `step_seconds` (as a device step would: a reader that keeps up sees every step)."""
     from models.loader import load_model
     from tests.fake_engine import FakeEngine
 
@@ -61,6 +62,7 @@ def fake_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int
         vocab_size=TINY.vocab_size,
         max_num_batched_tokens=32,
         page_size=PAGE,
+        step_seconds=step_seconds,
     )
 
 

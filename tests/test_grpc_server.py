@@ -162,7 +162,7 @@ def free_port() -> int:
 def test_generate_streams_deltas_that_add_up_to_complete(srv, sampling):
     req = pb.GenerateRequest(text="Hello world", sampling=sampling, request_id="stream-1")
     msgs = list(srv.stub.Generate(req))
-    assert len(msgs) >= 5  # one message per engine step that produced tokens
+    assert len(msgs) >= 5  # one message per engine step that produced tokens (fewer if the reader fell behind)
     assert all(m.request_id == "stream-1" for m in msgs)
     assert [m.finished for m in msgs] == [False] * (len(msgs) - 1) + [True]
     assert all(not m.HasField("usage") for m in msgs[:-1])

@@ -10,6 +10,7 @@
     unauthenticated 401 UNAUTHENTICATED     --api-key is set and the request brings no key or a wrong one
     deadline     504   DEADLINE_EXCEEDED    the request's own timeout passed (its pages are freed)
     cancelled    499   CANCELLED            the client went away (nobody reads the answer)
+    slow_client  408   RESOURCE_EXHAUSTED   a stream's client stopped reading (its buffer bound or write timeout)
     internal     500   INTERNAL             a bug; that request ends, the engine goes on
 
 Front ends raise or catch `APIError`; `to_api_error` maps the engine's own exceptions onto the table. A bug's
@@ -23,7 +24,7 @@ import dataclasses
 import logging
 import uuid
 
-from jaxserve.errors import EngineDeadError, QueueFullError
+from jaxserve.errors import EngineDeadError, QueueFullError, SlowConsumerError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ NOT_FOUND = ErrorKind("not_found", 404, "NOT_FOUND", "not_found_error")
 UNAUTHENTICATED = ErrorKind("unauthenticated", 401, "UNAUTHENTICATED", "authentication_error")
 DEADLINE = ErrorKind("deadline", 504, "DEADLINE_EXCEEDED", "timeout_error")
 CANCELLED = ErrorKind("cancelled", 499, "CANCELLED", "cancelled")
+SLOW_CLIENT = ErrorKind("slow_client", 408, "RESOURCE_EXHAUSTED", "slow_client_error")
 INTERNAL = ErrorKind("internal", 500, "INTERNAL", "internal_error")
 
 
@@ -92,6 +94,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(ADMISSION, f"server busy: {exc}; retry later")
     if isinstance(exc, EngineDeadError):
         return APIError(UNAVAILABLE, str(exc))
+    if isinstance(exc, SlowConsumerError):
+        return APIError(SLOW_CLIENT, str(exc))
     if isinstance(exc, ValueError):  # the engine's and SamplingParams' own checks name their field first
         message = str(exc)
         return APIError(VALIDATION, message, field_of(message))

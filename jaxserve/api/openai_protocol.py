@@ -161,9 +161,10 @@ def _finish(
 
 
 def usage(out) -> dict:
-    """Token counts of a RequestOutput (all n completions)."""
+    """Token counts of a request (all n completions) from its RequestOutput, of any output kind (a delta
+    carries only its new tokens: the count is the request's metrics')."""
     prompt = len(out.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in out.outputs)
+    completion = out.metrics.num_generated_tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,

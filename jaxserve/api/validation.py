@@ -33,6 +33,7 @@ class Limits:
     max_timeout_seconds: float = 24 * 3600.0
     max_seqs_per_request: int = 256  # prompts x n that one request may add (the waiting queue holds 4096)
     max_response_bytes: int = 64 << 20  # the most a non-streamed answer may take, estimated before it runs
+    stream_write_timeout: float = 30.0  # seconds a streamed chunk may wait on a client that does not read
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

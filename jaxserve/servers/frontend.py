@@ -36,6 +36,7 @@ from jaxserve.api.validation import (
 )
 from jaxserve.errors import ENGINE_STOPPED
 from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.servers.metrics import ServerMetrics
 
 _OUTCOME_OF_KIND = {
@@ -48,6 +49,7 @@ _OUTCOME_OF_KIND = {
     "unauthenticated": "unauthenticated",
     "deadline": "deadline",
     "cancelled": "cancelled",
+    "slow_client": "slow_client",
 }
 
 
@@ -92,7 +94,8 @@ class Frontend:
         self.metrics = ServerMetrics(engine, self.model_name)
         self.draining = False
         self._inflight: dict[object, asyncio.Task | None] = {}
-        self._drain_cancelled: set[asyncio.Task] = set()  # tasks the drain's timeout cancelled (see generate)
+        # tasks the server ended, and why (the drain's timeout, a client that stopped reading): see generate
+        self._ended: dict[asyncio.Task, APIError] = {}
         self._started = time.time()
 
     # ---- state ------------------------------------------------------------------------------------------------
@@ -168,10 +171,17 @@ class Frontend:
         return f"\x00key {tenant}\x00{req.cache_salt or ''}"
 
     async def generate(
-        self, req: GenerateRequest, *, id_prefix: str = "req", tenant: int | None = None
+        self,
+        req: GenerateRequest,
+        *,
+        id_prefix: str = "req",
+        tenant: int | None = None,
+        output_kind: RequestOutputKind = RequestOutputKind.DELTA,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs. Raises APIError (before the first output for bad input or admission;
-        later for a deadline, a dead engine or a bug). Cancelling the consumer aborts the request."""
+        """Stream a request's outputs: deltas (each output carries only what is new; a consumer that falls behind
+        gets the steps it missed folded into one), or FINAL_ONLY (one output at the end). Raises APIError (before
+        the first output for bad input or admission; later for a deadline, a dead engine, a consumer that fell
+        too far behind, or a bug). Cancelling the consumer aborts the request."""
         outcome, last = "error", None
         try:
             self._check_accepting()
@@ -186,7 +196,7 @@ class Frontend:
             deadline = None if req.timeout is None else time.monotonic() + req.timeout
             stream = self.engine.generate(
                 ids,
-                req.params,
+                dataclasses.replace(req.params, output_kind=output_kind),
                 request_id=engine_id,
                 priority=req.priority,
                 cache_salt=self.cache_salt(req, tenant),
@@ -220,10 +230,12 @@ class Frontend:
                 self._inflight.pop(token, None)
                 await stream.aclose()  # aborts the request in the engine unless it finished
         except (asyncio.CancelledError, GeneratorExit) as e:
-            if isinstance(e, asyncio.CancelledError) and asyncio.current_task() in self._drain_cancelled:
-                # the drain's timeout, not the client: it hears why (an SSE error event, a 503), not silence
-                outcome = "unavailable"
-                raise APIError(UNAVAILABLE, DRAIN_TIMED_OUT) from None
+            ended = self._ended.pop(asyncio.current_task(), None)
+            if ended is not None:  # the server ended it (see end): counted as why, and a cancel says why
+                outcome = _OUTCOME_OF_KIND.get(ended.kind.name, "error")
+                if isinstance(e, asyncio.CancelledError):
+                    raise ended from None
+                raise
             # (a consumer that closes the stream after the finished output is not a cancel)
             if last is None or not last.finished:
                 outcome = "cancelled"
@@ -236,6 +248,7 @@ class Frontend:
             outcome = _OUTCOME_OF_KIND.get(err.kind.name, "error")
             raise err from None
         finally:
+            self._ended.pop(asyncio.current_task(), None)
             self.metrics.observe(outcome, last)
 
     def count_refusal(self, err: APIError) -> None:
@@ -245,10 +258,24 @@ class Frontend:
     async def complete(
         self, req: GenerateRequest, *, id_prefix: str = "req", tenant: int | None = None
     ) -> RequestOutput:
+        """The request's final output, whole (nothing is copied per step on the way)."""
         last = None
-        async for out in self.generate(req, id_prefix=id_prefix, tenant=tenant):
+        async for out in self.generate(
+            req, id_prefix=id_prefix, tenant=tenant, output_kind=RequestOutputKind.FINAL_ONLY
+        ):
             last = out
         return last
+
+    def end(self, tasks: Sequence[asyncio.Task], error: APIError) -> None:
+        """End requests for a server-side reason (the drain timed out, the client stopped reading): each task's
+        `generate` counts `error`'s outcome and, if it was waiting on the engine, raises `error` so the client
+        hears why. The calling task itself is only marked (it ends its own stream by closing it)."""
+        me = asyncio.current_task()
+        for task in tasks:
+            if task is not None and not task.done():
+                self._ended[task] = error
+                if task is not me:
+                    task.cancel()
 
     def _check_accepting(self) -> None:
         if self.draining:
@@ -266,9 +293,8 @@ class Frontend:
         while self._inflight and time.monotonic() < end:
             await asyncio.sleep(0.05)
         left = [t for t in self._inflight.values() if t is not None]
-        self._drain_cancelled.update(left)
-        for task in left:
-            task.cancel()
+        # (the clients hear why: an SSE error event, a 503, UNAVAILABLE; not silence)
+        self.end(left, APIError(UNAVAILABLE, DRAIN_TIMED_OUT))
         if left:
             await asyncio.sleep(0.1)  # let the cancelled streams post their aborts
         return len(left)

@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxserve.api.errors import UNAVAILABLE, VALIDATION, APIError, internal_error
+from jaxserve.api.errors import SLOW_CLIENT, UNAVAILABLE, VALIDATION, APIError, internal_error
 from jaxserve.api.validation import (
     GenerateRequest,
     Limits,
@@ -38,6 +38,7 @@ from jaxserve.api.validation import (
     check_token_id_list,
     sampling_params,
 )
+from jaxserve.async_engine import MAX_BUFFERED_TOKENS
 from jaxserve.servers import lifecycle
 from jaxserve.api.openai_protocol import usage
 from jaxserve.servers.frontend import DRAIN_TIMED_OUT, Frontend, api_keys_from
@@ -194,6 +195,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         async def body():
             req = self._parse(request, stream=True)
             num_top = req.params.logprobs or 0
+            timeout = self.frontend.limits.stream_write_timeout
             stream = self.frontend.generate(req, id_prefix="grpc", tenant=self._tenant(context))
             sent_finish: set[int] = set()
             try:
@@ -207,7 +209,12 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
                     if out.finished:
                         msg.usage.CopyFrom(pb.Usage(**usage(out)))
                     if msg.outputs or out.finished:
-                        await context.write(msg)
+                        try:  # (a client that reads nothing must not hold the call, or its request, forever)
+                            await asyncio.wait_for(context.write(msg), timeout)
+                        except asyncio.TimeoutError:
+                            err = APIError(SLOW_CLIENT, f"stream: the client read nothing for {timeout:g}s")
+                            self.frontend.end([asyncio.current_task()], err)  # (counted as slow_client)
+                            raise err from None
             finally:
                 # Cancelled while waiting in context.write, the Frontend's generator sits at a yield: close it
                 # now (not at garbage collection) so the engine aborts the request and frees its pages at once.
@@ -457,6 +464,18 @@ def define_flags(fv=None) -> None:
         "largest Complete answer, estimated up front from n, max_tokens and logprobs",
         flag_values=fv,
     )
+    flags.DEFINE_float(
+        "stream_write_timeout",
+        Limits.stream_write_timeout,
+        "seconds a Generate message may wait on a client that reads nothing; then the call and its request end",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "stream_buffer_tokens",
+        MAX_BUFFERED_TOKENS,
+        "tokens (each logprob alternative counts one more) a stream may hold unread before the call is ended",
+        flag_values=fv,
+    )
     flags.DEFINE_bool(
         "prefix_cache_per_key", False, "split the prefix cache by API key (needs --api_key)", flag_values=fv
     )
@@ -497,9 +516,13 @@ def main(argv) -> None:
     core = build_engine(**options)
     if follow_or_none(core) is None:  # processes other than 0 replay process 0's steps
         sys.exit(0)
-    engine = AsyncEngine(core)
+    engine = AsyncEngine(core, max_buffered_tokens=fv.stream_buffer_tokens)
     keys = api_keys_from(fv.api_key)
-    limits = Limits(max_seqs_per_request=fv.max_seqs_per_request, max_response_bytes=fv.max_response_bytes)
+    limits = Limits(
+        max_seqs_per_request=fv.max_seqs_per_request,
+        max_response_bytes=fv.max_response_bytes,
+        stream_write_timeout=fv.stream_write_timeout,
+    )
     frontend = Frontend(
         engine,
         model_name=fv.model_name,

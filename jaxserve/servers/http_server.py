@@ -19,7 +19,7 @@ import uuid
 
 from aiohttp import web
 
-from jaxserve.api.errors import HEADERS, NOT_FOUND, TOO_LARGE, VALIDATION, APIError, internal_error
+from jaxserve.api.errors import HEADERS, NOT_FOUND, SLOW_CLIENT, TOO_LARGE, VALIDATION, APIError, internal_error
 from jaxserve.errors import ENGINE_STOPPED
 from jaxserve.api.openai_protocol import ChatShape, CompletionShape, OpenAIRequest, parse_chat, parse_completion
 from jaxserve.api.validation import parse_json_body
@@ -185,25 +185,30 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
         body["choices"] = [c for b in bodies for c in b["choices"]]
         body["usage"] = _sum_usage([b["usage"] for b in bodies])
         return web.json_response(body)
-    queue: asyncio.Queue = asyncio.Queue()
+    # One slot per prompt: a pump waits for the writer, so what a slow client has not read stays folded in the
+    # engine's bounded stream (one output per prompt), never in a queue here.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(reqs))
     tasks = [
         asyncio.ensure_future(_pump(frontend.generate(r, tenant=request.get(_TENANT)), i, queue))
         for i, r in enumerate(reqs)
     ]
+    timeout = frontend.limits.stream_write_timeout
+    response = None
     try:
         index, item = await queue.get()
         if isinstance(item, APIError):  # before any output: still a plain HTTP error response
             raise item
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
-        await _send(response, shapes[0].start(item) if len(reqs) == 1 else _start_all(shapes, item, n, len(reqs)))
+        writer = _Writer(response, timeout)
+        await writer.send(shapes[0].start(item) if len(reqs) == 1 else _start_all(shapes, item, n, len(reqs)))
         last, left = {}, len(reqs)
         while True:
             if isinstance(item, APIError):  # mid-stream: an error event, then the end
-                await _send(response, item.openai_body())
+                await writer.send(item.openai_body())
                 break
             for chunk in shapes[index].chunks(item, parsed.include_usage):
-                await _send(response, _reindex(chunk, index * n))
+                await writer.send(_reindex(chunk, index * n))
             if item.finished:
                 last[index] = item
                 left -= 1
@@ -211,15 +216,38 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
                     if parsed.include_usage:
                         usage_chunk = shapes[0].usage_chunk(last[0])
                         usage_chunk["usage"] = _sum_usage([shapes[i].usage_chunk(o)["usage"] for i, o in last.items()])
-                        await _send(response, usage_chunk)
+                        await writer.send(usage_chunk)
                     break
             index, item = await queue.get()
+        await writer.write(b"data: [DONE]\n\n")
+        await asyncio.wait_for(response.write_eof(), timeout)
+    except asyncio.TimeoutError:
+        # The client stopped reading: its requests end now (their pages come back) and so does the connection;
+        # nothing more can reach it.
+        why = f"stream: the client read nothing for {timeout:g}s"
+        frontend.end(tasks, APIError(SLOW_CLIENT, why))
+        if request.transport is not None:
+            request.transport.abort()
+        log.info("ended a stream to %s: %s", request.remote, why)
     finally:
         for task in tasks:
             task.cancel()
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
     return response
+
+
+class _Writer:
+    """Server-sent events to one client, each write bounded in time: a client that does not read for
+    `timeout` seconds makes it raise TimeoutError (the kernel's and aiohttp's buffers are full by then)."""
+
+    def __init__(self, response: web.StreamResponse, timeout: float):
+        self.response, self.timeout = response, timeout
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.wait_for(self.response.write(data), self.timeout)
+
+    async def send(self, obj) -> None:
+        if obj is not None:
+            await self.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
 
 async def _pump(stream, index: int, queue: asyncio.Queue) -> None:
@@ -251,11 +279,6 @@ def _sum_usage(usages: list[dict]) -> dict:
     total = {k: sum(u[k] for u in usages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
     total["prompt_tokens_details"] = {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)}
     return total
-
-
-async def _send(response: web.StreamResponse, obj) -> None:
-    if obj is not None:
-        await response.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
 
 # ---- the rest -------------------------------------------------------------------------------------------------
