@@ -204,3 +204,68 @@ def test_a_consumer_whose_event_loop_closed_ends_alone(tok):
         assert asyncio.run(again())[-1].finished
     finally:
         aeng.shutdown()
+
+
+def test_a_reader_that_falls_behind_gets_the_missed_steps_folded_into_one(tok):
+    """AsyncEngine: outputs a DELTA reader has not taken are folded into one (it never makes the loop wait, and
+    holds one pending output, not one per step); what it reads joins to the whole answer."""
+    import asyncio
+
+    from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+
+    engine = FakeEngine(tok, max_model_len=512, step_seconds=0.001)
+    aeng = AsyncEngine(engine)
+    params = SamplingParams(max_tokens=200, temperature=0, logprobs=2, output_kind=RequestOutputKind.DELTA)
+
+    prompt = tok.encode(" the quick brown fox")
+
+    async def main():
+        stream = aeng.generate(prompt, params)
+        outs = [await stream.__anext__()]
+        while engine.stats().generation_tokens < 150:  # the engine runs on meanwhile
+            await asyncio.sleep(0.005)
+        outs += [o async for o in stream]
+        return outs
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        aeng.shutdown()
+    ids = [t for o in outs for t in o.outputs[0].token_ids]
+    assert len(outs[1].outputs[0].token_ids) >= 149 and len(ids) == 200  # 149+ steps in one output; every token
+    assert ids == [echo_token(prompt, 0, i) for i in range(200)]
+    assert "".join(o.outputs[0].text for o in outs) == tok.decode(ids)
+    assert sum(len(o.outputs[0].logprobs) for o in outs) == 200 and outs[-1].finished
+
+
+def test_a_stream_nobody_reads_is_ended_at_its_bound_and_the_others_go_on(tok):
+    """Item 2 (the Python API): a caller that stops reading holds at most max_buffered_tokens; past it its
+    stream ends with SlowConsumerError and its request is aborted (pages back), while another stream on the same
+    engine is served to its end."""
+    import asyncio
+
+    from jaxserve.errors import SlowConsumerError
+    from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+
+    engine = FakeEngine(tok, max_model_len=4096, step_seconds=0.001)
+    aeng = AsyncEngine(engine, max_buffered_tokens=300)
+    greedy = SamplingParams(max_tokens=4000, temperature=0, logprobs=5, n=4, output_kind=RequestOutputKind.DELTA)
+
+    async def main():
+        stuck = aeng.generate([5, 6, 7], greedy)
+        await stuck.__anext__()  # then never again, until the end
+        reader = [o async for o in aeng.generate([8, 9], SamplingParams(max_tokens=150, temperature=0))]
+        while engine.has_unfinished_requests():
+            await asyncio.sleep(0.01)
+        try:
+            await stuck.__anext__()
+        except SlowConsumerError as e:
+            return reader, e
+
+    try:
+        reader, err = asyncio.run(main())
+    finally:
+        aeng.shutdown()
+    assert err is not None and "fell" in str(err)
+    assert reader[-1].finished and len(reader[-1].outputs[0].token_ids) == 150
+    assert engine.stats().generation_tokens < 4 * 4000  # the stuck one was aborted long before its end

@@ -791,3 +791,36 @@ def test_main_server_is_still_healthy_at_the_end(srv):
     assert srv.health_stub.Check(health_pb2.HealthCheckRequest()).status == SERVING
     assert_still_serves(srv)
     assert srv.frontend.num_inflight == 0 and pages_in_use(srv.engine) == 0
+
+
+def test_a_client_that_never_reads_is_ended_and_the_others_are_served(gguf, loop):
+    """Item 2 (gRPC): a Generate client that reads one message and then nothing (n=16, 20 logprobs a token,
+    4000 tokens each) has its call ended within --stream-write-timeout or at the stream's buffer bound: its
+    request is aborted (pages back), counted slow_client, and another client is served meanwhile."""
+    import dataclasses
+
+    engine = fake_engine(gguf, max_model_len=4096)
+    async_engine = AsyncEngine(engine)
+    served = loop.run(_start(engine, async_engine, limits=dataclasses.replace(LIMITS, stream_write_timeout=2.0)))
+    try:
+        greedy = S(n=16, max_tokens=4000, logprobs=20, temperature=0.8, ignore_eos=True)
+        stuck = served.stub.Generate(pb.GenerateRequest(text="hello there", sampling=greedy))
+        first = next(stuck)  # then nothing more, for now
+        assert not first.finished
+        other = served.stub.Complete(long_request(12))
+        assert len(other.outputs[0].token_ids) == 12
+        end = time.monotonic() + 20
+        while (engine.has_unfinished_requests() or pages_in_use(engine)) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not engine.has_unfinished_requests() and pages_in_use(engine) == 0
+        assert engine.stats().generation_tokens < 16 * 4000 // 4  # aborted long before its end
+        err = rpc_error(lambda: list(stuck))  # what it finds when it reads again: the call ended, and why
+        assert err.code() == Code.RESOURCE_EXHAUSTED and "read" in err.details(), err.details()
+        end = time.monotonic() + 5
+        while served.frontend.metrics.requests.labels("slow_client")._value.get() != 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert served.frontend.metrics.requests.labels("slow_client")._value.get() == 1
+    finally:
+        served.channel.close()
+        loop.run(served.server.stop(0))
+        async_engine.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import os
 import socket
 import time
 import urllib.request
@@ -712,3 +713,61 @@ def test_serve_binary_drains_on_sigterm(model_path):
         assert proc.wait(60) == 0
     finally:
         proc.kill()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_client_that_never_reads_costs_bounded_memory_and_the_others_are_served(model_path):
+    """Item 2: a client with a 4 KiB receive buffer asks for n=16 with 20 logprobs a token, streamed, for
+    4000 tokens each, and never reads. The server folds what the client has not taken (one pending output per
+    stream, bounded), ends that stream within --stream-write-timeout (its request aborted, its pages back,
+    counted slow_client), its RSS peak stays within a bound, and another client is served meanwhile. (Before:
+    every step's output was queued with a copy of each sequence's whole token and logprob lists: hundreds of
+    MiB within seconds, and the request ran to its end.)"""
+    import dataclasses
+    import threading
+
+    s = Server(model_path, limits=dataclasses.replace(LIMITS, stream_write_timeout=2.0), max_model_len=4096)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.01)
+
+    try:
+        assert s.request("POST", C, OK)[0] == 200  # warm
+        base = _rss_bytes()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        body = json.dumps(
+            {**OK, "n": 16, "logprobs": 20, "max_tokens": 4000, "stream": True, "temperature": 0.8, "ignore_eos": True}
+        ).encode()
+        sock.connect(("127.0.0.1", s.port))
+        head = f"POST {C} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        end = time.monotonic() + 10
+        while not s.engine.has_unfinished_requests() and time.monotonic() < end:
+            time.sleep(0.01)
+        assert s.engine.has_unfinished_requests()  # the greedy one runs...
+        other = s.client.completions.create(prompt="someone else", **GREEDY)  # ...and another client is served
+        assert other.choices[0].finish_reason == "length" and other.usage.completion_tokens == 12
+        assert s.wait_idle(timeout=20) == 0  # ended: aborted, every page back (it had 16 x 4000 tokens to go)
+        end = time.monotonic() + 10  # (the stream ends for good at the write timeout: counted then)
+        while s.metric('jaxserve_requests_total{outcome="slow_client"}') != 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        done.set()
+        watcher.join()
+        assert s.engine.stats().generation_tokens < 16 * 4000 // 4
+        assert s.metric('jaxserve_requests_total{outcome="slow_client"}') == 1
+        assert peak[0] - base < 48 << 20, f"RSS grew {(peak[0] - base) >> 20} MiB"
+        assert s.request("POST", C, OK)[0] == 200  # and the server goes on
+    finally:
+        done.set()
+        sock.close()
+        s.close()

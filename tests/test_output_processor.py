@@ -10,6 +10,7 @@ from jaxserve.output_processor import OutputProcessor, SequenceTokens
 from jaxserve.outputs import RequestMetrics
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling import SamplerOutput, SamplingParams
+from jaxserve.sampling_params import RequestOutputKind
 from models.tokenizer import Tokenizer
 
 
@@ -96,3 +97,75 @@ def test_n_sequences_gather_into_one_output_and_abort_ends_the_rest(tok):
     assert final.finished and final.outputs[1].finish_reason == "abort"
     assert sched.finished == [("0_r", RequestStatus.FINISHED_STOPPED), ("1_r", RequestStatus.FINISHED_ABORTED)]
     assert proc.abort("r", now=3.0) is None and not proc.seqs
+
+
+# ---- output kinds (what a step hands over) ----------------------------------------------------------------------
+
+
+def _top(token: int) -> SamplerOutput:
+    """One row whose top alternatives are real token ids (token, token + 1, ...)."""
+    out = _out(1, [-1.0])
+    out.top_ids[0] = np.arange(token, token + 20) % 1000
+    out.top_logprobs[0] = -np.arange(1, 21, dtype=np.float32)
+    return out
+
+
+def _run_tokens(tok, kind: RequestOutputKind, steps: int, logprobs=5):
+    """`steps` single-token steps of one sequence; the outputs and the processor's sequence state."""
+    params = SamplingParams(max_tokens=steps, logprobs=logprobs, stop=["zzzz"], output_kind=kind)
+    proc, _, (req,) = _setup(tok, params)
+    ids = tok.encode(" the quick brown fox jumps over the lazy dog" * (steps // 9 + 1))[:steps]
+    outs = []
+    for i, t in enumerate(ids):
+        last = i == len(ids) - 1
+        if last:
+            req.status = RequestStatus.FINISHED_LENGTH
+        outs += proc.process([SequenceTokens("r", [t], [0], finished=last)], _top(t), now=float(i))
+    return outs, ids, proc
+
+
+def test_delta_outputs_carry_only_new_tokens_and_the_processor_keeps_none(tok):
+    """Under DELTA a step hands over its own token, logprobs and text, whatever came before (the work and the
+    output of step 300 are those of step 3), and nothing handed over is kept; the deltas join to the whole."""
+    outs, ids, proc = _run_tokens(tok, RequestOutputKind.DELTA, 300)
+    whole, _, _ = _run_tokens(tok, RequestOutputKind.FINAL_ONLY, 300)
+    assert len(outs) == 300 and outs[-1].finished
+    for out in outs:
+        (c,) = out.outputs
+        assert len(c.token_ids) == len(c.delta_token_ids) == 1 and len(c.logprobs) == 1 and c.text == c.delta_text
+    (final,) = whole  # FINAL_ONLY: one output, at the end, with everything
+    assert final.finished and final.outputs[0].token_ids == ids
+    assert "".join(o.outputs[0].text for o in outs) == final.outputs[0].text == tok.decode(ids)
+    assert [lp for o in outs for lp in o.outputs[0].logprobs] == final.outputs[0].logprobs
+    assert outs[-1].metrics.num_generated_tokens == 300
+    assert not proc.requests  # finished: nothing left
+
+
+def test_delta_state_stays_empty_while_running(tok):
+    params = SamplingParams(max_tokens=1000, logprobs=3, output_kind=RequestOutputKind.DELTA)
+    proc, _, _ = _setup(tok, params)
+    for i in range(200):
+        proc.process([SequenceTokens("r", [tok.encode(" a")[0]], [0], finished=False)], _top(i), now=float(i))
+    seq = proc.requests["r"].seqs[0]
+    assert seq.completion.token_ids == [] and seq.completion.logprobs == [] and seq.completion.text == ""
+    assert seq.pieces == [] and len(seq.stream.detok.token_ids) <= 8  # the detokenizer keeps only its window
+
+
+def test_cumulative_outputs_carry_everything_so_far(tok):
+    outs, ids, _ = _run_tokens(tok, RequestOutputKind.CUMULATIVE, 40)
+    assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, 41))
+    assert outs[-1].outputs[0].text == tok.decode(ids) == "".join(o.outputs[0].delta_text for o in outs)
+
+
+@pytest.mark.parametrize("kind", [RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE])
+def test_outputs_folded_into_one_equal_the_steps_they_cover(tok, kind):
+    """RequestOutput.add (what a stream does for a reader that fell behind): the outputs of steps 2..k folded
+    into step 1's are what a reader of every step would have put together."""
+    outs, ids, _ = _run_tokens(tok, kind, 30)
+    folded = outs[0]
+    for later in outs[1:]:
+        folded.add(later, aggregate=kind is RequestOutputKind.DELTA)
+    (c,) = folded.outputs
+    assert folded.finished and c.finish_reason == "length"
+    assert c.token_ids == c.delta_token_ids == ids and c.text == c.delta_text == tok.decode(ids)
+    assert len(c.logprobs) == 30

@@ -229,6 +229,9 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
         if request.transport is not None:
             request.transport.abort()
         log.info("ended a stream to %s: %s", request.remote, why)
+    except ConnectionError:  # the client went away mid-write: its requests end (counted cancelled), quietly
+        if response is None:
+            raise
     finally:
         for task in tasks:
             task.cancel()
