@@ -15,6 +15,17 @@ Protocols run one after the other, so each gets the machine to itself.
 
 Exit status 1 when any request failed, no request completed, or a server this script started exited non-zero
 (a CI smoke test); 0 otherwise.
+
+--soak (HTTP, with --start): the clients misbehave too. Each request is drawn (seeded) from a mix: good streamed
+completions and chats (random max_tokens, n, logprobs, temperature; each must come back whole, with exactly the
+tokens asked for), clients that disconnect mid-stream, server-side deadlines (`timeout`), client-side aborts,
+bad requests (each must get a 4xx naming its field), and clients that never read (a 4 KiB receive buffer; the
+server must end the stream). Every --sample seconds the server's RSS and /health are read; at the end the KV
+pages still in use (must be 0), the RSS curve, and the RSS growth after warm-up are printed. Exit 1 when a good
+request failed, /health ever failed, a page leaked, the RSS grew past --max-rss-growth after warm-up, or the
+server exited non-zero.
+
+    python scripts/load_test.py --start http --soak --duration 1800 --concurrency 32 --json soak.json
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ ENGINE_FLAGS = [
         "page_size",
         "kv_cache_memory",
         "compile_cache_dir",
+        "stream_write_timeout",
     )
 ]
 
@@ -183,6 +195,319 @@ async def run_load(protocol: str, target: str, args) -> dict:
         await asyncio.gather(*tasks, return_exceptions=True)
         elapsed = time.perf_counter() - t0
     return summarize(protocol, target, records, cancelled, elapsed)
+
+
+# ---- soak: clients that misbehave ---------------------------------------------------------------------------------
+
+SOAK_MIX = (("good", 58), ("disconnect", 10), ("deadline", 10), ("abort", 8), ("bad", 12), ("never_reads", 2))
+# Bad requests: (path, body (bytes: sent as is), headers): each must be refused with a 4xx that names a field.
+_BAD = [
+    ("/v1/completions", {"prompt": "hi", "n": 0}, None),
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}, None),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, None),
+    ("/v1/completions", {"prompt": "lone \ud800 surrogate"}, None),
+    ("/v1/completions", {"prompt": "hi", "model": "no-such-model"}, None),
+    ("/v1/completions", {"prompt": "hi", "priority": 5}, None),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 99}, None),
+    ("/v1/completions", {"prompt": "hi", "stop": ["x"] * 100}, None),
+    ("/v1/completions", {"prompt": [10**9]}, None),
+    ("/v1/completions", {"prompt": "hi", "n": 64, "max_tokens": 2000, "logprobs": 20}, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, None),
+    ("/v1/chat/completions", {"messages": []}, None),
+    ("/v1/completions", b"{not json", None),
+    ("/v1/completions", b'{"prompt": "hi"}', {"Content-Type": "text/plain"}),
+]
+
+
+class SoakRecord(Record):
+    def __init__(self, kind: str, room: int):
+        super().__init__()
+        self.kind, self.outcome = kind, "ok"  # outcome: "ok" or what went wrong (a failure of this kind's check)
+        self.room = room  # max_tokens for the long requests: what the context leaves after a prompt
+
+
+def _chunks_of(raw_lines: list[str]) -> list[dict]:
+    return [json.loads(line[5:]) for line in raw_lines if line.startswith("data:") and line != "data: [DONE]"]
+
+
+async def soak_good(session, url: str, prompt: str, rng: random.Random, rec: SoakRecord) -> None:
+    chat = rng.random() < 0.4
+    n = rng.choice((1, 1, 1, 2))
+    max_tokens = rng.randint(4, 48)
+    body = {"max_tokens": max_tokens, "temperature": rng.choice((0.0, 0.7)), "n": n, "ignore_eos": True}
+    body.update(stream=True, stream_options={"include_usage": True})
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+        if rng.random() < 0.3:
+            body.update(logprobs=True, top_logprobs=3)
+    else:
+        body["prompt"] = prompt
+        if rng.random() < 0.3:
+            body["logprobs"] = 3
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    async with session.post(url + path, json=body) as resp:
+        if resp.status != 200:
+            rec.outcome = f"good request got http {resp.status}: {(await resp.text())[:200]}"
+            return
+        lines = [raw.decode().strip() async for raw in resp.content]
+    if "data: [DONE]" not in lines:
+        rec.outcome = "good stream ended without [DONE]"
+        return
+    chunks = _chunks_of(lines)
+    errors = [c for c in chunks if "error" in c]
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    finished = {ch["index"] for c in chunks for ch in c.get("choices", ()) if ch.get("finish_reason")}
+    if errors or not usage or usage[-1]["completion_tokens"] != n * max_tokens or finished != set(range(n)):
+        rec.outcome = f"good stream incomplete: errors={errors[:1]} usage={usage[-1:]} finished={sorted(finished)}"
+        return
+    rec.tokens = usage[-1]["completion_tokens"]
+    rec.token()
+
+
+async def soak_disconnect(session, url: str, prompt: str, rng: random.Random, rec: SoakRecord) -> None:
+    body = {"prompt": prompt, "max_tokens": 64, "stream": True, "ignore_eos": True}
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        seen, want = 0, rng.randint(1, 4)
+        async for raw in resp.content:
+            seen += raw.startswith(b"data:")
+            if seen >= want:
+                resp.close()  # drops the connection mid-stream
+                return
+
+
+async def soak_deadline(session, url: str, prompt: str, rng: random.Random, rec: SoakRecord) -> None:
+    body = {
+        "prompt": prompt,
+        "max_tokens": rec.room,
+        "stream": True,
+        "ignore_eos": True,
+        "timeout": rng.uniform(0.2, 2),
+    }
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        if resp.status == 504:
+            return
+        if resp.status != 200:
+            rec.outcome = f"deadline request got http {resp.status}"
+            return
+        lines = [raw.decode().strip() async for raw in resp.content]
+    chunks = _chunks_of(lines)
+    ended = any("error" in c and c["error"].get("code") == 504 for c in chunks)
+    if not ended and not any(c.get("choices") and c["choices"][0].get("finish_reason") for c in chunks):
+        rec.outcome = "deadline stream neither timed out nor finished"
+
+
+async def soak_abort(session, url: str, prompt: str, rng: random.Random, rec: SoakRecord) -> None:
+    body = {"prompt": prompt, "max_tokens": 128, "stream": rng.random() < 0.7, "ignore_eos": True}
+
+    async def go():
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            async for _ in resp.content:
+                pass
+
+    task = asyncio.ensure_future(go())
+    await asyncio.sleep(rng.uniform(0, 1.0))
+    task.cancel()  # the client gives up: the connection closes under the request
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def soak_bad(session, url: str, prompt: str, rng: random.Random, rec: SoakRecord) -> None:
+    path, body, headers = rng.choice(_BAD)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with session.post(url + path, data=data, headers=headers or {"Content-Type": "application/json"}) as resp:
+        got = await resp.json(content_type=None)
+    err = got.get("error") if isinstance(got, dict) else None
+    if not 400 <= resp.status < 500 or not err or not err.get("param"):
+        rec.outcome = f"bad request {body!r:.80} got http {resp.status}: {str(got)[:200]}"
+
+
+async def soak_never_reads(url: str, prompt: str, rng: random.Random, rec: SoakRecord, hold: float) -> None:
+    """A 4 KiB receive buffer, a big streamed request (n=16, 20 logprobs a token), then no reading for `hold` s:
+    by then the server must have ended the stream (what it had written is read, then the connection ends) or
+    have written all of it (the kernel's buffers hold it: it ends with [DONE])."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    tail = b""
+    try:
+        await loop.sock_connect(sock, (host, int(port)))
+        body = json.dumps(
+            {"prompt": prompt, "n": 16, "logprobs": 20, "max_tokens": rec.room, "stream": True, "ignore_eos": True}
+        ).encode()
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        await loop.sock_sendall(sock, (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        await asyncio.sleep(hold)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), end - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+            except OSError:
+                return  # reset by the server: ended
+            if not data:
+                return  # closed by the server: ended
+            tail = (tail + data)[-64:]
+            if b"data: [DONE]" in tail:
+                return  # it was all written (into the kernel's buffers) and the stream finished
+        rec.outcome = "a stream nobody read was neither ended nor finished"
+    finally:
+        sock.close()
+
+
+SOAK_CLIENTS = {
+    "good": soak_good,
+    "disconnect": soak_disconnect,
+    "deadline": soak_deadline,
+    "abort": soak_abort,
+    "bad": soak_bad,
+}
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+async def _metric(session, url: str, name: str) -> float | None:
+    async with session.get(url + "/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.split(" ")[0] == name:
+                return float(line.split(" ")[1])
+    return None
+
+
+async def run_soak(url: str, pid: int, args) -> dict:
+    prompts = make_prompts(64, args.prompt_words, args.seed)
+    records: list[SoakRecord] = []
+    samples: list[tuple[float, float, int]] = []  # (seconds, RSS MiB, requests so far)
+    health_failures: list[str] = []
+    weights = [w for _, w in SOAK_MIX]
+    kinds = [k for k, _ in SOAK_MIX]
+    hold = float(args.stream_write_timeout or 30) + 10
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        async with session.get(url + "/v1/models") as r:
+            room = min(1000, (await r.json())["data"][0]["max_model_len"] - 4 * args.prompt_words - 64)
+        t0 = time.perf_counter()
+        deadline = t0 + args.duration
+
+        async def client(i: int) -> None:
+            rng = random.Random(args.seed * 1000 + i)
+            n = i
+            while time.perf_counter() < deadline:
+                kind = rng.choices(kinds, weights)[0]
+                rec = SoakRecord(kind, room)
+                prompt = prompts[n % len(prompts)]
+                n += args.concurrency
+                try:
+                    if kind == "never_reads":
+                        await soak_never_reads(url, prompt, rng, rec, hold)
+                    else:
+                        await SOAK_CLIENTS[kind](session, url, prompt, rng, rec)
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                    if kind in ("good", "bad"):  # the others may well see their own connection cut
+                        rec.outcome = f"{kind} request failed: {type(e).__name__}: {str(e)[:200]}"
+                rec.end = time.perf_counter()
+                records.append(rec)
+
+        async def sampler() -> None:
+            while True:
+                now = time.perf_counter() - t0
+                try:
+                    async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=10)) as r:
+                        if r.status != 200:
+                            health_failures.append(f"{now:.0f}s: /health {r.status} {await r.text()}")
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    health_failures.append(f"{now:.0f}s: /health {type(e).__name__}")
+                samples.append((now, _rss_mib(pid) or 0.0, len(records)))
+                await asyncio.sleep(args.sample)
+
+        watch = asyncio.create_task(sampler())
+        tasks = [asyncio.create_task(client(i)) for i in range(args.concurrency)]
+        await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+        _, pending = await asyncio.wait(tasks, timeout=args.grace + hold)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Idle now: every page must be back (a few seconds for the last aborts to land).
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            in_use = await _metric(session, url, "jaxserve_kv_pages_in_use")
+            running = await _metric(session, url, "jaxserve_num_requests_running")
+            if not in_use and not running:
+                break
+            await asyncio.sleep(0.5)
+        samples.append((time.perf_counter() - t0, _rss_mib(pid) or 0.0, len(records)))
+        watch.cancel()
+        outcomes = {}
+        for name in ("stop", "length", "abort", "cancelled", "deadline", "invalid", "slow_client", "error"):
+            outcomes[name] = await _metric(session, url, f'jaxserve_requests_total{{outcome="{name}"}}')
+        elapsed = time.perf_counter() - t0
+    failures = [r for r in records if r.outcome != "ok"]
+    by_kind = {k: sum(r.kind == k for r in records) for k in kinds}
+    e2e = {k: [r.end - r.start for r in records if r.kind == k] for k in kinds}
+    latency = {k: {"p50_ms": pct(v, 50), "p99_ms": pct(v, 99), "max_ms": pct(v, 100)} for k, v in e2e.items() if v}
+    warm = [rss for t, rss, _ in samples if t >= args.duration * args.warmup_fraction]
+    growth = (max(warm) - warm[0]) if warm else None
+    return {
+        "protocol": "http-soak",
+        "target": url,
+        "elapsed_s": round(elapsed, 1),
+        "requests": len(records),
+        "by_kind": by_kind,
+        "e2e_by_kind": latency,
+        "good_answered": sum(r.kind == "good" and r.outcome == "ok" for r in records),
+        "good_tokens": sum(r.tokens for r in records if r.kind == "good"),
+        "failures": len(failures),
+        "first_failures": list(dict.fromkeys(r.outcome for r in failures))[:8],
+        "health_failures": health_failures[:8],
+        "kv_pages_in_use_at_end": in_use,
+        "running_at_end": running,
+        "server_outcomes": outcomes,
+        "rss_curve_mib": [(round(t), round(rss, 1), n) for t, rss, n in samples],
+        "rss_growth_after_warmup_mib": None if growth is None else round(growth, 1),
+    }
+
+
+def print_soak(r: dict, max_growth: float) -> None:
+    print(f"soak over {r['elapsed_s']:.0f} s: {r['requests']} requests {r['by_kind']}")
+    print(f"  good requests answered whole: {r['good_answered']} of {r['by_kind']['good']} ({r['good_tokens']} tokens)")
+    for kind, q in r["e2e_by_kind"].items():
+        print(f"  {kind:12} e2e p50 {q['p50_ms']:9.0f} ms  p99 {q['p99_ms']:9.0f} ms  max {q['max_ms']:9.0f} ms")
+    print(f"  client-side failures: {r['failures']}  /health failures: {len(r['health_failures'])}")
+    for f in r["first_failures"] + r["health_failures"]:
+        print(f"    {f}")
+    print(f"  at the end: KV pages in use {r['kv_pages_in_use_at_end']}, running {r['running_at_end']}")
+    print(f"  server outcomes: {r['server_outcomes']}")
+    print("  RSS curve (s, MiB, requests so far):")
+    curve = r["rss_curve_mib"]
+    step = max(1, len(curve) // 30)
+    for t, rss, n in curve[::step] + ([curve[-1]] if (len(curve) - 1) % step else []):
+        print(f"    {t:6d} s {rss:8.1f} MiB {n:7d}  " + "#" * int(rss / 25))
+    growth = r["rss_growth_after_warmup_mib"]
+    print(f"  RSS growth after warm-up: {growth} MiB (limit {max_growth:g})")
+
+
+def soak_failed(r: dict, max_growth: float) -> bool:
+    growth = r["rss_growth_after_warmup_mib"]
+    return bool(
+        r["failures"]
+        or r["health_failures"]
+        or r["kv_pages_in_use_at_end"]
+        or r["running_at_end"]
+        or not r["good_answered"]
+        or growth is None
+        or growth > max_growth
+        or r.get("server_exit_code") not in (None, 0)
+    )
 
 
 # ---- statistics -------------------------------------------------------------------------------------------------
@@ -313,7 +638,7 @@ async def run_started(protocol: str, args) -> dict:
     try:
         await wait_ready(protocol, target, proc, args.start_timeout)
         print(f"[load_test] {protocol} server ready on {target} after {time.perf_counter() - t:.1f} s", file=sys.stderr)
-        result = await run_load(protocol, target, args)
+        result = await (run_soak(target, proc.pid, args) if args.soak else run_load(protocol, target, args))
     finally:
         code = stop_server(proc, args.grace + 30)
         print(f"[load_test] {protocol} server exited with {code}", file=sys.stderr)
@@ -350,6 +675,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="seeds the prompt set")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--soak", action="store_true", help="misbehaving clients too, RSS and health watched (see above)")
+    p.add_argument("--sample", type=float, default=10, help="--soak: seconds between RSS / health samples")
+    p.add_argument("--warmup-fraction", type=float, default=0.2, help="--soak: RSS growth is measured after this")
+    p.add_argument("--max-rss-growth", type=float, default=64, help="--soak: MiB the RSS may grow after warm-up")
     g = p.add_argument_group("engine flags for --start")
     for name, flag, _ in ENGINE_FLAGS:
         g.add_argument(flag, dest=name, default=None)
@@ -358,6 +687,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --url and/or --grpc, or --start")
     if args.start and not set(args.start.split(",")) <= {"http", "grpc"}:
         p.error("--start takes http, grpc or http,grpc")
+    if args.soak and args.start != "http":
+        p.error("--soak runs against a server it starts: --start http")
     return args
 
 
@@ -379,10 +710,13 @@ def main(argv=None) -> int:
     except RuntimeError as e:  # a started server died or never became ready (its log's end is printed above)
         print(f"[load_test] {e}", file=sys.stderr)
         return 1
-    print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "results": results}, f, indent=2)
+    if args.soak:
+        print_soak(results[0], args.max_rss_growth)
+        return 1 if soak_failed(results[0], args.max_rss_growth) else 0
+    print_table(results)
     failed = any(r["errors"] or not r["requests"] or r.get("server_exit_code") not in (None, 0) for r in results)
     return 1 if failed else 0
 
