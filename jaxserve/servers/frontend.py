@@ -16,6 +16,7 @@ import hmac
 import os
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Sequence
 
 from jaxserve.api.errors import (
@@ -94,8 +95,9 @@ class Frontend:
         self.metrics = ServerMetrics(engine, self.model_name)
         self.draining = False
         self._inflight: dict[object, asyncio.Task | None] = {}
-        # tasks the server ended, and why (the drain's timeout, a client that stopped reading): see generate
-        self._ended: dict[asyncio.Task, APIError] = {}
+        # tasks the server ended, and why (the drain's timeout, a client that stopped reading): see generate (weak:
+        # a task whose generate had already returned drops out when it is done)
+        self._ended: weakref.WeakKeyDictionary[asyncio.Task, APIError] = weakref.WeakKeyDictionary()
         self._started = time.time()
 
     # ---- state ------------------------------------------------------------------------------------------------
