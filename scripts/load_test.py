@@ -320,16 +320,19 @@ async def soak_bad(session, url: str, prompt: str, rng: random.Random, rec: Soak
         rec.outcome = f"bad request {body!r:.80} got http {resp.status}: {str(got)[:200]}"
 
 
-async def soak_never_reads(url: str, prompt: str, rng: random.Random, rec: SoakRecord, hold: float) -> None:
-    """A 4 KiB receive buffer, a big streamed request (n=16, 20 logprobs a token), then no reading for `hold` s:
-    by then the server must have ended the stream (what it had written is read, then the connection ends) or
-    have written all of it (the kernel's buffers hold it: it ends with [DONE])."""
+_TCP_CLOSED_STATES = (7, 8)  # TCP_CLOSE (the server reset the connection), TCP_CLOSE_WAIT (it closed it)
+
+
+async def soak_never_reads(url: str, prompt: str, rng: random.Random, rec: SoakRecord, limit: float) -> None:
+    """A 4 KiB receive buffer, a big streamed request (n=16, 20 logprobs a token), and no reading at all: the
+    server must end the connection (seen in the socket's TCP state, without reading) within `limit` s of the
+    request starting to stream (queueing included), or have written all of it (the kernel's buffers held it; read
+    at the end, it finishes with [DONE])."""
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
-    tail = b""
     try:
         await loop.sock_connect(sock, (host, int(port)))
         body = json.dumps(
@@ -337,21 +340,22 @@ async def soak_never_reads(url: str, prompt: str, rng: random.Random, rec: SoakR
         ).encode()
         head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         await loop.sock_sendall(sock, (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        await asyncio.sleep(hold)
-        end = time.monotonic() + 30
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in _TCP_CLOSED_STATES:
+                return  # ended by the server
+            await asyncio.sleep(0.5)
+        tail, end = b"", time.monotonic() + 30  # not ended: then it must have been written whole
         while time.monotonic() < end:
             try:
                 data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), end - time.monotonic())
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, OSError):
                 break
-            except OSError:
-                return  # reset by the server: ended
-            if not data:
-                return  # closed by the server: ended
             tail = (tail + data)[-64:]
-            if b"data: [DONE]" in tail:
-                return  # it was all written (into the kernel's buffers) and the stream finished
-        rec.outcome = "a stream nobody read was neither ended nor finished"
+            if not data or b"data: [DONE]" in tail:
+                break
+        if b"data: [DONE]" not in tail:
+            rec.outcome = f"a stream nobody read was not ended within {limit:.0f} s"
     finally:
         sock.close()
 
@@ -391,7 +395,8 @@ async def run_soak(url: str, pid: int, args) -> dict:
     health_failures: list[str] = []
     weights = [w for _, w in SOAK_MIX]
     kinds = [k for k, _ in SOAK_MIX]
-    hold = float(args.stream_write_timeout or 30) + 10
+    # a stream nobody reads must be ended within its queueing time plus the write timeout: 5 minutes is plenty
+    hold = 300.0
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         async with session.get(url + "/v1/models") as r:

@@ -12,9 +12,12 @@ A client that disconnects mid-stream cancels its handler, which aborts the reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import socket
+import struct
 import uuid
 
 from aiohttp import web
@@ -226,8 +229,7 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
         # nothing more can reach it.
         why = f"stream: the client read nothing for {timeout:g}s"
         frontend.end(tasks, APIError(SLOW_CLIENT, why))
-        if request.transport is not None:
-            request.transport.abort()
+        _reset(request.transport)
         log.info("ended a stream to %s: %s", request.remote, why)
     except ConnectionError:  # the client went away mid-write: its requests end (counted cancelled), quietly
         if response is None:
@@ -236,6 +238,18 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
         for task in tasks:
             task.cancel()
     return response
+
+
+def _reset(transport) -> None:
+    """Drop a connection at once with a reset: what the kernel still holds for a client that does not read is
+    freed now (a plain close would queue the FIN behind it and keep the socket, and its buffers, for minutes)."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class _Writer:
