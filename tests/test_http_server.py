@@ -771,3 +771,18 @@ def test_a_client_that_never_reads_costs_bounded_memory_and_the_others_are_serve
         done.set()
         sock.close()
         s.close()
+
+
+def test_each_choice_finishes_once_in_a_stream(server):
+    """n > 1: a choice that ends early (here a stop token id) sends its finish_reason once, not again with every
+    later step of its siblings (it used to repeat)."""
+    ids = server.engine.tokenizer.encode("alpha beta gamma delta epsilon")
+    body = {**OK, "prompt": ids, "n": 2, "temperature": 0.5, "max_tokens": 6, "stream": True}
+    body.update(stop_token_ids=[ids[1]], ignore_eos=True)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", C, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    data = conn.getresponse().read().decode()
+    conn.close()
+    chunks = [json.loads(line[5:]) for line in data.splitlines() if line.startswith("data: {")]
+    finishes = [(ch["index"], ch["finish_reason"]) for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+    assert sorted(finishes) == [(0, "stop"), (1, "stop")], finishes

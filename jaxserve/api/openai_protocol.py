@@ -198,6 +198,17 @@ class CompletionShape:
     def __init__(self, model: str, rid: str):
         self.model, self.id, self.created = model, rid, int(time.time())
         self.offsets: dict[int, int] = {}
+        self.ended: set[int] = set()  # choices whose finish_reason was sent (n > 1: others still run)
+
+    def _news(self, out):
+        """The choices of a streamed output with something to send: new text or tokens, or its finish (once)."""
+        for c in out.outputs:
+            if c.index in self.ended:
+                continue
+            if c.finish_reason:
+                self.ended.add(c.index)
+            if c.delta_token_ids or c.delta_text or c.finish_reason:
+                yield c
 
     def _envelope(self, choices: list, **extra) -> dict:
         return {
@@ -245,20 +256,19 @@ class CompletionShape:
 
     def chunks(self, out, include_usage: bool):
         extra = {"usage": None} if include_usage else {}
-        for c in out.outputs:
-            if c.delta_token_ids or c.delta_text or c.finish_reason:
-                yield self._envelope(
-                    [
-                        {
-                            "index": c.index,
-                            "text": c.delta_text,
-                            "logprobs": self._logprobs(c, len(c.delta_token_ids)),
-                            "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                    ],
-                    **extra,
-                )
+        for c in self._news(out):
+            yield self._envelope(
+                [
+                    {
+                        "index": c.index,
+                        "text": c.delta_text,
+                        "logprobs": self._logprobs(c, len(c.delta_token_ids)),
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                ],
+                **extra,
+            )
 
     def usage_chunk(self, out) -> dict:
         return self._envelope([], usage=_usage(out))
@@ -316,17 +326,16 @@ class ChatShape(CompletionShape):
 
     def chunks(self, out, include_usage: bool):
         extra = {"usage": None} if include_usage else {}
-        for c in out.outputs:
-            if c.delta_token_ids or c.delta_text or c.finish_reason:
-                yield self._envelope(
-                    [
-                        {
-                            "index": c.index,
-                            "delta": {"content": c.delta_text} if c.delta_text else {},
-                            "logprobs": self._logprobs(c, len(c.delta_token_ids)),
-                            "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                    ],
-                    **extra,
-                )
+        for c in self._news(out):
+            yield self._envelope(
+                [
+                    {
+                        "index": c.index,
+                        "delta": {"content": c.delta_text} if c.delta_text else {},
+                        "logprobs": self._logprobs(c, len(c.delta_token_ids)),
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                ],
+                **extra,
+            )
