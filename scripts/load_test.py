@@ -21,9 +21,9 @@ completions and chats (random max_tokens, n, logprobs, temperature; each must co
 tokens asked for), clients that disconnect mid-stream, server-side deadlines (`timeout`), client-side aborts,
 bad requests (each must get a 4xx naming its field), and clients that never read (a 4 KiB receive buffer; the
 server must end the stream). Every --sample seconds the server's RSS and /health are read; at the end the KV
-pages still in use (must be 0), the RSS curve, and the RSS growth after warm-up are printed. Exit 1 when a good
-request failed, /health ever failed, a page leaked, the RSS grew past --max-rss-growth after warm-up, or the
-server exited non-zero.
+pages still in use (must be 0), the RSS curve, and its trend after warm-up (last-quarter median minus
+first-quarter median, and the slope) are printed. Exit 1 when a good request failed, /health ever failed, a page
+leaked, the RSS grew past --max-rss-growth after warm-up, or the server exited non-zero.
 
     python scripts/load_test.py --start http --soak --duration 1800 --concurrency 32 --json soak.json
 """
@@ -44,6 +44,7 @@ import time
 
 import aiohttp
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -460,8 +461,7 @@ async def run_soak(url: str, pid: int, args) -> dict:
     by_kind = {k: sum(r.kind == k for r in records) for k in kinds}
     e2e = {k: [r.end - r.start for r in records if r.kind == k] for k in kinds}
     latency = {k: {"p50_ms": pct(v, 50), "p99_ms": pct(v, 99), "max_ms": pct(v, 100)} for k, v in e2e.items() if v}
-    warm = [rss for t, rss, _ in samples if t >= args.duration * args.warmup_fraction]
-    growth = (max(warm) - warm[0]) if warm else None
+    growth, slope = rss_trend(samples, args.duration * args.warmup_fraction)
     return {
         "protocol": "http-soak",
         "target": url,
@@ -479,7 +479,23 @@ async def run_soak(url: str, pid: int, args) -> dict:
         "server_outcomes": outcomes,
         "rss_curve_mib": [(round(t), round(rss, 1), n) for t, rss, n in samples],
         "rss_growth_after_warmup_mib": None if growth is None else round(growth, 1),
+        "rss_slope_mib_per_hour": None if slope is None else round(slope, 1),
     }
+
+
+def rss_trend(samples: list[tuple[float, float, int]], warmup_s: float) -> tuple[float | None, float | None]:
+    """After warm-up: (median RSS of the last quarter - median of the first quarter, MiB; the least-squares slope,
+    MiB per hour). The RSS saw-tooths by the size of a step's transient buffers, so single samples (the max minus
+    the first) measure that amplitude, not growth; quarter medians and the slope measure the trend."""
+    warm = [(t, rss) for t, rss, _ in samples if t >= warmup_s]
+    if len(warm) < 8:
+        return None, None
+    q = len(warm) // 4
+    first, last = sorted(r for _, r in warm[:q]), sorted(r for _, r in warm[-q:])
+    growth = last[len(last) // 2] - first[len(first) // 2]
+    ts, rs = np.array([t for t, _ in warm]), np.array([r for _, r in warm])
+    slope = float(np.polyfit(ts, rs, 1)[0]) * 3600
+    return growth, slope
 
 
 def print_soak(r: dict, max_growth: float) -> None:
@@ -492,13 +508,17 @@ def print_soak(r: dict, max_growth: float) -> None:
         print(f"    {f}")
     print(f"  at the end: KV pages in use {r['kv_pages_in_use_at_end']}, running {r['running_at_end']}")
     print(f"  server outcomes: {r['server_outcomes']}")
-    print("  RSS curve (s, MiB, requests so far):")
     curve = r["rss_curve_mib"]
+    lo, hi = min(rss for _, rss, _ in curve), max(rss for _, rss, _ in curve)
+    print(f"  RSS curve (s, MiB, requests so far; the bar spans {lo:.0f}..{hi:.0f} MiB):")
     step = max(1, len(curve) // 30)
     for t, rss, n in curve[::step] + ([curve[-1]] if (len(curve) - 1) % step else []):
-        print(f"    {t:6d} s {rss:8.1f} MiB {n:7d}  " + "#" * int(rss / 25))
-    growth = r["rss_growth_after_warmup_mib"]
-    print(f"  RSS growth after warm-up: {growth} MiB (limit {max_growth:g})")
+        print(f"    {t:6d} s {rss:8.1f} MiB {n:7d}  " + "#" * (1 + int(50 * (rss - lo) / max(hi - lo, 1e-9))))
+    growth, slope = r["rss_growth_after_warmup_mib"], r["rss_slope_mib_per_hour"]
+    print(
+        f"  RSS after warm-up: last-quarter median - first-quarter median {growth} MiB (limit {max_growth:g}); "
+        f"trend {slope} MiB/hour"
+    )
 
 
 def soak_failed(r: dict, max_growth: float) -> bool:
