@@ -211,17 +211,36 @@ def _pick(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     greedy = argmax(logits)
 
     def draw():
-        temp = jnp.where(st.temperature > 0, st.temperature, 1.0)
-        scaled = logits / temp[:, None]  # f32[S, V]
-        filters = (st.top_k > 0) | (st.top_p < 1) | (st.min_p > 0)
-        # The sort is the costly part: batches whose random rows all use vLLM's defaults skip it.
-        scaled = jax.lax.cond(jnp.any(filters & (st.temperature > 0)), lambda: _filter(scaled, st), lambda: scaled)
-        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(st.seeds, st.step)
-        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        drawn = jax.vmap(jax.random.categorical)(row_keys(st), _draw_logits(logits, st)).astype(jnp.int32)
         return jnp.where(st.temperature > 0, drawn, greedy)
 
     # An all-greedy batch skips the whole random path.
     return jax.lax.cond(jnp.any(st.temperature > 0), draw, lambda: greedy)
+
+
+def row_keys(st: SamplingTensors) -> jax.Array:
+    """key[S]: each row's draw key, (seed, step): a row's draw never depends on the batch around it."""
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(st.seeds, st.step)
+
+
+def _draw_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
+    """The logits a random row draws from: temperature, then min_p / top_k / top_p (f32[S, V], unnormalized)."""
+    temp = jnp.where(st.temperature > 0, st.temperature, 1.0)
+    scaled = logits / temp[:, None]  # f32[S, V]
+    filters = (st.top_k > 0) | (st.top_p < 1) | (st.min_p > 0)
+    # The sort is the costly part: batches whose random rows all use vLLM's defaults skip it.
+    return jax.lax.cond(jnp.any(filters & (st.temperature > 0)), lambda: _filter(scaled, st), lambda: scaled)
+
+
+def target_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
+    """f32[S, V]: what each row's token is drawn from, after bans, penalties, temperature and filters
+    (unnormalized; a greedy row is 0 at its argmax and -inf elsewhere). Its row softmax is the distribution p a
+    speculated token is verified against (jaxserve.rejection_sampler), and categorical(row_keys(st), it) draws
+    the very token `sample` draws."""
+    logits = apply_penalties(_ban(logits.astype(jnp.float32), st.banned), st)
+    greedy = argmax(logits)
+    onehot = jnp.where(jnp.arange(logits.shape[-1])[None, :] == greedy[:, None], 0.0, -jnp.inf)
+    return jnp.where(st.temperature[:, None] > 0, _draw_logits(logits, st), onehot)
 
 
 def _filter(scaled: jax.Array, st: SamplingTensors) -> jax.Array:

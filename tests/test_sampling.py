@@ -514,3 +514,37 @@ def test_int_key_sort_matches_a_float_sort():
     got = np.asarray(jax.jit(_sort_descending)(jnp.asarray(x)))
     np.testing.assert_array_equal(got, -np.sort(-x, axis=-1))
     assert got.dtype == np.float32
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_target_logits_are_what_sample_draws_from(seed):
+    """target_logits (the p a speculated token is verified against): drawing from it with each row's key gives
+    exactly sample's token, over greedy and random rows, filters, bans and penalties; greedy rows are one-hot."""
+    from jaxserve.sampling import row_keys, target_logits
+
+    rng = np.random.default_rng(seed)
+    rows = [
+        _row(
+            step=int(rng.integers(1000)),
+            seed=int(rng.integers(2**40)),
+            temperature=float(rng.choice([0.0, 0.3, 1.0, 2.5])),
+            top_k=int(rng.choice([0, 3, 10])),
+            top_p=float(rng.choice([1.0, 0.9, 0.5])),
+            min_p=float(rng.choice([0.0, 0.05])),
+            repetition_penalty=float(rng.choice([1.0, 1.3])),
+            prompt=[1, 2, 3],
+            output=[4, 5],
+            banned=rng.integers(0, V, 2).tolist(),
+        )
+        for _ in range(S)
+    ]
+    logits = _logits(200 + seed, scale=3.0)
+    st = SamplingTensors.build(rows, S, H)
+    target = jax.jit(target_logits)(jnp.asarray(logits), st)
+    drawn = jax.vmap(jax.random.categorical)(row_keys(st), target)
+    np.testing.assert_array_equal(np.asarray(drawn), _run(rows, logits).token_ids)
+    probs = np.asarray(jax.nn.softmax(target, axis=-1))
+    greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
+    assert greedy and np.all(probs[greedy].max(-1) == 1.0)
+    for i, r in enumerate(rows):  # banned ids have probability 0
+        assert probs[i, list(r.banned_token_ids)].max() == 0.0
