@@ -257,7 +257,7 @@ class LLMEngine:
         result = jax.device_get(self.runner.execute(bucket, inputs, st))
         self.num_steps += 1
         token_ids = result.token_ids
-        sampled = [int(token_ids[slot]) if s.samples else None for slot, s in zip(slots, sched.scheduled)]
+        sampled = [[int(token_ids[slot])] if s.samples else None for slot, s in zip(slots, sched.scheduled)]
         row_of = {s.request.request_id: slot for slot, s in zip(slots, sched.scheduled)}
         updates = self.scheduler.update(sched, sampled)
         new = [

@@ -52,6 +52,7 @@ class Request:
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     all_token_ids: list[int] = dataclasses.field(default_factory=list)  # prompt + output, kept appended
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # proposals for the next step to verify
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

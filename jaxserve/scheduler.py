@@ -7,6 +7,11 @@ than what is left of the budget is split across steps (chunked prefill) and shar
     step budget 8:   [ d d d | p p p p p ]   3 running decodes first, then 5 tokens of a waiting prompt
     next step:       [ d d d | p p p | q q ] the prompt's last 3 tokens (it samples), a new prompt starts
 
+A decode may carry proposals (speculative decoding: `Request.spec_token_ids`): they are scheduled after its
+last token as more tokens of the same step, within the budget, the context and max_tokens, and the step
+verifies them; `update` then appends the accepted ones and the token after them, and counts only their KV as
+computed (a rejected proposal's slot is simply overwritten later; the prefix cache never sees it).
+
 Order: running decodes, then running prompt chunks, each by (priority, arrival); then waiting requests by
 (priority, arrival). When the page pool runs out, the lowest-priority, newest running request is preempted
 (its pages freed, `num_computed_tokens` reset) and goes back to the waiting queue to resume by recompute;
@@ -27,16 +32,26 @@ from jaxserve.request import Request, RequestStatus
 
 @dataclasses.dataclass
 class ScheduledRequest:
-    """One sequence's share of a step: tokens [start, start + num_tokens) of its all_token_ids."""
+    """One sequence's share of a step: tokens [start, start + num_tokens) of its all_token_ids followed by
+    spec_token_ids (proposals: the last len(spec_token_ids) of num_tokens)."""
 
     request: Request
     start: int
     num_tokens: int
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The step's input tokens for this sequence."""
+        return self.request.all_token_ids[self.start : self.start + self.num_tokens - len(self.spec_token_ids)] + [
+            *self.spec_token_ids
+        ]
 
     @property
     def samples(self) -> bool:
-        """The step catches the request up, so its last token's logits pick the next token."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        """The step catches the request up, so its last token's logits pick the next token (with proposals:
+        the logits after its last real token and after each proposal verify them)."""
+        return self.start + self.num_tokens - len(self.spec_token_ids) == self.request.num_tokens
 
 
 @dataclasses.dataclass
@@ -118,6 +133,8 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            spec = self._proposals(req, budget - n) if n == req.num_tokens - req.num_computed_tokens else []
+            n += len(spec)
             while self.block_manager.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
                 victim = self.running[-1]  # lowest priority, newest
                 self._preempt(victim)
@@ -127,7 +144,7 @@ class Scheduler:
                 if victim is req:
                     break
             if req.status is RequestStatus.RUNNING:
-                scheduled[req.request_id] = ScheduledRequest(req, req.num_computed_tokens, n)
+                scheduled[req.request_id] = ScheduledRequest(req, req.num_computed_tokens, n, spec)
                 budget -= n
 
         # Waiting requests, unless this step already had to preempt (no room to admit anyone).
@@ -155,7 +172,14 @@ class Scheduler:
 
         return SchedulerOutput(list(scheduled.values()), preempted)
 
+    def _proposals(self, req: Request, room: int) -> list[int]:
+        """The proposals a caught-up decode verifies this step: as many as the budget left (`room`), the context
+        and max_tokens allow (the token after them is the step's own, so each bound leaves one for it)."""
+        left = min(room, self.config.max_model_len - req.num_tokens - 1, req.max_tokens - req.num_output_tokens - 1)
+        return req.spec_token_ids[: max(0, left)]
+
     def _preempt(self, req: Request) -> None:
+        req.spec_token_ids = []
         self.running.remove(req)
         self.block_manager.free(req.request_id)
         req.status = RequestStatus.PREEMPTED
@@ -164,24 +188,49 @@ class Scheduler:
         self.num_preemptions += 1
         bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
 
-    def update(self, output: SchedulerOutput, sampled: Sequence[int | None]) -> list[RequestUpdate]:
-        """Apply a step's results. `sampled[i]` is the token drawn for `output.scheduled[i]` (None if it did
-        not sample). Appends tokens, caches newly full pages, finishes requests that hit a stop condition."""
+    def update(self, output: SchedulerOutput, sampled: Sequence[Sequence[int] | None]) -> list[RequestUpdate]:
+        """Apply a step's results. `sampled[i]` is what `output.scheduled[i]` emitted (None if it did not
+        sample): one token, or with proposals the accepted ones and the token after them. Appends tokens (every
+        one checked for a stop: a stop inside the run ends it there), counts computed KV (real tokens and
+        accepted proposals), caches newly full pages, finishes requests that hit a stop condition."""
         updates = []
         page_size = self.block_manager.page_size
-        for item, token in zip(output.scheduled, sampled, strict=True):
+        for item, tokens in zip(output.scheduled, sampled, strict=True):
             req = item.request
             if req.status is not RequestStatus.RUNNING:
                 continue  # finished or preempted while the step ran
+            req.spec_token_ids = []
             before = req.num_computed_tokens
-            req.num_computed_tokens = item.start + item.num_tokens
-            if req.num_computed_tokens // page_size > before // page_size:
-                self.block_manager.cache_full_pages(req.request_id, req.all_token_ids[: req.num_computed_tokens])
+            num_spec = len(item.spec_token_ids)
+            accepted = 0
+            if item.samples:
+                if (
+                    not tokens
+                    or len(tokens) > num_spec + 1
+                    or list(tokens[:-1]) != item.spec_token_ids[: len(tokens) - 1]
+                ):
+                    raise ValueError(
+                        f"{req.request_id}: emitted {tokens} do not follow its proposals {item.spec_token_ids}"
+                    )
+                accepted = len(tokens) - 1
+            req.num_computed_tokens = item.start + item.num_tokens - num_spec + accepted
             if not item.samples:
+                self._cache_pages(req, before, page_size)
                 continue
-            req.append_output(int(token))
-            status = req.check_stop(self.config.max_model_len)
+            new, status = [], None
+            for token in tokens:
+                req.append_output(int(token))
+                new.append(int(token))
+                status = req.check_stop(self.config.max_model_len)
+                if status is not None:
+                    break
+            req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+            self._cache_pages(req, before, page_size)
             if status is not None:
                 self.finish_request(req.request_id, status)
-            updates.append(RequestUpdate(req, [int(token)], status is not None))
+            updates.append(RequestUpdate(req, new, status is not None))
         return updates
+
+    def _cache_pages(self, req: Request, before: int, page_size: int) -> None:
+        if req.num_computed_tokens // page_size > before // page_size:
+            self.block_manager.cache_full_pages(req.request_id, req.all_token_ids[: req.num_computed_tokens])

@@ -33,7 +33,7 @@ def req(rid, n_prompt, max_tokens=8, priority=0, arrival=0.0, base=100, **params
 def run_step(s, token=7):
     out = s.schedule()
     plan = [(x.request.request_id, x.start, x.num_tokens, x.samples) for x in out.scheduled]
-    updates = s.update(out, [token if x.samples else None for x in out.scheduled])
+    updates = s.update(out, [[token] if x.samples else None for x in out.scheduled])
     return plan, out, updates
 
 
@@ -243,3 +243,59 @@ def test_random_story_keeps_invariants():
         run_step(s, token=5)
     assert bm.num_free_pages == bm.num_usable_pages
     assert s.num_preemptions > 0
+
+
+# ---- proposals (speculative decoding) -----------------------------------------------------------------------
+
+
+def sched(budget, pages):
+    return make(num_pages=pages, max_num_batched_tokens=budget, max_num_seqs=min(8, budget))[0]
+
+
+def _decoding(s, rid="a", n_prompt=5, **kw):
+    """A request past its prompt: it has sampled one token and decodes from here."""
+    s.add_request(req(rid, n_prompt, **kw))
+    while not s.requests[rid].output_token_ids:
+        run_step(s)
+    return s.requests[rid]
+
+
+def test_proposals_are_scheduled_after_the_last_token_and_verified():
+    s = sched(budget=16, pages=32)
+    a = _decoding(s, max_tokens=20)
+    a.spec_token_ids = [11, 12, 13]
+    out = s.schedule()
+    (item,) = out.scheduled
+    assert (item.start, item.num_tokens, item.spec_token_ids, item.samples) == (5, 4, [11, 12, 13], True)
+    assert item.token_ids == [7, 11, 12, 13]  # the last sampled token, then the proposals
+    (u,) = s.update(out, [[11, 12, 9]])  # two accepted, then the step's own token
+    assert u.new_token_ids == [11, 12, 9] and a.output_token_ids == [7, 11, 12, 9]
+    assert a.num_computed_tokens == a.num_tokens - 1 == 8  # KV of the real token and the accepted proposals only
+    assert a.spec_token_ids == []  # proposals are per step
+    with pytest.raises(ValueError):  # what a step emits must follow its proposals
+        a.spec_token_ids = [1, 2]
+        bad = s.schedule()
+        s.update(bad, [[3, 4]])
+
+
+def test_proposals_fit_the_budget_the_context_and_max_tokens():
+    s = sched(budget=3, pages=32)
+    a = _decoding(s, max_tokens=20)
+    a.spec_token_ids = [1, 2, 3, 4, 5]
+    (item,) = s.schedule().scheduled
+    assert item.spec_token_ids == [1, 2] and item.num_tokens == 3  # budget 3: the token and two proposals
+    s2 = sched(budget=16, pages=32)
+    b = _decoding(s2, max_tokens=3)  # one token out, two left: at most one proposal (the step adds one more)
+    b.spec_token_ids = [1, 2, 3]
+    (item,) = s2.schedule().scheduled
+    assert item.spec_token_ids == [1]
+
+
+def test_a_stop_inside_an_accepted_run_ends_it_there():
+    s = sched(budget=16, pages=32)
+    a = _decoding(s, max_tokens=20, stop_token_ids=[12])
+    a.spec_token_ids = [11, 12, 13]
+    out = s.schedule()
+    (u,) = s.update(out, [[11, 12, 13, 14]])  # all accepted, but 12 is a stop id
+    assert u.finished and u.new_token_ids == [11, 12] and a.output_token_ids == [7, 11, 12]
+    assert a.status is RequestStatus.FINISHED_STOPPED and a.request_id not in s.requests
