@@ -258,26 +258,31 @@ class OutputStream:
             else:
                 self._pending.add(out, self.aggregate)
                 self._buffered += size
-            overflow = self._buffered > self.limit and not out.finished
-            if overflow:
-                self._pending, self._error = (
-                    None,
+            taken = self._buffered <= self.limit or out.finished
+            if taken:
+                wake, self._woken = not self._woken, True
+            else:
+                wake = self._end_locked(
                     SlowConsumerError(
                         f"the stream was ended: its reader fell {self._buffered} tokens behind (the limit is "
                         f"{self.limit}; logprob alternatives count as tokens)"
-                    ),
+                    )
                 )
-            wake, self._woken = not self._woken, True
         if wake and not _post(self.loop, self._ready.set):
             return False
-        return not overflow
+        return taken
 
     def fail(self, error: BaseException) -> None:
         with self._lock:
-            self._pending, self._error = None, error
-            wake, self._woken = not self._woken, True
+            wake = self._end_locked(error)
         if wake:
             _post(self.loop, self._ready.set)
+
+    def _end_locked(self, error: BaseException) -> bool:
+        """End the stream with `error` (under the lock); whether the caller needs a wake-up."""
+        self._pending, self._error = None, error
+        wake, self._woken = not self._woken, True
+        return wake
 
     # the caller's event loop
 

@@ -313,10 +313,8 @@ class ModelRunner:
             qsl[slot] = at
             if n == 1:
                 token_ids[at] = item.request.all_token_ids[start]
-            elif item.spec_token_ids:  # a decode and its proposals
+            else:  # a prompt chunk, or a decode and its proposals
                 token_ids[at:end] = item.token_ids
-            else:
-                token_ids[at:end] = item.request.all_token_ids[start : start + n]
             pos = np.arange(start, start + n, dtype=np.int32)
             positions[at:end] = pos
             page_arr = np.asarray(pages, np.int32)

@@ -49,6 +49,19 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+def new_choices(out: RequestOutput, ended: set[int]):
+    """The completions of a streamed output that have something to send (new text or tokens, or their finish),
+    each finish once: `ended` (the caller's, per stream) collects the indices whose finish went out (n > 1: a
+    choice that ended early is in every later output of its siblings)."""
+    for c in out.outputs:
+        if c.index in ended:
+            continue
+        if c.finish_reason:
+            ended.add(c.index)
+        if c.delta_token_ids or c.delta_text or c.finish_reason:
+            yield c
+
+
 @dataclasses.dataclass
 class RequestOutput:
     request_id: str
@@ -82,12 +95,10 @@ class RequestOutput:
                 old.token_ids.extend(c.token_ids)
                 if old.logprobs is not None and c.logprobs is not None:
                     old.logprobs.extend(c.logprobs)
-                old.cumulative_logprob = c.cumulative_logprob
-                old.finish_reason, old.stop_reason = c.finish_reason, c.stop_reason
             else:
                 old.text, old.token_ids, old.logprobs = c.text, c.token_ids, c.logprobs
-                old.cumulative_logprob, old.finish_reason, old.stop_reason = (
-                    c.cumulative_logprob,
-                    c.finish_reason,
-                    c.stop_reason,
-                )
+            old.cumulative_logprob, old.finish_reason, old.stop_reason = (
+                c.cumulative_logprob,
+                c.finish_reason,
+                c.stop_reason,
+            )

@@ -43,9 +43,8 @@ class ScheduledRequest:
     @property
     def token_ids(self) -> list[int]:
         """The step's input tokens for this sequence."""
-        return self.request.all_token_ids[self.start : self.start + self.num_tokens - len(self.spec_token_ids)] + [
-            *self.spec_token_ids
-        ]
+        real = self.request.all_token_ids[self.start : self.start + self.num_tokens - len(self.spec_token_ids)]
+        return real + self.spec_token_ids
 
     @property
     def samples(self) -> bool:
@@ -194,7 +193,6 @@ class Scheduler:
         one checked for a stop: a stop inside the run ends it there), counts computed KV (real tokens and
         accepted proposals), caches newly full pages, finishes requests that hit a stop condition."""
         updates = []
-        page_size = self.block_manager.page_size
         for item, tokens in zip(output.scheduled, sampled, strict=True):
             req = item.request
             if req.status is not RequestStatus.RUNNING:
@@ -215,7 +213,7 @@ class Scheduler:
                 accepted = len(tokens) - 1
             req.num_computed_tokens = item.start + item.num_tokens - num_spec + accepted
             if not item.samples:
-                self._cache_pages(req, before, page_size)
+                self._cache_pages(req, before)
                 continue
             new, status = [], None
             for token in tokens:
@@ -225,12 +223,14 @@ class Scheduler:
                 if status is not None:
                     break
             req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
-            self._cache_pages(req, before, page_size)
+            self._cache_pages(req, before)
             if status is not None:
                 self.finish_request(req.request_id, status)
             updates.append(RequestUpdate(req, new, status is not None))
         return updates
 
-    def _cache_pages(self, req: Request, before: int, page_size: int) -> None:
+    def _cache_pages(self, req: Request, before: int) -> None:
+        """Enter the pages that became full since `before` computed tokens into the prefix cache."""
+        page_size = self.block_manager.page_size
         if req.num_computed_tokens // page_size > before // page_size:
             self.block_manager.cache_full_pages(req.request_id, req.all_token_ids[: req.num_computed_tokens])

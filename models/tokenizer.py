@@ -286,6 +286,18 @@ def _bounded(n: int, what: str) -> None:
         raise TemplateError(f"{what} would exceed {MAX_TEMPLATE_OUTPUT} characters")
 
 
+def _check_replace(s: str, old: str, new: str, what: str) -> None:
+    """s.replace(old, new) grows by len(new) - len(old) per hit (an empty `old` hits between every character)."""
+    hits = (len(s) + 1) if not old else s.count(old)
+    _bounded(len(s) + hits * max(0, len(new) - len(old)), what)
+
+
+def _check_width(spec: str, what: str = "a format width") -> None:
+    """A format or printf spec whose width is a million or more, or taken from an argument, is refused."""
+    if _WIDE.search(spec):
+        _bounded(MAX_TEMPLATE_OUTPUT + 1, what)
+
+
 def _check_str_call(s: str, name: str, args: tuple) -> None:
     """Bound what a str method may build before it runs (center('', 10**9), 'x'.replace('', big), ...)."""
     if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
@@ -293,12 +305,11 @@ def _check_str_call(s: str, name: str, args: tuple) -> None:
     elif name == "expandtabs":
         _bounded(len(s) + s.count("\t") * (args[0] if args and isinstance(args[0], int) else 8), "str.expandtabs")
     elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
-        count = (len(s) + 1) if not args[0] else s.count(args[0])
-        _bounded(len(s) + count * max(0, len(args[1]) - len(args[0])), "str.replace")
+        _check_replace(s, args[0], args[1], "str.replace")
     elif name == "join" and args:
         _bounded(sum(len(str(x)) + len(s) for x in args[0]) if hasattr(args[0], "__len__") else 0, "str.join")
-    elif name in ("format", "format_map") and _WIDE.search(s):
-        _bounded(MAX_TEMPLATE_OUTPUT + 1, "a format width")
+    elif name in ("format", "format_map"):
+        _check_width(s)
 
 
 def _bounded_filters(filters: dict) -> dict:
@@ -317,8 +328,7 @@ def _bounded_filters(filters: dict) -> dict:
 
     def b_replace(eval_ctx, s, old, new, count=None):
         s, old, new = str(s), str(old), str(new)
-        hits = (len(s) + 1) if not old else s.count(old)
-        _bounded(len(s) + hits * max(0, len(new) - len(old)), "replace")
+        _check_replace(s, old, new, "replace")
         return replace(eval_ctx, s, old, new, count)
 
     def b_join(eval_ctx, value, d="", attribute=None):
@@ -327,8 +337,7 @@ def _bounded_filters(filters: dict) -> dict:
         return join(eval_ctx, items, d, attribute)
 
     def b_format(value, *args, **kwargs):
-        if _WIDE.search(str(value)):
-            _bounded(MAX_TEMPLATE_OUTPUT + 1, "a format width")
+        _check_width(str(value))
         return fmt(value, *args, **kwargs)
 
     from jinja2.utils import pass_eval_context
@@ -377,8 +386,8 @@ def _compile_template(source: str):
         def wrap_str_format(self, value):
             wrapped = super().wrap_str_format(value)
             owner = getattr(value, "__self__", None)
-            if wrapped is not None and isinstance(owner, str) and _WIDE.search(owner):
-                _bounded(MAX_TEMPLATE_OUTPUT + 1, "a format width")
+            if wrapped is not None and isinstance(owner, str):
+                _check_width(owner)
             return wrapped
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805  (jinja2's own signature)

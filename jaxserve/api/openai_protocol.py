@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from jaxserve.outputs import new_choices
+
 from jaxserve.api.validation import (
     GenerateRequest,
     Limits,
@@ -198,17 +200,7 @@ class CompletionShape:
     def __init__(self, model: str, rid: str):
         self.model, self.id, self.created = model, rid, int(time.time())
         self.offsets: dict[int, int] = {}
-        self.ended: set[int] = set()  # choices whose finish_reason was sent (n > 1: others still run)
-
-    def _news(self, out):
-        """The choices of a streamed output with something to send: new text or tokens, or its finish (once)."""
-        for c in out.outputs:
-            if c.index in self.ended:
-                continue
-            if c.finish_reason:
-                self.ended.add(c.index)
-            if c.delta_token_ids or c.delta_text or c.finish_reason:
-                yield c
+        self.ended: set[int] = set()  # choices whose finish_reason was sent (outputs.new_choices)
 
     def _envelope(self, choices: list, **extra) -> dict:
         return {
@@ -256,7 +248,7 @@ class CompletionShape:
 
     def chunks(self, out, include_usage: bool):
         extra = {"usage": None} if include_usage else {}
-        for c in self._news(out):
+        for c in new_choices(out, self.ended):
             yield self._envelope(
                 [
                     {
@@ -326,7 +318,7 @@ class ChatShape(CompletionShape):
 
     def chunks(self, out, include_usage: bool):
         extra = {"usage": None} if include_usage else {}
-        for c in self._news(out):
+        for c in new_choices(out, self.ended):
             yield self._envelope(
                 [
                     {

@@ -23,6 +23,7 @@ from jaxserve.api.errors import (
     DEADLINE,
     INTERNAL,
     NOT_FOUND,
+    SLOW_CLIENT,
     UNAUTHENTICATED,
     UNAVAILABLE,
     APIError,
@@ -303,6 +304,11 @@ class Frontend:
 
 
 DRAIN_TIMED_OUT = "server shutting down: the request did not finish within the drain timeout"
+
+
+def stalled_write(timeout: float) -> APIError:
+    """Why a stream ends when a write to its client waited `timeout` s (--stream-write-timeout): it reads nothing."""
+    return APIError(SLOW_CLIENT, f"stream: the client read nothing for {timeout:g}s")
 
 
 def default_model_name(path: str) -> str:

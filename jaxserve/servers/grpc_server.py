@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxserve.api.errors import SLOW_CLIENT, UNAVAILABLE, VALIDATION, APIError, internal_error
+from jaxserve.api.errors import UNAVAILABLE, VALIDATION, APIError, internal_error
 from jaxserve.api.validation import (
     GenerateRequest,
     Limits,
@@ -39,9 +39,10 @@ from jaxserve.api.validation import (
     sampling_params,
 )
 from jaxserve.async_engine import MAX_BUFFERED_TOKENS
+from jaxserve.outputs import new_choices
 from jaxserve.servers import lifecycle
 from jaxserve.api.openai_protocol import usage
-from jaxserve.servers.frontend import DRAIN_TIMED_OUT, Frontend, api_keys_from
+from jaxserve.servers.frontend import DRAIN_TIMED_OUT, Frontend, api_keys_from, stalled_write
 from jaxserve.v1 import jaxserve_pb2 as pb
 from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 
@@ -201,18 +202,14 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             try:
                 async for out in stream:
                     msg = pb.GenerateResponse(request_id=out.request_id, finished=out.finished)
-                    for c in out.outputs:
-                        if c.delta_token_ids or (c.finish_reason and c.index not in sent_finish):
-                            msg.outputs.append(_delta(c, num_top))
-                            if c.finish_reason:
-                                sent_finish.add(c.index)
+                    msg.outputs.extend(_delta(c, num_top) for c in new_choices(out, sent_finish))
                     if out.finished:
                         msg.usage.CopyFrom(pb.Usage(**usage(out)))
                     if msg.outputs or out.finished:
                         try:  # (a client that reads nothing must not hold the call, or its request, forever)
                             await asyncio.wait_for(context.write(msg), timeout)
                         except asyncio.TimeoutError:
-                            err = APIError(SLOW_CLIENT, f"stream: the client read nothing for {timeout:g}s")
+                            err = stalled_write(timeout)
                             self.frontend.end([asyncio.current_task()], err)  # (counted as slow_client)
                             raise err from None
             finally:

@@ -22,12 +22,12 @@ import uuid
 
 from aiohttp import web
 
-from jaxserve.api.errors import HEADERS, NOT_FOUND, SLOW_CLIENT, TOO_LARGE, VALIDATION, APIError, internal_error
+from jaxserve.api.errors import HEADERS, NOT_FOUND, TOO_LARGE, VALIDATION, APIError, internal_error
 from jaxserve.errors import ENGINE_STOPPED
 from jaxserve.api.openai_protocol import ChatShape, CompletionShape, OpenAIRequest, parse_chat, parse_completion
 from jaxserve.api.validation import parse_json_body
 from jaxserve.servers import lifecycle
-from jaxserve.servers.frontend import Frontend
+from jaxserve.servers.frontend import Frontend, stalled_write
 
 log = logging.getLogger("jaxserve.http")
 
@@ -227,10 +227,10 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
     except asyncio.TimeoutError:
         # The client stopped reading: its requests end now (their pages come back) and so does the connection;
         # nothing more can reach it.
-        why = f"stream: the client read nothing for {timeout:g}s"
-        frontend.end(tasks, APIError(SLOW_CLIENT, why))
+        err = stalled_write(timeout)
+        frontend.end(tasks, err)
         _reset(request.transport)
-        log.info("ended a stream to %s: %s", request.remote, why)
+        log.info("ended a stream to %s: %s", request.remote, err.message)
     except ConnectionError:  # the client went away mid-write: its requests end (counted cancelled), quietly
         if response is None:
             raise
