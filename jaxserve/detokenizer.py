@@ -5,7 +5,6 @@ from __future__ import annotations
 from models.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
-MAX_HELD_TOKENS = 8  # a UTF-8 character is at most 4 byte tokens: text still incomplete after 8 never completes
 
 
 class IncrementalDetokenizer:
@@ -30,8 +29,7 @@ class IncrementalDetokenizer:
         self.token_ids.append(int(token_id))
         prefix = self._decode(self.token_ids[: self._read_offset])
         full = self._decode(self.token_ids)
-        unread = len(self.token_ids) - self._read_offset
-        if len(full) > len(prefix) and (not full.endswith(REPLACEMENT) or unread >= MAX_HELD_TOKENS):
+        if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
             # the new window starts where this one was read up to
             del self.token_ids[: self._read_offset]
             self._read_offset = len(self.token_ids)
