@@ -269,3 +269,47 @@ def test_a_stream_nobody_reads_is_ended_at_its_bound_and_the_others_go_on(tok):
     assert err is not None and "fell" in str(err)
     assert reader[-1].finished and len(reader[-1].outputs[0].token_ids) == 150
     assert engine.stats().generation_tokens < 4 * 4000  # the stuck one was aborted long before its end
+
+
+def test_an_ended_request_ends_even_when_its_cancel_was_swallowed(tok):
+    """Frontend.end (the drain timeout, a stalled client) cancels the request's task; where that cancel is
+    swallowed (Python 3.11's wait_for returns the inner result when it completes as the cancel lands: a gRPC
+    write), the stream still ends with the error at its next step, and the engine request is aborted."""
+    import asyncio
+    import time
+
+    from jaxserve.api.errors import UNAVAILABLE, APIError
+    from jaxserve.api.validation import GenerateRequest
+    from jaxserve.sampling import SamplingParams
+
+    engine = FakeEngine(tok, max_model_len=256)
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.005), step())[1]
+    aeng = AsyncEngine(engine)
+    frontend = Frontend(aeng, model_name="fake")
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def main():
+        outs, swallowed = [], 0
+        task = asyncio.current_task()
+        with pytest.raises(APIError) as err:
+            async for out in frontend.generate(GenerateRequest(params=params, prompt_token_ids=(5, 6, 7))):
+                outs.append(out)
+                if len(outs) == 3:  # (from outside any task, as the drain's end is to this one)
+                    asyncio.get_running_loop().call_soon(frontend.end, [task], APIError(UNAVAILABLE, "drained"))
+                try:
+                    await asyncio.sleep(0.01)
+                except asyncio.CancelledError:  # what wait_for does when the write finished as the cancel came
+                    swallowed += 1
+        return outs, swallowed, err.value
+
+    try:
+        outs, swallowed, err = asyncio.run(main())
+        assert swallowed == 1 and err.kind == UNAVAILABLE and err.message == "drained", (swallowed, err)
+        assert not outs[-1].finished and len(outs) < 10
+        deadline = time.monotonic() + 5
+        while engine.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not engine.has_unfinished_requests()  # aborted, not left to run its 200 tokens
+    finally:
+        aeng.shutdown()

@@ -552,3 +552,22 @@ def test_chat_content_cannot_forge_turns(tok):
     # (CONVERSATIONS' "<|im_end|> inside" turn is the same case: text for us, a control token for transformers)
     inside = CONVERSATIONS["system_multi_turn_unicode"]
     assert len(HONEST) == len(CONVERSATIONS) - 1 and tok.encode_chat(inside).count(CONTROL_TOKENS["<|im_end|>"]) == 4
+
+
+def test_the_render_time_bound_never_leaks_past_its_block():
+    """_TimeBound raises in its own block or not at all: a bound that fires as the block ends (raced here 300
+    times) leaves no exception pending for the code after it, and one that fires inside stops a silent loop."""
+    from models import tokenizer as t
+
+    for i in range(300):
+        try:
+            with t._TimeBound(0.0002 * (i % 5)):
+                sum(range(200 * (i % 7)))
+        except t._RenderTimeout:
+            pass
+        total = sum(j for j in range(20000))  # a stray pending exception would land here
+        assert total == 199990000
+    with pytest.raises(t._RenderTimeout):
+        with t._TimeBound(0.01):
+            while True:
+                pass

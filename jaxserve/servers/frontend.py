@@ -208,6 +208,11 @@ class Frontend:
             self._inflight[token] = asyncio.current_task()
             try:
                 while True:
+                    if asyncio.current_task() in self._ended:
+                        # end() cancelled this task but the cancel was swallowed on the way (Python 3.11's
+                        # wait_for returns its inner result when that completes as the cancel lands, e.g. a
+                        # gRPC write): act on it now, or the request would run to the end unnoticed.
+                        raise asyncio.CancelledError
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise asyncio.TimeoutError
