@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 DEFAULT_COMPILE_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -134,6 +135,8 @@ class EngineConfig:
 
     token_buckets: the step sizes (tokens) to compile; None -> powers of two up to max_num_batched_tokens.
     seed: draws the seeds of requests that bring none (a request's own seed makes it reproducible).
+    speculative_config: speculative decoding (jaxserve.spec_decode.SpeculativeConfig, or vLLM's dict / its JSON
+    text: {"method": "ngram", "num_speculative_tokens": 4}); None decodes one token per step.
     """
 
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
@@ -143,8 +146,12 @@ class EngineConfig:
     token_buckets: tuple[int, ...] | None = None
     seed: int = 0
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    speculative_config: Any = None  # SpeculativeConfig | None once validated
 
     def __post_init__(self) -> None:
+        from jaxserve.spec_decode import SpeculativeConfig
+
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"EngineConfig.attention_backend={self.attention_backend!r} must be one of {ATTENTION_BACKENDS}"

@@ -31,9 +31,10 @@ from jaxserve.kv_cache.block_manager import BlockManager
 from jaxserve.model_runner import ModelRunner
 from jaxserve.output_processor import OutputProcessor, SequenceTokens
 from jaxserve.outputs import RequestMetrics, RequestOutput
-from jaxserve.request import Request
+from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling import SampleRow, SamplingParams
 from jaxserve.scheduler import QueueFullError, Scheduler, ScheduledRequest
+from jaxserve.spec_decode import NgramProposer, SpecDecodeStats
 from models.loader import LoadedModel
 
 _NO_SAMPLE = SamplingParams(temperature=0.0, max_tokens=1)  # rows of a step that do not sample (mid-prompt)
@@ -88,6 +89,11 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
         self.num_steps = 0
         self.num_prompt_tokens = 0
+        spec = config.speculative_config
+        if spec is not None and spec.method != "ngram":
+            raise NotImplementedError(f"speculative_config.method={spec.method!r}: not built yet (ngram is)")
+        self.proposer = None if spec is None else NgramProposer(spec, self.max_model_len)
+        self.spec_stats = SpecDecodeStats(0 if spec is None else spec.num_speculative_tokens)
 
     @property
     def num_generated_tokens(self) -> int:
@@ -252,29 +258,78 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         block_tables = [self.block_manager.block_table(s.request.request_id) for s in sched.scheduled]
-        rows = [self._sample_row(s) for s in sched.scheduled]
-        bucket, inputs, st, slots = self.runner.prepare(sched.scheduled, block_tables, rows)
+        sample_rows = [self._sample_rows(s) for s in sched.scheduled]
+        bucket, inputs, st, rows = self.runner.prepare(sched.scheduled, block_tables, sample_rows)
         result = jax.device_get(self.runner.execute(bucket, inputs, st))
         self.num_steps += 1
         token_ids = result.token_ids
-        sampled = [[int(token_ids[slot])] if s.samples else None for slot, s in zip(slots, sched.scheduled)]
-        row_of = {s.request.request_id: slot for slot, s in zip(slots, sched.scheduled)}
+        sampled: list[list[int] | None] = []
+        for item, item_rows in zip(sched.scheduled, rows):
+            if not item.samples:
+                sampled.append(None)
+                continue
+            drawn = [int(token_ids[r]) for r in item_rows]
+            sampled.append(drawn[: self._count_accepted(item, drawn) + 1])
+        rows_of = {s.request.request_id: r for s, r in zip(sched.scheduled, rows)}
         updates = self.scheduler.update(sched, sampled)
         new = [
             SequenceTokens(
-                u.request.request_id, u.new_token_ids, [row_of[u.request.request_id]] * len(u.new_token_ids), u.finished
+                u.request.request_id,
+                u.new_token_ids,
+                rows_of[u.request.request_id][: len(u.new_token_ids)],
+                u.finished,
             )
             for u in updates
-        ]  # one token (one row) per sequence today; speculative decoding brings runs
-        return self.outputs.process(new, result, time.perf_counter())
+        ]
+        outputs = self.outputs.process(new, result, time.perf_counter())
+        if self.proposer is not None:
+            self._propose([u.request for u in updates])
+        return outputs
 
-    def _sample_row(self, item: ScheduledRequest) -> SampleRow:
+    def _count_accepted(self, item: ScheduledRequest, drawn: list[int]) -> int:
+        """How many of item's proposals the step accepts: drawn[j] is the target's own draw after the j-th
+        (made exactly as plain decoding makes it: same processing, same key (seed, step + j)), and a proposal is
+        accepted while it equals that draw; the draw at the first mismatch (or after the last proposal) is the
+        step's own token. Rejection sampling against a point-mass proposal: exact for greedy and random rows
+        (jaxserve.rejection_sampler.verify_point_mass is the same rule on device)."""
+        spec = item.spec_token_ids
+        if not spec:
+            return 0
+        accepted = 0
+        while accepted < len(spec) and drawn[accepted] == spec[accepted]:
+            accepted += 1
+        self.spec_stats.record(len(spec), accepted)
+        metrics = self.outputs.metrics_of(item.request.request_id)
+        if metrics is not None:
+            metrics.num_draft_tokens += len(spec)
+            metrics.num_accepted_tokens += accepted
+        return accepted
+
+    def _propose(self, requests: Sequence[Request]) -> None:
+        """Proposals for the next step of each request that just got tokens and runs on; none at all while the
+        batch is at least disable_by_batch_size sequences (there a step is compute-bound: verifying costs about
+        as much as it saves)."""
+        limit = self.config.speculative_config.disable_by_batch_size
+        off = limit is not None and len(self.scheduler.running) >= limit
+        for req in requests:
+            if req.status is RequestStatus.RUNNING and not off:
+                req.spec_token_ids = self.proposer.propose(req.all_token_ids)
+
+    def _sample_rows(self, item: ScheduledRequest) -> list[SampleRow]:
+        """The sampler rows of one scheduled item: one after its last real token, one after each proposal.
+        Row j draws the token plain decoding would draw at output step step + j: its key, its min_tokens bans
+        and its penalty history (the output so far and the proposals before it) are that step's."""
         req = item.request
         if not item.samples:
-            return SampleRow(_NO_SAMPLE, 0, 0, (), ())
+            return [SampleRow(_NO_SAMPLE, 0, 0, (), ())]
         params = req.sampling_params
         step = req.num_output_tokens
-        banned: tuple[int, ...] = ()
-        if step < params.min_tokens:
-            banned = banned_ids(params, req.eos_token_ids)
-        return SampleRow(params, req.seed, step, req.prompt_token_ids, req.output_token_ids, banned)
+        stop_ids = banned_ids(params, req.eos_token_ids) if step < params.min_tokens else ()
+        rows = []
+        for j in range(len(item.spec_token_ids) + 1):
+            output = req.output_token_ids
+            if j and params.has_penalties:
+                output = output + item.spec_token_ids[:j]
+            banned = stop_ids if step + j < params.min_tokens else ()
+            rows.append(SampleRow(params, req.seed, step + j, req.prompt_token_ids, output, banned))
+        return rows

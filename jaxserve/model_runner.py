@@ -47,7 +47,7 @@ class StepInputs:
     token_ids: jax.Array  # i32[T]
     positions: jax.Array  # i32[T]
     meta: AttentionMetadata  # slot_mapping i32[T], query_start_loc i32[S+1], kv_lens i32[S], block_tables i32[S, W]
-    sample_idx: jax.Array  # i32[S]: the token row whose logits sequence s samples from
+    sample_idx: jax.Array  # i32[S]: the token row whose logits sampler row r samples from (ModelRunner.pack)
 
 
 def _step(params: LlamaParams, cache: KVCache, inputs: StepInputs, st: SamplingTensors, *, cfg, backend, mesh):
@@ -282,20 +282,26 @@ class ModelRunner:
 
     def pack(
         self, scheduled: Sequence[ScheduledRequest], block_tables: Sequence[Sequence[int]]
-    ) -> tuple[int, StepInputs, list[int]]:
+    ) -> tuple[int, StepInputs, list[list[int]]]:
         """The token rows of one step, padded to its bucket. `block_tables[i]` are scheduled[i]'s pages.
 
         Sequences are laid out longest cached history first (the ragged layout allows any order), so the
         reference attention's row blocks hold rows of similar history and none walks far past its own. Returns
-        the bucket, the inputs and `slots`: scheduled[i] is sequence slot slots[i] of the step's outputs.
+        the bucket, the inputs and `rows`: rows[i] are scheduled[i]'s sampler rows, one after its last real
+        token and one after each proposal it verifies (speculative decoding), consecutive. The sampler's S rows
+        are not tied to sequence slots, so proposals need no buckets of their own: one step takes at most S rows
+        (the scheduler keeps proposals within max_num_seqs rows; S = min(T, max_num_seqs) >= the step's rows).
         """
         num_real = sum(s.num_tokens for s in scheduled)
         bucket = self.bucket_for(num_real)
         num_slots = self.num_seqs_for(bucket)
         if len(scheduled) > num_slots:
             raise ValueError(f"{len(scheduled)} sequences exceed the {num_slots} slots of bucket T{bucket}")
+        num_rows = sum(1 + len(s.spec_token_ids) for s in scheduled)
+        if num_rows > num_slots:
+            raise ValueError(f"{num_rows} sampler rows (sequences and proposals) exceed the {num_slots} of T{bucket}")
         order = sorted(range(len(scheduled)), key=lambda i: -scheduled[i].start)
-        slots = [0] * len(scheduled)
+        rows: list[list[int]] = [[] for _ in scheduled]
         ps = self.page_size
         token_ids = np.zeros(bucket, np.int32)
         positions = np.zeros(bucket, np.int32)
@@ -304,11 +310,10 @@ class ModelRunner:
         kv_lens = np.zeros(num_slots, np.int32)
         tables = np.zeros((num_slots, self.pages_per_seq), np.int32)
         sample_idx = np.zeros(num_slots, np.int32)
-        at = 0
+        at = row = 0
         for slot, i in enumerate(order):
             item, pages = scheduled[i], block_tables[i]
-            slots[i] = slot
-            n, start = item.num_tokens, item.start
+            n, start, num_spec = item.num_tokens, item.start, len(item.spec_token_ids)
             end = at + n
             qsl[slot] = at
             if n == 1:
@@ -321,28 +326,36 @@ class ModelRunner:
             slot_mapping[at:end] = page_arr[pos // ps] * ps + pos % ps
             kv_lens[slot] = start + n
             tables[slot, : len(pages)] = page_arr
-            sample_idx[slot] = end - 1
+            rows[i] = list(range(row, row + num_spec + 1))
+            sample_idx[row : row + num_spec + 1] = np.arange(end - 1 - num_spec, end)
+            row += num_spec + 1
             at = end
         meta = AttentionMetadata(slot_mapping, qsl, kv_lens, tables, np.array(len(scheduled), np.int32))
-        return bucket, StepInputs(token_ids, positions, meta, sample_idx), slots
+        return bucket, StepInputs(token_ids, positions, meta, sample_idx), rows
 
     def prepare(
-        self, scheduled: Sequence[ScheduledRequest], block_tables: Sequence[Sequence[int]], rows: Sequence[SampleRow]
-    ) -> tuple[int, StepInputs, SamplingTensors, list[int]]:
-        """`pack`, plus each sequence's sampling (`rows[i]` is scheduled[i]'s), in slot order."""
-        bucket, inputs, slots = self.pack(scheduled, block_tables)
+        self,
+        scheduled: Sequence[ScheduledRequest],
+        block_tables: Sequence[Sequence[int]],
+        sample_rows: Sequence[Sequence[SampleRow]],
+    ) -> tuple[int, StepInputs, SamplingTensors, list[list[int]]]:
+        """`pack`, plus the sampling of each sampler row (`sample_rows[i]` are scheduled[i]'s, one per row)."""
+        bucket, inputs, rows = self.pack(scheduled, block_tables)
         num_slots = self.num_seqs_for(bucket)
-        by_slot: list[SampleRow] = [None] * len(scheduled)  # type: ignore[list-item]
-        for i, slot in enumerate(slots):
-            by_slot[slot] = rows[i]
+        by_row: list[SampleRow] = [None] * sum(len(r) for r in rows)  # type: ignore[list-item]
+        for i, item_rows in enumerate(rows):
+            if len(sample_rows[i]) != len(item_rows):
+                raise ValueError(f"scheduled[{i}] has {len(item_rows)} sampler rows but {len(sample_rows[i])} given")
+            for r, sample_row in zip(item_rows, sample_rows[i]):
+                by_row[r] = sample_row
         # The sampler reads the [S, max_model_len] token history only for penalties: without one, a device array
         # of -1 made once per S stands in (nothing built or sent per step). Over several processes the full
         # history always goes (the followers receive into fixed host buffers).
-        penalties = self.channel is not None or any(r.params.has_penalties for r in rows)
-        st = SamplingTensors.build(by_slot, num_slots, self.max_model_len if penalties else 1)
+        penalties = self.channel is not None or any(r.params.has_penalties for r in by_row)
+        st = SamplingTensors.build(by_row, num_slots, self.max_model_len if penalties else 1)
         if not penalties:
             st = dataclasses.replace(st, history=self._unread_history(num_slots))
-        return bucket, inputs, st, slots
+        return bucket, inputs, st, rows
 
     def _unread_history(self, num_slots: int) -> jax.Array:
         if num_slots not in self._no_history:

@@ -159,6 +159,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("seed", "int", "seeds requests that bring none", field="seed", batching=True),
     Option(
+        "speculative_config",
+        "str",
+        'speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2} (prompt lookup; exact: the output is unchanged)',
+        field="speculative_config",
+    ),
+    Option(
         "coordinator_address",
         "str",
         "jax.distributed off TPU/SLURM: host:port of process 0 (with --num-processes, --process-id)",

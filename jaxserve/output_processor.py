@@ -99,6 +99,11 @@ class OutputProcessor:
     def has_sequence(self, sequence_id: str) -> bool:
         return sequence_id in self.seqs
 
+    def metrics_of(self, sequence_id: str) -> RequestMetrics | None:
+        """The metrics of the request a sequence belongs to (None once it is gone)."""
+        entry = self.seqs.get(sequence_id)
+        return None if entry is None else entry[0].metrics
+
     def abort(self, request_id: str, now: float) -> RequestOutput | None:
         """End a request now; its final output, or None when it is unknown or already finished."""
         state = self.requests.get(request_id)

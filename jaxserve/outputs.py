@@ -19,6 +19,12 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_generated_tokens: int = 0
+    num_draft_tokens: int = 0  # speculative decoding: proposals verified for this request (all its sequences)
+    num_accepted_tokens: int = 0  # of which accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
     @property
     def ttft(self) -> float | None:

@@ -123,6 +123,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, ScheduledRequest] = {}
         preempted: list[str] = []
+        # Each scheduled sequence takes one sampler row and each proposal one more: a step has max_num_seqs rows
+        # (ModelRunner.pack), so proposals take only the rows no running or admitted sequence could need.
+        num_spec = 0
 
         # Running requests: decodes first, then those still in their prompt (chunked prefill).
         order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, r.sort_key))
@@ -132,7 +135,10 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            spec = self._proposals(req, budget - n) if n == req.num_tokens - req.num_computed_tokens else []
+            spec = []
+            if n == req.num_tokens - req.num_computed_tokens:
+                spec = self._proposals(req, min(budget - n, self.config.max_num_seqs - len(self.running) - num_spec))
+            num_spec += len(spec)
             n += len(spec)
             while self.block_manager.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
                 victim = self.running[-1]  # lowest priority, newest
@@ -147,7 +153,7 @@ class Scheduler:
                 budget -= n
 
         # Waiting requests, unless this step already had to preempt (no room to admit anyone).
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while not preempted and self.waiting and budget > 0 and len(self.running) + num_spec < self.config.max_num_seqs:
             req = self.waiting[0]
             pages, num_cached = self.block_manager.get_computed_pages(
                 req.request_id, req.all_token_ids, record=False, salt=req.cache_salt

@@ -112,3 +112,36 @@ class NgramProposer:
                 start = int(hits[0]) + n
                 return tokens[start : start + k].tolist()
         return []
+
+
+@dataclasses.dataclass
+class SpecDecodeStats:
+    """Counters of one engine's verifications (vLLM's spec_decode metrics): num_drafts (sequences that verified
+    proposals, once per step each), num_draft_tokens (proposals), num_accepted_tokens, and accepted_per_position
+    (how often the j-th proposal was accepted)."""
+
+    k: int
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.accepted_per_position = [0] * self.k
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_proposed
+        self.num_accepted_tokens += num_accepted
+        for j in range(num_accepted):
+            self.accepted_per_position[j] += 1
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted proposals / proposals."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens a verifying step emits per sequence, on average: 1 + accepted / drafts (vLLM's)."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else None

@@ -1,0 +1,258 @@
+"""Speculative decoding in the engine, on a tiny random-weight model: with proposals verified in the ragged step
+the output is token-identical to plain decoding, greedy and seeded (row j draws with plain decoding's key, bans
+and penalty history), batched, chunked, preempted and with prefix hits; proposals that are all right or all
+wrong change nothing but the step count; a stop inside an accepted run ends it there; nothing compiles after
+warm-up; the distribution of unseeded draws is unchanged (chi-square), while an acceptance that is wrong on
+purpose is caught by the same test."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from scipy.stats import chi2_contingency
+
+from jaxserve.engine import LLMEngine
+from jaxserve.llm import engine_config
+from jaxserve.sampling import SamplingParams
+from tests.engine_runs import run_all
+from tests.tiny_models import TINY, random_arrays, write_gguf
+
+PAGE = 8
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from models.loader import load_model
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_gguf(path, TINY, random_arrays(TINY, seed=3))
+    return load_model(str(path))
+
+
+def bytes_per_page():
+    return 2 * TINY.num_layers * PAGE * TINY.num_kv_heads * TINY.head_dim * 4
+
+
+def make(model, spec=None, *, small=False):
+    """Budget 32 tokens and 8 sequences with pages to spare, or (small) budget 8, 4 sequences and 17 pages:
+    prompts are chunked and long sequences preempt each other."""
+    size = (
+        dict(max_num_seqs=4, max_num_batched_tokens=8, kv_cache_memory=18 * bytes_per_page(), token_buckets=(8,))
+        if small
+        else dict(
+            max_num_seqs=8, max_num_batched_tokens=32, kv_cache_memory=64 * bytes_per_page(), token_buckets=(8, 32)
+        )
+    )
+    return LLMEngine(model, engine_config(max_model_len=128, page_size=PAGE, speculative_config=spec, **size))
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model):
+    return make(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_model):
+    return make(tiny_model, NGRAM)
+
+
+@pytest.fixture(scope="module")
+def spec_small(tiny_model):
+    return make(tiny_model, NGRAM, small=True)
+
+
+def prompts(n, seed=0, lo=3, hi=60):
+    """Random prompts, each with a stretch repeated (a lookup hit for the n-gram proposer)."""
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = [rnd.randrange(3, TINY.vocab_size) for _ in range(rnd.randint(lo, hi))]
+        out.append(p + p[: rnd.randint(2, 8)])
+    return out
+
+
+def token_lists(outs):
+    return [outs[i].outputs[0].token_ids for i in range(len(outs))]
+
+
+class Oracle:
+    """Proposes the continuation a plain run produced (right: every proposal accepted) or, `wrong`, a token
+    that is never it (every proposal rejected)."""
+
+    def __init__(self, continuations: dict[tuple[int, ...], list[int]], wrong: bool = False):
+        self.k = 4
+        self.continuations = continuations
+        self.wrong = wrong
+
+    def propose(self, token_ids):
+        for prompt, cont in self.continuations.items():
+            n = len(prompt)
+            if tuple(token_ids[:n]) == prompt and len(token_ids) - n <= len(cont):
+                ahead = cont[len(token_ids) - n : len(token_ids) - n + self.k]
+                return [(t + 1) % TINY.vocab_size for t in ahead] if self.wrong else ahead
+        return []
+
+
+def stats(engine):
+    s = engine.spec_stats
+    return s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens
+
+
+def test_greedy_batched_chunked_preempted_and_prefix_hits_equal_plain(plain, spec, spec_small):
+    ps = prompts(8)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want = token_lists(run_all(plain, ps, greedy))
+    compiles = spec.runner.compiles_since_warmup  # (a process-wide counter: taken once all three exist)
+    before = stats(spec)
+    assert token_lists(run_all(spec, ps, greedy)) == want
+    drafts, proposed, accepted = (a - b for a, b in zip(stats(spec), before))
+    assert drafts > 0 and 0 < accepted < proposed  # speculation really ran, and both outcomes happened
+    hits = spec.block_manager.num_hit_tokens
+    assert token_lists(run_all(spec, ps, greedy, prefix="again")) == want  # the prompts' pages now hit
+    assert spec.block_manager.num_hit_tokens > hits
+    preempted = spec_small.scheduler.num_preemptions
+    assert token_lists(run_all(spec_small, ps, greedy)) == want  # budget 8: chunked, 17 pages: preempted
+    assert spec_small.scheduler.num_preemptions > preempted
+    assert spec.runner.compiles_since_warmup == compiles  # nothing compiled with speculation on
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, seed=7, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=30, repetition_penalty=1.3, frequency_penalty=0.4),
+        SamplingParams(temperature=0.0, max_tokens=30, presence_penalty=0.5, min_tokens=12, logprobs=3),
+    ],
+    ids=["seeded", "filters", "penalties", "greedy_min_tokens_logprobs"],
+)
+def test_seeded_sampling_and_every_row_setting_equal_plain(plain, spec, params):
+    """Row j draws exactly as plain decoding's step j: so right proposals are all accepted and the tokens, their
+    logprobs and the finish are the same (penalties see the proposals before each row; min_tokens bans apply by
+    the row's own step)."""
+    ps = prompts(4, seed=1)
+    want = run_all(plain, ps, params)
+    cont = {tuple(p): want[i].outputs[0].token_ids for i, p in enumerate(ps)}
+    saved = spec.proposer
+    try:
+        spec.proposer = Oracle(cont)
+        before = stats(spec)
+        got = run_all(spec, ps, params)
+        drafts, proposed, accepted = (a - b for a, b in zip(stats(spec), before))
+        assert proposed > 0 and accepted == proposed  # every right proposal accepted
+        spec.proposer = Oracle(cont, wrong=True)
+        before = stats(spec)
+        wrong = run_all(spec, ps, params)
+        drafts, proposed, accepted = (a - b for a, b in zip(stats(spec), before))
+        assert proposed > 0 and accepted == 0
+    finally:
+        spec.proposer = saved
+    for outs in (got, wrong):
+        for i in range(len(ps)):
+            a, b = want[i].outputs[0], outs[i].outputs[0]
+            assert (b.token_ids, b.finish_reason, b.text) == (a.token_ids, a.finish_reason, a.text)
+            if params.logprobs is not None:
+                assert [sorted(d) for d in b.logprobs] == [sorted(d) for d in a.logprobs]
+                np.testing.assert_allclose(
+                    [d[t].logprob for d, t in zip(b.logprobs, b.token_ids)],
+                    [d[t].logprob for d, t in zip(a.logprobs, a.token_ids)],
+                    atol=1e-5,
+                )
+
+
+def test_all_right_proposals_take_fewer_steps(plain, spec):
+    ps = prompts(1, seed=2)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    steps = plain.num_steps
+    want = run_all(plain, ps, greedy)
+    plain_steps = plain.num_steps - steps
+    saved = spec.proposer
+    try:
+        spec.proposer = Oracle({tuple(ps[0]): want[0].outputs[0].token_ids})
+        steps = spec.num_steps
+        got = run_all(spec, ps, greedy)
+    finally:
+        spec.proposer = saved
+    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    # prefill steps, then 5 tokens a step (4 accepted proposals and the bonus) instead of one
+    assert spec.num_steps - steps <= plain_steps - 40 + 8 + 1, (spec.num_steps - steps, plain_steps)
+    m = got[0].metrics
+    assert m.num_draft_tokens > 0 and m.num_accepted_tokens == m.num_draft_tokens and m.acceptance_rate == 1.0
+
+
+def test_a_stop_inside_an_accepted_run_ends_it_there(plain, spec):
+    """Stop token ids, EOS and stop strings inside a run of accepted proposals end the sequence at that token:
+    the tokens proposed after it never reach the output."""
+    ps = prompts(3, seed=4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    free = run_all(plain, ps, greedy)
+    stop_ids = [free[i].outputs[0].token_ids[9] for i in range(3)]  # each sequence's 10th token stops it
+    stop_texts = [plain.tokenizer.decode(free[i].outputs[0].token_ids[5:8]) for i in range(3)]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, stop_token_ids=[t]) for t in stop_ids]
+    params += [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[t]) for t in stop_texts]
+    want = run_all(plain, ps + ps, params)
+    cont = {tuple(p): free[i].outputs[0].token_ids for i, p in enumerate(ps)}
+    saved = spec.proposer
+    try:
+        spec.proposer = Oracle(cont)
+        got = run_all(spec, ps + ps, params)
+    finally:
+        spec.proposer = saved
+    for i in range(6):
+        a, b = want[i].outputs[0], got[i].outputs[0]
+        assert (b.token_ids, b.text, b.finish_reason, b.stop_reason) == (
+            a.token_ids,
+            a.text,
+            a.finish_reason,
+            a.stop_reason,
+        )
+        assert len(b.token_ids) < 40
+
+
+def test_unseeded_draws_keep_their_distribution_and_a_wrong_acceptance_is_caught(plain, spec, monkeypatch):
+    """Chi-square (two samples) over many unseeded draws of a token that speculation verifies: with proposals
+    its distribution is plain decoding's; an acceptance that always takes the proposal (wrong on purpose) fails
+    the same test."""
+    prompt = prompts(1, seed=5)[0]
+    params = SamplingParams(temperature=1.5, max_tokens=3, ignore_eos=True)
+    n = 240
+
+    def draws(engine, proposer=None):  # the second output token: verified against the proposal
+        saved = engine.proposer
+        engine.proposer = proposer or saved
+        try:
+            outs = run_all(engine, [prompt] * n, params, prefix="d")
+        finally:
+            engine.proposer = saved
+        return np.array([outs[i].outputs[0].token_ids[1] for i in range(n)])
+
+    base = draws(plain)
+    counts = np.bincount(base, minlength=TINY.vocab_size)
+    top = np.argsort(-counts)[:5]  # the five likeliest second tokens and "the rest" are the bins
+
+    class Fixed:  # proposes the likeliest second token after any first one
+        def propose(self, token_ids):
+            return [int(top[0])] * 4 if len(token_ids) == len(prompt) + 1 else []
+
+    def pvalue(sample):
+        table = [[(x == t).sum() for t in top] + [(~np.isin(x, top)).sum()] for x in (base, sample)]
+        return chi2_contingency(np.array(table)).pvalue
+
+    before = stats(spec)
+    assert pvalue(draws(spec, Fixed())) > 1e-3
+    drafts, proposed, accepted = (a - b for a, b in zip(stats(spec), before))
+    # most requests verified one proposal (not those decoding while 8 others did: the step's 8 sampler rows were
+    # theirs); some were accepted, some not
+    assert n // 2 < drafts <= n and 0 < accepted < proposed
+    original = LLMEngine._count_accepted
+
+    def always(self, item, drawn):  # wrong on purpose: every proposal accepted, whatever the draw
+        original(self, item, drawn)
+        drawn[: len(item.spec_token_ids)] = item.spec_token_ids
+        return len(item.spec_token_ids)
+
+    monkeypatch.setattr(LLMEngine, "_count_accepted", always)
+    assert pvalue(draws(spec, Fixed())) < 1e-3
