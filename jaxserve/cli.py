@@ -182,7 +182,12 @@ def _stream(engine, prompt_ids, params, quiet: bool) -> str:
         rate = 1 / m.tpot if m.tpot else 0.0
         print(
             f"[jaxserve] prompt {len(prompt_ids)} tokens, generated {n} ({out.outputs[0].finish_reason}); "
-            f"time to first token {m.ttft * 1e3:.0f} ms; decode {rate:.1f} tokens/s",
+            f"time to first token {m.ttft * 1e3:.0f} ms; decode {rate:.1f} tokens/s"
+            + (
+                f"; speculation accepted {m.num_accepted_tokens}/{m.num_draft_tokens} proposed tokens"
+                if m.num_draft_tokens
+                else ""
+            ),
             file=sys.stderr,
         )
     return "".join(pieces)

@@ -203,6 +203,9 @@ class LLMEngine:
             compilations=compiles,
             compilation_cache_hits=cache_hits,
             compilations_since_warmup=self.runner.compiles_since_warmup,
+            spec_num_drafts=self.spec_stats.num_drafts,
+            spec_num_draft_tokens=self.spec_stats.num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_stats.num_accepted_tokens,
         )
 
     def model_card(self) -> ModelCard:

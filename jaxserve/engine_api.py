@@ -48,6 +48,9 @@ class EngineStats:
     compilations: int  # process-wide (persistent-cache loads too)
     compilation_cache_hits: int
     compilations_since_warmup: int
+    spec_num_drafts: int = 0  # speculative decoding: sequences that verified proposals (once per step each)
+    spec_num_draft_tokens: int = 0  # proposals verified
+    spec_num_accepted_tokens: int = 0  # of which accepted
 
     @staticmethod
     def total(parts: Sequence[EngineStats]) -> EngineStats:

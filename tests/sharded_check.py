@@ -248,6 +248,24 @@ def main(case: str) -> None:
             max_num_batched_tokens=64,
             token_buckets=(16, 64),
         )
+        # n-gram speculation over TP 3: the same greedy tokens as one device without it
+        llm = LLM(
+            path,
+            quiet=True,
+            tensor_parallel_size=3,
+            max_model_len=256,
+            max_num_seqs=8,
+            max_num_batched_tokens=64,
+            token_buckets=(16, 64),
+            speculative_config={"method": "ngram", "num_speculative_tokens": 4},
+        )
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=24))
+        st = llm.engine.spec_stats
+        results["spec_1x3"] = {
+            "tokens": [o.outputs[0].token_ids for o in outs],
+            "proposed": st.num_draft_tokens,
+            "accepted": st.num_accepted_tokens,
+        }
     print("RESULT " + json.dumps(results))
 
 

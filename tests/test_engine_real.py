@@ -88,6 +88,33 @@ def test_chunked_and_preempted_equal_uninterrupted(tight_engine, prompts16, alon
     assert got == [alone16[i] for i in idx]
 
 
+def test_ngram_speculation_is_exact_batched_chunked_preempted_and_on_prefix_hits(real_model, prompts16, alone16):
+    """n-gram speculation (k 4) on the 16 prompts: all at once over 16-token steps (prompts chunked), 4
+    sequences and 33 pages (long ones preempted), then again on their cached pages: the same greedy tokens as
+    each prompt alone without speculation, and proposals were accepted."""
+    bytes_per_page = 2 * 30 * 16 * 3 * 64 * 4
+    engine = LLMEngine(
+        real_model,
+        engine_config(
+            max_model_len=512,
+            max_num_seqs=4,
+            max_num_batched_tokens=16,
+            kv_cache_memory=34 * bytes_per_page,
+            token_buckets=(1, 16),
+            speculative_config={"method": "ngram", "num_speculative_tokens": 4},
+        ),
+    )
+    base = engine.runner.compiles_since_warmup
+    assert run(engine, prompts16[::-1], GREEDY) == alone16[::-1]  # (longest first: any two of them overflow the pool)
+    assert engine.scheduler.num_preemptions > 0
+    hits = engine.block_manager.num_hit_tokens
+    assert run(engine, prompts16[::3], GREEDY, tag="again") == alone16[::3]
+    assert engine.block_manager.num_hit_tokens > hits
+    st = engine.spec_stats
+    assert 0 < st.num_accepted_tokens < st.num_draft_tokens
+    assert engine.runner.compiles_since_warmup == base
+
+
 def test_prefix_hit_equals_miss(real_engine, prompts16, alone16):
     shared = prompts16[14]
     miss_rate = real_engine.block_manager.hit_rate

@@ -80,6 +80,8 @@ def test_real_model_tp3_and_dp2_tp3_match_one_device():
     assert "Paris" in r["first_text"]
     assert r["1x3"]["tokens"] == r["1x1"]["tokens"]
     assert r["2x3"]["tokens"] == r["1x1"]["tokens"]
+    spec = r["spec_1x3"]  # n-gram speculation over TP 3: exact, and it did accept proposals
+    assert spec["tokens"] == r["1x1"]["tokens"] and 0 < spec["accepted"] < spec["proposed"], spec
     # quantization="int8" over TP 3: the same greedy tokens as one device in int8; the int8 values are split
     # ([L, 576 / 3, 576] for wq), not replicated
     q8 = r["int8"]

@@ -119,6 +119,21 @@ class _EngineCollector:
         yield counter(
             "jaxserve_compilation_cache_hits", "Compilations served by the persistent cache", st.compilation_cache_hits
         )
+        # Speculative decoding (vLLM's spec_decode counters); all 0 without a speculative_config.
+        drafts, proposed, accepted = st.spec_num_drafts, st.spec_num_draft_tokens, st.spec_num_accepted_tokens
+        yield counter("jaxserve_spec_decode_num_drafts", "Sequences that verified proposals, per step", drafts)
+        yield counter("jaxserve_spec_decode_num_draft_tokens", "Proposed tokens verified", proposed)
+        yield counter("jaxserve_spec_decode_num_accepted_tokens", "Proposed tokens accepted", accepted)
+        yield gauge(
+            "jaxserve_spec_decode_acceptance_rate",
+            "Accepted / proposed tokens since start",
+            accepted / proposed if proposed else 0.0,
+        )
+        yield gauge(
+            "jaxserve_spec_decode_mean_accepted_length",
+            "Tokens a verifying sequence emits per step, on average (1 + accepted / drafts)",
+            1 + accepted / drafts if drafts else 0.0,
+        )
         yield gauge(
             "jaxserve_compilations_since_warmup",
             "Compilations after warm-up (0 in a healthy server)",
