@@ -706,6 +706,7 @@ def test_engine_options_from_flags():
             "--quantization=int4",
             "--kv_cache_dtype=int8",
             "--scheduling_policy=priority",
+            '--speculative_config={"method": "ngram", "num_speculative_tokens": 3}',
         ]
     )
     assert engine_options_from_flags(fv) == dict(
@@ -727,6 +728,7 @@ def test_engine_options_from_flags():
         tensor_parallel_size=3,
         data_parallel_size=1,
         multihost=False,
+        speculative_config='{"method": "ngram", "num_speculative_tokens": 3}',
     )
     assert fv.port == 50051 and fv.host == "127.0.0.1" and fv.drain_timeout == 30.0 and fv.metrics_port is None
     fv = flags.FlagValues()
