@@ -21,6 +21,17 @@ def gguf_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny random-weight model (tests.tiny_models.TINY, seed 3), loaded once."""
+    from models.loader import load_model
+    from tests.tiny_models import TINY, random_arrays, write_gguf
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_gguf(path, TINY, random_arrays(TINY, seed=3))
+    return load_model(str(path))
+
+
+@pytest.fixture(scope="session")
 def real_model(gguf_path):
     """SmolLM2-135M-Instruct in fp32, loaded once for the session."""
     from models.loader import load_model

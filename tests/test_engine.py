@@ -16,23 +16,10 @@ from jaxserve.llm import LLM, engine_config
 from jaxserve.sampling import SamplingParams
 from tests.engine_runs import run_all as run
 from tests.engine_runs import run_to_end
-from tests.tiny_models import TINY, random_arrays, write_gguf
+from tests.tiny_models import TINY, bytes_per_page
 
 PAGE = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from models.loader import load_model
-
-    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    write_gguf(path, TINY, random_arrays(TINY, seed=3))
-    return load_model(str(path))
-
-
-def bytes_per_page():
-    return 2 * TINY.num_layers * PAGE * TINY.num_kv_heads * TINY.head_dim * 4
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +32,7 @@ def engine(tiny_model):
             max_num_seqs=8,
             max_num_batched_tokens=32,
             page_size=PAGE,
-            kv_cache_memory=64 * bytes_per_page(),
+            kv_cache_memory=64 * bytes_per_page(PAGE),
             token_buckets=(8, 32),
         ),
     )
@@ -61,7 +48,7 @@ def small_engine(tiny_model):
             max_num_seqs=4,
             max_num_batched_tokens=8,
             page_size=PAGE,
-            kv_cache_memory=18 * bytes_per_page(),
+            kv_cache_memory=18 * bytes_per_page(PAGE),
             token_buckets=(8,),
         ),
     )

@@ -26,9 +26,9 @@ def real_engine(real_model):
     )
 
 
-@pytest.fixture(scope="module")
-def tight_engine(real_model):
-    """16-token steps (every prompt is chunked), 4 sequences, 40 pages of 16: long sequences get preempted."""
+def tight(real_model, pages: int, **options) -> LLMEngine:
+    """16-token steps (every prompt is chunked), 4 sequences, `pages` usable pages of 16 (SmolLM2: 30 layers,
+    3 KV heads of 64, f32): long sequences get preempted."""
     bytes_per_page = 2 * 30 * 16 * 3 * 64 * 4
     return LLMEngine(
         real_model,
@@ -36,10 +36,17 @@ def tight_engine(real_model):
             max_model_len=512,
             max_num_seqs=4,
             max_num_batched_tokens=16,
-            kv_cache_memory=41 * bytes_per_page,
+            kv_cache_memory=(pages + 1) * bytes_per_page,
             token_buckets=(1, 16),
+            **options,
         ),
     )
+
+
+@pytest.fixture(scope="module")
+def tight_engine(real_model):
+    """40 pages of 16: 4 of the longest prompts overflow them together."""
+    return tight(real_model, 40)
 
 
 def texts(tok, n, seed=0):
@@ -92,18 +99,7 @@ def test_ngram_speculation_is_exact_batched_chunked_preempted_and_on_prefix_hits
     """n-gram speculation (k 4) on the 16 prompts: all at once over 16-token steps (prompts chunked), 4
     sequences and 33 pages (long ones preempted), then again on their cached pages: the same greedy tokens as
     each prompt alone without speculation, and proposals were accepted."""
-    bytes_per_page = 2 * 30 * 16 * 3 * 64 * 4
-    engine = LLMEngine(
-        real_model,
-        engine_config(
-            max_model_len=512,
-            max_num_seqs=4,
-            max_num_batched_tokens=16,
-            kv_cache_memory=34 * bytes_per_page,
-            token_buckets=(1, 16),
-            speculative_config={"method": "ngram", "num_speculative_tokens": 4},
-        ),
-    )
+    engine = tight(real_model, 33, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
     base = engine.runner.compiles_since_warmup
     assert run(engine, prompts16[::-1], GREEDY) == alone16[::-1]  # (longest first: any two of them overflow the pool)
     assert engine.scheduler.num_preemptions > 0

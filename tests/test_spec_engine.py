@@ -17,33 +17,20 @@ from jaxserve.engine import LLMEngine
 from jaxserve.llm import engine_config
 from jaxserve.sampling import SamplingParams
 from tests.engine_runs import run_all
-from tests.tiny_models import TINY, random_arrays, write_gguf
+from tests.tiny_models import TINY, bytes_per_page
 
 PAGE = 8
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from models.loader import load_model
-
-    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
-    write_gguf(path, TINY, random_arrays(TINY, seed=3))
-    return load_model(str(path))
-
-
-def bytes_per_page():
-    return 2 * TINY.num_layers * PAGE * TINY.num_kv_heads * TINY.head_dim * 4
 
 
 def make(model, spec=None, *, small=False):
     """Budget 32 tokens and 8 sequences with pages to spare, or (small) budget 8, 4 sequences and 17 pages:
     prompts are chunked and long sequences preempt each other."""
     size = (
-        dict(max_num_seqs=4, max_num_batched_tokens=8, kv_cache_memory=18 * bytes_per_page(), token_buckets=(8,))
+        dict(max_num_seqs=4, max_num_batched_tokens=8, kv_cache_memory=18 * bytes_per_page(PAGE), token_buckets=(8,))
         if small
         else dict(
-            max_num_seqs=8, max_num_batched_tokens=32, kv_cache_memory=64 * bytes_per_page(), token_buckets=(8, 32)
+            max_num_seqs=8, max_num_batched_tokens=32, kv_cache_memory=64 * bytes_per_page(PAGE), token_buckets=(8, 32)
         )
     )
     return LLMEngine(model, engine_config(max_model_len=128, page_size=PAGE, speculative_config=spec, **size))

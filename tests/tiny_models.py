@@ -142,3 +142,8 @@ def write_gguf(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def bytes_per_page(page_size: int, cfg: LlamaConfig = TINY) -> int:
+    """f32 K and V bytes of one page of `cfg` (every layer): kv_cache_memory for a given number of pages."""
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * 4
