@@ -197,37 +197,38 @@ def cmd_generate(args) -> int:
     from jaxserve.multihost import follow_or_none, release_followers
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    params = _sampling(args, 0.0)  # a bad sampling flag fails before the model loads
     engine = follow_or_none(_load(args))
     if engine is None:
         return 0
     try:
-        return _generate(args, engine, prompt)
+        return _generate(args, engine, prompt, params)
     finally:
         release_followers(engine)
 
 
-def _generate(args, engine, prompt: str) -> int:
+def _generate(args, engine, prompt: str, params) -> int:
     tok = engine.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": prompt}]) if args.chat else tok.encode(prompt)
-    _stream(engine, ids, _sampling(args, 0.0), args.quiet)
+    _stream(engine, ids, params, args.quiet)
     return 0
 
 
 def cmd_chat(args) -> int:
     from jaxserve.multihost import follow_or_none, release_followers
 
+    params = _sampling(args, 0.7)  # a bad sampling flag fails before the model loads
     engine = follow_or_none(_load(args))
     if engine is None:
         return 0
     try:
-        return _chat(args, engine)
+        return _chat(args, engine, params)
     finally:
         release_followers(engine)
 
 
-def _chat(args, engine) -> int:
+def _chat(args, engine, params) -> int:
     tok = engine.tokenizer
-    params = _sampling(args, 0.7)
     messages = [{"role": "system", "content": args.system}] if args.system else []
 
     def turn(user_text: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -35,6 +36,9 @@ from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling import SampleRow, SamplingParams
 from jaxserve.scheduler import QueueFullError, Scheduler, ScheduledRequest
 from jaxserve.spec_decode import NgramProposer, SpecDecodeStats
+
+if TYPE_CHECKING:
+    from jaxserve.draft import DraftProposer
 from models.loader import LoadedModel
 
 _NO_SAMPLE = SamplingParams(temperature=0.0, max_tokens=1)  # rows of a step that do not sample (mid-prompt)
@@ -90,9 +94,14 @@ class LLMEngine:
         self.num_steps = 0
         self.num_prompt_tokens = 0
         spec = config.speculative_config
-        if spec is not None and spec.method != "ngram":
-            raise NotImplementedError(f"speculative_config.method={spec.method!r}: not built yet (ngram is)")
-        self.proposer = None if spec is None else NgramProposer(spec, self.max_model_len)
+        self.proposer: NgramProposer | DraftProposer | None = None
+        if spec is not None and spec.method == "ngram":
+            self.proposer = NgramProposer(spec, self.max_model_len)
+        elif spec is not None:  # draft_model: its own runner over the same mesh, compiled now
+            from jaxserve.draft import DraftProposer
+
+            self.proposer = DraftProposer(spec, model, config, mesh=mesh, progress=progress)
+            self.runner.compiles_after_warmup_base = self.runner.counter.snapshot()[0]  # the draft's are warm-up
         self.spec_stats = SpecDecodeStats(0 if spec is None else spec.num_speculative_tokens)
 
     @property
@@ -313,10 +322,17 @@ class LLMEngine:
         batch is at least disable_by_batch_size sequences (there a step is compute-bound: verifying costs about
         as much as it saves)."""
         limit = self.config.speculative_config.disable_by_batch_size
-        off = limit is not None and len(self.scheduler.running) >= limit
-        for req in requests:
-            if req.status is RequestStatus.RUNNING and not off:
-                req.spec_token_ids = self.proposer.propose(req.all_token_ids)
+        if limit is not None and len(self.scheduler.running) >= limit:
+            return
+        if self.config.speculative_config.method == "ngram":
+            for req in requests:
+                if req.status is RequestStatus.RUNNING:
+                    req.spec_token_ids = self.proposer.propose(req.all_token_ids)
+            return
+        # The draft follows every running sequence (prompt chunks too), in one round for the whole batch.
+        running = self.scheduler.running
+        for rid, proposals in self.proposer.propose(running).items():
+            self.scheduler.requests[rid].spec_token_ids = proposals
 
     def _sample_rows(self, item: ScheduledRequest) -> list[SampleRow]:
         """The sampler rows of one scheduled item: one after its last real token, one after each proposal.

@@ -14,12 +14,16 @@ import itertools
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from jaxserve.config import DEFAULT_COMPILE_CACHE_DIR
 from jaxserve.options import engine_config
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling import SamplingParams
 from jaxserve.sampling_params import RequestOutputKind
+
+if TYPE_CHECKING:
+    from models.loader import LoadedModel
 
 __all__ = ["DEFAULT_COMPILE_CACHE_DIR", "LLM", "build_engine", "engine_config", "enable_compile_cache"]
 
@@ -36,7 +40,7 @@ def enable_compile_cache(path: str | None) -> None:
 
 
 def build_engine(
-    model: str | None = None,
+    model: "str | LoadedModel | None" = None,
     *,
     dtype: str = "float32",
     quantization: str = "none",
@@ -47,12 +51,22 @@ def build_engine(
     **options,
 ):
     """Load a model and start an engine on it (every bucket compiled before this returns). `options`: the
-    engine options of jaxserve.options.OPTIONS (and token_buckets, enable_chunked_prefill)."""
+    engine options of jaxserve.options.OPTIONS (and token_buckets, enable_chunked_prefill). `model` may be a
+    model loaded already (models.loader.load_model: several engines over one load); dtype and quantization are
+    then its own, and asking for others is an error."""
     from jaxserve.engine import LLMEngine
-    from models.loader import load_model
+    from models.loader import LoadedModel, load_model
 
     enable_compile_cache(compile_cache_dir)
-    loaded = load_model(model, dtype=dtype, quantization=quantization)
+    if isinstance(model, LoadedModel):
+        if (dtype, quantization) not in (("float32", "none"), (str(model.dtype), model.quantization)):
+            raise ValueError(
+                f"dtype={dtype!r}, quantization={quantization!r}: the loaded model is {model.dtype}, "
+                f"quantization={model.quantization!r} (load it again to change them)"
+            )
+        loaded = model
+    else:
+        loaded = load_model(model, dtype=dtype, quantization=quantization)
     max_len = max_model_len or min(2048, loaded.config.max_position_embeddings)
     config = engine_config(max_model_len=max_len, **options)
     show = progress and not quiet

@@ -68,6 +68,15 @@ def _all_logits(params: LlamaParams, cache: KVCache, inputs: StepInputs, *, cfg,
     return compute_logits(params, hidden, backend=matmul_backend(backend, mesh)), cache
 
 
+def _temp_bytes(compiled: jax.stages.Compiled) -> int:
+    """A compiled step's scratch memory (0 where the backend does not report it)."""
+    try:
+        analysis = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):  # not every backend reports it
+        return 0
+    return int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
+
+
 def _local_device(mesh: Mesh) -> jax.Device:
     """A device of this process in the mesh (whose free memory sizes the KV pool)."""
     return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
@@ -131,7 +140,9 @@ class ModelRunner:
                 f"buckets={self.buckets} do not reach max_num_batched_tokens={scheduler.max_num_batched_tokens}"
             )
         self._fn = jax.jit(
-            functools.partial(_step, cfg=config, backend=attention_backend, mesh=mesh), donate_argnums=(1,), **jit_kw
+            functools.partial(self.program(), cfg=config, backend=attention_backend, mesh=mesh),
+            donate_argnums=(1,),
+            **jit_kw,
         )
         self._logits_fn = jax.jit(
             functools.partial(_all_logits, cfg=config, backend=attention_backend, mesh=mesh),
@@ -144,16 +155,28 @@ class ModelRunner:
         self.counter = compile_counter()
         t0 = time.perf_counter()
         kv_dtype = params.dtype if cache.kv_cache_dtype == "auto" else jnp.dtype(cache.kv_cache_dtype)
-        self.step_temp_bytes = self._probe_temp_bytes(kv_dtype)
-        self.pool: PoolPlan = plan_kv_pool(
-            cache,
-            config,
-            params.dtype,
-            reserve_bytes=self.step_temp_bytes,
-            max_tokens=None if cache.kv_cache_memory is not None else self.max_pool_tokens,
-            kv_shards=kv_shards,
-            device=None if mesh is None else _local_device(mesh),
-        )
+
+        def plan(reserve_bytes: int) -> PoolPlan:
+            return plan_kv_pool(
+                cache,
+                config,
+                params.dtype,
+                reserve_bytes=reserve_bytes,
+                max_tokens=None if cache.kv_cache_memory is not None else self.max_pool_tokens,
+                kv_shards=kv_shards,
+                device=None if mesh is None else _local_device(mesh),
+            )
+
+        # The largest bucket's scratch memory sizes the pool (a free-memory budget leaves room for it). It is
+        # read off that bucket's compile over the pool planned without it; when the pool comes out the same
+        # (an explicit kv_cache_memory, or the cap at max_num_seqs full sequences), that compile is the bucket's.
+        first = plan(0)
+        probe_t0 = time.perf_counter()
+        hits0 = self.counter.snapshot()[1]
+        probe = self._lower(self.buckets[-1], first.num_pages, kv_dtype).compile()
+        self._probe = (first.num_pages, probe, time.perf_counter() - probe_t0, self.counter.snapshot()[1] > hits0)
+        self.step_temp_bytes = _temp_bytes(probe)
+        self.pool: PoolPlan = plan(self.step_temp_bytes) if cache.kv_cache_memory is None else first
         if self.pool.num_tokens < scheduler.max_model_len:
             raise ValueError(
                 f"max_model_len={scheduler.max_model_len} does not fit the KV cache: "
@@ -171,6 +194,16 @@ class ModelRunner:
             self.channel.warm_up()
         self.startup_seconds = time.perf_counter() - t0
         self.compiles_after_warmup_base = self.counter.snapshot()[0]
+
+    # ---- what the compiled step is (a subclass may run another program over the same pages) --------------
+
+    def program(self):
+        """The step's function: (params, cache, inputs, rows, *, cfg, backend, mesh) -> (output, cache)."""
+        return _step
+
+    def row_template(self, num_slots: int):
+        """Host arrays shaped as the step's per-row argument (here the sampler's tensors) for S = num_slots."""
+        return SamplingTensors.build([], num_slots, self.max_model_len)
 
     # ---- sizes ----------------------------------------------------------------------------------
 
@@ -199,9 +232,7 @@ class ModelRunner:
             meta,
             jax.ShapeDtypeStruct((s,), i32),
         )
-        st = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), SamplingTensors.build([], s, self.max_model_len)
-        )
+        st = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.row_template(s))
         shape = (
             self.cfg.num_layers,
             num_pages,
@@ -218,33 +249,26 @@ class ModelRunner:
         _, inputs, st = self._specs(bucket, 2, self.pool.dtype)
         return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), (inputs, st))
 
-    def _probe_temp_bytes(self, kv_dtype) -> int:
-        """The largest bucket's scratch memory, from a compile with a small cache (the pool is not sized yet)."""
-        cache, inputs, st = self._specs(self.buckets[-1], 2, kv_dtype)
-        compiled = self._fn.lower(self.params, cache, inputs, st).compile()
-        try:
-            analysis = compiled.memory_analysis()
-        except (NotImplementedError, RuntimeError):  # not every backend reports it
-            return 0
-        return int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
+    def _lower(self, num_tokens: int, num_pages: int, kv_dtype) -> jax.stages.Lowered:
+        cache, inputs, st = self._specs(num_tokens, num_pages, kv_dtype)
+        return self._fn.lower(self.params, cache, inputs, st)
 
     def _compile_all(self, progress: bool) -> None:
         from tqdm import tqdm
 
+        probe_pages, probe, probe_seconds, probe_hit = self._probe
+        self._probe = None
         bar = tqdm(self.buckets, desc="compiling step buckets", unit="bucket", disable=not progress, file=sys.stderr)
         for num_tokens in bar:
             t0 = time.perf_counter()
             hits0 = self.counter.snapshot()[1]
-            cache, inputs, st = self._specs(num_tokens, self.pool.num_pages, self.pool.dtype)
-            self.compiled[num_tokens] = self._fn.lower(self.params, cache, inputs, st).compile()
-            self.report.append(
-                BucketReport(
-                    num_tokens,
-                    self.num_seqs_for(num_tokens),
-                    time.perf_counter() - t0,
-                    self.counter.snapshot()[1] > hits0,
-                )
-            )
+            if num_tokens == self.buckets[-1] and probe_pages == self.pool.num_pages:
+                self.compiled[num_tokens] = probe  # the sizing compile was over this very pool
+                seconds, hit = probe_seconds, probe_hit
+            else:
+                self.compiled[num_tokens] = self._lower(num_tokens, self.pool.num_pages, self.pool.dtype).compile()
+                seconds, hit = time.perf_counter() - t0, self.counter.snapshot()[1] > hits0
+            self.report.append(BucketReport(num_tokens, self.num_seqs_for(num_tokens), seconds, hit))
 
     def describe_memory(self) -> str:
         """What one device holds: weights and KV pages (sharded over the mesh's "model" axis, if any)."""

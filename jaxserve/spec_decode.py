@@ -3,6 +3,9 @@
     LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
                             "prompt_lookup_min": 2})
     LLM(speculative_config={"method": "draft_model", "model": PATH, "num_speculative_tokens": 4})
+    LLM(speculative_config={"method": "draft_model", "model": TARGET_PATH, "quantization": "int4", ...})
+
+The draft model's proposer is jaxserve.draft.DraftProposer (its own runner, KV pages and compiled k-step round).
 
 The n-gram proposer (prompt lookup decoding, as vLLM's and llama.cpp's lookup): find the longest n-gram, n in
 [prompt_lookup_min, prompt_lookup_max], that ends the sequence's tokens (prompt and output) and occurred earlier
@@ -30,12 +33,15 @@ MAX_LOOKUP = 64
 class SpeculativeConfig:
     """method: "ngram" (prompt lookup) or "draft_model" (a smaller model with the target's tokenizer, `model`).
     num_speculative_tokens: tokens proposed per sequence per step (k). prompt_lookup_min / _max: the n-gram sizes
-    the ngram method matches (longest first). disable_by_batch_size: sequences in a step at which speculation is
+    the ngram method matches (longest first). quantization: the draft's weights ("none", "int8", "int4",
+    "auto"; None: as the target's): `model` the target's own file with "int4" is a self-speculative pair.
+    disable_by_batch_size: sequences in a step at which speculation is
     off for that step (the step is compute-bound there; None: never off)."""
 
     method: str
     num_speculative_tokens: int
     model: str | None = None
+    quantization: str | None = None
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     disable_by_batch_size: int | None = None
@@ -61,8 +67,14 @@ class SpeculativeConfig:
             bad("prompt_lookup_min", f"must not exceed prompt_lookup_max={self.prompt_lookup_max}")
         if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
             bad("model", 'the draft model\'s path is required with method "draft_model"')
-        if self.method == "ngram" and self.model is not None:
-            bad("model", 'only for method "draft_model"')
+        for field in ("model", "quantization"):
+            if self.method == "ngram" and getattr(self, field) is not None:
+                bad(field, 'only for method "draft_model"')
+        if self.quantization is not None:
+            from models.config import QUANTIZATIONS
+
+            if self.quantization not in QUANTIZATIONS:
+                bad("quantization", f"must be one of {list(QUANTIZATIONS)} or null")
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | Mapping | str | None) -> SpeculativeConfig | None:

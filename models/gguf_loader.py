@@ -8,6 +8,7 @@ pairs; we undo it to get HF's half-split layout, which our RoPE (and every other
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
@@ -75,6 +76,16 @@ def _check_header(path: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=4)
+def _read(path: str, size: int, mtime_ns: int):
+    """The gguf library's reader of one file version (its size and mtime are part of the key: a rewritten file
+    is read again). Parsing the metadata (a 49k-token vocabulary and its merges) takes seconds; engines and
+    versions loaded from the same file in one process share the parse, and the tensors stay a read-only memmap."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 class GGUFFile:
     """A parsed, validated GGUF file: metadata, tensor directory, and lazy dequantization."""
 
@@ -83,8 +94,9 @@ class GGUFFile:
 
         self.path = os.fspath(path)
         _check_header(self.path)
+        stat = os.stat(self.path)
         try:
-            self._reader = gguf.GGUFReader(self.path)
+            self._reader = _read(os.path.realpath(self.path), stat.st_size, stat.st_mtime_ns)
         except Exception as e:  # the reader raises assorted errors on a corrupt file: report them as one kind
             raise ModelFileError(f"{self.path}: malformed GGUF: {type(e).__name__}: {e}") from None
         self._gguf = gguf

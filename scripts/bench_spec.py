@@ -1,7 +1,7 @@
 """Speculative decoding: jaxserve's n-gram prompt lookup next to plain decoding and the peers' own lookup modes.
 
     .venv/bin/python scripts/bench_spec.py [--engines jaxserve,hf,llamacpp] [--k 4] [--num-prompts 4]
-        [--max-tokens 128] [--sweep 1,2,4,8,16] [--workload-a] [--json out.json]
+        [--max-tokens 128] [--sweep 1,2,4,8,16] [--workload-a] [--draft int4,int8 [--draft-k 4]] [--json out.json]
 
 Workload G (input-grounded, where lookup pays): chat prompts of the default model that ask it to repeat a
 function of Python's standard library with one variable renamed, or to quote a passage of its documentation;
@@ -17,6 +17,10 @@ speed-up of each engine's speculation over its own plain decoding, jaxserve's ac
 length. --sweep: jaxserve on B grounded streams at once, speculation on / off, for each B (where speculation
 stops paying on this CPU: the default disable_by_batch_size). --workload-a: 64 prompts x 128 random token ids
 in, 128 out, speculation on (its default disable_by_batch_size) / off: speculation must switch itself off.
+--draft: workload F (free-text chat answers), jaxserve plain next to a draft model: the target's own file
+quantized (a self-speculative pair; no second model file ships here), output checked token-identical. No peer
+runs F with a draft: HF's assisted generation and llama.cpp's -md need a second, smaller model with this
+tokenizer, and none is installed here.
 Absolute times on a shared machine are noise; compare within one run.
 """
 
@@ -70,6 +74,24 @@ def grounded_prompts(tok, n: int) -> list[list[int]]:
         chat = [{"role": "user", "content": text}]
         out.append(tok.encode(tok.apply_chat_template(chat), add_special_tokens=False))
     return out
+
+
+FREE_TEXT = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain to a ten-year-old how a bicycle stays upright.",
+    "Describe a walk through a city market on a rainy morning.",
+    "What are the pros and cons of working from home? Answer in a few paragraphs.",
+    "Write a letter to a friend about a trip to the mountains.",
+    "Explain why the sky is blue and sunsets are red.",
+    "Give advice to someone starting to learn the piano.",
+    "Tell the history of the printing press in a few paragraphs.",
+)
+
+
+def free_prompts(tok, n: int) -> list[list[int]]:
+    """Workload F: chat prompts whose answers are free text (nothing to look up in the prompt)."""
+    chats = [[{"role": "user", "content": FREE_TEXT[i % len(FREE_TEXT)]}] for i in range(n)]
+    return [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in chats]
 
 
 def run_jaxserve(path: str, prompts, args, spec: dict | None, batch: int = 1, **options) -> dict:
@@ -178,6 +200,13 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--sweep", default="", help="comma-separated batch sizes for the on/off sweep (e.g. 1,2,4,8,16)")
     ap.add_argument("--workload-a", action="store_true", help="64 x 128 in, 128 out: speculation on vs off")
+    ap.add_argument(
+        "--draft",
+        default="",
+        help="workload F (free text) with a draft model: comma-separated quantizations of the target's own file "
+        "as the draft (self-speculative, e.g. int4,int8)",
+    )
+    ap.add_argument("--draft-k", type=int, default=4, help="num_speculative_tokens of the draft model")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
 
@@ -235,6 +264,30 @@ def main() -> int:
                     f"jaxserve ngram / {name} lookup: {j['ngram'] / figures[name]['lookup']:.2f}x; "
                     f"jaxserve ngram / {name} plain: {j['ngram'] / figures[name]['plain']:.2f}x"
                 )
+
+    if args.draft:
+        free = free_prompts(tok, args.num_prompts)
+        log(f"workload F: {len(free)} free-text prompts of {[len(p) for p in free]} tokens, {args.max_tokens} out")
+        plain = run_jaxserve(path, free, args, None)
+        print(f"\nworkload F (free text), one stream, e2e tok/s (median of {len(free)} prompts), k={args.draft_k}")
+        print(f"{'jaxserve fp32 target, draft':32} {'tok/s':>8} {'speed-up':>9} {'accept':>7} {'mean len':>9} exact")
+        print(f"{'none (plain decoding)':32} {plain['tok_s']:8.1f}")
+        figures["draft"] = {"plain": plain["tok_s"]}
+        for quant in args.draft.split(","):
+            draft = {"method": "draft_model", "model": path, "num_speculative_tokens": args.draft_k}
+            got = run_jaxserve(path, free, args, dict(draft, quantization=quant))
+            exact = got["tokens"] == plain["tokens"]
+            figures["draft"][quant] = {
+                "tok_s": got["tok_s"],
+                "acceptance": got["acceptance"],
+                "mean_accepted_length": got["mean_accepted_length"],
+                "exact": exact,
+                "compiles_after_warmup": got["compiles_after_warmup"],
+            }
+            print(
+                f"{'self, ' + quant:32} {got['tok_s']:8.1f} {got['tok_s'] / plain['tok_s']:8.2f}x "
+                f"{fmt(got['acceptance'], '{:.0%}'):>7} {fmt(got['mean_accepted_length']):>9} {exact}"
+            )
 
     if args.sweep:
         print("\nsweep: B grounded streams at once (speculation's disable_by_batch_size off), total tok/s")

@@ -55,7 +55,7 @@ def layout(engine) -> dict:
     }
 
 
-def run(path: str, layouts, prompts, params, **options) -> dict:
+def run(path, layouts, prompts, params, **options) -> dict:
     results = {}
     for tp, dp in layouts:
         llm = LLM(path, quiet=True, tensor_parallel_size=tp, data_parallel_size=dp, **options)
@@ -213,56 +213,32 @@ def main(case: str) -> None:
             "vocab": cfg.vocab_size,
         }
     else:
-        from models.loader import default_model_path
+        from models.loader import default_model_path, load_model
 
         path = default_model_path()
+        model = load_model(path)  # one load serves every fp32 engine below (and int8 one the int8 ones)
+        tok = model.tokenizer
         words = "the cat sat on a mat while the model of a language predicted every next token with care".split()
-        from models.loader import load_model
-
-        tok = load_model(path).tokenizer
         prompts = [tok.encode(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 90)))) for _ in range(8)]
         chat = [{"role": "user", "content": "What is the capital of France?"}]
         prompts[0] = tok.encode(tok.apply_chat_template(chat), add_special_tokens=False)
-        layouts = [(1, 1), (3, 1), (3, 2)]
-        results = run(
-            path,
-            layouts,
-            prompts,
-            SamplingParams(temperature=0.0, max_tokens=24),
-            max_model_len=256,
-            max_num_seqs=8,
-            max_num_batched_tokens=64,
-            token_buckets=(16, 64),
-        )
+        shape = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(16, 64))
+        greedy = SamplingParams(temperature=0.0, max_tokens=24)
+        ngram = {"method": "ngram", "num_speculative_tokens": 4}
+        # One device, then 2 replicas of TP 3 (each replica a TP 3 engine: the TP 3 check and the DP one)
+        results = run(model, [(1, 1), (3, 2)], prompts, greedy, **shape)
         results["first_text"] = tok.decode(results["1x1"]["tokens"][0], skip_special_tokens=True)
         # int8 weights over TP 3 (values and scales split together), the reference kernels on both sides
-        results["int8"] = run(
-            path,
-            [(1, 1), (3, 1)],
-            prompts,
-            SamplingParams(temperature=0.0, max_tokens=24),
-            quantization="int8",
-            attention_backend="reference",
-            max_model_len=256,
-            max_num_seqs=8,
-            max_num_batched_tokens=64,
-            token_buckets=(16, 64),
-        )
-        # n-gram speculation over TP 3: the same greedy tokens as one device without it
-        llm = LLM(
-            path,
-            quiet=True,
-            tensor_parallel_size=3,
-            max_model_len=256,
-            max_num_seqs=8,
-            max_num_batched_tokens=64,
-            token_buckets=(16, 64),
-            speculative_config={"method": "ngram", "num_speculative_tokens": 4},
-        )
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=24))
+        int8 = load_model(path, quantization="int8")
+        results["int8"] = run(int8, [(1, 1), (3, 1)], prompts, greedy, attention_backend="reference", **shape)
+        del int8
+        # n-gram speculation over TP 3 on one replica: the same greedy tokens as one device without it
+        llm = LLM(model, quiet=True, tensor_parallel_size=3, speculative_config=ngram, **shape)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
         st = llm.engine.spec_stats
         results["spec_1x3"] = {
             "tokens": [o.outputs[0].token_ids for o in outs],
+            "layout": layout(llm.engine),
             "proposed": st.num_draft_tokens,
             "accepted": st.num_accepted_tokens,
         }

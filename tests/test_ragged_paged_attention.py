@@ -63,7 +63,7 @@ def _check(case, out, atol=2e-5):
     np.testing.assert_allclose(out[:rows], dense_attention(case)[:rows], atol=atol, rtol=1e-5)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(case=ragged_cases())
 def test_reference_equals_dense(case):
     _check(case, _run(case))
@@ -206,7 +206,7 @@ def _int8_case(case):
     return dataclasses.replace(case, k_pages=kq, v_pages=vq), exact
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(case=ragged_cases())
 def test_int8_pages_reference_and_cpu_kernel_equal_dense_of_dequantized(case):
     q8, exact = _int8_case(case)

@@ -76,7 +76,7 @@ _BLOCK_SIZES = [
 ]
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(case=ragged_cases(), block_sizes=st.sampled_from(_BLOCK_SIZES))
 def test_kernel_equals_dense(case, block_sizes):
     expected = dense_attention(case)

@@ -243,3 +243,84 @@ def test_unseeded_draws_keep_their_distribution_and_a_wrong_acceptance_is_caught
 
     monkeypatch.setattr(LLMEngine, "_count_accepted", always)
     assert pvalue(draws(spec, Fixed())) < 1e-3
+
+
+# ---- the draft-model proposer (jaxserve.draft) --------------------------------------------------------------
+
+
+def draft_spec(path, quantization, k=3):
+    return {"method": "draft_model", "model": path, "num_speculative_tokens": k, "quantization": quantization}
+
+
+@pytest.fixture(scope="module")
+def drafts(tiny_model):
+    """The target's own weights as the draft (every proposal must be accepted), int8 (most), and int8 with the
+    small budget (prompts chunked, sequences preempted)."""
+    return {
+        "self": make(tiny_model, draft_spec(tiny_model.path, "none")),
+        "int8": make(tiny_model, draft_spec(tiny_model.path, "int8")),
+        "int8_small": make(tiny_model, draft_spec(tiny_model.path, "int8"), small=True),
+    }
+
+
+def test_a_draft_model_is_exact_batched_chunked_preempted_and_on_prefix_hits(plain, drafts):
+    ps = prompts(8, seed=6)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want = token_lists(run_all(plain, ps, greedy))
+    compiles = {name: e.runner.compiles_since_warmup for name, e in drafts.items()}
+    for name, engine in drafts.items():
+        before, rounds = stats(engine), engine.proposer.num_rounds
+        preempted, hits = engine.scheduler.num_preemptions, engine.block_manager.num_hit_tokens
+        assert token_lists(run_all(engine, ps, greedy)) == want, name
+        if name != "int8_small":
+            assert token_lists(run_all(engine, ps, greedy, prefix="again")) == want, name  # prefix hits
+            assert engine.block_manager.num_hit_tokens > hits
+        else:
+            assert engine.scheduler.num_preemptions > preempted
+        drafts_run, proposed, accepted = (a - b for a, b in zip(stats(engine), before))
+        assert engine.proposer.num_rounds > rounds and drafts_run > 0 and proposed > 0, name
+        if name == "self":  # the draft is the target: its KV bookkeeping is right only if it never diverges
+            assert accepted == proposed
+        else:  # int8 noise flips some of the draft's argmaxes: most, not all, proposals accepted
+            assert proposed // 2 < accepted < proposed, (name, proposed, accepted)
+        assert engine.runner.compiles_since_warmup == compiles[name]  # nothing compiled with the draft on
+        assert not engine.proposer._fed  # every finished sequence's draft pages were given back
+        bm = engine.proposer.block_manager
+        assert bm.num_free_pages == bm.num_usable_pages
+
+
+def test_seeded_sampling_with_a_draft_equals_plain(plain, drafts):
+    ps = prompts(4, seed=7)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=11, max_tokens=30, ignore_eos=True)
+    want = run_all(plain, ps, params)
+    got = run_all(drafts["int8"], ps, params)
+    for i in range(len(ps)):
+        assert got[i].outputs[0].token_ids == want[i].outputs[0].token_ids
+        assert got[i].metrics.num_draft_tokens > 0
+
+
+def test_unseeded_draws_with_a_draft_keep_their_distribution(plain, drafts):
+    """Chi-square over many unseeded draws of a token verified against the draft's proposals."""
+    prompt = prompts(1, seed=8)[0]
+    params = SamplingParams(temperature=1.5, max_tokens=3, ignore_eos=True)
+    n = 240
+    base, got = (
+        np.array([o.outputs[0].token_ids[1] for o in run_all(e, [prompt] * n, params, prefix="u").values()])
+        for e in (plain, drafts["int8"])
+    )
+    top = np.argsort(-np.bincount(base, minlength=TINY.vocab_size))[:5]
+    table = [[(x == t).sum() for t in top] + [(~np.isin(x, top)).sum()] for x in (base, got)]
+    assert chi2_contingency(np.array(table)).pvalue > 1e-3
+
+
+def test_a_draft_with_another_vocabulary_is_refused_at_start(tiny_model, tmp_path):
+    import dataclasses
+
+    from jaxserve.draft import DraftMismatchError
+    from tests.tiny_models import random_arrays, write_gguf
+
+    other = dataclasses.replace(TINY, vocab_size=264)
+    path = tmp_path / "other.gguf"
+    write_gguf(path, other, random_arrays(other, seed=1))
+    with pytest.raises(DraftMismatchError, match="vocabulary of 264 tokens, the target's has 260"):
+        make(tiny_model, draft_spec(str(path), "none"))
