@@ -36,10 +36,10 @@ from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling import SampleRow, SamplingParams
 from jaxserve.scheduler import QueueFullError, Scheduler, ScheduledRequest
 from jaxserve.spec_decode import NgramProposer, SpecDecodeStats
+from models.loader import LoadedModel
 
 if TYPE_CHECKING:
     from jaxserve.draft import DraftProposer
-from models.loader import LoadedModel
 
 _NO_SAMPLE = SamplingParams(temperature=0.0, max_tokens=1)  # rows of a step that do not sample (mid-prompt)
 
