@@ -23,6 +23,7 @@ and has no proposals until the draft has caught up again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -113,12 +114,9 @@ class DraftRunner(ModelRunner):
 
     def __init__(self, *args, num_steps: int, **kwargs):
         self.num_steps = num_steps
-        self._rows: dict[int, DraftRows] = {}
         super().__init__(*args, **kwargs)
 
     def program(self):
-        import functools
-
         return functools.partial(_draft_round, num_steps=self.num_steps)
 
     def row_template(self, num_slots: int) -> DraftRows:
@@ -197,8 +195,7 @@ class DraftProposer:
             if n <= 0:
                 continue
             proposes = decoding and start + n == goal and req.num_tokens < self.max_model_len
-            if req.request_id not in self._fed:
-                self._fed[req.request_id] = (0, [])
+            self._fed.setdefault(req.request_id, (0, []))  # tracked from here, so _drop frees its pages
             need = start + n + (self.k - 1 if proposes else 0)
             if self.block_manager.allocate_slots(req.request_id, need) is None:
                 self._drop(req.request_id)  # the draft's pages ran out: this one waits for room

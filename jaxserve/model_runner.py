@@ -174,7 +174,12 @@ class ModelRunner:
         probe_t0 = time.perf_counter()
         hits0 = self.counter.snapshot()[1]
         probe = self._lower(self.buckets[-1], first.num_pages, kv_dtype).compile()
-        self._probe = (first.num_pages, probe, time.perf_counter() - probe_t0, self.counter.snapshot()[1] > hits0)
+        probe_report = BucketReport(
+            self.buckets[-1],
+            self.num_seqs_for(self.buckets[-1]),
+            time.perf_counter() - probe_t0,
+            self.counter.snapshot()[1] > hits0,
+        )
         self.step_temp_bytes = _temp_bytes(probe)
         self.pool: PoolPlan = plan(self.step_temp_bytes) if cache.kv_cache_memory is None else first
         if self.pool.num_tokens < scheduler.max_model_len:
@@ -189,7 +194,9 @@ class ModelRunner:
         self.cache = allocate_kv_cache(self.pool, config, None if mesh is None else jit_kw["out_shardings"][1].k)
         self.compiled: dict[int, jax.stages.Compiled] = {}
         self.report: list[BucketReport] = []
-        self._compile_all(progress)
+        # The sizing compile was over this very pool: it is the largest bucket's executable.
+        ready = {self.buckets[-1]: (probe, probe_report)} if self.pool.num_pages == first.num_pages else {}
+        self._compile_all(progress, ready)
         if self.channel is not None:
             self.channel.warm_up()
         self.startup_seconds = time.perf_counter() - t0
@@ -253,21 +260,20 @@ class ModelRunner:
         cache, inputs, st = self._specs(num_tokens, num_pages, kv_dtype)
         return self._fn.lower(self.params, cache, inputs, st)
 
-    def _compile_all(self, progress: bool) -> None:
+    def _compile_all(self, progress: bool, ready: dict) -> None:
+        """Compile every bucket but those in `ready` ({num_tokens: (executable, its BucketReport)})."""
         from tqdm import tqdm
 
-        probe_pages, probe, probe_seconds, probe_hit = self._probe
-        self._probe = None
         bar = tqdm(self.buckets, desc="compiling step buckets", unit="bucket", disable=not progress, file=sys.stderr)
         for num_tokens in bar:
+            if num_tokens in ready:
+                self.compiled[num_tokens], report = ready[num_tokens]
+                self.report.append(report)
+                continue
             t0 = time.perf_counter()
             hits0 = self.counter.snapshot()[1]
-            if num_tokens == self.buckets[-1] and probe_pages == self.pool.num_pages:
-                self.compiled[num_tokens] = probe  # the sizing compile was over this very pool
-                seconds, hit = probe_seconds, probe_hit
-            else:
-                self.compiled[num_tokens] = self._lower(num_tokens, self.pool.num_pages, self.pool.dtype).compile()
-                seconds, hit = time.perf_counter() - t0, self.counter.snapshot()[1] > hits0
+            self.compiled[num_tokens] = self._lower(num_tokens, self.pool.num_pages, self.pool.dtype).compile()
+            seconds, hit = time.perf_counter() - t0, self.counter.snapshot()[1] > hits0
             self.report.append(BucketReport(num_tokens, self.num_seqs_for(num_tokens), seconds, hit))
 
     def describe_memory(self) -> str:

@@ -35,8 +35,8 @@ class SpeculativeConfig:
     num_speculative_tokens: tokens proposed per sequence per step (k). prompt_lookup_min / _max: the n-gram sizes
     the ngram method matches (longest first). quantization: the draft's weights ("none", "int8", "int4",
     "auto"; None: as the target's): `model` the target's own file with "int4" is a self-speculative pair.
-    disable_by_batch_size: sequences in a step at which speculation is
-    off for that step (the step is compute-bound there; None: never off)."""
+    disable_by_batch_size: sequences in a step at which speculation is off for that step (the step is
+    compute-bound there; None: never off)."""
 
     method: str
     num_speculative_tokens: int

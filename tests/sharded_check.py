@@ -216,7 +216,7 @@ def main(case: str) -> None:
         from models.loader import default_model_path, load_model
 
         path = default_model_path()
-        model = load_model(path)  # one load serves every fp32 engine below (and int8 one the int8 ones)
+        model = load_model(path)  # one load serves every fp32 engine below (one int8 load the int8 ones)
         tok = model.tokenizer
         words = "the cat sat on a mat while the model of a language predicted every next token with care".split()
         prompts = [tok.encode(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 90)))) for _ in range(8)]
