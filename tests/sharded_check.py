@@ -242,6 +242,20 @@ def main(case: str) -> None:
             "proposed": st.num_draft_tokens,
             "accepted": st.num_accepted_tokens,
         }
+        del llm
+        # the model's own weights in int4 as its draft, both over TP 3: the same greedy tokens again
+        draft = {"method": "draft_model", "model": path, "num_speculative_tokens": 4, "quantization": "int4"}
+        llm = LLM(model, quiet=True, tensor_parallel_size=3, speculative_config=draft, **shape)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+        st = llm.engine.spec_stats
+        wq = llm.engine.proposer.runner.params.layers.wq
+        results["draft_1x3"] = {
+            "tokens": [o.outputs[0].token_ids for o in outs],
+            "draft_wq": [list(wq.values.addressable_shards[0].data.shape), wq.bits],
+            "draft_kv": list(llm.engine.proposer.runner.cache.k.addressable_shards[0].data.shape),
+            "proposed": st.num_draft_tokens,
+            "accepted": st.num_accepted_tokens,
+        }
     print("RESULT " + json.dumps(results))
 
 

@@ -27,20 +27,11 @@ def real_engine(real_model):
 
 
 def tight(real_model, pages: int, **options) -> LLMEngine:
-    """16-token steps (every prompt is chunked), 4 sequences, `pages` usable pages of 16 (SmolLM2: 30 layers,
-    3 KV heads of 64, f32): long sequences get preempted."""
+    """16-token steps (every prompt is chunked; `options` may change that), 4 sequences, `pages` usable pages of
+    16 (SmolLM2: 30 layers, 3 KV heads of 64, f32): long sequences get preempted."""
     bytes_per_page = 2 * 30 * 16 * 3 * 64 * 4
-    return LLMEngine(
-        real_model,
-        engine_config(
-            max_model_len=512,
-            max_num_seqs=4,
-            max_num_batched_tokens=16,
-            kv_cache_memory=(pages + 1) * bytes_per_page,
-            token_buckets=(1, 16),
-            **options,
-        ),
-    )
+    shape = dict(max_model_len=512, max_num_seqs=4, max_num_batched_tokens=16, token_buckets=(1, 16))
+    return LLMEngine(real_model, engine_config(kv_cache_memory=(pages + 1) * bytes_per_page, **(shape | options)))
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +86,10 @@ def test_chunked_and_preempted_equal_uninterrupted(tight_engine, prompts16, alon
     assert got == [alone16[i] for i in idx]
 
 
-def test_ngram_speculation_is_exact_batched_chunked_preempted_and_on_prefix_hits(real_model, prompts16, alone16):
-    """n-gram speculation (k 4) on the 16 prompts: all at once over 16-token steps (prompts chunked), 4
-    sequences and 33 pages (long ones preempted), then again on their cached pages: the same greedy tokens as
-    each prompt alone without speculation, and proposals were accepted."""
-    engine = tight(real_model, 33, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+def check_speculation_exact(engine, prompts16, alone16):
+    """The 16 prompts all at once over 16-token steps (prompts chunked), 4 sequences and a tight pool (long ones
+    preempted), then again on their cached pages: the same greedy tokens as each prompt alone without
+    speculation; proposals were accepted, not all of them; nothing compiled after warm-up."""
     base = engine.runner.compiles_since_warmup
     assert run(engine, prompts16[::-1], GREEDY) == alone16[::-1]  # (longest first: any two of them overflow the pool)
     assert engine.scheduler.num_preemptions > 0
@@ -109,6 +99,27 @@ def test_ngram_speculation_is_exact_batched_chunked_preempted_and_on_prefix_hits
     st = engine.spec_stats
     assert 0 < st.num_accepted_tokens < st.num_draft_tokens
     assert engine.runner.compiles_since_warmup == base
+    return st
+
+
+def test_ngram_speculation_is_exact_batched_chunked_preempted_and_on_prefix_hits(real_model, prompts16, alone16):
+    engine = tight(real_model, 33, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    check_speculation_exact(engine, prompts16, alone16)
+
+
+def test_draft_model_speculation_is_exact_batched_chunked_preempted_and_on_prefix_hits(
+    real_model, prompts16, alone16
+):
+    """The real model's own weights in int4 as its draft (a self-speculative pair, k 4): exact as above, and
+    the draft agrees with the fp32 target on most proposals; its pages all come back. 64-token steps: at 16 the
+    draft's sequences decode so fast that one finishes before the next has prefilled enough to overflow."""
+    spec = {"method": "draft_model", "model": real_model.path, "num_speculative_tokens": 4, "quantization": "int4"}
+    engine = tight(real_model, 33, max_num_batched_tokens=64, token_buckets=(1, 16, 64), speculative_config=spec)
+    assert engine.proposer.model.quantization == "int4"
+    st = check_speculation_exact(engine, prompts16, alone16)
+    assert st.acceptance_rate > 0.5
+    draft_pages = engine.proposer.block_manager
+    assert draft_pages.num_free_pages == draft_pages.num_usable_pages
 
 
 def test_prefix_hit_equals_miss(real_engine, prompts16, alone16):

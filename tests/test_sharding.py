@@ -81,6 +81,10 @@ def test_real_model_tp3_and_dp2_tp3_match_one_device():
     assert r["2x3"]["tokens"] == r["1x1"]["tokens"]  # 2 replicas, each TP 3
     spec = r["spec_1x3"]  # one TP 3 engine with n-gram speculation: exact, and it did accept proposals
     assert spec["tokens"] == r["1x1"]["tokens"] and 0 < spec["accepted"] < spec["proposed"], spec
+    # the int4 self-draft over TP 3 too (its int4 wq split by output rows like the target's, its KV by heads)
+    draft = r["draft_1x3"]
+    assert draft["tokens"] == r["1x1"]["tokens"] and 0 < draft["accepted"] < draft["proposed"], draft
+    assert draft["draft_wq"][1] == 4 and draft["draft_wq"][0][:2] == [30, 192] and draft["draft_kv"][3] == 1
     # quantization="int8" over TP 3: the same greedy tokens as one device in int8; the int8 values are split
     # ([L, 576 / 3, 576] for wq), not replicated
     q8 = r["int8"]
