@@ -12,9 +12,11 @@ greedy, --max-tokens out (EOS ignored), one stream at a time. Every engine gets 
   hf              transformers generate(), plain and with prompt_lookup_num_tokens=k (HF's prompt lookup)
   llamacpp        llama-cpp-python (if importable), plain and with LlamaPromptLookupDecoding(num_pred_tokens=k)
 
-Columns: e2e tok/s = output tokens / the request's wall time (prefill included; the same prompts for all), the
-speed-up of each engine's speculation over its own plain decoding, jaxserve's acceptance rate and mean accepted
-length. --sweep: jaxserve on B grounded streams at once, speculation on / off, for each B (where speculation
+Columns: e2e tok/s = output tokens / the request's wall time (prefill included; the same prompts for all),
+decode tok/s = the tokens after the first / their time (TTFT excluded), the speed-up (x) of each engine's
+speculation over its own plain decoding, jaxserve's acceptance rate and mean accepted length. jaxserve's engines
+are all built first and take the prompts in turn (plain, speculative, plain, ...): drift on this shared machine
+moves plain-vs-speculative ratios by up to 30% between runs made minutes apart. --sweep: jaxserve on B grounded streams at once, speculation on / off, for each B (where speculation
 stops paying on this CPU: the default disable_by_batch_size). --workload-a: 64 prompts x 128 random token ids
 in, 128 out, speculation on (its default disable_by_batch_size) / off: speculation must switch itself off.
 --draft: workload F (free-text chat answers), jaxserve plain next to a draft model: the target's own file
@@ -94,39 +96,52 @@ def free_prompts(tok, n: int) -> list[list[int]]:
     return [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in chats]
 
 
-def run_jaxserve(path: str, prompts, args, spec: dict | None, batch: int = 1, **options) -> dict:
+def run_jaxserve(path: str, prompts, args, specs: dict, batch: int = 1, **options) -> dict:
+    """{name: speculative_config or None} -> {name: figures}: one engine per entry, all built first, then each
+    group of `batch` prompts runs on every engine in turn (the order rotating per group), so this shared
+    machine's drift over minutes hits every engine alike: compare them as ratios."""
     from jaxserve.llm import LLM
     from jaxserve.sampling import SamplingParams
 
     max_len = max(len(p) for p in prompts) + args.max_tokens + 8
-    llm = LLM(path, quiet=True, max_model_len=max_len, speculative_config=spec, **options)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompts[0][:32]}], SamplingParams(max_tokens=8), use_tqdm=False)  # warm
-    engine = llm.engine
-    st = engine.spec_stats
-    base = (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens)
-    tokens, rates = [], []
-    t_all = time.perf_counter()
-    for i in range(0, len(prompts), batch):
+    llms, base, runs = {}, {}, {}
+    for name, spec in specs.items():
+        llm = llms[name] = LLM(path, quiet=True, max_model_len=max_len, speculative_config=spec, **options)
+        warm = SamplingParams(max_tokens=8)
+        llm.generate([{"prompt_token_ids": prompts[0][:32]}], warm, use_tqdm=False)
+        st = llm.engine.spec_stats
+        base[name] = (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens)
+        runs[name] = {"tokens": [], "rates": [], "decode": [], "wall": 0.0}
+    names = list(specs)
+    for g, i in enumerate(range(0, len(prompts), batch)):
         group = prompts[i : i + batch]
-        t = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in group], params, use_tqdm=False)
-        wall = time.perf_counter() - t
-        tokens += [o.outputs[0].token_ids for o in outs]
-        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / wall)
-    wall_all = time.perf_counter() - t_all
-    drafts, proposed, accepted = (
-        a - b for a, b in zip((st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens), base)
-    )
-    del llm
-    return {
-        "tokens": tokens,
-        "tok_s": statistics.median(rates),
-        "total_tok_s": sum(len(t) for t in tokens) / wall_all,
-        "acceptance": accepted / proposed if proposed else None,
-        "mean_accepted_length": 1 + accepted / drafts if drafts else None,
-        "compiles_after_warmup": engine.runner.compiles_since_warmup if hasattr(engine, "runner") else None,
-    }
+        for name in names[g % len(names) :] + names[: g % len(names)]:
+            r = runs[name]
+            t = time.perf_counter()
+            outs = llms[name].generate([{"prompt_token_ids": p} for p in group], params, use_tqdm=False)
+            wall = time.perf_counter() - t
+            r["wall"] += wall
+            r["tokens"] += [o.outputs[0].token_ids for o in outs]
+            r["rates"].append(sum(len(o.outputs[0].token_ids) for o in outs) / wall)
+            r["decode"] += [1 / o.metrics.tpot for o in outs if o.metrics.tpot]
+    results = {}
+    for name, llm in llms.items():
+        engine, r, st = llm.engine, runs[name], llm.engine.spec_stats
+        drafts, proposed, accepted = (
+            a - b for a, b in zip((st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens), base[name])
+        )
+        results[name] = {
+            "tokens": r["tokens"],
+            "tok_s": statistics.median(r["rates"]),
+            "decode_tok_s": statistics.median(r["decode"]),
+            "total_tok_s": sum(len(t) for t in r["tokens"]) / r["wall"],
+            "acceptance": accepted / proposed if proposed else None,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+            "compiles_after_warmup": engine.runner.compiles_since_warmup if hasattr(engine, "runner") else None,
+        }
+    del llms
+    return results
 
 
 def run_hf(path: str, prompts, args, k: int | None) -> dict:
@@ -137,11 +152,24 @@ def run_hf(path: str, prompts, args, k: int | None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
     ).eval()
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):  # when each new token came out (generate's first put() is the prompt)
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
     extra = {} if k is None else {"prompt_lookup_num_tokens": k}
-    tokens, rates = [], []
+    tokens, rates, decode = [], [], []
     with torch.inference_mode():
         model.generate(torch.tensor([prompts[0][:16]]), max_new_tokens=4, do_sample=False, **extra)  # warm
         for p in prompts:
+            clock = Clock()
             t = time.perf_counter()
             out = model.generate(
                 torch.tensor([p]),
@@ -149,13 +177,16 @@ def run_hf(path: str, prompts, args, k: int | None) -> dict:
                 min_new_tokens=args.max_tokens,
                 do_sample=False,
                 pad_token_id=0,
+                streamer=clock,
                 **extra,
             )
             wall = time.perf_counter() - t
             new = out[0, len(p) :].tolist()
             tokens.append(new)
             rates.append(len(new) / wall)
-    return {"tokens": tokens, "tok_s": statistics.median(rates)}
+            first = clock.times[1]  # the first new token (several tokens may come in one put with lookup)
+            decode.append((len(new) - 1) / (time.perf_counter() - first))
+    return {"tokens": tokens, "tok_s": statistics.median(rates), "decode_tok_s": statistics.median(decode)}
 
 
 def run_llamacpp(path: str, prompts, args, k: int | None) -> dict:
@@ -171,20 +202,23 @@ def run_llamacpp(path: str, prompts, args, k: int | None) -> dict:
     llm = Llama(
         path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, draft_model=draft, logits_all=True, verbose=False
     )
-    tokens, rates = [], []
+    tokens, rates, decode = [], [], []
     for p in prompts:
         llm.reset()
         t = time.perf_counter()
         new = []
         for tok in llm.generate(p, temp=0.0, top_k=1, reset=True):
             new.append(int(tok))
+            if len(new) == 1:
+                first = time.perf_counter()
             if len(new) >= args.max_tokens:
                 break
-        wall = time.perf_counter() - t
+        end = time.perf_counter()
         tokens.append(new)
-        rates.append(len(new) / wall)
+        rates.append(len(new) / (end - t))
+        decode.append((len(new) - 1) / (end - first))
     del llm
-    return {"tokens": tokens, "tok_s": statistics.median(rates)}
+    return {"tokens": tokens, "tok_s": statistics.median(rates), "decode_tok_s": statistics.median(decode)}
 
 
 def fmt(x, spec="{:.2f}"):
@@ -223,15 +257,16 @@ def main() -> int:
     rows, figures = [], {"prompt_lens": [len(p) for p in prompts], "k": args.k}
 
     if "jaxserve" in engines:
-        log("[jaxserve] plain")
-        plain = run_jaxserve(path, prompts, args, None)
-        log("[jaxserve] ngram")
-        fast = run_jaxserve(path, prompts, args, spec)
+        log("[jaxserve] plain and ngram, prompt by prompt")
+        got = run_jaxserve(path, prompts, args, {"plain": None, "ngram": spec})
+        plain, fast = got["plain"], got["ngram"]
         exact = fast["tokens"] == plain["tokens"]
-        rows.append(("jaxserve fp32", plain["tok_s"], fast["tok_s"], fast["acceptance"], fast["mean_accepted_length"]))
+        rows.append(("jaxserve fp32", plain, fast, fast["acceptance"], fast["mean_accepted_length"]))
         figures["jaxserve"] = {
             "plain": plain["tok_s"],
             "ngram": fast["tok_s"],
+            "plain_decode": plain["decode_tok_s"],
+            "ngram_decode": fast["decode_tok_s"],
             "exact": exact,
             "acceptance": fast["acceptance"],
             "mean_accepted_length": fast["mean_accepted_length"],
@@ -249,13 +284,24 @@ def main() -> int:
         except ImportError as e:
             log(f"[{name}] not installed ({e}); skipped")
             continue
-        rows.append((label, plain_p["tok_s"], fast_p["tok_s"], None, None))
-        figures[name] = {"plain": plain_p["tok_s"], "lookup": fast_p["tok_s"]}
+        rows.append((label, plain_p, fast_p, None, None))
+        figures[name] = {
+            "plain": plain_p["tok_s"],
+            "lookup": fast_p["tok_s"],
+            "plain_decode": plain_p["decode_tok_s"],
+            "lookup_decode": fast_p["decode_tok_s"],
+        }
 
-    print(f"\nworkload G (grounded), one stream, e2e tok/s (median of {len(prompts)} prompts), k={args.k}")
-    print(f"{'engine':24} {'plain':>8} {'lookup':>8} {'speed-up':>9} {'accept':>7} {'mean len':>9}")
+    print(f"\nworkload G (grounded), one stream, tok/s (median of {len(prompts)} prompts), k={args.k}")
+    print("  e2e: output tokens / request wall time (prefill included); decode: tokens after the first / their time")
+    head = f"{'engine':24} {'e2e':>7} {'lookup':>7} {'x':>6}  {'decode':>7} {'lookup':>7} {'x':>6}"
+    print(f"{head} {'accept':>7} {'mean len':>9}")
     for label, p, f, acc, mal in rows:
-        print(f"{label:24} {p:8.1f} {f:8.1f} {f / p:8.2f}x {fmt(acc, '{:.0%}'):>7} {fmt(mal):>9}")
+        e, d = (p["tok_s"], f["tok_s"]), (p["decode_tok_s"], f["decode_tok_s"])
+        print(
+            f"{label:24} {e[0]:7.1f} {e[1]:7.1f} {e[1] / e[0]:5.2f}x  {d[0]:7.1f} {d[1]:7.1f} {d[1] / d[0]:5.2f}x "
+            f"{fmt(acc, '{:.0%}'):>7} {fmt(mal):>9}"
+        )
     if "jaxserve" in figures:
         j = figures["jaxserve"]
         for name in ("hf", "llamacpp"):
@@ -268,24 +314,29 @@ def main() -> int:
     if args.draft:
         free = free_prompts(tok, args.num_prompts)
         log(f"workload F: {len(free)} free-text prompts of {[len(p) for p in free]} tokens, {args.max_tokens} out")
-        plain = run_jaxserve(path, free, args, None)
-        print(f"\nworkload F (free text), one stream, e2e tok/s (median of {len(free)} prompts), k={args.draft_k}")
-        print(f"{'jaxserve fp32 target, draft':32} {'tok/s':>8} {'speed-up':>9} {'accept':>7} {'mean len':>9} exact")
-        print(f"{'none (plain decoding)':32} {plain['tok_s']:8.1f}")
-        figures["draft"] = {"plain": plain["tok_s"]}
-        for quant in args.draft.split(","):
-            draft = {"method": "draft_model", "model": path, "num_speculative_tokens": args.draft_k}
-            got = run_jaxserve(path, free, args, dict(draft, quantization=quant))
+        draft = {"method": "draft_model", "model": path, "num_speculative_tokens": args.draft_k}
+        quants = args.draft.split(",")
+        got_all = run_jaxserve(path, free, args, {"plain": None} | {q: dict(draft, quantization=q) for q in quants})
+        plain = got_all["plain"]
+        print(f"\nworkload F (free text), one stream, tok/s (median of {len(free)} prompts), k={args.draft_k}")
+        head = f"{'jaxserve fp32 target, draft':28} {'e2e':>7} {'x':>6}  {'decode':>7} {'x':>6}"
+        print(f"{head} {'accept':>7} {'mean len':>9} exact")
+        print(f"{'none (plain decoding)':28} {plain['tok_s']:7.1f} {'':6}  {plain['decode_tok_s']:7.1f}")
+        figures["draft"] = {"plain": plain["tok_s"], "plain_decode": plain["decode_tok_s"]}
+        for quant in quants:
+            got = got_all[quant]
             exact = got["tokens"] == plain["tokens"]
             figures["draft"][quant] = {
                 "tok_s": got["tok_s"],
+                "decode_tok_s": got["decode_tok_s"],
                 "acceptance": got["acceptance"],
                 "mean_accepted_length": got["mean_accepted_length"],
                 "exact": exact,
                 "compiles_after_warmup": got["compiles_after_warmup"],
             }
             print(
-                f"{'self, ' + quant:32} {got['tok_s']:8.1f} {got['tok_s'] / plain['tok_s']:8.2f}x "
+                f"{'self, ' + quant:28} {got['tok_s']:7.1f} {got['tok_s'] / plain['tok_s']:5.2f}x  "
+                f"{got['decode_tok_s']:7.1f} {got['decode_tok_s'] / plain['decode_tok_s']:5.2f}x "
                 f"{fmt(got['acceptance'], '{:.0%}'):>7} {fmt(got['mean_accepted_length']):>9} {exact}"
             )
 
@@ -295,8 +346,8 @@ def main() -> int:
         figures["sweep"] = {}
         for b in [int(x) for x in args.sweep.split(",")]:
             ps = (prompts * (-(-b // len(prompts))))[:b]
-            off = run_jaxserve(path, ps, args, None, batch=b)
-            on = run_jaxserve(path, ps, args, dict(spec, disable_by_batch_size=None), batch=b)
+            got = run_jaxserve(path, ps, args, {"off": None, "on": dict(spec, disable_by_batch_size=None)}, batch=b)
+            off, on = got["off"], got["on"]
             figures["sweep"][b] = {"off": off["total_tok_s"], "on": on["total_tok_s"], "acceptance": on["acceptance"]}
             print(
                 f"{b:4} {off['total_tok_s']:8.1f} {on['total_tok_s']:8.1f} "
@@ -307,8 +358,8 @@ def main() -> int:
         rng = np.random.default_rng(0)
         ids = [rng.integers(100, tok.vocab_size - 100, 128).tolist() for _ in range(64)]
         a_args = argparse.Namespace(**{**vars(args), "max_tokens": 128})
-        off = run_jaxserve(path, ids, a_args, None, batch=64, max_num_seqs=64)
-        on = run_jaxserve(path, ids, a_args, spec, batch=64, max_num_seqs=64)
+        got = run_jaxserve(path, ids, a_args, {"off": None, "on": spec}, batch=64, max_num_seqs=64)
+        off, on = got["off"], got["on"]
         figures["workload_a"] = {"off": off["total_tok_s"], "on": on["total_tok_s"]}
         print(
             f"\nworkload A (64 x 128 in, 128 out): off {off['total_tok_s']:.1f} tok/s, ngram {on['total_tok_s']:.1f} "

@@ -107,9 +107,7 @@ def test_ngram_speculation_is_exact_batched_chunked_preempted_and_on_prefix_hits
     check_speculation_exact(engine, prompts16, alone16)
 
 
-def test_draft_model_speculation_is_exact_batched_chunked_preempted_and_on_prefix_hits(
-    real_model, prompts16, alone16
-):
+def test_draft_model_speculation_is_exact_batched_chunked_preempted_and_on_prefix_hits(real_model, prompts16, alone16):
     """The real model's own weights in int4 as its draft (a self-speculative pair, k 4): exact as above, and
     the draft agrees with the fp32 target on most proposals; its pages all come back. 64-token steps: at 16 the
     draft's sequences decode so fast that one finishes before the next has prefilled enough to overflow."""

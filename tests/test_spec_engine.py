@@ -324,3 +324,13 @@ def test_a_draft_with_another_vocabulary_is_refused_at_start(tiny_model, tmp_pat
     write_gguf(path, other, random_arrays(other, seed=1))
     with pytest.raises(DraftMismatchError, match="vocabulary of 264 tokens, the target's has 260"):
         make(tiny_model, draft_spec(str(path), "none"))
+
+
+def test_default_buckets_hold_one_streams_verification():
+    """Speculation's default buckets: the powers of two and k + 1 (one stream verifying k proposals runs in a
+    bucket of its own size, not the next power of two); explicit token_buckets are the user's."""
+    from jaxserve.engine import verify_buckets
+
+    assert verify_buckets(engine_config(max_model_len=128, max_num_batched_tokens=64), 4) == (1, 2, 4, 5, 8, 16, 32, 64)
+    assert verify_buckets(engine_config(max_model_len=128, max_num_batched_tokens=64), 3) == (1, 2, 4, 8, 16, 32, 64)
+    assert verify_buckets(engine_config(max_model_len=128, max_num_batched_tokens=4, max_num_seqs=4), 4) == (1, 2, 4)
