@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from kernels_pallas.backend import resolve_backend
+from kernels_pallas.dense_matmul import dense_matmul_nt
 from kernels_pallas.kv_write import write_kv
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 from models.cache import AttentionMetadata, KVCache
@@ -293,7 +294,5 @@ def compute_logits(params: LlamaParams, hidden: jax.Array, *, backend: str = "au
     if is_quantized(head):  # [V, E] either way
         return head_linear(hidden, head, backend=backend)
     if params.lm_head is not None:
-        logits = hidden @ params.lm_head
-    else:
-        logits = jnp.einsum("ne,ve->nv", hidden, params.embed)
-    return logits.astype(jnp.float32)
+        return (hidden @ params.lm_head).astype(jnp.float32)
+    return dense_matmul_nt(hidden, params.embed, backend=backend)  # tied: [V, E], read once for a few rows

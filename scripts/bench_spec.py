@@ -16,8 +16,9 @@ Columns: e2e tok/s = output tokens / the request's wall time (prefill included; 
 decode tok/s = the tokens after the first / their time (TTFT excluded), the speed-up (x) of each engine's
 speculation over its own plain decoding, jaxserve's acceptance rate and mean accepted length. jaxserve's engines
 are all built first and take the prompts in turn (plain, speculative, plain, ...): drift on this shared machine
-moves plain-vs-speculative ratios by up to 30% between runs made minutes apart. --sweep: jaxserve on B grounded streams at once, speculation on / off, for each B (where speculation
-stops paying on this CPU: the default disable_by_batch_size). --workload-a: 64 prompts x 128 random token ids
+moves plain-vs-speculative ratios by up to 30% between runs made minutes apart.
+--sweep: jaxserve on B grounded streams at once, speculation on / off, for each B (where speculation stops paying
+on this CPU: the default disable_by_batch_size). --workload-a: 64 prompts x 128 random token ids
 in, 128 out, speculation on (its default disable_by_batch_size) / off: speculation must switch itself off.
 --draft: workload F (free-text chat answers), jaxserve plain next to a draft model: the target's own file
 quantized (a self-speculative pair; no second model file ships here), output checked token-identical. No peer

@@ -1,5 +1,6 @@
 """The dense f32 matmul kernel (reads one layer of stacked weights in place) equals XLA's dot of the slice, over
-M from 1 to 512, odd N and K (tile, panel and K-block remainders), both ISAs, and inside a layer scan."""
+M from 1 to 512, odd N and K (tile, panel and K-block remainders), both ISAs, and inside a layer scan; the x . w^T
+kernel of the tied LM head equals it for 2 to 8 rows (more, or one, run XLA's dot)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels_pallas.dense_matmul import dense_matmul, dense_matmul_many, dense_matmul_ref
+from kernels_pallas.dense_matmul import NT_MAX_ROWS, dense_matmul, dense_matmul_many, dense_matmul_nt, dense_matmul_ref
 
 KERNEL = jax.jit(dense_matmul)
 AVX2_ONLY = jax.jit(lambda *a: dense_matmul(*a, isa="avx2"))
@@ -91,3 +92,33 @@ def test_many_weights_in_one_call_equal_one_call_each(m):
     got = jax.jit(lambda x, ws, i: dense_matmul_many(x, ws, i))(x, ws, jnp.int32(1))
     for w, y in zip(ws, got):
         np.testing.assert_allclose(np.asarray(y), np.asarray(KERNEL(x, w[1])), rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(2, NT_MAX_ROWS), n=st.integers(1, 300), k=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+def test_transposed_kernel_equals_f64_dot(m, n, k, seed):
+    """x [M, K] . w [N, K]^T: odd N (the pair of w rows), K off the vector width (masked tails), N * K past
+    the threading threshold, both ISAs; the C++ call is really in the program."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    for isa in ("auto", "avx2"):
+        fn = jax.jit(lambda x, w, isa=isa: dense_matmul_nt(x, w, isa=isa))
+        assert "jaxserve_matmul_f32_nt" in fn.lower(x, w).as_text()
+        got = np.asarray(fn(x, w))
+        assert got.shape == (m, n) and got.dtype == np.float32
+        assert np.all(np.abs(got - f64(x, w.T)) <= tolerance(x, w.T))
+
+
+def test_transposed_matmul_at_the_head_shape_and_outside_its_rows():
+    """SmolLM2's head shape (K 576) over a slice of the vocabulary; one row and more than NT_MAX_ROWS take XLA's
+    dot (the reference) and still agree."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4099, 576)).astype(np.float32)
+    for m in (1, 5, NT_MAX_ROWS, NT_MAX_ROWS + 1):
+        x = rng.standard_normal((m, 576)).astype(np.float32)
+        fn = jax.jit(dense_matmul_nt)
+        assert ("jaxserve_matmul_f32_nt" in fn.lower(x, w).as_text()) == (1 < m <= NT_MAX_ROWS)
+        assert np.all(np.abs(np.asarray(fn(x, w)) - f64(x, w.T)) <= tolerance(x, w.T))
+    with pytest.raises(ValueError, match=r"w \[N, K\]"):
+        dense_matmul_nt(jnp.ones((2, 8)), jnp.ones((4, 9)))

@@ -20,7 +20,14 @@ from tests.engine_runs import run_all
 from tests.tiny_models import TINY, bytes_per_page
 
 PAGE = 8
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+# disable_by_batch_size None: speculation at every batch size (the default turns it off at 8 running sequences)
+NGRAM = {
+    "method": "ngram",
+    "num_speculative_tokens": 4,
+    "prompt_lookup_min": 1,
+    "prompt_lookup_max": 3,
+    "disable_by_batch_size": None,
+}
 
 
 def make(model, spec=None, *, small=False):
@@ -249,7 +256,13 @@ def test_unseeded_draws_keep_their_distribution_and_a_wrong_acceptance_is_caught
 
 
 def draft_spec(path, quantization, k=3):
-    return {"method": "draft_model", "model": path, "num_speculative_tokens": k, "quantization": quantization}
+    return {
+        "method": "draft_model",
+        "model": path,
+        "num_speculative_tokens": k,
+        "quantization": quantization,
+        "disable_by_batch_size": None,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +347,28 @@ def test_default_buckets_hold_one_streams_verification():
     assert verify_buckets(engine_config(max_model_len=128, max_num_batched_tokens=64), 4) == (1, 2, 4, 5, 8, 16, 32, 64)
     assert verify_buckets(engine_config(max_model_len=128, max_num_batched_tokens=64), 3) == (1, 2, 4, 8, 16, 32, 64)
     assert verify_buckets(engine_config(max_model_len=128, max_num_batched_tokens=4, max_num_seqs=4), 4) == (1, 2, 4)
+
+
+def test_speculation_switches_off_at_the_default_batch_size(spec, monkeypatch):
+    """The default disable_by_batch_size (8): no proposals for a step after which 8 sequences run, proposals
+    again once fewer do (the same engine, its config swapped for the default's)."""
+    import dataclasses
+
+    from jaxserve.spec_decode import DEFAULT_DISABLE_BY_BATCH_SIZE, SpeculativeConfig
+
+    default = SpeculativeConfig.parse({k: v for k, v in NGRAM.items() if k != "disable_by_batch_size"})
+    assert default.disable_by_batch_size == DEFAULT_DISABLE_BY_BATCH_SIZE == 8
+    monkeypatch.setattr(spec, "config", dataclasses.replace(spec.config, speculative_config=default))
+    rnd = random.Random(4)
+    for i, p in enumerate(prompts(12, seed=4, hi=12)):  # short: 8 fit the pool together
+        n = rnd.randint(15, 30)
+        spec.add_request(f"off{i}", p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    full = proposing = 0  # steps after which 8 sequences run; steps after which proposals were made
+    while spec.has_unfinished_requests():
+        spec.step()
+        running = spec.scheduler.running
+        proposed = any(r.spec_token_ids for r in running)
+        assert not (proposed and len(running) >= 8), len(running)
+        full += len(running) >= 8
+        proposing += proposed
+    assert full > 0 and proposing > 0

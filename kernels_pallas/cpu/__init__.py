@@ -31,6 +31,7 @@ TARGETS = {
     "JaxserveQMatmulMulti": "jaxserve_qmatmul_multi",
     "JaxserveMatmulF32": "jaxserve_matmul_f32",
     "JaxserveMatmulF32Multi": "jaxserve_matmul_f32_multi",
+    "JaxserveMatmulF32NT": "jaxserve_matmul_f32_nt",
     "JaxserveRaggedPagedAttention": "jaxserve_ragged_paged_attention",
 }
 _lock = threading.Lock()

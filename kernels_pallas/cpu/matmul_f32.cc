@@ -172,6 +172,102 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
   return ffi::Error::Success();
 }
 
+// y[M, N] = x[M, K] . w[N, K]^T for few rows (the LM head over a tied embedding [V, E], sampled rows only): each
+// row of w (one vocabulary entry, K floats contiguous) is read once, for every row of x at once: MR x 2
+// accumulators of K-vectors, reduced to 2 * MR dot products. x (at most 8 rows of K) stays in L1; w streams
+// from memory once, so a step that samples 5 rows (one stream verifying 4 speculated tokens) costs about one.
+template <class V, int MR>
+inline __attribute__((always_inline)) void nt_rows(const float* x, const float* w, int64_t K, int64_t N,
+                                                   float* y, int64_t n0, int64_t n1) {
+  const int64_t kv = K / V::kLanes * V::kLanes;
+  const typename V::Mask tail = V::mask(K - kv);
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const float* w0 = w + n * K;
+    const float* w1 = w0 + K;
+    typename V::T a0[MR], a1[MR];
+    for (int i = 0; i < MR; ++i) a0[i] = a1[i] = V::zero();
+    for (int64_t k = 0; k < kv; k += V::kLanes) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + k + 8 * K), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + k + 8 * K), _MM_HINT_T0);
+      const typename V::T b0 = V::load(w0 + k), b1 = V::load(w1 + k);
+      for (int i = 0; i < MR; ++i) {
+        const typename V::T xi = V::load(x + i * K + k);
+        a0[i] = V::fma(xi, b0, a0[i]);
+        a1[i] = V::fma(xi, b1, a1[i]);
+      }
+    }
+    if (kv < K) {
+      const typename V::T b0 = V::load(w0 + kv, tail), b1 = V::load(w1 + kv, tail);
+      for (int i = 0; i < MR; ++i) {
+        const typename V::T xi = V::load(x + i * K + kv, tail);
+        a0[i] = V::fma(xi, b0, a0[i]);
+        a1[i] = V::fma(xi, b1, a1[i]);
+      }
+    }
+    for (int i = 0; i < MR; ++i) y[i * N + n] = V::reduce(a0[i]), y[i * N + n + 1] = V::reduce(a1[i]);
+  }
+  for (; n < n1; ++n) {  // an odd last row
+    const float* w0 = w + n * K;
+    for (int i = 0; i < MR; ++i) {
+      typename V::T a = V::zero();
+      for (int64_t k = 0; k < kv; k += V::kLanes) a = V::fma(V::load(x + i * K + k), V::load(w0 + k), a);
+      if (kv < K) a = V::fma(V::load(x + i * K + kv, tail), V::load(w0 + kv, tail), a);
+      y[i * N + n] = V::reduce(a);
+    }
+  }
+}
+
+template <class V>
+inline __attribute__((always_inline)) void nt_chunk(const float* x, const float* w, int64_t M, int64_t K,
+                                                    int64_t N, float* y, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: nt_rows<V, 1>(x, w, K, N, y, n0, n1); break;
+    case 2: nt_rows<V, 2>(x, w, K, N, y, n0, n1); break;
+    case 3: nt_rows<V, 3>(x, w, K, N, y, n0, n1); break;
+    case 4: nt_rows<V, 4>(x, w, K, N, y, n0, n1); break;
+    case 5: nt_rows<V, 5>(x, w, K, N, y, n0, n1); break;
+    case 6: nt_rows<V, 6>(x, w, K, N, y, n0, n1); break;
+    case 7: nt_rows<V, 7>(x, w, K, N, y, n0, n1); break;
+    default: nt_rows<V, 8>(x, w, K, N, y, n0, n1); break;
+  }
+}
+
+JAXSERVE_AVX512 void nt_chunk512(const float* x, const float* w, int64_t M, int64_t K, int64_t N, float* y,
+                                 int64_t n0, int64_t n1) {
+  nt_chunk<V512>(x, w, M, K, N, y, n0, n1);
+}
+
+void nt_chunk256(const float* x, const float* w, int64_t M, int64_t K, int64_t N, float* y, int64_t n0,
+                 int64_t n1) {
+  nt_chunk<V256>(x, w, M, K, N, y, n0, n1);
+}
+
+constexpr int64_t kMaxNtRows = 8;
+
+ffi::Error MatmulF32NT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t isa) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("matmul_f32_nt: need x [M, K] and w [N, K]");
+  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  if (M > kMaxNtRows) return ffi::Error::InvalidArgument("matmul_f32_nt: at most 8 rows of x");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const bool wide = use_avx512(isa);
+  const int64_t threads = N * K < (int64_t(1) << 16) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk = std::max<int64_t>(64, (N / (8 * threads) + 1) / 2 * 2);  // ~8 even chunks per thread
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  parallel_chunks(pool, chunks, threads, [=](int64_t c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    if (wide) nt_chunk512(xp, wp, M, K, N, yp, n0, n1);
+    else nt_chunk256(xp, wp, M, K, N, yp, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error MatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                      ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t isa) {
   auto xd = x.dimensions();
@@ -217,4 +313,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulF32Multi, jaxserve_cpu::MatmulF32Mul
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // layer i32[]
                                   .RemainingArgs()                         // the weights [(L,) K, N_j]
                                   .RemainingRets()                         // y_j [M, N_j]
+                                  .Attr<int64_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulF32NT, jaxserve_cpu::MatmulF32NT,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [M, K], M <= 8
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // w [N, K]
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // y [M, N] = x . w^T
                                   .Attr<int64_t>("isa"));
