@@ -74,12 +74,14 @@ NT_MAX_ROWS = 8  # the C++ x . w^T kernel's limit; more rows go to XLA's dot (it
 def dense_matmul_nt(x, w, *, backend: str = "auto", isa: str = "auto") -> jax.Array:
     """x [M, K] . w [N, K]^T -> f32 [M, N]: the LM head over a tied embedding [V, E]. On CPU with at most
     NT_MAX_ROWS rows the C++ kernel reads w once for all rows (XLA's dot costs ~2x at 5 rows what it does at 1);
-    else XLA's dot (the reference; at one row XLA's GEMV is as fast)."""
+    else XLA's dot (the reference). One row takes the kernel too (as fast as XLA's GEMV there): a row's logits
+    are then the same bits at 1 row as at 8, so one stream's plain step and its speculative verification (5
+    rows) pick the same argmax even at a near-tie."""
     isa_attr = check_isa(isa)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be [M, K] and w [N, K]; got {x.shape} and {w.shape}")
     m, n = x.shape[0], w.shape[0]
-    if resolve_backend(backend) != "cpu" or not kernel_supports(x, w) or not 1 < m <= NT_MAX_ROWS:
+    if resolve_backend(backend) != "cpu" or not kernel_supports(x, w) or not 0 < m <= NT_MAX_ROWS:
         return dense_matmul_nt_ref(x, w)
     from kernels_pallas.cpu import ensure_registered
 
