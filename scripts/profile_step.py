@@ -1,7 +1,7 @@
 """Where one engine step's time goes, from a jax.profiler trace: matmuls, attention, LM head, sampler, host.
 
     .venv/bin/python scripts/profile_step.py [--quantization int8] [--kv-cache-dtype int8] [--num-seqs 64]
-        [--context 128] [--steps 5] [--top N]
+        [--context 128] [--steps 5] [--top N] [--spec K]
 
 It fills the engine with --num-seqs requests of --context prompt tokens, runs their prefill and a few decode
 steps untimed, then traces --steps decode steps (every sequence decoding one token: workload A's steady state).
@@ -10,7 +10,9 @@ Each XLA:CPU thunk in the trace is put in a phase by what it is and by the named
 of the `attention` scope is "attention" (KV write, RoPE, norms, the paged attention), `mlp` elementwise work,
 `sample` the sampler; "host" is the engine step's wall time less the thunks' time: Python (scheduling, input
 packing, output processing, ~0.5 ms of a one-stream step) plus XLA's own gaps between thunks. Times are
-exclusive (a loop's own time excludes the thunks inside it).
+exclusive (a loop's own time excludes the thunks inside it). --spec K: every decode step verifies K speculated
+tokens per sequence (n-gram speculation with a proposer that always proposes K copies of the last token: what a
+verification step of K + 1 rows costs, whatever the acceptance).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def main() -> int:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--top", type=int, default=0, help="also list the N costliest thunks with their scopes")
+    ap.add_argument("--spec", type=int, default=0, help="verify K speculated tokens per sequence each step")
     args = ap.parse_args()
 
     from jaxserve.llm import build_engine
@@ -114,7 +117,14 @@ def main() -> int:
         max_num_batched_tokens=512,
         quiet=True,
         progress=False,
+        speculative_config=(
+            {"method": "ngram", "num_speculative_tokens": args.spec, "disable_by_batch_size": None}
+            if args.spec
+            else None
+        ),
     )
+    if args.spec:
+        engine.proposer.propose = lambda tokens: [int(tokens[-1])] * args.spec
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for i in range(args.num_seqs):
@@ -125,7 +135,7 @@ def main() -> int:
         engine.step()
     for _ in range(3):
         engine.step()
-    bucket = engine.runner.bucket_for(args.num_seqs)
+    bucket = engine.runner.bucket_for(args.num_seqs * (1 + args.spec))
     scopes = scopes_of(engine.runner.compiled[bucket].as_text())
 
     trace_dir = tempfile.mkdtemp(prefix="jaxserve-trace-")
@@ -151,7 +161,8 @@ def main() -> int:
     total = sum(per_step.values())
     print(
         f"quantization={args.quantization}, kv_cache_dtype={args.kv_cache_dtype}, "
-        f"{args.num_seqs} sequences decoding at context ~{args.context}: "
+        f"{args.num_seqs} sequences decoding at context ~{args.context}"
+        f"{f', verifying {args.spec} proposals each' if args.spec else ''}: "
         f"bucket T{bucket}, {total:.1f} ms per step ({args.num_seqs / total * 1e3:.0f} tok/s)"
     )
     for k in PHASES:
