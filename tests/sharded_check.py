@@ -224,7 +224,7 @@ def main(case: str) -> None:
         prompts[0] = tok.encode(tok.apply_chat_template(chat), add_special_tokens=False)
         shape = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(16, 64))
         greedy = SamplingParams(temperature=0.0, max_tokens=24)
-        ngram = {"method": "ngram", "num_speculative_tokens": 4}
+        ngram = {"method": "ngram", "num_speculative_tokens": 4, "disable_by_batch_size": None}  # on with 8 running
         # One device, then 2 replicas of TP 3 (each replica a TP 3 engine: the TP 3 check and the DP one)
         results = run(model, [(1, 1), (3, 2)], prompts, greedy, **shape)
         results["first_text"] = tok.decode(results["1x1"]["tokens"][0], skip_special_tokens=True)
