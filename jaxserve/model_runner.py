@@ -171,16 +171,8 @@ class ModelRunner:
         # read off that bucket's compile over the pool planned without it; when the pool comes out the same
         # (an explicit kv_cache_memory, or the cap at max_num_seqs full sequences), that compile is the bucket's.
         first = plan(0)
-        probe_t0 = time.perf_counter()
-        hits0 = self.counter.snapshot()[1]
-        probe = self._lower(self.buckets[-1], first.num_pages, kv_dtype).compile()
-        probe_report = BucketReport(
-            self.buckets[-1],
-            self.num_seqs_for(self.buckets[-1]),
-            time.perf_counter() - probe_t0,
-            self.counter.snapshot()[1] > hits0,
-        )
-        self.step_temp_bytes = _temp_bytes(probe)
+        probe = self._compile_bucket(self.buckets[-1], first.num_pages, kv_dtype)
+        self.step_temp_bytes = _temp_bytes(probe[0])
         self.pool: PoolPlan = plan(self.step_temp_bytes) if cache.kv_cache_memory is None else first
         if self.pool.num_tokens < scheduler.max_model_len:
             raise ValueError(
@@ -195,7 +187,7 @@ class ModelRunner:
         self.compiled: dict[int, jax.stages.Compiled] = {}
         self.report: list[BucketReport] = []
         # The sizing compile was over this very pool: it is the largest bucket's executable.
-        ready = {self.buckets[-1]: (probe, probe_report)} if self.pool.num_pages == first.num_pages else {}
+        ready = {self.buckets[-1]: probe} if self.pool.num_pages == first.num_pages else {}
         self._compile_all(progress, ready)
         if self.channel is not None:
             self.channel.warm_up()
@@ -256,10 +248,6 @@ class ModelRunner:
         _, inputs, st = self._specs(bucket, 2, self.pool.dtype)
         return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), (inputs, st))
 
-    def _lower(self, num_tokens: int, num_pages: int, kv_dtype) -> jax.stages.Lowered:
-        cache, inputs, st = self._specs(num_tokens, num_pages, kv_dtype)
-        return self._fn.lower(self.params, cache, inputs, st)
-
     def _compile_all(self, progress: bool, ready: dict) -> None:
         """Compile every bucket but those in `ready` ({num_tokens: (executable, its BucketReport)})."""
         from tqdm import tqdm
@@ -268,13 +256,20 @@ class ModelRunner:
         for num_tokens in bar:
             if num_tokens in ready:
                 self.compiled[num_tokens], report = ready[num_tokens]
-                self.report.append(report)
-                continue
-            t0 = time.perf_counter()
-            hits0 = self.counter.snapshot()[1]
-            self.compiled[num_tokens] = self._lower(num_tokens, self.pool.num_pages, self.pool.dtype).compile()
-            seconds, hit = time.perf_counter() - t0, self.counter.snapshot()[1] > hits0
-            self.report.append(BucketReport(num_tokens, self.num_seqs_for(num_tokens), seconds, hit))
+            else:
+                self.compiled[num_tokens], report = self._compile_bucket(
+                    num_tokens, self.pool.num_pages, self.pool.dtype
+                )
+            self.report.append(report)
+
+    def _compile_bucket(self, num_tokens: int, num_pages: int, kv_dtype) -> tuple[jax.stages.Compiled, BucketReport]:
+        """One bucket's executable over a pool of num_pages, and how long it took (a persistent-cache hit?)."""
+        t0 = time.perf_counter()
+        hits0 = self.counter.snapshot()[1]
+        cache, inputs, st = self._specs(num_tokens, num_pages, kv_dtype)
+        compiled = self._fn.lower(self.params, cache, inputs, st).compile()
+        seconds, hit = time.perf_counter() - t0, self.counter.snapshot()[1] > hits0
+        return compiled, BucketReport(num_tokens, self.num_seqs_for(num_tokens), seconds, hit)
 
     def describe_memory(self) -> str:
         """What one device holds: weights and KV pages (sharded over the mesh's "model" axis, if any)."""

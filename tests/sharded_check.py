@@ -65,6 +65,15 @@ def run(path, layouts, prompts, params, **options) -> dict:
     return results
 
 
+def spec_run(model, spec: dict, prompts, params, **options):
+    """One TP 3 engine with speculative_config=spec: (the LLM, its tokens and proposal counts)."""
+    llm = LLM(model, quiet=True, tensor_parallel_size=3, speculative_config=spec, **options)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    st = llm.engine.spec_stats
+    tokens = [o.outputs[0].token_ids for o in outs]
+    return llm, {"tokens": tokens, "proposed": st.num_draft_tokens, "accepted": st.num_accepted_tokens}
+
+
 def serve_one(path: str, prompt, **options) -> dict:
     """One request through the servers' Frontend over a data x tensor parallel engine, and its metrics."""
     import asyncio
@@ -233,31 +242,17 @@ def main(case: str) -> None:
         results["int8"] = run(int8, [(1, 1), (3, 1)], prompts, greedy, attention_backend="reference", **shape)
         del int8
         # n-gram speculation over TP 3 on one replica: the same greedy tokens as one device without it
-        llm = LLM(model, quiet=True, tensor_parallel_size=3, speculative_config=ngram, **shape)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
-        st = llm.engine.spec_stats
-        results["spec_1x3"] = {
-            "tokens": [o.outputs[0].token_ids for o in outs],
-            "layout": layout(llm.engine),
-            "proposed": st.num_draft_tokens,
-            "accepted": st.num_accepted_tokens,
-        }
+        llm, results["spec_1x3"] = spec_run(model, ngram, prompts, greedy, **shape)
+        results["spec_1x3"]["layout"] = layout(llm.engine)
         del llm
         # the model's own weights in int4 as its draft, both over TP 3: the same greedy tokens again (the first
         # 4 prompts, 12 tokens: a greedy run's prefix; the int4 reference matmul over simulated devices is slow)
         draft = {"method": "draft_model", "model": path, "num_speculative_tokens": 4, "quantization": "int4"}
-        llm = LLM(model, quiet=True, tensor_parallel_size=3, speculative_config=draft, **shape)
         short = dataclasses.replace(greedy, max_tokens=12)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], short, use_tqdm=False)
-        st = llm.engine.spec_stats
+        llm, results["draft_1x3"] = spec_run(model, draft, prompts[:4], short, **shape)
         wq = llm.engine.proposer.runner.params.layers.wq
-        results["draft_1x3"] = {
-            "tokens": [o.outputs[0].token_ids for o in outs],
-            "draft_wq": [list(wq.values.addressable_shards[0].data.shape), wq.bits],
-            "draft_kv": list(llm.engine.proposer.runner.cache.k.addressable_shards[0].data.shape),
-            "proposed": st.num_draft_tokens,
-            "accepted": st.num_accepted_tokens,
-        }
+        results["draft_1x3"]["draft_wq"] = [list(wq.values.addressable_shards[0].data.shape), wq.bits]
+        results["draft_1x3"]["draft_kv"] = list(llm.engine.proposer.runner.cache.k.addressable_shards[0].data.shape)
     print("RESULT " + json.dumps(results))
 
 
