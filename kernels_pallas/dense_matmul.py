@@ -68,15 +68,15 @@ def dense_matmul_many(x, ws, layer=None, *, backend: str = "auto", isa: str = "a
     return list(jax.ffi.ffi_call("jaxserve_matmul_f32_multi", outs)(x, layer_arg, *ws, isa=np.int64(isa_attr)))
 
 
-NT_MAX_ROWS = 8  # the C++ x . w^T kernel's limit; more rows go to XLA's dot (its batched GEMM is good there)
+NT_MAX_ROWS = 16  # the C++ x . w^T kernel's limit; more rows go to XLA's dot (its batched GEMM is good there)
 
 
 def dense_matmul_nt(x, w, *, backend: str = "auto", isa: str = "auto") -> jax.Array:
     """x [M, K] . w [N, K]^T -> f32 [M, N]: the LM head over a tied embedding [V, E]. On CPU with at most
     NT_MAX_ROWS rows the C++ kernel reads w once for all rows (XLA's dot costs ~2x at 5 rows what it does at 1);
     else XLA's dot (the reference). One row takes the kernel too (as fast as XLA's GEMV there): a row's logits
-    are then the same bits at 1 row as at 8, so one stream's plain step and its speculative verification (5
-    rows) pick the same argmax even at a near-tie."""
+    are then the same bits at 1 row as at 16, so one stream's plain step and its speculative verification (5 or
+    9 rows) pick the same argmax even at a near-tie."""
     isa_attr = check_isa(isa)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be [M, K] and w [N, K]; got {x.shape} and {w.shape}")

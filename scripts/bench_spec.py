@@ -1,11 +1,14 @@
 """Speculative decoding: jaxserve's n-gram prompt lookup next to plain decoding and the peers' own lookup modes.
 
     .venv/bin/python scripts/bench_spec.py [--engines jaxserve,hf,llamacpp] [--k 4] [--num-prompts 4]
-        [--max-tokens 128] [--sweep 1,2,4,8,16] [--workload-a] [--draft int4,int8 [--draft-k 4]] [--json out.json]
+        [--max-tokens 128] [--ignore-eos] [--sweep 1,2,4,8,16] [--workload-a] [--draft int4,int8 [--draft-k 4]]
+        [--json out.json]
 
 Workload G (input-grounded, where lookup pays): chat prompts of the default model that ask it to repeat a
 function of Python's standard library with one variable renamed, or to quote a passage of its documentation;
-greedy, --max-tokens out (EOS ignored), one stream at a time. Every engine gets the same token ids:
+greedy, one stream at a time, each answer up to its EOS (at most --max-tokens; --ignore-eos: always --max-tokens,
+the model then goes on past its answer with text of its own that no lookup can predict: the free-text tail that
+a user never sees). Every engine gets the same token ids:
 
   jaxserve        plain decoding, then speculative_config={"method": "ngram", "num_speculative_tokens": k}
                   (output checked token-identical to plain)
@@ -13,13 +16,15 @@ greedy, --max-tokens out (EOS ignored), one stream at a time. Every engine gets 
   llamacpp        llama-cpp-python (if importable), plain and with LlamaPromptLookupDecoding(num_pred_tokens=k)
 
 Columns: e2e tok/s = output tokens / the request's wall time (prefill included; the same prompts for all),
-decode tok/s = the tokens after the first / their time (TTFT excluded), the speed-up (x) of each engine's
-speculation over its own plain decoding, jaxserve's acceptance rate and mean accepted length. jaxserve's engines
-are all built first and take the prompts in turn (plain, speculative, plain, ...): drift on this shared machine
-moves plain-vs-speculative ratios by up to 30% between runs made minutes apart.
---sweep: jaxserve on B grounded streams at once, speculation on / off, for each B (where speculation stops paying
-on this CPU: the default disable_by_batch_size). --workload-a: 64 prompts x 128 random token ids
-in, 128 out, speculation on (its default disable_by_batch_size) / off: speculation must switch itself off.
+decode tok/s = the tokens after the first / their time (TTFT excluded; the median prompt's, and "dec all": all
+prompts' tokens after the first / all their time, where a long answer weighs what it takes), the speed-up (x)
+of each engine's speculation over its own plain decoding, jaxserve's acceptance rate and mean accepted length.
+jaxserve's engines are all built first and take the prompts in turn (plain, speculative, plain, ...): drift on
+this shared machine moves plain-vs-speculative ratios by up to 30% between runs made minutes apart.
+--sweep: jaxserve on B grounded streams at once (EOS ignored: every stream runs all --max-tokens), speculation
+on / off, for each B (where speculation stops paying on this CPU: the default disable_by_batch_size).
+--workload-a: 64 prompts x 128 random token ids in, 128 out, speculation on (its default disable_by_batch_size)
+/ off: speculation must switch itself off.
 --draft: workload F (free-text chat answers), jaxserve plain next to a draft model: the target's own file
 quantized (a self-speculative pair; no second model file ships here), output checked token-identical. No peer
 runs F with a draft: HF's assisted generation and llama.cpp's -md need a second, smaller model with this
@@ -97,7 +102,7 @@ def free_prompts(tok, n: int) -> list[list[int]]:
     return [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in chats]
 
 
-def run_jaxserve(path: str, prompts, args, specs: dict, batch: int = 1, **options) -> dict:
+def run_jaxserve(path: str, prompts, args, specs: dict, batch: int = 1, ignore_eos: bool = True, **options) -> dict:
     """{name: speculative_config or None} -> {name: figures}: one engine per entry, all built first, then each
     group of `batch` prompts runs on every engine in turn (the order rotating per group), so this shared
     machine's drift over minutes hits every engine alike: compare them as ratios."""
@@ -105,7 +110,7 @@ def run_jaxserve(path: str, prompts, args, specs: dict, batch: int = 1, **option
     from jaxserve.sampling import SamplingParams
 
     max_len = max(len(p) for p in prompts) + args.max_tokens + 8
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=ignore_eos)
     llms, base, runs = {}, {}, {}
     for name, spec in specs.items():
         llm = llms[name] = LLM(path, quiet=True, max_model_len=max_len, speculative_config=spec, **options)
@@ -125,7 +130,7 @@ def run_jaxserve(path: str, prompts, args, specs: dict, batch: int = 1, **option
             r["wall"] += wall
             r["tokens"] += [o.outputs[0].token_ids for o in outs]
             r["rates"].append(sum(len(o.outputs[0].token_ids) for o in outs) / wall)
-            r["decode"] += [1 / o.metrics.tpot for o in outs if o.metrics.tpot]
+            r["decode"] += [(len(o.outputs[0].token_ids) - 1, o.metrics.tpot) for o in outs if o.metrics.tpot]
     results = {}
     for name, llm in llms.items():
         engine, r, st = llm.engine, runs[name], llm.engine.spec_stats
@@ -135,7 +140,7 @@ def run_jaxserve(path: str, prompts, args, specs: dict, batch: int = 1, **option
         results[name] = {
             "tokens": r["tokens"],
             "tok_s": statistics.median(r["rates"]),
-            "decode_tok_s": statistics.median(r["decode"]),
+            **decode_rates([(n, n * tpot) for n, tpot in r["decode"]]),
             "total_tok_s": sum(len(t) for t in r["tokens"]) / r["wall"],
             "acceptance": accepted / proposed if proposed else None,
             "mean_accepted_length": 1 + accepted / drafts if drafts else None,
@@ -166,6 +171,8 @@ def run_hf(path: str, prompts, args, k: int | None) -> dict:
             pass
 
     extra = {} if k is None else {"prompt_lookup_num_tokens": k}
+    if args.ignore_eos:
+        extra["min_new_tokens"] = args.max_tokens
     tokens, rates, decode = [], [], []
     with torch.inference_mode():
         model.generate(torch.tensor([prompts[0][:16]]), max_new_tokens=4, do_sample=False, **extra)  # warm
@@ -175,7 +182,6 @@ def run_hf(path: str, prompts, args, k: int | None) -> dict:
             out = model.generate(
                 torch.tensor([p]),
                 max_new_tokens=args.max_tokens,
-                min_new_tokens=args.max_tokens,
                 do_sample=False,
                 pad_token_id=0,
                 streamer=clock,
@@ -186,8 +192,8 @@ def run_hf(path: str, prompts, args, k: int | None) -> dict:
             tokens.append(new)
             rates.append(len(new) / wall)
             first = clock.times[1]  # the first new token (several tokens may come in one put with lookup)
-            decode.append((len(new) - 1) / (time.perf_counter() - first))
-    return {"tokens": tokens, "tok_s": statistics.median(rates), "decode_tok_s": statistics.median(decode)}
+            decode.append((len(new) - 1, time.perf_counter() - first))
+    return {"tokens": tokens, "tok_s": statistics.median(rates), **decode_rates(decode)}
 
 
 def run_llamacpp(path: str, prompts, args, k: int | None) -> dict:
@@ -212,14 +218,24 @@ def run_llamacpp(path: str, prompts, args, k: int | None) -> dict:
             new.append(int(tok))
             if len(new) == 1:
                 first = time.perf_counter()
-            if len(new) >= args.max_tokens:
+            if len(new) >= args.max_tokens or (int(tok) == llm.token_eos() and not args.ignore_eos):
                 break
         end = time.perf_counter()
         tokens.append(new)
         rates.append(len(new) / (end - t))
-        decode.append((len(new) - 1) / (end - first))
+        decode.append((len(new) - 1, end - first))
     del llm
-    return {"tokens": tokens, "tok_s": statistics.median(rates), "decode_tok_s": statistics.median(decode)}
+    return {"tokens": tokens, "tok_s": statistics.median(rates), **decode_rates(decode)}
+
+
+def decode_rates(runs: list[tuple[int, float]]) -> dict:
+    """(tokens after the first, their seconds) per prompt -> the median prompt's decode tok/s, and all prompts'
+    tokens over all their time (answers of different lengths: the long ones weigh as much as they take)."""
+    runs = [(n, t) for n, t in runs if n > 0 and t > 0]
+    return {
+        "decode_tok_s": statistics.median(n / t for n, t in runs),
+        "decode_all_tok_s": sum(n for n, _ in runs) / sum(t for _, t in runs),
+    }
 
 
 def fmt(x, spec="{:.2f}"):
@@ -233,6 +249,11 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens (and the peers' lookup length)")
     ap.add_argument("--num-prompts", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="G and F: generate --max-tokens past the answer's end (EOS), as the sweep and workload A always do",
+    )
     ap.add_argument("--sweep", default="", help="comma-separated batch sizes for the on/off sweep (e.g. 1,2,4,8,16)")
     ap.add_argument("--workload-a", action="store_true", help="64 x 128 in, 128 out: speculation on vs off")
     ap.add_argument(
@@ -259,7 +280,7 @@ def main() -> int:
 
     if "jaxserve" in engines:
         log("[jaxserve] plain and ngram, prompt by prompt")
-        got = run_jaxserve(path, prompts, args, {"plain": None, "ngram": spec})
+        got = run_jaxserve(path, prompts, args, {"plain": None, "ngram": spec}, ignore_eos=args.ignore_eos)
         plain, fast = got["plain"], got["ngram"]
         exact = fast["tokens"] == plain["tokens"]
         rows.append(("jaxserve fp32", plain, fast, fast["acceptance"], fast["mean_accepted_length"]))
@@ -268,6 +289,9 @@ def main() -> int:
             "ngram": fast["tok_s"],
             "plain_decode": plain["decode_tok_s"],
             "ngram_decode": fast["decode_tok_s"],
+            "plain_decode_all": plain["decode_all_tok_s"],
+            "ngram_decode_all": fast["decode_all_tok_s"],
+            "output_lens": [len(t) for t in plain["tokens"]],
             "exact": exact,
             "acceptance": fast["acceptance"],
             "mean_accepted_length": fast["mean_accepted_length"],
@@ -291,17 +315,23 @@ def main() -> int:
             "lookup": fast_p["tok_s"],
             "plain_decode": plain_p["decode_tok_s"],
             "lookup_decode": fast_p["decode_tok_s"],
+            "plain_decode_all": plain_p["decode_all_tok_s"],
+            "lookup_decode_all": fast_p["decode_all_tok_s"],
+            "output_lens": [len(t) for t in plain_p["tokens"]],
         }
 
-    print(f"\nworkload G (grounded), one stream, tok/s (median of {len(prompts)} prompts), k={args.k}")
-    print("  e2e: output tokens / request wall time (prefill included); decode: tokens after the first / their time")
+    until = f"{args.max_tokens} tokens, EOS ignored" if args.ignore_eos else f"up to EOS or {args.max_tokens} tokens"
+    print(f"\nworkload G (grounded), one stream, answers {until}, k={args.k}, tok/s")
+    print("  e2e: output tokens / request wall time (prefill included), median prompt; decode: tokens after the")
+    print("  first / their time, median prompt; decode all: every prompt's tokens after the first / all their time")
     head = f"{'engine':24} {'e2e':>7} {'lookup':>7} {'x':>6}  {'decode':>7} {'lookup':>7} {'x':>6}"
-    print(f"{head} {'accept':>7} {'mean len':>9}")
+    print(f"{head}  {'dec all':>7} {'lookup':>7} {'x':>6} {'accept':>7} {'mean len':>9}")
     for label, p, f, acc, mal in rows:
         e, d = (p["tok_s"], f["tok_s"]), (p["decode_tok_s"], f["decode_tok_s"])
+        a = (p["decode_all_tok_s"], f["decode_all_tok_s"])
         print(
             f"{label:24} {e[0]:7.1f} {e[1]:7.1f} {e[1] / e[0]:5.2f}x  {d[0]:7.1f} {d[1]:7.1f} {d[1] / d[0]:5.2f}x "
-            f"{fmt(acc, '{:.0%}'):>7} {fmt(mal):>9}"
+            f" {a[0]:7.1f} {a[1]:7.1f} {a[1] / a[0]:5.2f}x {fmt(acc, '{:.0%}'):>7} {fmt(mal):>9}"
         )
     if "jaxserve" in figures:
         j = figures["jaxserve"]
@@ -317,7 +347,13 @@ def main() -> int:
         log(f"workload F: {len(free)} free-text prompts of {[len(p) for p in free]} tokens, {args.max_tokens} out")
         draft = {"method": "draft_model", "model": path, "num_speculative_tokens": args.draft_k}
         quants = args.draft.split(",")
-        got_all = run_jaxserve(path, free, args, {"plain": None} | {q: dict(draft, quantization=q) for q in quants})
+        got_all = run_jaxserve(
+            path,
+            free,
+            args,
+            {"plain": None} | {q: dict(draft, quantization=q) for q in quants},
+            ignore_eos=args.ignore_eos,
+        )
         plain = got_all["plain"]
         print(f"\nworkload F (free text), one stream, tok/s (median of {len(free)} prompts), k={args.draft_k}")
         head = f"{'jaxserve fp32 target, draft':28} {'e2e':>7} {'x':>6}  {'decode':>7} {'x':>6}"

@@ -113,7 +113,7 @@ def main() -> int:
         attention_backend=args.attention_backend,
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=512,
-        max_num_seqs=max(args.num_seqs, 1),
+        max_num_seqs=max(args.num_seqs, 1) * (1 + args.spec),  # a proposal takes a sampled row
         max_num_batched_tokens=512,
         quiet=True,
         progress=False,

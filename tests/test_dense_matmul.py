@@ -1,6 +1,6 @@
 """The dense f32 matmul kernel (reads one layer of stacked weights in place) equals XLA's dot of the slice, over
 M from 1 to 512, odd N and K (tile, panel and K-block remainders), both ISAs, and inside a layer scan; the x . w^T
-kernel of the tied LM head equals it for 2 to 8 rows (more, or one, run XLA's dot)."""
+kernel of the tied LM head equals it for 1 to NT_MAX_ROWS (16) rows (more run XLA's dot)."""
 
 from __future__ import annotations
 
@@ -112,18 +112,20 @@ def test_transposed_kernel_equals_f64_dot(m, n, k, seed):
 
 def test_transposed_matmul_at_the_head_shape_and_outside_its_rows():
     """SmolLM2's head shape (K 576) over a slice of the vocabulary; a row's logits are the same bits whatever
-    the rows beside it (1 to NT_MAX_ROWS); more rows take XLA's dot (the reference) and still agree."""
+    the rows beside it (1 to NT_MAX_ROWS, in the kernel's first group of 8 rows or its second); more rows take
+    XLA's dot (the reference) and still agree."""
     rng = np.random.default_rng(5)
     w = rng.standard_normal((4099, 576)).astype(np.float32)
     rows = rng.standard_normal((NT_MAX_ROWS + 1, 576)).astype(np.float32)
     fn = jax.jit(dense_matmul_nt)
     first = np.asarray(fn(rows[:1], w))[0]
-    for m in (1, 5, NT_MAX_ROWS, NT_MAX_ROWS + 1):
+    for m in (1, 5, 8, 9, NT_MAX_ROWS, NT_MAX_ROWS + 1):
         x = rows[:m]
         assert ("jaxserve_matmul_f32_nt" in fn.lower(x, w).as_text()) == (m <= NT_MAX_ROWS)
         got = np.asarray(fn(x, w))
         assert np.all(np.abs(got - f64(x, w.T)) <= tolerance(x, w.T))
-        if m <= NT_MAX_ROWS:
+        if m <= NT_MAX_ROWS:  # the first row, and the last (past 8: the kernel's second group of rows)
             assert np.array_equal(got[0], first)
+            assert np.array_equal(got[-1], np.asarray(fn(x[-1:], w))[0])
     with pytest.raises(ValueError, match=r"w \[N, K\]"):
         dense_matmul_nt(jnp.ones((2, 8)), jnp.ones((4, 9)))

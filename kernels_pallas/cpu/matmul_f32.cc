@@ -174,8 +174,9 @@ ffi::Error run_jobs(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K
 
 // y[M, N] = x[M, K] . w[N, K]^T for few rows (the LM head over a tied embedding [V, E], sampled rows only): each
 // row of w (one vocabulary entry, K floats contiguous) is read once, for every row of x at once: MR x 2
-// accumulators of K-vectors, reduced to 2 * MR dot products. x (at most 8 rows of K) stays in L1; w streams
-// from memory once, so a step that samples 5 rows (one stream verifying 4 speculated tokens) costs about one.
+// accumulators of K-vectors, reduced to 2 * MR dot products. x (at most 8 rows of K here) stays in L1; w streams
+// from memory once, so a step that samples 5 or 9 rows (one stream verifying 4 or 8 speculated tokens) costs
+// about one.
 template <class V, int MR>
 inline __attribute__((always_inline)) void nt_rows(const float* x, const float* w, int64_t K, int64_t N,
                                                    float* y, int64_t n0, int64_t n1) {
@@ -219,7 +220,7 @@ inline __attribute__((always_inline)) void nt_rows(const float* x, const float* 
 }
 
 template <class V>
-inline __attribute__((always_inline)) void nt_chunk(const float* x, const float* w, int64_t M, int64_t K,
+inline __attribute__((always_inline)) void nt_group(const float* x, const float* w, int64_t M, int64_t K,
                                                     int64_t N, float* y, int64_t n0, int64_t n1) {
   switch (M) {
     case 1: nt_rows<V, 1>(x, w, K, N, y, n0, n1); break;
@@ -233,6 +234,21 @@ inline __attribute__((always_inline)) void nt_chunk(const float* x, const float*
   }
 }
 
+// Up to 8 rows of x in one pass over w[n0, n1). 9-16 rows: runs of kNtRun rows of w (18 KB of SmolLM2's head,
+// in L1) take x's first 8 rows, then the rest, so w still streams from memory once. Every (row, n) is the same
+// dot in the same order whatever M is: a row's logits are the same bits at 1 row as at 16.
+constexpr int64_t kNtGroup = 8, kNtRun = 8;
+template <class V>
+inline __attribute__((always_inline)) void nt_chunk(const float* x, const float* w, int64_t M, int64_t K,
+                                                    int64_t N, float* y, int64_t n0, int64_t n1) {
+  if (M <= kNtGroup) return nt_group<V>(x, w, M, K, N, y, n0, n1);
+  for (int64_t r0 = n0; r0 < n1; r0 += kNtRun) {
+    const int64_t r1 = std::min(n1, r0 + kNtRun);
+    nt_group<V>(x, w, kNtGroup, K, N, y, r0, r1);
+    nt_group<V>(x + kNtGroup * K, w, M - kNtGroup, K, N, y + kNtGroup * N, r0, r1);
+  }
+}
+
 JAXSERVE_AVX512 void nt_chunk512(const float* x, const float* w, int64_t M, int64_t K, int64_t N, float* y,
                                  int64_t n0, int64_t n1) {
   nt_chunk<V512>(x, w, M, K, N, y, n0, n1);
@@ -243,7 +259,7 @@ void nt_chunk256(const float* x, const float* w, int64_t M, int64_t K, int64_t N
   nt_chunk<V256>(x, w, M, K, N, y, n0, n1);
 }
 
-constexpr int64_t kMaxNtRows = 8;
+constexpr int64_t kMaxNtRows = 2 * kNtGroup;
 
 ffi::Error MatmulF32NT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t isa) {
@@ -251,7 +267,7 @@ ffi::Error MatmulF32NT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("matmul_f32_nt: need x [M, K] and w [N, K]");
   const int64_t M = xd[0], K = xd[1], N = wd[0];
-  if (M > kMaxNtRows) return ffi::Error::InvalidArgument("matmul_f32_nt: at most 8 rows of x");
+  if (M > kMaxNtRows) return ffi::Error::InvalidArgument("matmul_f32_nt: at most 16 rows of x");
   if (M == 0 || N == 0) return ffi::Error::Success();
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
@@ -318,7 +334,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulF32Multi, jaxserve_cpu::MatmulF32Mul
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulF32NT, jaxserve_cpu::MatmulF32NT,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [M, K], M <= 8
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [M, K], M <= 16
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // w [N, K]
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // y [M, N] = x . w^T
                                   .Attr<int64_t>("isa"));
