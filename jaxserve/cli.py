@@ -7,6 +7,7 @@ import os
 import sys
 
 from jaxserve.options import add_argparse_flags, argparse_bytes, engine_options_from_args
+from models.config import QUANTIZATIONS
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--input", required=True, help="the job's input (gives the order)")
     merge.add_argument("--output", required=True, help="the job's --output; its .shard-i-of-n files are joined")
     sub.add_parser("grpc", help="the gRPC server (same as jaxserve-grpc; absl flags, see --helpfull)", add_help=False)
+    convert = sub.add_parser("convert", help="write a model (as loaded: dtype, quantization) as an orbax checkpoint")
+    convert.add_argument("--model", default=None, help="GGUF file, HF directory or orbax checkpoint (default: SmolLM2)")
+    convert.add_argument("--output", required=True, help="the checkpoint's directory (new or empty)")
+    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    convert.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
+    convert.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
 
 
@@ -351,6 +358,23 @@ def cmd_batch(args) -> int:
     return 1 if total_errors and not args.allow_errors else 0
 
 
+def cmd_convert(args) -> int:
+    from models.checkpoint import save_checkpoint
+    from models.loader import load_model
+
+    if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
+        raise ValueError(f"--output {args.output}: exists and is not an empty directory")
+    model = load_model(args.model, dtype=args.dtype, quantization=args.quantization, progress=not args.quiet)
+    save_checkpoint(model, args.output, progress=not args.quiet)
+    if not args.quiet:
+        print(
+            f"[jaxserve convert] {os.path.basename(model.path)} -> {args.output} ({model.dtype}, "
+            f"quantization={model.quantization}; {model.describe_weights()})",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_batch_merge(args) -> int:
     from jaxserve.batch import errors_path_for, merge
 
@@ -391,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             "serve": cmd_serve,
             "batch": cmd_batch,
             "batch-merge": cmd_batch_merge,
+            "convert": cmd_convert,
         }
         return commands[args.command](args)
     except (ModelFileError, PromptTooLongError, TokenizerError, ValueError) as e:

@@ -58,6 +58,7 @@ def build_engine(
     from models.loader import LoadedModel, load_model
 
     enable_compile_cache(compile_cache_dir)
+    mesh = None  # (an orbax checkpoint under tensor parallel: restored into this mesh's shards)
     if isinstance(model, LoadedModel):
         if (dtype, quantization) not in (("float32", "none"), (str(model.dtype), model.quantization)):
             raise ValueError(
@@ -66,7 +67,8 @@ def build_engine(
             )
         loaded = model
     else:
-        loaded = load_model(model, dtype=dtype, quantization=quantization)
+        mesh = _restore_mesh(model, options)
+        loaded = load_model(model, dtype=dtype, quantization=quantization, mesh=mesh, progress=progress and not quiet)
     max_len = max_model_len or min(2048, loaded.config.max_position_embeddings)
     config = engine_config(max_model_len=max_len, **options)
     show = progress and not quiet
@@ -74,11 +76,11 @@ def build_engine(
     if dp > 1:  # one engine per mesh row
         from jaxserve.parallel import DataParallelEngine, make_mesh
 
-        mesh = make_mesh(config.parallel)
-        engines = [LLMEngine(loaded, config, progress=show, mesh=mesh.replica(r)) for r in range(dp)]
+        grid = make_mesh(config.parallel)
+        engines = [LLMEngine(loaded, config, progress=show, mesh=grid.replica(r)) for r in range(dp)]
         engine = DataParallelEngine(engines)
     else:  # (a tensor-parallel engine builds its own mesh)
-        engine = LLMEngine(loaded, config, progress=show)
+        engine = LLMEngine(loaded, config, progress=show, mesh=mesh)
         engines = [engine]
     if not quiet:
         runner = engines[0].runner
@@ -91,6 +93,23 @@ def build_engine(
             file=sys.stderr,
         )
     return engine
+
+
+def _restore_mesh(model, options: dict):
+    """An orbax checkpoint under tensor parallel (one replica): the engine's mesh, built before loading so each
+    weight is restored straight into its shards (models.checkpoint); else None (load, then shard)."""
+    from models.checkpoint import is_checkpoint
+
+    if model is None or not is_checkpoint(os.fspath(model)):
+        return None
+    from jaxserve.options import parallel_config
+
+    parallel = parallel_config(**options)
+    if parallel.data_parallel_size > 1 or (parallel.tensor_parallel_size == 1 and not parallel.multihost):
+        return None
+    from jaxserve.parallel import make_mesh
+
+    return make_mesh(dataclasses.replace(parallel, data_parallel_size=1)).replica(0)
 
 
 class LLM:

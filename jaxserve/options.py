@@ -206,6 +206,16 @@ def engine_config(
     )
 
 
+def parallel_config(**options) -> ParallelConfig:
+    """The ParallelConfig that engine_config(**options) would build (known before the model is loaded)."""
+    fields = {}
+    for name, value in options.items():
+        opt = BY_NAME.get(name)
+        if opt is not None and opt.field is not None and opt.field.startswith("parallel."):
+            fields[opt.field.partition(".")[2]] = value
+    return ParallelConfig(**fields)
+
+
 # ---- argparse ---------------------------------------------------------------------------------------------
 
 

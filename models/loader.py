@@ -10,6 +10,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from models.checkpoint import is_checkpoint, load_checkpoint
 from models.config import LlamaConfig
 from models.gguf_loader import GGUFFile, ModelFileError
 from models.hf_loader import HFCheckpoint
@@ -66,6 +67,8 @@ class LoadedModel:
 
 
 def _path_bytes(path: str) -> int:
+    if is_checkpoint(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
     if os.path.isdir(path):
         return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
     return os.path.getsize(path)
@@ -88,16 +91,29 @@ def quantize_dense(arrays: dict, quantization: str) -> dict:
     return out
 
 
-def load_model(path: str | None = None, dtype: str = "float32", quantization: str = "none") -> LoadedModel:
-    """Load weights (to the default device) and tokenizer from a GGUF file or an HF directory.
+def load_model(
+    path: str | None = None, dtype: str = "float32", quantization: str = "none", *, mesh=None, progress: bool = False
+) -> LoadedModel:
+    """Load weights (to the default device) and tokenizer from a GGUF file, an HF directory or an orbax checkpoint
+    (models.checkpoint: `jaxserve convert`).
 
-    quantization: "none" | "int8" | "int4" | "auto" (models.quant); load_seconds includes quantizing."""
+    quantization: "none" | "int8" | "int4" | "auto" (models.quant); load_seconds includes quantizing. An orbax
+    checkpoint holds its weights as they were converted: "none" and "auto" take them so, another mode must be
+    the stored one. mesh (orbax only): restore each weight straight into its tensor-parallel sharding over it."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: expected one of {list(QUANTIZATIONS)}")
     start = time.perf_counter()
     path = os.fspath(path) if path is not None else default_model_path()
+    if is_checkpoint(path):
+        cfg, params, tokenizer, dtype, stored = load_checkpoint(path, dtype=dtype, mesh=mesh, progress=progress)
+        if quantization not in ("none", "auto", stored):
+            raise ValueError(
+                f"quantization={quantization!r}: the orbax checkpoint {path} holds {stored!r} weights (convert the "
+                f"source again to change it)"
+            )
+        return LoadedModel(path, cfg, params, tokenizer, dtype, time.perf_counter() - start, stored)
     if os.path.isdir(path):
         ckpt = HFCheckpoint(path)
         cfg = ckpt.config()

@@ -108,6 +108,8 @@ def shard_params(params, cfg: LlamaConfig, mesh: Mesh):
 
     # A mesh over several processes: each process holds the same weights and fills its own devices' shards.
     def place(leaf, sharding):
+        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:  # restored into its shards already
+            return leaf
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

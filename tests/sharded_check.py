@@ -221,6 +221,59 @@ def main(case: str) -> None:
             "mlp": cfg.intermediate_size,
             "vocab": cfg.vocab_size,
         }
+    elif case == "orbax":  # checkpoints restored straight into their TP 3 shards
+        from models.checkpoint import save_checkpoint
+        from models.loader import load_model
+        from tests.tiny_models import TINY, random_arrays, write_gguf
+
+        cfg = dataclasses.replace(
+            TINY, num_heads=6, num_kv_heads=3, head_dim=8, hidden_size=48, intermediate_size=96, vocab_size=264
+        )
+        root = tempfile.mkdtemp()
+        path = os.path.join(root, "tiny6.gguf")
+        write_gguf(path, cfg, random_arrays(cfg, seed=7))
+        prompts = [[rnd.randrange(3, 260) for _ in range(rnd.randint(3, 60))] for _ in range(6)]
+        shape = dict(
+            max_model_len=128,
+            max_num_seqs=8,
+            max_num_batched_tokens=32,
+            page_size=8,
+            kv_cache_memory=1 << 20,
+            token_buckets=(8, 32),
+        )
+        greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        results = {}
+        for quant in ("none", "int8"):
+            ckpt = os.path.join(root, f"ckpt-{quant}")
+            save_checkpoint(load_model(path, quantization=quant), ckpt, progress=False)
+            extra = {} if quant == "none" else {"quantization": quant, "attention_backend": "reference"}
+            source = run(path, [(1, 1)], prompts, greedy, **shape, **extra)["1x1"]["tokens"]
+            llm = LLM(ckpt, quiet=True, tensor_parallel_size=3, **shape, **extra)
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+            engine = llm.engine
+            restored, placed = jax.tree.leaves(engine.model.params), jax.tree.leaves(engine.runner.params)
+            results[quant] = {
+                "source": source,
+                "tokens": [o.outputs[0].token_ids for o in outs],
+                "layout": layout(engine),
+                # every restored array already on the mesh: what the engine serves is those very arrays
+                "same_arrays": len(restored) == len(placed) and all(a is b for a, b in zip(restored, placed)),
+                "devices_per_array": sorted({len(a.sharding.device_set) for a in restored}),
+                "wq_shards": [
+                    list(s.data.shape)
+                    for s in getattr(
+                        engine.model.params.layers.wq, "values", engine.model.params.layers.wq
+                    ).addressable_shards
+                ],
+            }
+            del llm
+        results["config"] = {
+            "layers": cfg.num_layers,
+            "hidden": cfg.hidden_size,
+            "heads": cfg.num_heads,
+            "head_dim": cfg.head_dim,
+            "vocab": cfg.vocab_size,
+        }
     else:
         from models.loader import default_model_path, load_model
 

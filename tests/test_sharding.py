@@ -261,3 +261,17 @@ def test_serve_multihost_two_processes(tmp_path):
     finally:
         for p in procs:
             p.kill()
+
+
+def test_orbax_checkpoint_restores_straight_into_tp3_shards():
+    """A tiny 6-head model converted to orbax (fp32, int8) and served over TP 3 from the checkpoint: the same
+    greedy tokens as its GGUF on one device; every restored array already spans the 3 devices with only its
+    shard on each (the heads split in three), and the engine serves those very arrays (no second copy)."""
+    r = sharded_run("orbax")
+    c = r["config"]
+    for quant in ("none", "int8"):
+        got = r[quant]
+        assert got["tokens"] == got["source"], quant
+        assert got["same_arrays"] and got["devices_per_array"] == [3], quant
+        assert got["wq_shards"] == [[c["layers"], c["hidden"], c["heads"] * c["head_dim"] // 3]] * 3, quant
+        assert got["layout"]["embed"] == [c["vocab"] // 3, c["hidden"]], quant
