@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxserve.config import CacheConfig
@@ -57,3 +58,32 @@ def test_allocate_matches_plan():
 def test_cache_config_validation_names_the_field(kw, field):
     with pytest.raises(ValueError, match=f"CacheConfig.{field}="):
         CacheConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((3, 5, 7), jnp.int8), ((1000,), jnp.bfloat16), ((4, 1000, 1027), jnp.float32), ((2, 300, 16, 3, 68), jnp.int8)],
+)
+def test_lazy_zeros_are_zero_where_memory_was_used_before(shape, dtype):
+    """kernels_pallas.zeros on CPU (the C++ call that hands pages back with madvise, memset at the unaligned
+    ends and for buffers under two pages): zeros like jnp.zeros even where the allocator reuses memory just
+    filled with other values, for sizes under a page, off page boundaries, and several dtypes."""
+    import jax
+
+    from kernels_pallas.zeros import zeros
+
+    fill = jax.jit(lambda a: a + jnp.asarray(7, a.dtype), donate_argnums=0)
+    assert "jaxserve_lazy_zeros" in jax.jit(lambda: zeros(shape, dtype)).lower().as_text()
+    for _ in range(3):
+        used = fill(jnp.zeros(shape, dtype))  # memory full of 7s, freed for the next allocation
+        del used
+        z = zeros(shape, dtype)
+        assert z.shape == shape and z.dtype == dtype
+        assert not np.asarray(z.astype(jnp.float32)).any()
+
+
+def test_kv_pool_reads_zeros_at_both_ends():
+    """A 1 GiB pool from the lazy zeros (nothing written at allocation): its first and last pages read zero."""
+    plan = plan_kv_pool(CacheConfig(kv_cache_memory=1 << 30, page_size=16), TINY, jnp.float32)
+    cache = allocate_kv_cache(plan, TINY)
+    assert not np.asarray(cache.v[:, -3:]).any() and not np.asarray(cache.k[:, :3]).any()

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from jaxserve.config import CacheConfig
 from kernels_pallas.kv_quant import row_width
+from kernels_pallas.zeros import zeros
 from models.cache import KVCache
 from models.config import LlamaConfig
 
@@ -105,12 +106,15 @@ def plan_kv_pool(
     return PoolPlan(int(num_pages), cache.page_size, dtype.name, bytes_per_page, budget, source, model.head_dim)
 
 
-def allocate_kv_cache(plan: PoolPlan, model: LlamaConfig, sharding=None) -> KVCache:
-    """Zeroed K and V pages as two separate buffers (each donated to the step on its own)."""
+def allocate_kv_cache(plan: PoolPlan, model: LlamaConfig, sharding=None, *, backend: str = "auto") -> KVCache:
+    """Zeroed K and V pages as two separate buffers (each donated to the step on its own). On CPU the zeros are
+    the kernel's own zero-fill-on-demand pages (kernels_pallas.zeros): nothing is written at start-up, and
+    memory is touched as the pages are first used."""
     width = row_width(model.head_dim, plan.dtype)  # int8 rows carry their f32 scale
     shape = (model.num_layers, plan.num_pages, plan.page_size, model.num_kv_heads, width)
-    zeros = jax.jit(lambda: jnp.zeros(shape, plan.dtype), out_shardings=sharding)
-    return KVCache(zeros(), zeros())
+    return KVCache(
+        zeros(shape, plan.dtype, sharding, backend=backend), zeros(shape, plan.dtype, sharding, backend=backend)
+    )
 
 
 __all__ = ["PoolPlan", "allocate_kv_cache", "free_device_memory", "plan_kv_pool"]

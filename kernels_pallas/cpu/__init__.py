@@ -21,7 +21,7 @@ import threading
 import jax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("qmatmul.cc", "matmul_f32.cc", "attention.cc")
+SOURCES = ("qmatmul.cc", "matmul_f32.cc", "attention.cc", "zeros.cc")
 HEADERS = ("common.h",)
 CXXFLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 # FFI handler symbol -> the target name XLA knows it by.
@@ -33,6 +33,7 @@ TARGETS = {
     "JaxserveMatmulF32Multi": "jaxserve_matmul_f32_multi",
     "JaxserveMatmulF32NT": "jaxserve_matmul_f32_nt",
     "JaxserveRaggedPagedAttention": "jaxserve_ragged_paged_attention",
+    "JaxserveLazyZeros": "jaxserve_lazy_zeros",
 }
 _lock = threading.Lock()
 
