@@ -69,8 +69,12 @@ def tokenizer_meta(tok: Tokenizer) -> dict:
 def tokenizer_from_meta(meta: dict) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
+    try:
+        backend = HFTokenizer.from_str(meta["backend"])
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise ModelFileError(f"{META}: tokenizer: {e}") from None
     return Tokenizer(
-        HFTokenizer.from_str(meta["backend"]),
+        backend,
         bos_token_id=meta.get("bos_token_id"),
         eos_token_ids=meta.get("eos_token_ids") or [],
         add_bos=bool(meta.get("add_bos")),
@@ -118,7 +122,11 @@ def read_meta(directory: str) -> dict:
     except (OSError, ValueError) as e:
         raise ModelFileError(f"{path}: cannot read: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a jaxserve orbax checkpoint (format {meta.get('format')!r})")
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ModelFileError(f"{path}: not a jaxserve orbax checkpoint (format {found!r})")
+    for key, kind in (("config", dict), ("tokenizer", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise ModelFileError(f"{path}: {key} must be an object")
     if meta.get("version") != VERSION:
         raise ModelFileError(f"{path}: checkpoint version {meta.get('version')!r}; this jaxserve reads {VERSION}")
     return meta
@@ -132,7 +140,7 @@ def config_from_meta(meta: dict) -> LlamaConfig:
         if cfg.get("rope_freq_factors") is not None:
             cfg["rope_freq_factors"] = tuple(float(x) for x in cfg["rope_freq_factors"])
         return LlamaConfig(**cfg)
-    except TypeError as e:
+    except (TypeError, KeyError) as e:
         raise ModelFileError(f"{META}: config: {e}") from None
 
 
@@ -167,6 +175,7 @@ def load_checkpoint(directory: str, *, dtype: str | None = None, mesh: Mesh | No
 
     meta = read_meta(directory)
     cfg = config_from_meta(meta)
+    tokenizer = tokenizer_from_meta(meta["tokenizer"])
     stored_dtype = meta.get("dtype")
     dtype = dtype or stored_dtype
     if dtype not in DTYPES or stored_dtype not in DTYPES:
@@ -221,12 +230,12 @@ def load_checkpoint(directory: str, *, dtype: str | None = None, mesh: Mesh | No
     if progress:
         print(f"[jaxserve] restored {len(names)} tensors in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     quantization = meta.get("quantization", "none")
-    return cfg, params, tokenizer_from_meta(meta["tokenizer"]), dtype, quantization
+    return cfg, params, tokenizer, dtype, quantization
 
 
 def _skeleton(cfg: LlamaConfig, bits: dict) -> LlamaParams:
-    """A LlamaParams whose quantized fields are QuantizedWeights (of placeholder arrays with the stored shapes:
-    param_specs reads their bits and K) and dense ones None-free placeholders."""
+    """A LlamaParams of shape placeholders (jax.ShapeDtypeStruct), quantized fields as QuantizedWeights of them:
+    what param_specs needs to know (which fields are quantized, their bits and K) before anything is read."""
     import numpy as np
 
     def leaf(name):

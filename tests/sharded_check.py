@@ -30,6 +30,17 @@ from jaxserve.llm import LLM  # noqa: E402
 from jaxserve.sampling import SamplingParams  # noqa: E402
 
 
+# The tiny models' engine shape in every case below: few pages, small buckets.
+TINY_SHAPE = dict(
+    max_model_len=128,
+    max_num_seqs=8,
+    max_num_batched_tokens=32,
+    page_size=8,
+    kv_cache_memory=1 << 20,
+    token_buckets=(8, 32),
+)
+
+
 def layout(engine) -> dict:
     """How replica 0's weights and KV pages sit on its first device."""
     replica = getattr(engine, "engines", [engine])[0]
@@ -150,24 +161,14 @@ def main(case: str) -> None:
             layouts,
             prompts,
             SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
-            max_model_len=128,
-            max_num_seqs=8,
-            max_num_batched_tokens=32,
-            page_size=8,
-            kv_cache_memory=1 << 20,
-            token_buckets=(8, 32),
+            **TINY_SHAPE,
         )
         results["served"] = serve_one(
             path,
             prompts[0],
             tensor_parallel_size=2,
             data_parallel_size=2,
-            max_model_len=128,
-            max_num_seqs=8,
-            max_num_batched_tokens=32,
-            page_size=8,
-            kv_cache_memory=1 << 20,
-            token_buckets=(8, 32),
+            **TINY_SHAPE,
         )
         results["kernels"] = kernels()
         results["config"] = {
@@ -193,24 +194,14 @@ def main(case: str) -> None:
             SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
             quantization="int8",
             attention_backend="reference",
-            max_model_len=128,
-            max_num_seqs=8,
-            max_num_batched_tokens=32,
-            page_size=8,
-            kv_cache_memory=1 << 20,
-            token_buckets=(8, 32),
+            **TINY_SHAPE,
         )
         dense = run(
             path,
             [(1, 1)],
             prompts,
             SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
-            max_model_len=128,
-            max_num_seqs=8,
-            max_num_batched_tokens=32,
-            page_size=8,
-            kv_cache_memory=1 << 20,
-            token_buckets=(8, 32),
+            **TINY_SHAPE,
         )
         results["dense"] = dense["1x1"]["tokens"]
         results["config"] = {
@@ -233,14 +224,7 @@ def main(case: str) -> None:
         path = os.path.join(root, "tiny6.gguf")
         write_gguf(path, cfg, random_arrays(cfg, seed=7))
         prompts = [[rnd.randrange(3, 260) for _ in range(rnd.randint(3, 60))] for _ in range(6)]
-        shape = dict(
-            max_model_len=128,
-            max_num_seqs=8,
-            max_num_batched_tokens=32,
-            page_size=8,
-            kv_cache_memory=1 << 20,
-            token_buckets=(8, 32),
-        )
+        shape = TINY_SHAPE
         greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         results = {}
         for quant in ("none", "int8"):
@@ -292,7 +276,8 @@ def main(case: str) -> None:
         results["first_text"] = tok.decode(results["1x1"]["tokens"][0], skip_special_tokens=True)
         # int8 weights over TP 3 (values and scales split together), the reference kernels on both sides
         int8 = load_model(path, quantization="int8")
-        results["int8"] = run(int8, [(1, 1), (3, 1)], prompts, greedy, attention_backend="reference", **shape)
+        # (4 prompts: the reference kernels over simulated devices are slow; the tiny_int8 case covers more)
+        results["int8"] = run(int8, [(1, 1), (3, 1)], prompts[:4], greedy, attention_backend="reference", **shape)
         del int8
         # n-gram speculation over TP 3 on one replica: the same greedy tokens as one device without it
         llm, results["spec_1x3"] = spec_run(model, ngram, prompts, greedy, **shape)

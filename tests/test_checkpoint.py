@@ -101,6 +101,12 @@ def test_damaged_or_mismatched_checkpoints_are_refused(tiny_gguf, tmp_path):
     write(config=meta["config"] | {"num_layers": 10**6})  # the config's own bounds, before anything is read
     with pytest.raises(ValueError, match="num_layers"):
         load_model(out)
+    write(tokenizer={"backend": "{not json"})
+    with pytest.raises(ModelFileError, match="tokenizer"):
+        load_model(out)
+    write(config="llama")
+    with pytest.raises(ModelFileError, match="config must be an object"):
+        load_model(out)
     write(bits={"wq": 3})
     with pytest.raises(ModelFileError, match="bits"):
         load_model(out)

@@ -206,7 +206,7 @@ def _int8_case(case):
     return dataclasses.replace(case, k_pages=kq, v_pages=vq), exact
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(case=ragged_cases())
 def test_int8_pages_reference_and_cpu_kernel_equal_dense_of_dequantized(case):
     q8, exact = _int8_case(case)
