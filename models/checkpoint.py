@@ -220,12 +220,7 @@ def load_checkpoint(directory: str, *, dtype: str | None = None, mesh: Mesh | No
         else:
             value = tree["value"]
             leaves[name] = value if value.dtype == DTYPES[dtype] else value.astype(DTYPES[dtype])
-    params = LlamaParams(
-        embed=leaves["embed"],
-        layers=LayerParams(**{n: leaves.get(n) for n in LAYER_FIELDS}),
-        final_norm=leaves["final_norm"],
-        lm_head=leaves.get("lm_head"),
-    )
+    params = _params(leaves.get)
     jax.block_until_ready(params)
     if progress:
         print(f"[jaxserve] restored {len(names)} tensors in {time.perf_counter() - start:.1f}s", file=sys.stderr)
@@ -247,6 +242,11 @@ def _skeleton(cfg: LlamaConfig, bits: dict) -> LlamaParams:
         arr = {k: jax.ShapeDtypeStruct(v, np.int8) for k, v in exp.items()}
         return QuantizedWeight(arr["values"], arr["scales"], arr.get("mins"), None, int(bits[name]))
 
+    return _params(leaf)
+
+
+def _params(leaf) -> LlamaParams:
+    """The LlamaParams whose field `name` is leaf(name) (None for an absent one): _fields' inverse."""
     return LlamaParams(
         embed=leaf("embed"),
         layers=LayerParams(**{n: leaf(n) for n in LAYER_FIELDS}),
