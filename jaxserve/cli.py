@@ -39,9 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("message", nargs="?", default=None, help="one user message (default: read stdin / REPL)")
     chat.add_argument("--system", default=None, help="system prompt")
     _add_model_flags(chat)
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    serve = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
+        conflict_handler="resolve",  # (its --model is repeatable)
+    )
     _add_engine_flags(serve, batching=True)
     _add_server_flags(serve, port=8000)
+    _add_model_lifecycle_flags(serve)
     batch = sub.add_parser("batch", help="run a JSONL file through the engine (resumable; `batch merge` joins shards)")
     batch.add_argument("--input", required=True, help="JSONL: OpenAI batch lines or {id, prompt|messages, ...}")
     batch.add_argument("--output", required=True, help="JSONL results (appended; a rerun skips ids already there)")
@@ -126,6 +131,60 @@ def _add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
         "default: $JAXSERVE_API_KEY, which keeps the key out of the process list; /health, /ready, /metrics open)",
     )
     p.add_argument("--max-header-bytes", type=argparse_bytes, default=16 << 10, help="request headers limit")
+
+
+def _add_model_lifecycle_flags(p: argparse.ArgumentParser) -> None:
+    from jaxserve.servers.registry import RollbackPolicy
+
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="[NAME=]PATH[@VERSION]: a model version to serve (repeatable: several models, several versions of "
+        "one; the first version of a name takes its traffic). PATH: GGUF file, HF directory or orbax checkpoint "
+        "(default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--model-repository",
+        default=None,
+        help="DIR laid out DIR/NAME/VERSION/ (a .gguf file, an HF directory or an orbax checkpoint): each name's "
+        "newest version is loaded, the others listed for the admin API to load",
+    )
+    p.add_argument(
+        "--admin-key",
+        action="append",
+        default=None,
+        help="the admin API's key (/admin/...; repeatable; default $JAXSERVE_ADMIN_KEY; none: the admin API is off)",
+    )
+    p.add_argument(
+        "--sticky-header",
+        default=None,
+        help="a request header whose value routes a client to one version of a model (default: the body's `user`)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=argparse_bytes,
+        default=None,
+        help="bytes of weights + KV all loaded versions may hold together (a load past it is refused)",
+    )
+    d = RollbackPolicy()
+    p.add_argument("--rollback-window", type=float, default=d.window_seconds, help="seconds of canary health kept")
+    p.add_argument(
+        "--rollback-min-requests", type=int, default=d.min_requests, help="requests in the window before judging"
+    )
+    p.add_argument(
+        "--rollback-error-margin",
+        type=float,
+        default=d.error_margin,
+        help="a canary whose error rate exceeds the stable version's by this much is set to 0%% traffic",
+    )
+    p.add_argument(
+        "--rollback-ttft-margin",
+        type=float,
+        default=d.ttft_margin,
+        help="... or whose TTFT p99 exceeds the stable's by this fraction",
+    )
+    p.add_argument("--no-auto-rollback", dest="auto_rollback", action="store_false", help="never roll back by itself")
 
 
 def _sampling(args, default_temperature: float):
@@ -277,35 +336,68 @@ def cmd_serve(args) -> int:
 
     from jaxserve.api.validation import Limits
     from jaxserve.async_engine import AsyncEngine
+    from jaxserve.llm import build_engine
     from jaxserve.multihost import follow_or_none, release_followers
     from jaxserve.servers import http_server
     from jaxserve.servers.frontend import Frontend, api_keys_from
+    from jaxserve.servers.registry import ModelRegistry, RollbackPolicy, start_specs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    specs = start_specs(args.model, args.model_repository, args.served_model_name)
+    loaded = [s for s in specs if s.load]
     if args.multihost:
+        if len(specs) > 1:
+            raise SystemExit("--multihost: serves one model version (give one --model)")
         _distributed(args)
+    options = engine_options_from_args(args, batching=True)
+    options.pop("model")
+    args.model = loaded[0].path
     engine = _batching_engine(args)
     if follow_or_none(engine) is None:  # processes other than 0 replay process 0's steps
         return 0
-    limits = Limits(
-        max_body_bytes=args.max_body_bytes,
-        max_header_bytes=args.max_header_bytes,
-        max_seqs_per_request=args.max_seqs_per_request,
-        max_response_bytes=args.max_response_bytes,
-        stream_write_timeout=args.stream_write_timeout,
+
+    def builder(path: str):
+        return AsyncEngine(
+            build_engine(model=path, **options, quiet=True), max_buffered_tokens=args.stream_buffer_tokens
+        )
+
+    policy = RollbackPolicy(
+        window_seconds=args.rollback_window,
+        min_requests=args.rollback_min_requests,
+        error_margin=args.rollback_error_margin,
+        ttft_margin=args.rollback_ttft_margin,
+        enabled=args.auto_rollback,
     )
-    frontend = Frontend(
-        AsyncEngine(engine, max_buffered_tokens=args.stream_buffer_tokens),
-        model_name=args.served_model_name,
-        limits=limits,
-        stall_timeout=args.stall_timeout,
-        api_keys=api_keys_from(args.api_key),
-        prefix_cache_per_key=args.prefix_cache_per_key,
-    )
+    registry = ModelRegistry(None if args.multihost else builder, rollback=policy, memory_budget=args.memory_budget)
     try:
+        registry.add_ready(
+            loaded[0].name, loaded[0].version, AsyncEngine(engine, max_buffered_tokens=args.stream_buffer_tokens)
+        )
+        for spec in loaded[1:]:
+            registry.add_ready(spec.name, spec.version, builder(spec.path))
+        for spec in specs:
+            if not spec.load:
+                registry.add_available(spec.name, spec.version, spec.path)
+        limits = Limits(
+            max_body_bytes=args.max_body_bytes,
+            max_header_bytes=args.max_header_bytes,
+            max_seqs_per_request=args.max_seqs_per_request,
+            max_response_bytes=args.max_response_bytes,
+            stream_write_timeout=args.stream_write_timeout,
+        )
+        frontend = Frontend(
+            registry=registry,
+            limits=limits,
+            stall_timeout=args.stall_timeout,
+            api_keys=api_keys_from(args.api_key),
+            prefix_cache_per_key=args.prefix_cache_per_key,
+            admin_keys=api_keys_from(args.admin_key, "JAXSERVE_ADMIN_KEY"),
+            sticky_header=args.sticky_header,
+        )
         return asyncio.run(http_server.serve(frontend, args.host, args.port, drain_timeout=args.drain_timeout))
     finally:
-        frontend.engine.shutdown()
+        for v in list(registry.ready_versions()):
+            v.engine.shutdown()
         release_followers(engine)
 
 

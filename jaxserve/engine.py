@@ -241,6 +241,8 @@ class LLMEngine:
             num_kv_pages=self.runner.pool.num_pages,
             has_chat_template=bool(self.tokenizer.chat_template),
             max_waiting_requests=sched.max_waiting_requests,
+            weight_bytes=sum(int(x.nbytes) for x in jax.tree.leaves(self.model.params)),
+            kv_cache_bytes=self.runner.pool.total_bytes,
         )
 
     def prompt_logits(self, prompt: str | Sequence[int]) -> np.ndarray:

@@ -29,6 +29,8 @@ class ModelCard:
     num_kv_pages: int  # over every replica
     has_chat_template: bool
     max_waiting_requests: int
+    weight_bytes: int = 0  # the weights as held (every shard, every replica)
+    kv_cache_bytes: int = 0  # K and V pages, over every replica
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,6 +125,8 @@ class DataParallelEngine:
             cards[0],
             num_kv_pages=sum(c.num_kv_pages for c in cards),
             max_waiting_requests=sum(c.max_waiting_requests for c in cards),
+            weight_bytes=sum(c.weight_bytes for c in cards),
+            kv_cache_bytes=sum(c.kv_cache_bytes for c in cards),
         )
 
     @property

@@ -66,6 +66,24 @@ def fake_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int
     )
 
 
+def metric_value(exposition: str, spec: str) -> float:
+    """The sum of the samples `spec` names in a Prometheus exposition: 'name' or 'name{k="v",...}' (every sample
+    of that name whose labels include these; the servers label most series with model and version)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name, _, rest = spec.partition("{")
+    want = dict(kv.split("=", 1) for kv in rest.rstrip("}").split(",") if kv) if rest else {}
+    want = {k: v.strip('"') for k, v in want.items()}
+    found, total = False, 0.0
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in want.items()):
+                found, total = True, total + sample.value
+    if not found:
+        raise KeyError(spec)
+    return total
+
+
 def pages_in_use(engine) -> int:
     """KV pages referenced by a request (prefix-cached pages nobody holds count as free): Engine.stats()."""
     return engine.stats().kv_pages_in_use

@@ -32,7 +32,7 @@ from jaxserve.servers.frontend import Frontend
 from jaxserve.servers.grpc_server import build_server, define_flags, engine_options_from_flags, serve
 from jaxserve.v1 import jaxserve_pb2 as pb
 from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
-from tests.serving import LoopThread, fake_engine, pages_in_use, tiny_gguf
+from tests.serving import LoopThread, fake_engine, metric_value, pages_in_use, tiny_gguf
 
 LIMITS = Limits(max_body_bytes=64 << 10, max_header_bytes=4 << 10)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -138,7 +138,11 @@ def err_field(err: grpc.RpcError) -> str | None:
 
 
 def outcome_count(frontend, outcome: str) -> float:
-    return frontend.metrics.registry.get_sample_value("jaxserve_requests_total", {"outcome": outcome}) or 0.0
+    body = frontend.metrics.exposition()[0].decode()
+    try:
+        return metric_value(body, f'jaxserve_requests_total{{outcome="{outcome}"}}')
+    except KeyError:
+        return 0.0
 
 
 def long_request(max_tokens: int = 100, **kw) -> pb.GenerateRequest:
@@ -259,6 +263,7 @@ def test_tokenize_list_models_model_info(srv):
         dtype="float32",
         architecture="llama",
         num_parameters=srv.engine.model_card().num_parameters,
+        versions=[pb.ModelVersion(version="1", state="ready", traffic_percent=100)],
     )
     assert list(srv.stub.ListModels(pb.ListModelsRequest()).models) == [card]
     info = srv.stub.ModelInfo(pb.ModelInfoRequest())
@@ -294,7 +299,12 @@ def test_health_and_reflection(srv):
     stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
     (resp,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in resp.list_services_response.service}
-    assert names == {"jaxserve.v1.JaxServe", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    assert names == {
+        "jaxserve.v1.JaxServe",
+        "jaxserve.v1.Admin",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
     (resp,) = stub.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="jaxserve.v1.JaxServe")])
     )
@@ -625,7 +635,7 @@ def test_drain_finishes_in_flight_then_stops(spare, loop):
             err = rpc_error(lambda: stub.Complete(_req()))
             assert err.code() == Code.UNAVAILABLE and "draining" in err.details()
             body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-            assert 'jaxserve_requests_total{outcome="unavailable"} 1.0' in body
+            assert metric_value(body, 'jaxserve_requests_total{outcome="unavailable"}') == 1.0
             rest = list(stream)  # the in-flight request runs to its end
         assert rest[-1].finished and rest[-1].usage.completion_tokens == 60
         assert sum(len(d.token_ids) for m in [first, *rest] for d in m.outputs) == 60
@@ -819,9 +829,9 @@ def test_a_client_that_never_reads_is_ended_and_the_others_are_served(gguf, loop
         err = rpc_error(lambda: list(stuck))  # what it finds when it reads again: the call ended, and why
         assert err.code() == Code.RESOURCE_EXHAUSTED and "read" in err.details(), err.details()
         end = time.monotonic() + 5
-        while served.frontend.metrics.requests.labels("slow_client")._value.get() != 1 and time.monotonic() < end:
+        while outcome_count(served.frontend, "slow_client") != 1 and time.monotonic() < end:
             time.sleep(0.05)
-        assert served.frontend.metrics.requests.labels("slow_client")._value.get() == 1
+        assert outcome_count(served.frontend, "slow_client") == 1
     finally:
         served.channel.close()
         loop.run(served.server.stop(0))

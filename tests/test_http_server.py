@@ -20,7 +20,7 @@ from jaxserve.api.validation import Limits
 from jaxserve.async_engine import AsyncEngine
 from jaxserve.servers import http_server
 from jaxserve.servers.frontend import Frontend
-from tests.serving import LoopThread, fake_engine, pages_in_use, tiny_engine_flags, tiny_gguf
+from tests.serving import LoopThread, fake_engine, metric_value, pages_in_use, tiny_engine_flags, tiny_gguf
 
 LIMITS = Limits(max_body_bytes=64 << 10, max_header_bytes=4 << 10, max_prompt_chars=4000)
 
@@ -63,12 +63,7 @@ class Server:
         return pages_in_use(self.engine)
 
     def metric(self, name):
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics").read().decode()
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                if line.split(" ")[0] == name:
-                    return float(line.split(" ")[1])
-        raise KeyError(name)
+        return metric_value(urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics").read().decode(), name)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +189,9 @@ def test_models_health_ready_metrics(server):
     assert server.metric("jaxserve_generation_tokens_total") == before + 12
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics").read().decode()
     for name in (
-        'jaxserve_requests_total{outcome="length"}',
+        'jaxserve_requests_total{model="tiny",outcome="length",version="1"}',
+        'jaxserve_model_traffic_percent{model="tiny",version="1"} 100.0',
+        'jaxserve_model_version_state{model="tiny",state="ready",version="1"} 1.0',
         "jaxserve_time_to_first_token_seconds_bucket",
         "jaxserve_time_per_output_token_seconds_bucket",
         "jaxserve_e2e_request_latency_seconds_count",
@@ -590,7 +587,7 @@ def test_a_runaway_chat_template_fails_its_request_not_the_loop(model_path):
     s = Server(model_path)
     tok = s.frontend.tokenizer
     silent = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}"
-    s.frontend.tokenizer = Tokenizer(
+    s.engine.tokenizer = Tokenizer(
         tok.backend, bos_token_id=tok.bos_token_id, eos_token_ids=tok.eos_token_ids, add_bos=False, chat_template=silent
     )
     try:
@@ -609,7 +606,7 @@ def test_a_runaway_chat_template_fails_its_request_not_the_loop(model_path):
         assert MAX_TEMPLATE_SECONDS - 0.3 < elapsed < MAX_TEMPLATE_SECONDS + 2
         assert lags and max(lags) < 0.5, lags  # the loop kept answering while the template ran
     finally:
-        s.frontend.tokenizer = tok
+        s.engine.tokenizer = tok
         s.close()
 
 

@@ -7,6 +7,9 @@
     admission    429   RESOURCE_EXHAUSTED   the waiting queue is full (refused at once, never queued)
     unavailable  503   UNAVAILABLE          draining, not warm yet, or the engine loop died
     not_found    404   NOT_FOUND            an unknown model (or path)
+    conflict     409   FAILED_PRECONDITION  an admin action the model's state does not allow (unload a version
+                                            that takes traffic, load one that is loading)
+    forbidden    403   PERMISSION_DENIED    the admin API without the admin key (or with a user's API key)
     unauthenticated 401 UNAUTHENTICATED     --api-key is set and the request brings no key or a wrong one
     deadline     504   DEADLINE_EXCEEDED    the request's own timeout passed (its pages are freed)
     cancelled    499   CANCELLED            the client went away (nobody reads the answer)
@@ -41,6 +44,8 @@ HEADERS = ErrorKind("headers", 431, "RESOURCE_EXHAUSTED", "invalid_request_error
 ADMISSION = ErrorKind("admission", 429, "RESOURCE_EXHAUSTED", "rate_limit_error")
 UNAVAILABLE = ErrorKind("unavailable", 503, "UNAVAILABLE", "service_unavailable")
 NOT_FOUND = ErrorKind("not_found", 404, "NOT_FOUND", "not_found_error")
+CONFLICT = ErrorKind("conflict", 409, "FAILED_PRECONDITION", "conflict_error")
+FORBIDDEN = ErrorKind("forbidden", 403, "PERMISSION_DENIED", "permission_error")
 UNAUTHENTICATED = ErrorKind("unauthenticated", 401, "UNAUTHENTICATED", "authentication_error")
 DEADLINE = ErrorKind("deadline", 504, "DEADLINE_EXCEEDED", "timeout_error")
 CANCELLED = ErrorKind("cancelled", 499, "CANCELLED", "cancelled")

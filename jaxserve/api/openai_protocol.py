@@ -23,6 +23,7 @@ from jaxserve.api.validation import (
     check_request_id,
     check_timeout,
     check_token_id_list,
+    check_user,
     is_int,
     sampling_params,
 )
@@ -118,8 +119,7 @@ def _common_checks(body: dict) -> None:
     best_of = body.get("best_of")
     if best_of is not None and best_of != body.get("n", 1):
         raise ValidationError("best_of", "not supported (must equal n)")
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise ValidationError("user", "must be a string")
+    check_user(body.get("user"))
 
 
 def _finish(
@@ -148,6 +148,7 @@ def _finish(
             params=params,
             request_id=None if rid is None else rid if len(prompts) == 1 else f"{rid}-{i}",
             model=body.get("model"),
+            user=body.get("user"),
             priority=check_priority(priority),
             timeout=check_timeout(body.get("timeout"), limits),
             cache_salt=check_cache_salt(body.get("cache_salt")),
@@ -197,8 +198,9 @@ class CompletionShape:
 
     object = "text_completion"
 
-    def __init__(self, model: str, rid: str):
-        self.model, self.id, self.created = model, rid, int(time.time())
+    def __init__(self, model: str, rid: str, version: str | None = None):
+        """version: the model version that answers (a body field `model_version` next to `model`)."""
+        self.model, self.id, self.created, self.version = model, rid, int(time.time()), version
         self.offsets: dict[int, int] = {}
         self.ended: set[int] = set()  # choices whose finish_reason was sent (outputs.new_choices)
 
@@ -208,6 +210,7 @@ class CompletionShape:
             "object": self.object,
             "created": self.created,
             "model": self.model,
+            **({"model_version": self.version} if self.version is not None else {}),
             "choices": choices,
             **extra,
         }

@@ -51,7 +51,8 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...] | None = None
     messages: tuple[dict, ...] | None = None  # rendered with the model's chat template by the front end
     request_id: str | None = None
-    model: str | None = None
+    model: str | None = None  # 'NAME' or 'NAME@VERSION' (pinned)
+    user: str | None = None  # the client's user id: a sticky routing key (one user, one version)
     priority: int = 0
     cache_salt: str | None = None  # prefix-cache pages are shared only among requests with the same salt
     timeout: float | None = None  # seconds from arrival; None = no deadline of its own
@@ -98,6 +99,16 @@ def check_cache_salt(salt, field: str = "cache_salt") -> str | None:
     if not isinstance(salt, str) or not salt or len(salt) > 256 or not salt.isprintable():
         raise ValidationError(field, "must be a non-empty string of at most 256 printable characters")
     return salt
+
+
+MAX_USER_CHARS = 256
+
+
+def check_user(user, field: str = "user") -> str | None:
+    """OpenAI's `user` (here also the sticky routing key): a string of at most 256 characters, or None."""
+    if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS):
+        raise ValidationError(field, f"must be a string of at most {MAX_USER_CHARS} characters")
+    return user
 
 
 def check_priority(priority, field: str = "priority", *, policy: str = "priority") -> int:

@@ -16,6 +16,7 @@ Shutdown: SIGTERM / SIGINT (or `stop_event`) -> health NOT_SERVING, new requests
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 
@@ -36,12 +37,14 @@ from jaxserve.api.validation import (
     check_request_id,
     check_timeout,
     check_token_id_list,
+    check_user,
     sampling_params,
 )
 from jaxserve.async_engine import MAX_BUFFERED_TOKENS
 from jaxserve.outputs import new_choices
 from jaxserve.servers import lifecycle
 from jaxserve.api.openai_protocol import usage
+from jaxserve.servers.admin import admin_action, admin_state
 from jaxserve.servers.frontend import DRAIN_TIMED_OUT, Frontend, api_keys_from, stalled_write
 from jaxserve.v1 import jaxserve_pb2 as pb
 from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
@@ -49,6 +52,7 @@ from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 log = logging.getLogger("jaxserve.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JaxServe"].full_name  # "jaxserve.v1.JaxServe"
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 FIELD_METADATA_KEY = "jaxserve-field"
 HEALTH_INTERVAL_S = 0.5
 STOP_GRACE_S = 2.0  # after the drain: lets the last responses flush before connections close
@@ -96,7 +100,6 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
 
     def _to_request(self, request: pb.GenerateRequest) -> GenerateRequest:
         fe = self.frontend
-        fe.check_model(request.model or None)
         which = request.WhichOneof("prompt")
         prompt = ids = messages = None
         if which == "text":
@@ -121,6 +124,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             messages=messages,
             request_id=check_request_id(request.request_id, fe.limits) if request.request_id else None,
             model=request.model or None,
+            user=check_user(request.user) if request.user else None,
             priority=check_priority(request.priority),
             cache_salt=check_cache_salt(request.cache_salt) if request.cache_salt else None,
             timeout=check_timeout(request.timeout_seconds, fe.limits, "timeout_seconds")
@@ -153,9 +157,17 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             self.frontend.count_refusal(e)
             raise
 
+    def _acquire(self, req: GenerateRequest, context):
+        """The version that answers (held until released), by the request's model and sticky key."""
+        try:
+            return self.frontend.acquire(req.model, self.frontend.sticky_key(req, _metadata(context)))
+        except APIError as e:
+            self.frontend.count_refusal(e)
+            raise
+
     def _tenant(self, context) -> int | None:
         """The API key the call came with (raises UNAUTHENTICATED when keys are required and it has none)."""
-        return self.frontend.check_api_key(dict(context.invocation_metadata() or ()).get("authorization"))
+        return self.frontend.check_api_key(_metadata(context).get("authorization"))
 
     async def _run(self, request, context, body, generation: bool = False):
         """Run a handler body, turning every failure into a status: APIError by its kind, bugs as INTERNAL (this
@@ -197,11 +209,14 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             req = self._parse(request, stream=True)
             num_top = req.params.logprobs or 0
             timeout = self.frontend.limits.stream_write_timeout
-            stream = self.frontend.generate(req, id_prefix="grpc", tenant=self._tenant(context))
+            served = self._acquire(req, context)
+            stream = self.frontend.generate(req, id_prefix="grpc", tenant=self._tenant(context), served=served)
             sent_finish: set[int] = set()
             try:
                 async for out in stream:
-                    msg = pb.GenerateResponse(request_id=out.request_id, finished=out.finished)
+                    msg = pb.GenerateResponse(
+                        request_id=out.request_id, finished=out.finished, model_version=served.version
+                    )
                     msg.outputs.extend(_delta(c, num_top) for c in new_choices(out, sent_finish))
                     if out.finished:
                         msg.usage.CopyFrom(pb.Usage(**usage(out)))
@@ -216,15 +231,21 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
                 # Cancelled while waiting in context.write, the Frontend's generator sits at a yield: close it
                 # now (not at garbage collection) so the engine aborts the request and frees its pages at once.
                 await stream.aclose()
+                self.frontend.release(served)
 
         await self._run(request, context, body, generation=True)
 
     async def Complete(self, request, context):
         async def body():
             req = self._parse(request, stream=False)
-            out = await self.frontend.complete(req, id_prefix="grpc", tenant=self._tenant(context))
+            served = self._acquire(req, context)
+            try:
+                out = await self.frontend.complete(req, id_prefix="grpc", tenant=self._tenant(context), served=served)
+            finally:
+                self.frontend.release(served)
             m, num_top = out.metrics, req.params.logprobs or 0
             return pb.CompleteResponse(
+                model_version=served.version,
                 request_id=out.request_id,
                 outputs=[_completion(c, num_top) for c in out.outputs],
                 usage=pb.Usage(**usage(out)),
@@ -236,25 +257,25 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
 
     async def Tokenize(self, request, context):
         async def body():
-            self.frontend.check_model(request.model or None)
+            served = self.frontend.check_model(request.model or None)
             add = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids = await asyncio.to_thread(self.frontend.tokenize, request.text, add)  # (off the event loop)
-            return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.frontend.max_model_len)
+            ids = await asyncio.to_thread(self.frontend.tokenize, request.text, add, "text", served)  # off the loop
+            return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=served.card.max_model_len)
 
         return await self._run(request, context, body)
 
     async def ListModels(self, request, context):
         async def body():
-            return pb.ListModelsResponse(models=[self._card()])
+            return pb.ListModelsResponse(models=[_card(c) for c in self.frontend.model_cards()])
 
         return await self._run(request, context, body)
 
     async def ModelInfo(self, request, context):
         async def body():
-            self.frontend.check_model(request.model or None)
-            card = self.frontend.card
+            served = self.frontend.check_model(request.model or None)
+            card = served.card
             return pb.ModelInfoResponse(
-                model=self._card(),
+                model=_card(self.frontend.model_card(served)),
                 max_num_seqs=card.max_num_seqs,
                 max_num_batched_tokens=card.max_num_batched_tokens,
                 page_size=card.page_size,
@@ -264,16 +285,64 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
 
         return await self._run(request, context, body)
 
-    def _card(self) -> pb.ModelCard:
-        card = self.frontend.model_card()
-        return pb.ModelCard(
-            id=card["id"],
-            max_model_len=card["max_model_len"],
-            vocab_size=card["vocab_size"],
-            dtype=str(card["dtype"]),
-            architecture=card["architecture"],
-            num_parameters=card["num_parameters"],
-        )
+
+def _card(card: dict) -> pb.ModelCard:
+    return pb.ModelCard(
+        id=card["id"],
+        max_model_len=card["max_model_len"],
+        vocab_size=card["vocab_size"],
+        dtype=str(card["dtype"]),
+        architecture=card["architecture"],
+        num_parameters=card["num_parameters"],
+        versions=[pb.ModelVersion(**v) for v in card.get("versions", ())],
+    )
+
+
+def _metadata(context) -> dict:
+    return dict(context.invocation_metadata() or ())
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    """jaxserve.v1.Admin: the HTTP admin API's actions (jaxserve.servers.admin), guarded by the admin key."""
+
+    def __init__(self, frontend: Frontend):
+        self.frontend = frontend
+
+    async def _call(self, context, action: str, body: dict | None = None):
+        try:
+            self.frontend.check_admin_key(_metadata(context).get("authorization"))
+            result = admin_state(self.frontend) if action == "list" else await admin_action(self.frontend, action, body)
+        except APIError as e:
+            metadata = ((FIELD_METADATA_KEY, e.field),) if e.field else ()
+            await context.abort(grpc.StatusCode[e.kind.grpc_code], e.message, metadata)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # a bug: INTERNAL with an incident id
+            err = internal_error(e, f"gRPC Admin {action}")
+            await context.abort(grpc.StatusCode[err.kind.grpc_code], err.message)
+        return pb.AdminResponse(json=json.dumps(result))
+
+    async def ListVersions(self, request, context):
+        return await self._call(context, "list")
+
+    async def LoadVersion(self, request, context):
+        body = {"model": request.model, "version": request.version, "path": request.path or None}
+        return await self._call(context, "load", body)
+
+    async def UnloadVersion(self, request, context):
+        body = {"model": request.model, "version": request.version}
+        if request.HasField("timeout_seconds"):
+            body["timeout"] = request.timeout_seconds
+        return await self._call(context, "unload", body)
+
+    async def SetSplit(self, request, context):
+        return await self._call(context, "split", {"model": request.model, "split": dict(request.split)})
+
+    async def Promote(self, request, context):
+        return await self._call(context, "promote", {"model": request.model, "version": request.version})
+
+    async def Rollback(self, request, context):
+        return await self._call(context, "rollback", {"model": request.model})
 
 
 # ---- output conversion ------------------------------------------------------------------------------------------
@@ -373,10 +442,13 @@ async def build_server(frontend: Frontend, host: str = "127.0.0.1", port: int = 
     handlers = _method_handlers(JaxServeServicer(frontend))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # what the generated stubs call
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(frontend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_name, reflection.SERVICE_NAME), server
+    )
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as e:

@@ -3,6 +3,13 @@
     POST /v1/completions        POST /v1/chat/completions   (stream: true -> server-sent events)
     GET  /v1/models             POST /tokenize
     GET  /health (live)         GET  /ready (warm, not draining, making progress)     GET /metrics
+    admin (the admin key, never a user's API key; jaxserve.servers.registry):
+    GET  /admin/models          POST /admin/load {model, version, path?}   POST /admin/unload {model, version}
+    POST /admin/split {model, split: {version: percent}}    POST /admin/promote {model, version}
+    POST /admin/rollback {model}
+
+A request's `model` is NAME (a version by the split; sticky by `user` or the --sticky-header header) or
+NAME@VERSION (pinned); the answer names its version (`model_version`, header x-jaxserve-model-version).
 
 Errors are OpenAI's error object, `{"error": {"message", "type", "param", "code"}}`, with the status of
 jaxserve.api.errors' table; `param` names the field. Bodies and headers are bounded before they are read.
@@ -23,10 +30,10 @@ import uuid
 from aiohttp import web
 
 from jaxserve.api.errors import HEADERS, NOT_FOUND, TOO_LARGE, VALIDATION, APIError, internal_error
-from jaxserve.errors import ENGINE_STOPPED
 from jaxserve.api.openai_protocol import ChatShape, CompletionShape, OpenAIRequest, parse_chat, parse_completion
 from jaxserve.api.validation import parse_json_body
 from jaxserve.servers import lifecycle
+from jaxserve.servers.admin import ADMIN_ACTIONS, admin_action, admin_state
 from jaxserve.servers.frontend import Frontend, stalled_write
 
 log = logging.getLogger("jaxserve.http")
@@ -34,6 +41,7 @@ log = logging.getLogger("jaxserve.http")
 _FRONTEND = web.AppKey("frontend", Frontend)
 _COUNTED = web.RequestKey("counted", bool)  # Frontend.generate counts this request's outcome
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+_VERSION_HEADER = "x-jaxserve-model-version"  # the version that answered
 
 
 def build_app(frontend: Frontend) -> web.Application:
@@ -46,6 +54,9 @@ def build_app(frontend: Frontend) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/models", _admin_models)
+    for action in ADMIN_ACTIONS:
+        app.router.add_post(f"/admin/{action}", _admin)
     return app
 
 
@@ -106,7 +117,10 @@ async def _errors_and_limits(request: web.Request, handler):
                 f"headers: {header_bytes} bytes exceeds the limit of {frontend.limits.max_header_bytes}",
                 "headers",
             )
-        if request.path not in _OPEN_PATHS:
+        if request.path.startswith("/admin/"):
+            frontend.check_admin_key(request.headers.get("Authorization"))
+            request[_COUNTED] = True  # (admin calls are not model requests)
+        elif request.path not in _OPEN_PATHS:
             request[_TENANT] = frontend.check_api_key(request.headers.get("Authorization"))
         return await handler(request)
     except APIError as e:
@@ -165,19 +179,28 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequest, rid: str):
-    """Run the request's prompt(s) and answer whole or as server-sent events. Prompt i's completion k is choice
-    i * n + k; each prompt runs as its own engine request, all at once."""
-    frontend.check_size(parsed.requests, stream=parsed.stream)
+    """Run the request's prompt(s) on one version of the model and answer whole or as server-sent events.
+    Prompt i's completion k is choice i * n + k; each prompt runs as its own engine request, all at once."""
+    served = frontend.acquire(parsed.request.model, frontend.sticky_key(parsed.request, request.headers))
+    try:
+        return await _answer(request, frontend, parsed, rid, served)
+    finally:
+        frontend.release(served)
+
+
+async def _answer(request: web.Request, frontend: Frontend, parsed: OpenAIRequest, rid: str, served):
+    frontend.check_size(parsed.requests, stream=parsed.stream, served=served)
     many = len(parsed.requests) > 1
     reqs = [
         r if r.request_id else dataclasses.replace(r, request_id=f"{rid}-{i}" if many else rid)
         for i, r in enumerate(parsed.requests)
     ]
     request[_COUNTED] = True
-    shapes = [(ChatShape if parsed.chat else CompletionShape)(frontend.model_name, rid) for _ in reqs]
+    shapes = [(ChatShape if parsed.chat else CompletionShape)(served.name, rid, served.version) for _ in reqs]
     n = reqs[0].params.n
+    version_header = {_VERSION_HEADER: served.version}
     if not parsed.stream:
-        tasks = [asyncio.ensure_future(frontend.complete(r, tenant=request.get(_TENANT))) for r in reqs]
+        tasks = [asyncio.ensure_future(frontend.complete(r, tenant=request.get(_TENANT), served=served)) for r in reqs]
         try:
             outs = await asyncio.gather(*tasks)
         finally:  # one prompt failed (or the client left): the others stop too
@@ -187,12 +210,12 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
         body = bodies[0]
         body["choices"] = [c for b in bodies for c in b["choices"]]
         body["usage"] = _sum_usage([b["usage"] for b in bodies])
-        return web.json_response(body)
+        return web.json_response(body, headers=version_header)
     # One slot per prompt: a pump waits for the writer, so what a slow client has not read stays folded in the
     # engine's bounded stream (one output per prompt), never in a queue here.
     queue: asyncio.Queue = asyncio.Queue(maxsize=len(reqs))
     tasks = [
-        asyncio.ensure_future(_pump(frontend.generate(r, tenant=request.get(_TENANT)), i, queue))
+        asyncio.ensure_future(_pump(frontend.generate(r, tenant=request.get(_TENANT), served=served), i, queue))
         for i, r in enumerate(reqs)
     ]
     timeout = frontend.limits.stream_write_timeout
@@ -201,7 +224,7 @@ async def _generate(request: web.Request, frontend: Frontend, parsed: OpenAIRequ
         index, item = await queue.get()
         if isinstance(item, APIError):  # before any output: still a plain HTTP error response
             raise item
-        response = web.StreamResponse(headers=_SSE_HEADERS)
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **version_header})
         await response.prepare(request)
         writer = _Writer(response, timeout)
         await writer.send(shapes[0].start(item) if len(reqs) == 1 else _start_all(shapes, item, n, len(reqs)))
@@ -302,7 +325,7 @@ def _sum_usage(usages: list[dict]) -> dict:
 
 
 async def _models(request: web.Request) -> web.Response:
-    card = request.app[_FRONTEND].model_card()
+    cards = request.app[_FRONTEND].model_cards()
     return web.json_response(
         {
             "object": "list",
@@ -313,7 +336,9 @@ async def _models(request: web.Request) -> web.Response:
                     "created": card["created"],
                     "owned_by": "jaxserve",
                     "max_model_len": card["max_model_len"],
+                    "versions": card["versions"],
                 }
+                for card in cards
             ],
         }
     )
@@ -322,22 +347,35 @@ async def _models(request: web.Request) -> web.Response:
 async def _tokenize(request: web.Request) -> web.Response:
     frontend = request.app[_FRONTEND]
     body = await _json_body(request)
-    frontend.check_model(body.get("model"))
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(VALIDATION, "model: must be a string", "model")
+    served = frontend.check_model(model)
     add_special = body.get("add_special_tokens", True)
     if not isinstance(add_special, bool):
         raise APIError(VALIDATION, "add_special_tokens: must be a boolean", "add_special_tokens")
-    ids = await asyncio.to_thread(frontend.tokenize, body.get("prompt"), add_special, "prompt")  # (off the loop)
-    return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": frontend.max_model_len})
+    ids = await asyncio.to_thread(frontend.tokenize, body.get("prompt"), add_special, "prompt", served)  # off the loop
+    return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": served.card.max_model_len})
+
+
+# ---- admin ----------------------------------------------------------------------------------------------------
+
+
+async def _admin_models(request: web.Request) -> web.Response:
+    return web.json_response(admin_state(request.app[_FRONTEND]))
+
+
+async def _admin(request: web.Request) -> web.Response:
+    frontend = request.app[_FRONTEND]
+    action = request.path.rsplit("/", 1)[1]
+    body = await _json_body(request)
+    return web.json_response(await admin_action(frontend, action, body))
 
 
 async def _health(request: web.Request) -> web.Response:
-    frontend = request.app[_FRONTEND]
-    if not frontend.engine.is_running:
-        return web.json_response({"status": "dead", "error": ENGINE_STOPPED}, status=503)
-    stalled = frontend.engine.stalled_for()
-    if stalled > frontend.stall_timeout:
-        reason = f"the engine made no progress for {stalled:.0f}s with work pending"
-        return web.json_response({"status": "stalled", "error": reason}, status=503)
+    status, why = request.app[_FRONTEND].liveness()
+    if status != "ok":
+        return web.json_response({"status": status, "error": why}, status=503)
     return web.json_response({"status": "ok"})
 
 

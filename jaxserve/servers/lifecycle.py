@@ -22,12 +22,12 @@ async def wait_for_shutdown(frontend, stop_event: asyncio.Event | None = None, p
         loop.add_signal_handler(sig, stop_event.set)
     try:
         while not stop_event.is_set():
-            if not frontend.engine.is_running:
+            status, why = frontend.liveness()  # (a version that died alone is failed; its traffic moved on)
+            if status == "dead":
                 log.error("the engine loop died (%r): shutting down", frontend.engine.error)
                 return 1
-            stalled = frontend.engine.stalled_for()
-            if stalled > frontend.stall_timeout:  # liveness: a wedged engine is as dead as a crashed one
-                log.error("the engine made no progress for %.0fs with work pending: shutting down", stalled)
+            if status == "stalled":  # liveness: a wedged engine is as dead as a crashed one
+                log.error("%s: shutting down", why)
                 return 1
             try:
                 await asyncio.wait_for(stop_event.wait(), poll)

@@ -271,3 +271,305 @@ class JaxServe:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Model lifecycle (jaxserve.servers.registry): guarded by the admin key (`authorization: Bearer <admin key>`
+    metadata), never by a user's API key; off when the server has none (PERMISSION_DENIED). Every answer and
+    every error is the HTTP admin API's (/admin/...): the same fields, the same checks.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListVersions = channel.unary_unary(
+                '/jaxserve.v1.Admin/ListVersions',
+                request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+                _registered_method=True)
+        self.LoadVersion = channel.unary_unary(
+                '/jaxserve.v1.Admin/LoadVersion',
+                request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.LoadVersionRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+                _registered_method=True)
+        self.UnloadVersion = channel.unary_unary(
+                '/jaxserve.v1.Admin/UnloadVersion',
+                request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.UnloadVersionRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+                _registered_method=True)
+        self.SetSplit = channel.unary_unary(
+                '/jaxserve.v1.Admin/SetSplit',
+                request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.SetSplitRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/jaxserve.v1.Admin/Promote',
+                request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/jaxserve.v1.Admin/Rollback',
+                request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Model lifecycle (jaxserve.servers.registry): guarded by the admin key (`authorization: Bearer <admin key>`
+    metadata), never by a user's API key; off when the server has none (PERMISSION_DENIED). Every answer and
+    every error is the HTTP admin API's (/admin/...): the same fields, the same checks.
+    """
+
+    def ListVersions(self, request, context):
+        """Every model, its versions (state, traffic, memory, health, load report) and the recent events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadVersion(self, request, context):
+        """Load a version in the background (load, compile or read the compile cache, warm up); it takes traffic
+        only once ready and a split gives it some. A failed load leaves what was serving untouched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadVersion(self, request, context):
+        """Drain (in-flight requests finish on it), stop, free its memory. Refused while the split gives it traffic.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSplit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """all traffic to one version
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """back to the split before the last change
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.ListVersionsRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.SerializeToString,
+            ),
+            'LoadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadVersion,
+                    request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.LoadVersionRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.SerializeToString,
+            ),
+            'UnloadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadVersion,
+                    request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.UnloadVersionRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.SerializeToString,
+            ),
+            'SetSplit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSplit,
+                    request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.SetSplitRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.PromoteRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.RollbackRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'jaxserve.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('jaxserve.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Model lifecycle (jaxserve.servers.registry): guarded by the admin key (`authorization: Bearer <admin key>`
+    metadata), never by a user's API key; off when the server has none (PERMISSION_DENIED). Every answer and
+    every error is the HTTP admin API's (/admin/...): the same fields, the same checks.
+    """
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.Admin/ListVersions',
+            jaxserve_dot_v1_dot_jaxserve__pb2.ListVersionsRequest.SerializeToString,
+            jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.Admin/LoadVersion',
+            jaxserve_dot_v1_dot_jaxserve__pb2.LoadVersionRequest.SerializeToString,
+            jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.Admin/UnloadVersion',
+            jaxserve_dot_v1_dot_jaxserve__pb2.UnloadVersionRequest.SerializeToString,
+            jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSplit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.Admin/SetSplit',
+            jaxserve_dot_v1_dot_jaxserve__pb2.SetSplitRequest.SerializeToString,
+            jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.Admin/Promote',
+            jaxserve_dot_v1_dot_jaxserve__pb2.PromoteRequest.SerializeToString,
+            jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.Admin/Rollback',
+            jaxserve_dot_v1_dot_jaxserve__pb2.RollbackRequest.SerializeToString,
+            jaxserve_dot_v1_dot_jaxserve__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
