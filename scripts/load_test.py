@@ -26,6 +26,18 @@ first-quarter median, and the slope) are printed. Exit 1 when a good request fai
 leaked, the RSS grew past --max-rss-growth after warm-up, or the server exited non-zero.
 
     python scripts/load_test.py --start http --soak --duration 1800 --concurrency 32 --json soak.json
+
+--swap PATH (HTTP, with --start): a model swap under load. The server starts serving --model as `swap@1` with an
+admin key; the clients send model "swap" with a `user` drawn from --users keys (one request in ten pinned to
+"swap@1"), and record the `model_version` of every chunk. The phases, --duration / 5 seconds each: A v1 at 100%
+(PATH loads as swap@2 through POST /admin/load meanwhile; B waits until it is ready), B split {1: 70, 2: 30},
+C rollback (v1 100%), D promote v2, E rollback (v1 100%); then v2 is unloaded (it has no traffic) and its report
+(KV pages in use when it stopped, weight and KV bytes, RSS freed) is printed next to the server's RSS. Exit 1
+when any request failed or was cancelled, a stream changed version, a pinned request was not answered by v1, a
+user saw two versions within one phase, a phase's share of v2 is off its split by more than --split-tolerance
+(plus 4 binomial standard deviations), or v2's pages were not all free when it stopped.
+
+    python scripts/load_test.py --start http --model model.gguf --swap model-int8/ --concurrency 32 --duration 100
 """
 
 from __future__ import annotations
@@ -72,6 +84,12 @@ ENGINE_FLAGS = [
         "stream_write_timeout",
     )
 ]
+
+
+def default_model_file() -> str:
+    from models.loader import default_model_path
+
+    return default_model_path()
 
 
 def make_prompts(count: int, words: int, seed: int) -> list[str]:
@@ -602,6 +620,215 @@ def print_table(results: list[dict]) -> None:
             print(f"  [{r['protocol']}] {e}")
 
 
+# ---- swap: a model version swap under load ------------------------------------------------------------------------
+
+SWAP_NAME = "swap"
+# phase -> the admin call that starts it, and the share (percent) of unpinned requests v2 must answer in it
+SWAP_PHASES = (
+    ("A", None, 0),
+    ("B", ("split", {"split": {"1": 70, "2": 30}}), 30),
+    ("C", ("rollback", {}), 0),
+    ("D", ("promote", {"version": "2"}), 100),
+    ("E", ("rollback", {}), 0),
+)
+
+
+class SwapRecord(Record):
+    def __init__(self, user: str, pinned: bool, phase: str):
+        super().__init__()
+        self.user, self.pinned, self.phase_sent, self.phase_answered = user, pinned, phase, None
+        self.versions: set[str | None] = set()  # every chunk's model_version (one, if the stream kept its version)
+        self.header_version: str | None = None
+
+
+async def swap_request(session, url: str, prompt: str, rec: SwapRecord, args, state: dict) -> SwapRecord:
+    body = {
+        "model": f"{SWAP_NAME}@1" if rec.pinned else SWAP_NAME,
+        "user": rec.user,
+        "prompt": prompt,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    try:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            rec.phase_answered = state["phase"]  # routed between the send and the response's headers
+            rec.header_version = resp.headers.get("x-jaxserve-model-version")
+            if resp.status != 200:
+                rec.error, rec.message = f"http {resp.status}", (await resp.text())[:300]
+                return rec
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    rec.error, rec.message = f"stream {chunk['error'].get('code')}", chunk["error"].get("message")
+                    return rec
+                rec.versions.add(chunk.get("model_version"))
+                if chunk.get("choices"):
+                    rec.token()
+                if chunk.get("usage"):
+                    rec.tokens = chunk["usage"]["completion_tokens"]
+    except (aiohttp.ClientError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: connection closed
+        rec.error, rec.message = type(e).__name__, str(e)[:300]
+    rec.end = time.perf_counter()
+    return rec
+
+
+async def admin_call(session, url: str, key: str, action: str, body: dict | None = None) -> dict:
+    auth = {"Authorization": f"Bearer {key}"}
+    call = session.get(url + "/admin/models", headers=auth) if action == "models" else None
+    call = call or session.post(f"{url}/admin/{action}", json={"model": SWAP_NAME, **(body or {})}, headers=auth)
+    async with call as r:
+        data = await r.json()
+        if r.status != 200:
+            raise RuntimeError(f"admin {action}: HTTP {r.status}: {data}")
+        return data
+
+
+async def wait_version(session, url: str, key: str, version: str, timeout: float) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        state = await admin_call(session, url, key, "models")
+        for m in state["models"]:
+            v = next((x for x in m["versions"] if x["version"] == version), None) if m["name"] == SWAP_NAME else None
+            if v and v["state"] == "ready":
+                return v
+            if v and v["state"] == "failed":
+                raise RuntimeError(f"{SWAP_NAME}@{version} failed to load: {v.get('error')}")
+        await asyncio.sleep(0.25)
+    raise RuntimeError(f"{SWAP_NAME}@{version} was not ready after {timeout:.0f} s")
+
+
+async def run_swap(url: str, pid: int, args) -> dict:
+    prompts = make_prompts(64, args.prompt_words, args.seed)
+    users = [f"user-{i}" for i in range(args.users)]
+    records: list[SwapRecord] = []
+    state = {"phase": "A", "stop": False, "in_flight": 0}
+    phase_s = args.duration / len(SWAP_PHASES)
+    timeline: list[dict] = []
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=args.concurrency + 4), timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
+
+        async def client(i: int) -> None:
+            rng, n = random.Random(args.seed * 7919 + i), i
+            while not state["stop"]:
+                rec = SwapRecord(rng.choice(users), rng.random() < args.pinned_fraction, state["phase"])
+                state["in_flight"] += 1
+                records.append(await swap_request(session, url, prompts[n % len(prompts)], rec, args, state))
+                state["in_flight"] -= 1
+                n += args.concurrency
+
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(client(i)) for i in range(args.concurrency)]
+        loaded = await admin_call(session, url, args.admin_key, "load", {"version": "2", "path": args.swap})
+        timeline.append({"t": time.perf_counter() - t0, "event": f"load v2 ({loaded['state']})"})
+        await asyncio.sleep(phase_s)
+        v2 = await wait_version(session, url, args.admin_key, "2", args.start_timeout)
+        timeline.append({"t": time.perf_counter() - t0, "event": "v2 ready", "report": v2.get("report")})
+        for phase, call, _ in SWAP_PHASES[1:]:
+            state["phase"] = "switching"  # requests routed while the admin call runs count for neither phase
+            answer = await admin_call(session, url, args.admin_key, call[0], call[1])
+            state["phase"] = phase
+            timeline.append({"t": time.perf_counter() - t0, "event": f"{phase}: {call[0]}", "split": answer["split"]})
+            print(f"[load_test] phase {phase}: {call[0]} -> split {answer['split']}", file=sys.stderr)
+            await asyncio.sleep(phase_s)
+        state["stop"] = True
+        _, pending = await asyncio.wait(tasks, timeout=args.grace)
+        cancelled = state["in_flight"]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        elapsed = time.perf_counter() - t0
+        rss_before = _rss_mib(pid)
+        unload = await admin_call(session, url, args.admin_key, "unload", {"version": "2", "timeout": 60})
+        rss_after = _rss_mib(pid)
+        final = await admin_call(session, url, args.admin_key, "models")
+    out = summarize("http", url, records, cancelled, elapsed)
+    out.update(swap_checks(records, args))
+    out.update(
+        timeline=timeline,
+        unload_report=unload["report"],
+        server_rss_mib_before_unload=rss_before,
+        server_rss_mib_after_unload=rss_after,
+        final_state=final["models"],
+        events=final["events"][-20:],
+    )
+    return out
+
+
+def swap_checks(records: list[SwapRecord], args) -> dict:
+    """What the swap must show, from the records: one version per stream, pinned requests on v1, sticky users
+    within a phase, and each phase's share of v2 next to its split."""
+    ok = [r for r in records if r.error is None]
+    mixed = [r for r in ok if len(r.versions) != 1 or r.header_version not in r.versions]
+    pinned_off = [r for r in ok if r.pinned and r.versions != {"1"}]
+    phases = {}
+    for phase, _, want in SWAP_PHASES:
+        rows = [r for r in ok if not r.pinned and r.phase_sent == phase == r.phase_answered and len(r.versions) == 1]
+        by_user: dict[str, set] = {}
+        for r in rows:
+            by_user.setdefault(r.user, set()).update(r.versions)
+        on_v2 = sum(r.versions == {"2"} for r in rows)
+        share = on_v2 / len(rows) if rows else None
+        p = want / 100
+        # sticky routing draws a version per user, not per request: the spread follows the number of users
+        tol = args.split_tolerance + 4 * (p * (1 - p) / max(1, len(by_user))) ** 0.5
+        phases[phase] = {
+            "requests": len(rows),
+            "users": len(by_user),
+            "v2_percent_wanted": want,
+            "v2_percent": None if share is None else round(100 * share, 1),
+            "tolerance_percent": round(100 * tol, 1),
+            "within_tolerance": share is not None and abs(share - p) <= tol,
+            "users_on_two_versions": sum(len(v) > 1 for v in by_user.values()),
+        }
+    return {
+        "streams_changing_version": len(mixed),
+        "pinned_requests": sum(r.pinned for r in ok),
+        "pinned_not_on_v1": len(pinned_off),
+        "phases": phases,
+    }
+
+
+def print_swap(r: dict) -> None:
+    print_table([r])
+    print(f"\nswap: {r['streams_changing_version']} streams changed version; {r['pinned_not_on_v1']} of "
+          f"{r['pinned_requests']} pinned (swap@1) requests answered by another version")  # fmt: skip
+    print(f"{'phase':>5} {'requests':>9} {'users':>6} {'v2 wanted':>10} {'v2 got':>8} {'tol':>6} {'sticky broken':>14}")
+    for name, p in r["phases"].items():
+        got = "-" if p["v2_percent"] is None else f"{p['v2_percent']:.1f}%"
+        print(
+            f"{name:>5} {p['requests']:>9} {p['users']:>6} {p['v2_percent_wanted']:>9}% {got:>8} "
+            f"{p['tolerance_percent']:>5.1f}% {p['users_on_two_versions']:>14}"
+        )
+    u = r["unload_report"]
+    print(f"v2 unloaded: {json.dumps(u)}; server RSS {r['server_rss_mib_before_unload']} -> "
+          f"{r['server_rss_mib_after_unload']} MiB")  # fmt: skip
+
+
+def swap_failed(r: dict) -> list[str]:
+    why = []
+    if r["errors"] or r["cancelled"] or not r["requests"]:
+        why.append(f"{r['errors']} errors, {r['cancelled']} cancelled, {r['requests']} completed")
+    if r["streams_changing_version"]:
+        why.append(f"{r['streams_changing_version']} streams changed version")
+    if r["pinned_not_on_v1"]:
+        why.append(f"{r['pinned_not_on_v1']} pinned requests not on v1")
+    for name, p in r["phases"].items():
+        if not p["within_tolerance"]:
+            why.append(f"phase {name}: v2 {p['v2_percent']}% for {p['v2_percent_wanted']}% wanted")
+        if p["users_on_two_versions"]:
+            why.append(f"phase {name}: {p['users_on_two_versions']} users saw two versions")
+    if r["unload_report"].get("kv_pages_in_use_at_stop", 0) != 0:
+        why.append(f"v2 stopped with {r['unload_report']['kv_pages_in_use_at_stop']} pages in use")
+    return why
+
+
 # ---- launching servers --------------------------------------------------------------------------------------------
 
 
@@ -614,10 +841,12 @@ def free_port() -> int:
 def server_command(protocol: str, port: int, args) -> list[str]:
     if protocol == "http":
         cmd = [sys.executable, "-m", "jaxserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        if args.swap:  # v1 is --model (the default model when none is given), served as swap@1
+            cmd += ["--model", f"{SWAP_NAME}={args.model or default_model_file()}@1", "--admin-key", args.admin_key]
         return cmd + [
             x
             for name, flag, _ in ENGINE_FLAGS
-            if getattr(args, name) is not None
+            if getattr(args, name) is not None and not (args.swap and name == "model")
             for x in (flag, str(getattr(args, name)))
         ]
     cmd = [sys.executable, "-m", "jaxserve.servers.grpc_server", "--host=127.0.0.1", f"--port={port}"]
@@ -663,7 +892,12 @@ async def run_started(protocol: str, args) -> dict:
     try:
         await wait_ready(protocol, target, proc, args.start_timeout)
         print(f"[load_test] {protocol} server ready on {target} after {time.perf_counter() - t:.1f} s", file=sys.stderr)
-        result = await (run_soak(target, proc.pid, args) if args.soak else run_load(protocol, target, args))
+        if args.swap:
+            result = await run_swap(target, proc.pid, args)
+        elif args.soak:
+            result = await run_soak(target, proc.pid, args)
+        else:
+            result = await run_load(protocol, target, args)
     finally:
         code = stop_server(proc, args.grace + 30)
         print(f"[load_test] {protocol} server exited with {code}", file=sys.stderr)
@@ -704,6 +938,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample", type=float, default=10, help="--soak: seconds between RSS / health samples")
     p.add_argument("--warmup-fraction", type=float, default=0.2, help="--soak: RSS growth is measured after this")
     p.add_argument("--max-rss-growth", type=float, default=64, help="--soak: MiB the RSS may grow after warm-up")
+    p.add_argument("--swap", metavar="PATH", help="a v1 -> v2 -> rollback swap under load, PATH as v2 (see above)")
+    p.add_argument("--users", type=int, default=500, help="--swap: distinct `user` keys the clients draw from")
+    p.add_argument("--pinned-fraction", type=float, default=0.1, help="--swap: requests pinned to swap@1")
+    p.add_argument("--split-tolerance", type=float, default=0.02, help="--swap: a phase's v2 share may be off by")
     g = p.add_argument_group("engine flags for --start")
     for name, flag, _ in ENGINE_FLAGS:
         g.add_argument(flag, dest=name, default=None)
@@ -714,6 +952,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--start takes http, grpc or http,grpc")
     if args.soak and args.start != "http":
         p.error("--soak runs against a server it starts: --start http")
+    if args.swap and (args.start != "http" or args.soak):
+        p.error("--swap runs against a server it starts: --start http (not with --soak)")
+    args.admin_key = f"load-test-admin-{random.getrandbits(64):x}" if args.swap else None
     return args
 
 
@@ -738,6 +979,14 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "results": results}, f, indent=2)
+    if args.swap:
+        print_swap(results[0])
+        why = swap_failed(results[0]) + (
+            [f"server exit {results[0]['server_exit_code']}"] if results[0].get("server_exit_code") else []
+        )
+        for line in why:
+            print(f"[load_test] swap FAILED: {line}", file=sys.stderr)
+        return 1 if why else 0
     if args.soak:
         print_soak(results[0], args.max_rss_growth)
         return 1 if soak_failed(results[0], args.max_rss_growth) else 0
