@@ -205,6 +205,11 @@ class LLMEngine:
 
     # ---- what the servers read (jaxserve.engine_api.Engine) -----------------------------------------------------
 
+    def startup_report(self) -> dict:
+        """Where this engine's start went: loading the weights, allocating the KV pool, compiling the buckets (how
+        many came from the persistent cache)."""
+        return {"load_seconds": round(self.model.load_seconds, 3), **self.runner.startup_report()}
+
     def stats(self) -> EngineStats:
         bm, sched = self.block_manager, self.scheduler
         compiles, cache_hits = self.runner.counter.snapshot()

@@ -86,7 +86,8 @@ def build_engine(
         runner = engines[0].runner
         print(
             f"[jaxserve] {loaded.config.name} ({os.path.basename(loaded.path)}), {dtype}, loaded in "
-            f"{loaded.load_seconds:.1f}s; {loaded.describe_weights()}; {runner.pool.describe()}; "
+            f"{loaded.load_seconds:.1f}s; {loaded.describe_weights()}; {runner.pool.describe()}, allocated in "
+            f"{runner.kv_alloc_seconds:.2f}s; "
             f"{runner.describe_memory()}"
             f"{f'; {dp} data-parallel replicas' if dp > 1 else ''}; "
             f"{runner.describe_compile_plan()}",

@@ -183,7 +183,10 @@ class ModelRunner:
         if self.channel is not None:  # every process must size the pool alike: process 0's plan wins
             num_pages = int(broadcast_from_leader(np.array(self.pool.num_pages, np.int64)))
             self.pool = dataclasses.replace(self.pool, num_pages=num_pages)
+        t_kv = time.perf_counter()
         self.cache = allocate_kv_cache(self.pool, config, None if mesh is None else jit_kw["out_shardings"][1].k)
+        jax.block_until_ready(self.cache)
+        self.kv_alloc_seconds = time.perf_counter() - t_kv
         self.compiled: dict[int, jax.stages.Compiled] = {}
         self.report: list[BucketReport] = []
         # The sizing compile was over this very pool: it is the largest bucket's executable.
@@ -282,6 +285,17 @@ class ModelRunner:
             f"per device on {where}: weights {per_device_bytes(self.params) / 2**20:.1f} MiB, "
             f"KV cache {per_device_bytes(self.cache) / 2**20:.1f} MiB"
         )
+
+    def startup_report(self) -> dict:
+        """This runner's start: seconds compiling (and how many buckets came from the persistent cache),
+        allocating the KV pool, and in all (planning and the warm-up step included)."""
+        return {
+            "compile_seconds": round(sum(r.seconds for r in self.report), 3),
+            "buckets": len(self.report),
+            "buckets_from_cache": sum(r.cache_hit for r in self.report),
+            "kv_alloc_seconds": round(self.kv_alloc_seconds, 3),
+            "runner_seconds": round(self.startup_seconds, 3),
+        }
 
     def describe_compile_plan(self) -> str:
         hits = sum(r.cache_hit for r in self.report)

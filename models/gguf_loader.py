@@ -135,6 +135,27 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, not supported") from None
         return np.asarray(out, dtype=np.float32).reshape(self.shape(name))
 
+    def dense(self, name: str, *, transpose: bool = False, heads: int | None = None, out=None) -> np.ndarray:
+        """A 2-D tensor as f32 [rows, cols] ([cols, rows] with `transpose`, written into `out` if given); heads:
+        undo llama.cpp's Q/K row permutation first. One C++ pass where the CPU kernels are built (dequantize,
+        permute and transpose together), gguf's numpy dequantizer otherwise."""
+        from kernels_pallas.cpu import DEQUANT_KINDS, dequantize_gguf
+
+        t, (rows, cols) = self.tensors[name], self.shape(name)
+        if t.tensor_type.name in DEQUANT_KINDS and cols % 32 == 0:
+            perm = None if heads is None else unpermute_rows(np.arange(rows), heads)
+            got = dequantize_gguf(t.data, t.tensor_type.name, rows, cols, perm=perm, transpose=transpose, out=out)
+            if got is not None:
+                return got
+        w = self.dequantize(name)
+        if heads is not None:
+            w = unpermute_rows(w, heads)
+        w = w.T if transpose else w
+        if out is None:
+            return np.ascontiguousarray(w)
+        out[...] = w
+        return out
+
     def config(self) -> LlamaConfig:
         arch = self.architecture
         if arch not in SUPPORTED_ARCHS:
@@ -258,9 +279,10 @@ class GGUFFile:
             mode = self.tensor_mode(gguf_name, quantization, head=True) if len(shapes[ours]) == 2 else "dense"
             if mode != "dense" and quantizable(self.shape(gguf_name)):
                 arrays[ours] = self._quantized(gguf_name, mode)
+            elif len(shapes[ours]) == 2:
+                arrays[ours] = self.dense(gguf_name, transpose=ours == "lm_head")
             else:
-                w = self.dequantize(gguf_name)
-                arrays[ours] = np.ascontiguousarray(w.T) if ours == "lm_head" else w
+                arrays[ours] = self.dequantize(gguf_name)
         for suffix, ours in _LAYER_NAMES.items():
             if ours not in shapes:
                 continue
@@ -283,10 +305,11 @@ class GGUFFile:
                 continue
             stacked = np.empty((cfg.num_layers, *shapes[ours]), dtype=np.float32)
             for i, name in enumerate(names):
+                if len(shapes[ours]) == 2:
+                    self.dense(name, transpose=True, heads=heads if unpermute else None, out=stacked[i])
+                    continue
                 w = self.dequantize(name)
-                if unpermute and heads is not None:
-                    w = unpermute_rows(w, heads)
-                stacked[i] = w.T if w.ndim == 2 else w
+                stacked[i] = unpermute_rows(w, heads) if unpermute and heads is not None else w
             arrays[ours] = stacked
         return arrays
 

@@ -55,6 +55,34 @@ def test_gguf_roundtrip_undoes_qk_permutation(tmp_path, tiny_arrays, qtype):
         assert not np.allclose(np.asarray(loaded["wq"][0]), np.asarray(tiny_arrays["wq"][0]), atol=0)
 
 
+@pytest.mark.parametrize("kind", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+def test_cpp_dequantizer_equals_ggufs_numpy_one(kind, rng=np.random.default_rng(5)):
+    # The load-time C++ pass (kernels_pallas/cpu/dequant.cc: dequantize + Q/K unpermute + transpose) against
+    # gguf's numpy dequantizer, bit for bit; rows not a multiple of the 32-row tile, and odd threads' splits.
+    from kernels_pallas.cpu import cpu_supports_kernels, dequantize_gguf
+    from models.gguf_loader import unpermute_rows
+
+    if not cpu_supports_kernels():
+        pytest.skip("no AVX2/FMA/F16C here: the loader keeps gguf's numpy path")
+    rows, cols = 72, 96
+    qt = getattr(gguf.GGMLQuantizationType, kind)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    data = w if kind == "F32" else w.astype(np.float16) if kind == "F16" else gguf.quants.quantize(w, qt)
+    want = np.asarray(gguf.quants.dequantize(data, qt), np.float32).reshape(rows, cols)
+    perm = unpermute_rows(np.arange(rows), 3)
+    for p in (None, perm):
+        ref = want if p is None else want[p]
+        np.testing.assert_array_equal(dequantize_gguf(data, kind, rows, cols, perm=p), ref)
+        np.testing.assert_array_equal(dequantize_gguf(data, kind, rows, cols, perm=p, transpose=True), ref.T)
+    out = np.zeros((cols, rows), np.float32)
+    assert dequantize_gguf(data, kind, rows, cols, transpose=True, out=out) is out
+    np.testing.assert_array_equal(out, want.T)
+    with pytest.raises(ValueError, match="bytes are not"):  # a size that does not match: refused before reading
+        dequantize_gguf(data, kind, rows + 1, cols)
+    with pytest.raises(ValueError, match="out: need"):
+        dequantize_gguf(data, kind, rows, cols, out=np.zeros((cols, rows), np.float32))
+
+
 def _random_blocks(qtype: gguf.GGMLQuantizationType, rows: int, rng) -> np.ndarray:
     """Random k-quant blocks whose f16 super-block scales (the last/first 2-4 bytes) are sane numbers."""
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]

@@ -21,7 +21,7 @@ import threading
 import jax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("qmatmul.cc", "matmul_f32.cc", "attention.cc", "zeros.cc")
+SOURCES = ("qmatmul.cc", "matmul_f32.cc", "attention.cc", "zeros.cc", "dequant.cc")
 HEADERS = ("common.h",)
 CXXFLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared")
 # FFI handler symbol -> the target name XLA knows it by.
@@ -104,13 +104,18 @@ def cpu_has_vnni() -> bool:
 
 
 @functools.cache
-def _load() -> None:
+def _library() -> ctypes.CDLL:
     if not cpu_supports_kernels():
         raise CpuKernelsUnavailable(
             "this CPU lacks AVX2/FMA/F16C, which jaxserve's CPU kernels need: run the jnp "
             "reference kernels with attention_backend='reference'"
         )
-    lib = ctypes.cdll.LoadLibrary(build())
+    return ctypes.cdll.LoadLibrary(build())
+
+
+@functools.cache
+def _load() -> None:
+    lib = _library()
     for symbol, target in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
@@ -119,3 +124,47 @@ def ensure_registered() -> None:
     """Build (if needed), load and register every CPU kernel with XLA; raises CpuKernelsUnavailable."""
     with _lock:
         _load()
+
+
+DEQUANT_KINDS = {"F32": 0, "F16": 1, "Q8_0": 2, "Q4_0": 3, "Q4_1": 4}
+_BYTES_PER_BLOCK = {"F32": 128, "F16": 64, "Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # per 32 values
+
+
+def dequantize_gguf(data, kind: str, rows: int, cols: int, *, perm=None, transpose: bool = False, out=None):
+    """A GGUF tensor's bytes (`kind` in DEQUANT_KINDS, row-major [rows, cols]) as f32 [rows, cols], or
+    [cols, rows] with `transpose` (into `out` if given: a C-contiguous f32 array of that shape); `perm`: output
+    row r reads source row perm[r]. One pass in C++ (dequant.cc); None where the library is not available here
+    (the caller keeps its numpy path)."""
+    import numpy as np
+
+    try:
+        with _lock:
+            lib = _library()
+    except CpuKernelsUnavailable:
+        return None
+    src = np.ascontiguousarray(data).view(np.uint8)
+    if kind not in DEQUANT_KINDS or cols % 32 or src.nbytes != rows * (cols // 32) * _BYTES_PER_BLOCK[kind]:
+        raise ValueError(f"dequantize_gguf: {src.nbytes} bytes are not {rows} x {cols} values of {kind}")
+    shape = (cols, rows) if transpose else (rows, cols)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out: need a C-contiguous float32 array of shape {shape}")
+    p = None if perm is None else np.ascontiguousarray(perm, dtype=np.int64)
+    if p is not None and (p.shape != (rows,) or p.min() < 0 or p.max() >= rows):
+        raise ValueError(f"perm: need a permutation of {rows} rows")
+    fn = lib.jaxserve_dequantize
+    fn.restype = ctypes.c_int
+    rc = fn(
+        ctypes.c_void_p(src.ctypes.data),
+        ctypes.c_int(DEQUANT_KINDS[kind]),
+        ctypes.c_int64(rows),
+        ctypes.c_int64(cols),
+        None if p is None else ctypes.c_void_p(p.ctypes.data),
+        ctypes.c_int(int(transpose)),
+        ctypes.c_void_p(out.ctypes.data),
+        ctypes.c_int(max(1, min(8, os.cpu_count() or 1))),
+    )
+    if rc != 0:
+        raise ValueError(f"dequantize_gguf: bad kind {kind!r} or shape {rows} x {cols} (columns: a multiple of 32)")
+    return out
