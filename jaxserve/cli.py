@@ -340,7 +340,7 @@ def cmd_serve(args) -> int:
     from jaxserve.multihost import follow_or_none, release_followers
     from jaxserve.servers import http_server
     from jaxserve.servers.frontend import Frontend, api_keys_from
-    from jaxserve.servers.registry import ModelRegistry, RollbackPolicy, start_specs
+    from jaxserve.servers.registry import RollbackPolicy, build_registry, start_specs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = start_specs(args.model, args.model_repository, args.served_model_name)
@@ -368,16 +368,11 @@ def cmd_serve(args) -> int:
         ttft_margin=args.rollback_ttft_margin,
         enabled=args.auto_rollback,
     )
-    registry = ModelRegistry(None if args.multihost else builder, rollback=policy, memory_budget=args.memory_budget)
+    first, registry = AsyncEngine(engine, max_buffered_tokens=args.stream_buffer_tokens), None
     try:
-        registry.add_ready(
-            loaded[0].name, loaded[0].version, AsyncEngine(engine, max_buffered_tokens=args.stream_buffer_tokens)
+        registry = build_registry(
+            specs, first, None if args.multihost else builder, rollback=policy, memory_budget=args.memory_budget
         )
-        for spec in loaded[1:]:
-            registry.add_ready(spec.name, spec.version, builder(spec.path))
-        for spec in specs:
-            if not spec.load:
-                registry.add_available(spec.name, spec.version, spec.path)
         limits = Limits(
             max_body_bytes=args.max_body_bytes,
             max_header_bytes=args.max_header_bytes,
@@ -396,8 +391,8 @@ def cmd_serve(args) -> int:
         )
         return asyncio.run(http_server.serve(frontend, args.host, args.port, drain_timeout=args.drain_timeout))
     finally:
-        for v in list(registry.ready_versions()):
-            v.engine.shutdown()
+        for e in [v.engine for v in registry.ready_versions()] if registry else [first]:
+            e.shutdown()
         release_followers(engine)
 
 

@@ -106,3 +106,23 @@ class LoopThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+def http_request(port: int, method: str, path: str, body=None, headers=None, timeout: float = 30.0):
+    """One request to a test server on 127.0.0.1 (a dict body goes as JSON): (status, the body as JSON or, when it
+    is not JSON, as bytes, the response headers)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    raw = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    try:
+        conn.request(method, path, body=raw, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(data), resp.headers
+    except ValueError:
+        return resp.status, data, resp.headers

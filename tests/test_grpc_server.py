@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import math
+import json
 import os
 import shutil
 import signal
@@ -753,9 +754,8 @@ def test_binary_serves_and_drains_on_sigterm(gguf, tmp_path):
     exe = shutil.which("jaxserve-grpc", path=os.path.dirname(sys.executable))
     cmd = [exe] if exe else [sys.executable, "-m", "jaxserve.servers.grpc_server"]
     cache = os.environ.get("JAXSERVE_TEST_CACHE", os.path.expanduser("~/.cache/jaxserve/xla-tests"))
-    cmd += [
-        "--model",
-        gguf,
+    cmd += [  # two versions of one model, and the admin service (the binary's multi-model flags)
+        *("--model", f"tiny={gguf}@1", "--model", f"tiny={gguf}@2", "--admin_key", "adm1n"),
         "--port",
         str(port),
         "--max_model_len",
@@ -787,7 +787,17 @@ def test_binary_serves_and_drains_on_sigterm(gguf, tmp_path):
             assert time.monotonic() < end, "the server did not become SERVING"
             time.sleep(0.5)
         msgs = list(pb_grpc.JaxServeStub(channel).Generate(long_request(10)))
-        assert msgs[-1].finished and msgs[-1].usage.completion_tokens == 10
+        assert msgs[-1].finished and msgs[-1].usage.completion_tokens == 10 and msgs[-1].model_version == "1"
+        pinned = long_request(3)
+        pinned.model = "tiny@2"
+        assert pb_grpc.JaxServeStub(channel).Complete(pinned).model_version == "2"
+        state = json.loads(
+            pb_grpc.AdminStub(channel)
+            .ListVersions(pb.ListVersionsRequest(), metadata=[("authorization", "Bearer adm1n")])
+            .json
+        )
+        versions = {v["version"]: (v["state"], v["traffic_percent"]) for v in state["models"][0]["versions"]}
+        assert versions == {"1": ("ready", 100), "2": ("ready", 0)}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0, open(tmp_path / "server.log").read()
         assert f"serving 'tiny' on 127.0.0.1:{port}" in open(tmp_path / "server.log").read()

@@ -514,6 +514,15 @@ def define_flags(fv=None) -> None:
 
     fv = flags.FLAGS if fv is None else fv
     define_absl_flags(fv)
+    fv.__delattr__("model")  # repeatable here, as `jaxserve serve --model`
+    flags.DEFINE_multi_string(
+        "model",
+        None,
+        "[NAME=]PATH[@VERSION]: a model version to serve (repeatable; the first version of a name takes its "
+        "traffic). PATH: GGUF file, HF directory or orbax checkpoint (default: SmolLM2-135M-Instruct)",
+        flag_values=fv,
+    )
+    _define_lifecycle_flags(fv)
     text, integer, number = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
     for define, name, default, doc in [
         (text, "model_name", None, "the name clients use (default: the model's)"),
@@ -557,6 +566,35 @@ def define_flags(fv=None) -> None:
     )
 
 
+def _define_lifecycle_flags(fv) -> None:
+    """Several models and versions, the admin service's key, routing and the canary policy (as `jaxserve serve`)."""
+    from absl import flags
+
+    from jaxserve.servers.registry import RollbackPolicy
+
+    d = RollbackPolicy()
+    flags.DEFINE_string(
+        "model_repository", None, "DIR laid out DIR/NAME/VERSION/: each name's newest version is loaded", flag_values=fv
+    )
+    flags.DEFINE_multi_string(
+        "admin_key",
+        None,
+        "the jaxserve.v1.Admin service's key ('authorization: Bearer <key>' metadata; repeatable; default "
+        "$JAXSERVE_ADMIN_KEY; none: the admin service refuses every call)",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "sticky_metadata", None, "a metadata key whose value routes a client to one version (default: `user`)",
+        flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_string("memory_budget", None, "bytes of weights + KV all loaded versions may hold", flag_values=fv)
+    flags.DEFINE_float("rollback_window", d.window_seconds, "seconds of canary health kept", flag_values=fv)
+    flags.DEFINE_integer("rollback_min_requests", d.min_requests, "requests before judging a canary", flag_values=fv)
+    flags.DEFINE_float("rollback_error_margin", d.error_margin, "error-rate margin over the stable", flag_values=fv)
+    flags.DEFINE_float("rollback_ttft_margin", d.ttft_margin, "TTFT p99 margin over the stable", flag_values=fv)
+    flags.DEFINE_bool("auto_rollback", d.enabled, "roll a failing canary back to 0%% by itself", flag_values=fv)
+
+
 def engine_options_from_flags(fv) -> dict:
     """Parsed flags -> keyword arguments of jaxserve.llm.build_engine."""
     from jaxserve.options import engine_options_from_absl
@@ -572,33 +610,63 @@ def main(argv) -> None:
     from jaxserve.async_engine import AsyncEngine
     from jaxserve.llm import build_engine
     from jaxserve.multihost import follow_or_none, initialize, release_followers
+    from jaxserve.config import parse_bytes
+    from jaxserve.servers.registry import RollbackPolicy, build_registry, start_specs
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     fv = flags.FLAGS
     try:
         options = engine_options_from_flags(fv)
+        specs = start_specs(fv.model, fv.model_repository, fv.model_name)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    try:
+        memory_budget = None if fv.memory_budget is None else parse_bytes(fv.memory_budget)
+    except ValueError as e:
+        raise app.UsageError(f"--memory_budget: {e}") from None
     if fv.multihost:
+        if len(specs) > 1:
+            raise app.UsageError("--multihost: serves one model version (give one --model)")
         initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
-    core = build_engine(**options)
+    options.pop("model")
+    loaded = [s for s in specs if s.load]
+    core = build_engine(model=loaded[0].path, **options)
     if follow_or_none(core) is None:  # processes other than 0 replay process 0's steps
         sys.exit(0)
-    engine = AsyncEngine(core, max_buffered_tokens=fv.stream_buffer_tokens)
-    keys = api_keys_from(fv.api_key)
+
+    def builder(path: str):
+        return AsyncEngine(build_engine(model=path, **options, quiet=True), max_buffered_tokens=fv.stream_buffer_tokens)
+
+    policy = RollbackPolicy(
+        window_seconds=fv.rollback_window,
+        min_requests=fv.rollback_min_requests,
+        error_margin=fv.rollback_error_margin,
+        ttft_margin=fv.rollback_ttft_margin,
+        enabled=fv.auto_rollback,
+    )
+    first, registry = AsyncEngine(core, max_buffered_tokens=fv.stream_buffer_tokens), None
+    try:
+        registry = build_registry(
+            specs, first, None if fv.multihost else builder, rollback=policy, memory_budget=memory_budget
+        )
+    except BaseException:
+        first.shutdown()
+        release_followers(core)
+        raise
     limits = Limits(
         max_seqs_per_request=fv.max_seqs_per_request,
         max_response_bytes=fv.max_response_bytes,
         stream_write_timeout=fv.stream_write_timeout,
     )
     frontend = Frontend(
-        engine,
-        model_name=fv.model_name,
+        registry=registry,
         stall_timeout=fv.stall_timeout,
-        api_keys=keys,
+        api_keys=api_keys_from(fv.api_key),
         limits=limits,
         prefix_cache_per_key=fv.prefix_cache_per_key,
+        admin_keys=api_keys_from(fv.admin_key, "JAXSERVE_ADMIN_KEY"),
+        sticky_header=fv.sticky_metadata,
     )
 
     def ready(port: int) -> None:
@@ -616,7 +684,8 @@ def main(argv) -> None:
             )
         )
     finally:
-        engine.shutdown()
+        for v in list(registry.ready_versions()):
+            v.engine.shutdown()
         release_followers(core)
     sys.exit(code)
 

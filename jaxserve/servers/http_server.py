@@ -118,8 +118,8 @@ async def _errors_and_limits(request: web.Request, handler):
                 "headers",
             )
         if request.path.startswith("/admin/"):
+            request[_COUNTED] = True  # (admin calls, refused ones too, are not model requests)
             frontend.check_admin_key(request.headers.get("Authorization"))
-            request[_COUNTED] = True  # (admin calls are not model requests)
         elif request.path not in _OPEN_PATHS:
             request[_TENANT] = frontend.check_api_key(request.headers.get("Authorization"))
         return await handler(request)

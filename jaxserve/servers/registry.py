@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from jaxserve.api.errors import CONFLICT, NOT_FOUND, UNAVAILABLE, VALIDATION, APIError
+from jaxserve.api.errors import CONFLICT, NOT_FOUND, UNAVAILABLE, VALIDATION, APIError, ValidationError
 
 log = logging.getLogger("jaxserve.models")
 
@@ -51,12 +51,8 @@ _SUCCEEDED = frozenset({"stop", "length", "abort"})
 
 
 def check_name(value, field: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise APIError(
-            VALIDATION,
-            f"{field}: must be 1-128 characters of letters, digits and . _ : / - (got {value!r:.80})",
-            field,
-        )
+    if not isinstance(value, str) or not _NAME.match(value):  # (a ValueError too: the command line's flags)
+        raise ValidationError(field, f"must be 1-128 characters of letters, digits and . _ : / - (got {value!r:.80})")
     return value
 
 
@@ -466,7 +462,7 @@ class ModelRegistry:
         reason and everything else as it was."""
         if self.builder is None:
             raise APIError(CONFLICT, "load: this server cannot load models (it was started without a builder)")
-        check_name(name, "name")
+        check_name(name, "model")  # (the admin API's field)
         check_name(version, "version")
         model = self.models.get(name)
         v = model.versions.get(version) if model else None
@@ -568,7 +564,10 @@ class ModelRegistry:
         model = self.get(name)
         while model.history:
             previous = model.history[-1]
-            if not previous or any(w > 0 and model.versions.get(v) is None for v, w in previous.items()):
+            if not previous or any(
+                w > 0 and (v not in model.versions or model.versions[v].state == "available")
+                for v, w in previous.items()
+            ):
                 model.history.pop()  # (an empty start, or a split of versions since unloaded)
                 continue
             live = {v: w for v, w in previous.items() if v in model.versions}
@@ -621,7 +620,8 @@ class ModelRegistry:
             if rss0 is not None and rss1 is not None:
                 report["rss_freed_bytes"] = rss0 - rss1
         model.split.pop(version, None)
-        v.state, v.inflight, v.report = "available", 0, {**v.report, "unload": report}
+        # (inflight is left as is: requests still holding it past the timeout release it as they end)
+        v.state, v.report = "available", {**v.report, "unload": report}
         self._event(name, version, "unloaded", f"unloaded: {report}")
         log.info("%s unloaded: %s", v.label, report)
         return report
@@ -679,3 +679,26 @@ def start_specs(models: list[str] | None, repository: str | None, served_model_n
         path = default_model_path()
         add(StartSpec(served_model_name or default_model_name(path), DEFAULT_VERSION, None, True))
     return specs
+
+
+def build_registry(
+    specs: list[StartSpec], first_engine, builder: Callable | None, *, rollback: RollbackPolicy, memory_budget=None
+) -> ModelRegistry:
+    """A server's registry at start: `first_engine` (built by the caller, e.g. over a multi-host mesh) serves the
+    first loaded spec, `builder` (path -> AsyncEngine; None: no admin loads) builds the other loaded ones, the rest
+    are listed as available. An engine that fails to build stops the start, the ones built so far shut down."""
+    registry = ModelRegistry(builder, rollback=rollback, memory_budget=memory_budget)
+    loaded = [s for s in specs if s.load]
+    try:
+        registry.add_ready(loaded[0].name, loaded[0].version, first_engine)
+        for spec in loaded[1:]:
+            registry.add_ready(spec.name, spec.version, builder(spec.path))
+    except BaseException:
+        for v in list(registry.ready_versions()):
+            if v.engine is not first_engine:
+                v.engine.shutdown()
+        raise
+    for spec in specs:
+        if not spec.load:
+            registry.add_available(spec.name, spec.version, spec.path)
+    return registry
