@@ -184,6 +184,12 @@ def _add_model_lifecycle_flags(p: argparse.ArgumentParser) -> None:
         default=d.ttft_margin,
         help="... or whose TTFT p99 exceeds the stable's by this fraction",
     )
+    p.add_argument(
+        "--rollback-ttft-floor",
+        type=float,
+        default=d.ttft_floor_seconds,
+        help="... and by at least this many seconds",
+    )
     p.add_argument("--no-auto-rollback", dest="auto_rollback", action="store_false", help="never roll back by itself")
 
 
@@ -366,6 +372,7 @@ def cmd_serve(args) -> int:
         min_requests=args.rollback_min_requests,
         error_margin=args.rollback_error_margin,
         ttft_margin=args.rollback_ttft_margin,
+        ttft_floor_seconds=args.rollback_ttft_floor,
         enabled=args.auto_rollback,
     )
     first, registry = AsyncEngine(engine, max_buffered_tokens=args.stream_buffer_tokens), None

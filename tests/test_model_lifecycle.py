@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import gc
 import json
 import threading
@@ -577,7 +578,7 @@ def test_unload_drains_then_stops_and_frees_the_engine(gguf, serve, builder):
         assert s.admin("split", {"model": "m", "split": {"1": 100, "2": 0}})[0] == 200
         unloading = pool.submit(s.admin, "unload", {"model": "m", "version": "2", "timeout": 30})
         wait_until(lambda: s.version("2")["state"] == "draining")
-        assert not streaming.done()
+        assert not streaming.done() and s.version("2")["inflight"] == 1  # one request, counted once
         status, got, _ = s.complete(model="m@2")  # draining: no new request
         assert (status, got["error"]["param"]) == (503, "model")
         assert s.admin("split", {"model": "m", "split": {"1": 50, "2": 50}})[1]["error"]["param"] == "split"
@@ -639,7 +640,7 @@ def test_a_request_past_the_drain_timeout_leaves_the_count_honest(gguf, loop, bu
 
 # ---- 6. automatic rollback --------------------------------------------------------------------------------------
 
-POLICY = RollbackPolicy(window_seconds=30.0, min_requests=4, error_margin=0.05, ttft_margin=1.0)
+POLICY = RollbackPolicy(window_seconds=30.0, min_requests=4, error_margin=0.05, ttft_margin=1.0, ttft_floor_seconds=0.1)
 
 
 def drive(s: Stack, n: int) -> list[tuple[int, str | None]]:
@@ -701,7 +702,7 @@ def test_a_healthy_canary_is_never_rolled_back(gguf, serve):
 
 
 def test_the_rollback_rule(gguf):
-    policy = RollbackPolicy(window_seconds=10, min_requests=4, error_margin=0.1, ttft_margin=0.5)
+    policy = RollbackPolicy(window_seconds=10, min_requests=4, error_margin=0.1, ttft_margin=0.5, ttft_floor_seconds=0)
     stable = Health(requests=10, errors=1, ttft_p99=0.1)
     assert rollback_reason(Health(3, 3, None), stable, policy) is None  # too few requests to judge
     assert rollback_reason(Health(10, 2, 0.1), stable, policy) is None  # 20% <= 10% + 10%
@@ -709,13 +710,17 @@ def test_the_rollback_rule(gguf):
     assert rollback_reason(Health(10, 0, 0.15), stable, policy) is None  # <= 0.1 * 1.5
     assert "TTFT" in rollback_reason(Health(10, 0, 0.16), stable, policy)
     assert rollback_reason(Health(10, 0, 1.0), Health(3, 0, 0.1), policy) is None  # the stable's figure is too thin
+    floored = dataclasses.replace(policy, ttft_floor_seconds=0.25)  # 2x slower but by 10 ms: jitter, not a fault
+    assert rollback_reason(Health(10, 0, 0.02), Health(10, 0, 0.01), floored) is None
+    assert "TTFT" in rollback_reason(Health(10, 0, 0.4), Health(10, 0, 0.1), floored)
     window = HealthWindow(10.0)
     for t in range(5):
         window.record(t == 0, 0.01 * t, now=100.0 + t)
     assert window.summary(now=104.0) == Health(5, 1, 0.04)
     assert window.summary(now=111.5) == Health(3, 0, 0.04)  # what ended more than 10 s ago is forgotten
     assert window.summary(now=200.0) == Health(0, 0, None) and Health(0, 0, None).error_rate == 0.0
-    for bad in (dict(window_seconds=0), dict(min_requests=0), dict(error_margin=-0.1), dict(ttft_margin=-1)):
+    bad_ones = (dict(window_seconds=0), dict(min_requests=0), dict(error_margin=-0.1), dict(ttft_margin=-1))
+    for bad in (*bad_ones, dict(ttft_floor_seconds=-1)):
         with pytest.raises(ValueError, match="rollback"):
             RollbackPolicy(**bad)
 

@@ -313,13 +313,12 @@ class Frontend:
         too far behind, or a bug). Cancelling the consumer aborts the request. served: the version that answers
         (the caller's acquire()); else routed here by req.model and req.user. It runs on that version to its end,
         whatever the split does meanwhile."""
-        outcome, last, held = "error", None, None
+        outcome, last, held, own = "error", None, None, served is None
         try:
             self._check_accepting()
-            if served is None:
-                served = self.route(req.model, req.user)
+            if own:  # (else the caller's acquire() holds it: one request, counted once)
+                served = self.acquire(req.model, req.user)
             held = served
-            served.inflight += 1
             if not served.engine.is_running:
                 raise APIError(UNAVAILABLE, ENGINE_STOPPED)
             # Render and tokenize on a worker thread: a slow template or a megabyte prompt never stalls the event
@@ -392,7 +391,8 @@ class Frontend:
             self._ended.pop(asyncio.current_task(), None)
             self.metrics.observe(outcome, last, held)
             if held is not None:
-                held.inflight -= 1
+                if own:
+                    self.release(held)
                 self.registry.record(held, outcome, last.metrics.ttft if last is not None else None)
 
     def count_refusal(self, err: APIError) -> None:

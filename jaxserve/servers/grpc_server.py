@@ -592,6 +592,7 @@ def _define_lifecycle_flags(fv) -> None:
     flags.DEFINE_integer("rollback_min_requests", d.min_requests, "requests before judging a canary", flag_values=fv)
     flags.DEFINE_float("rollback_error_margin", d.error_margin, "error-rate margin over the stable", flag_values=fv)
     flags.DEFINE_float("rollback_ttft_margin", d.ttft_margin, "TTFT p99 margin over the stable", flag_values=fv)
+    flags.DEFINE_float("rollback_ttft_floor", d.ttft_floor_seconds, "... and by at least these seconds", flag_values=fv)
     flags.DEFINE_bool("auto_rollback", d.enabled, "roll a failing canary back to 0%% by itself", flag_values=fv)
 
 
@@ -643,6 +644,7 @@ def main(argv) -> None:
         min_requests=fv.rollback_min_requests,
         error_margin=fv.rollback_error_margin,
         ttft_margin=fv.rollback_ttft_margin,
+        ttft_floor_seconds=fv.rollback_ttft_floor,
         enabled=fv.auto_rollback,
     )
     first, registry = AsyncEngine(core, max_buffered_tokens=fv.stream_buffer_tokens), None

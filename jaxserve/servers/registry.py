@@ -120,13 +120,21 @@ class RollbackPolicy:
     min_requests: int = 20  # in the window, for the canary (and the stable version, for the TTFT rule)
     error_margin: float = 0.05  # canary error rate > stable's + this -> rolled back
     ttft_margin: float = 0.5  # canary TTFT p99 > stable's * (1 + this) -> rolled back
+    ttft_floor_seconds: float = 0.25  # ... and by at least this much (a few ms of jitter is not a slow canary)
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        if not self.window_seconds > 0 or self.min_requests < 1 or self.error_margin < 0 or self.ttft_margin < 0:
+        if (
+            not self.window_seconds > 0
+            or self.min_requests < 1
+            or self.error_margin < 0
+            or self.ttft_margin < 0
+            or self.ttft_floor_seconds < 0
+        ):
             raise ValueError(
-                "rollback: window_seconds > 0, min_requests >= 1, error_margin >= 0 and ttft_margin >= 0, got "
-                f"{self.window_seconds}, {self.min_requests}, {self.error_margin}, {self.ttft_margin}"
+                "rollback: window_seconds > 0, min_requests >= 1, error_margin, ttft_margin and ttft_floor_seconds "
+                f">= 0, got {self.window_seconds}, {self.min_requests}, {self.error_margin}, {self.ttft_margin}, "
+                f"{self.ttft_floor_seconds}"
             )
 
 
@@ -182,6 +190,7 @@ def rollback_reason(canary: Health, stable: Health, policy: RollbackPolicy) -> s
         and canary.ttft_p99 is not None
         and stable.ttft_p99 is not None
         and canary.ttft_p99 > stable.ttft_p99 * (1 + policy.ttft_margin)
+        and canary.ttft_p99 > stable.ttft_p99 + policy.ttft_floor_seconds
     ):
         return (
             f"TTFT p99 {canary.ttft_p99 * 1e3:.0f} ms vs the stable version's {stable.ttft_p99 * 1e3:.0f} ms "
