@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxserve import executable_cache
 from jaxserve.compile_stats import compile_counter
 from jaxserve.config import CacheConfig, SchedulerConfig
 from jaxserve.kv_cache.pool import PoolPlan, allocate_kv_cache, plan_kv_pool
@@ -139,8 +140,18 @@ class ModelRunner:
             raise ValueError(
                 f"buckets={self.buckets} do not reach max_num_batched_tokens={scheduler.max_num_batched_tokens}"
             )
+        from kernels_pallas.backend import resolve_backend
+
+        program = self.program()
+        self._what = {  # what the step program is, for the executable cache (jaxserve.executable_cache)
+            "runner": f"{type(self).__module__}.{type(self).__qualname__}",
+            "program": executable_cache.describe(program),
+            "config": repr(config),
+            "backend": resolve_backend(attention_backend),
+            "mesh": None if mesh is None else repr((mesh.axis_names, mesh.devices.shape, mesh.device_ids.tolist())),
+        }
         self._fn = jax.jit(
-            functools.partial(self.program(), cfg=config, backend=attention_backend, mesh=mesh),
+            functools.partial(program, cfg=config, backend=attention_backend, mesh=mesh),
             donate_argnums=(1,),
             **jit_kw,
         )
@@ -270,8 +281,21 @@ class ModelRunner:
         t0 = time.perf_counter()
         hits0 = self.counter.snapshot()[1]
         cache, inputs, st = self._specs(num_tokens, num_pages, kv_dtype)
-        compiled = self._fn.lower(self.params, cache, inputs, st).compile()
-        seconds, hit = time.perf_counter() - t0, self.counter.snapshot()[1] > hits0
+        args = (self.params, cache, inputs, st)
+        path = None if spans_processes(self.mesh) else executable_cache.entry_path(self._what, args)
+        if path is not None and self._what["backend"] == "cpu":  # (tracing registers our FFI kernels; a loaded
+            from kernels_pallas.cpu import ensure_registered  # executable calls them without a trace)
+
+            ensure_registered()
+        compiled = executable_cache.load(path)
+        if compiled is None:
+            compiled = self._fn.lower(*args).compile()
+            hit = self.counter.snapshot()[1] > hits0
+            if not hit:  # (XLA:CPU serializes an executable it loaded from the persistent cache without its
+                executable_cache.store(path, compiled)  # machine code: only a real compile's is kept)
+        else:
+            hit = True  # (no trace, no lowering: the executable itself, from disk)
+        seconds = time.perf_counter() - t0
         return compiled, BucketReport(num_tokens, self.num_seqs_for(num_tokens), seconds, hit)
 
     def describe_memory(self) -> str:

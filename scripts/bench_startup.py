@@ -74,17 +74,19 @@ def worker_llamacpp(args, ids: list[int]) -> dict:
     from models.loader import default_model_path
 
     imported = time.time()
+    threads = os.cpu_count() or 2
     llm = Llama(
-        args.model or default_model_path(),
+        model_path=args.model or default_model_path(),
         n_ctx=args.max_model_len,
-        n_threads=os.cpu_count(),
-        n_threads_batch=os.cpu_count(),
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
         verbose=False,
     )
     ready = time.time()
     t = time.perf_counter()
-    llm.eval(ids)
-    token = llm.sample(temp=0.0)
+    # (as scripts/bench_throughput.py runs it: greedy through generate(), the first token only)
+    token = next(iter(llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)))
     ttft = time.perf_counter() - t
     return {"import_s": imported - t_import, "ready_at": ready, "ttft_s": ttft, "first_token": int(token)}
 

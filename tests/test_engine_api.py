@@ -22,7 +22,7 @@ from jaxserve.v1 import jaxserve_pb2 as pb
 from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 from models.tokenizer import Tokenizer
 from tests.fake_engine import FakeEngine, echo_token
-from tests.serving import LoopThread
+from tests.serving import LoopThread, metric_value
 
 MEMBERS = (
     "tokenize",
@@ -94,8 +94,10 @@ def test_http_over_the_fake_engine(tok, served):
         client.completions.create(model="fake", prompt="x", max_tokens=10_000)
     assert "max_tokens" in str(e.value)
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    generated = [line for line in metrics.splitlines() if line.startswith("jaxserve_generation_tokens_total ")]
-    assert generated and float(generated[0].split()[1]) == engine.outputs.num_generated_tokens > 0
+    assert (
+        metric_value(metrics, 'jaxserve_generation_tokens_total{model="fake"}') == engine.outputs.num_generated_tokens
+    )
+    assert engine.outputs.num_generated_tokens > 0
 
 
 def test_grpc_over_the_fake_engine(tok, served):
