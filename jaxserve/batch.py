@@ -288,9 +288,10 @@ def recover(path: str, *, errors: bool = False) -> list[dict]:
     return [record for _, record in iter_records(path, errors=errors)]
 
 
-def output_record(item: Item, out, model: str) -> dict:
+def output_record(item: Item, out, model: str, version: str | None = None) -> dict:
+    """One result line; `version`: the model version that answered (written as `model_version`)."""
     if item.openai:
-        shape = (ChatShape if item.chat else CompletionShape)(model, f"batch-{item.key}")
+        shape = (ChatShape if item.chat else CompletionShape)(model, f"batch-{item.key}", version)
         body = shape.final(out)
         if item.return_token_ids:
             body["prompt_token_ids"] = list(out.prompt_token_ids)
@@ -304,6 +305,8 @@ def output_record(item: Item, out, model: str) -> dict:
         }
     first = out.outputs[0]
     record = {"id": item.key, "text": first.text, "finish_reason": first.finish_reason, "usage": usage(out)}
+    if version is not None:
+        record["model_version"] = version
     if item.return_token_ids:
         record["token_ids"] = list(first.token_ids)
     if len(out.outputs) > 1:
@@ -371,6 +374,7 @@ class BatchJob:
         shard: tuple[int, int] = (0, 1),
         limits: Limits = Limits(),
         model_name: str = "",
+        model_version: str | None = None,
         flush_interval: float = 1.0,
         progress: bool = True,
     ):
@@ -384,6 +388,7 @@ class BatchJob:
         self.errors_path = errors_path_for(self.output_path)
         self.limits = limits
         self.model_name = model_name
+        self.model_version = model_version
         self.flush_interval = flush_interval
         self.progress = progress
         self.card = card = engine.model_card()
@@ -485,7 +490,7 @@ class BatchJob:
                     if result.error is not None:
                         fail(item.line, item.key, APIError(INTERNAL, result.error), item.openai)
                         continue
-                    out.add(output_record(item, result, self.model_name))
+                    out.add(output_record(item, result, self.model_name, self.model_version))
                     summary.done += 1
                     summary.prompt_tokens += len(result.prompt_token_ids)
                     summary.output_tokens += sum(len(c.token_ids) for c in result.outputs)

@@ -430,7 +430,11 @@ def cmd_batch(args) -> int:
         raise ValueError(f"--input: no such file {args.input!r}")
     if args.multihost:
         raise ValueError("--multihost: a batch job shards its input over hosts instead (--shard auto)")
+    from jaxserve.servers.registry import parse_model_flag
+
     index, count = _shard(args)
+    # --model [NAME=]PATH[@VERSION], as `serve` takes it: the results name the model and its version
+    name, args.model, version = parse_model_flag(args.model) if args.model else (None, None, None)
     engine = _batching_engine(args)
     job = BatchJob(
         engine,
@@ -439,7 +443,8 @@ def cmd_batch(args) -> int:
         shard=(index, count),
         limits=Limits(max_body_bytes=args.max_body_bytes),
         flush_interval=args.flush_interval,
-        model_name=args.served_model_name or default_model_name(engine.model_card().path),
+        model_name=args.served_model_name or name or default_model_name(engine.model_card().path),
+        model_version=version or "1",
         progress=not args.quiet,
     )
     summary = job.run()

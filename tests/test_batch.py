@@ -69,7 +69,8 @@ def by_id(path):
 
 
 def run_job(engine, inp, out, **kw):
-    return BatchJob(engine, inp, out, progress=False, flush_interval=0.0, model_name="tiny", **kw).run()
+    kw = {"model_name": "tiny", "model_version": "1", **kw}  # (what `jaxserve batch --model PATH` writes)
+    return BatchJob(engine, inp, out, progress=False, flush_interval=0.0, **kw).run()
 
 
 MIXED = [
@@ -145,6 +146,7 @@ def test_mixed_good_and_bad_lines(engine, tmp_path):
     assert "token_ids" not in results["p1"]
     c1 = results["c1"]["response"]
     assert c1["status_code"] == 200 and c1["body"]["object"] == "chat.completion"
+    assert (c1["body"]["model"], c1["body"]["model_version"], p0["model_version"]) == ("tiny", "1", "1")
     assert c1["body"]["usage"]["completion_tokens"] == 5
     c5 = results["c5"]["response"]["body"]
     assert c5["object"] == "text_completion" and len(c5["choices"][0]["token_ids"]) == 3
@@ -298,7 +300,7 @@ def test_two_processes_with_jax_distributed_then_merge(model_path, tiny, tmp_pat
     rows = [plain(i) for i in range(40)] + [MIXED[1], MIXED[3], MIXED[4]]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     single = str(tmp_path / "single.jsonl")
-    run_job(tiny, inp, single)
+    run_job(tiny, inp, single, model_version="7")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -306,7 +308,7 @@ def test_two_processes_with_jax_distributed_then_merge(model_path, tiny, tmp_pat
     procs = [
         subprocess.Popen(
             _batch_cmd(
-                model_path,
+                f"tiny={model_path}@7",  # the results name this version
                 inp,
                 out,
                 "--shard",
@@ -333,6 +335,7 @@ def test_two_processes_with_jax_distributed_then_merge(model_path, tiny, tmp_pat
     assert (written, errors, missing) == (40, 3, [])
     assert [r["id"] for r in recover(out)] == [r["id"] for r in rows[:40]]  # input order
     assert by_id(out) == by_id(single)
+    assert {r["model_version"] for r in recover(out)} == {"7"}
     assert recover(errors_path_for(out), errors=True) == recover(errors_path_for(single), errors=True)
 
 
