@@ -173,6 +173,7 @@ def load_checkpoint(directory: str, *, dtype: str | None = None, mesh: Mesh | No
 
     from models.sharding import MODEL, param_specs
 
+    directory = os.path.abspath(directory)  # (orbax reads no metadata through a relative path)
     meta = read_meta(directory)
     cfg = config_from_meta(meta)
     tokenizer = tokenizer_from_meta(meta["tokenizer"])
@@ -197,7 +198,10 @@ def load_checkpoint(directory: str, *, dtype: str | None = None, mesh: Mesh | No
     start = time.perf_counter()
     for name in tqdm(names, desc="restoring", unit="tensor", disable=not progress, file=sys.stderr):
         path = os.path.join(directory, "params", name)
-        stored = ckptr.metadata(path).item_metadata.tree
+        metadata = ckptr.metadata(path).item_metadata
+        if metadata is None:
+            raise ModelFileError(f"{directory}: parameter {name!r} has no readable orbax metadata")
+        stored = metadata.tree
         want = _expected(cfg, name, bits.get(name))
         got = {k: tuple(v.shape) for k, v in stored.items()}
         if got != want:

@@ -69,10 +69,11 @@ def test_bfloat16_checkpoint_loads_as_stored_or_cast(tiny_gguf, tmp_path):
     assert load_model(out).params.layers.wq.dtype == "float32"  # the compute dtype asked for
 
 
-def test_convert_cli_writes_a_checkpoint_and_refuses_a_full_directory(tiny_gguf, tmp_path, capsys):
+def test_convert_cli_writes_a_checkpoint_and_refuses_a_full_directory(tiny_gguf, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli"
-    assert cli_main(["convert", "--model", tiny_gguf, "--output", str(out), "--quantization", "int8", "--quiet"]) == 0
-    assert load_model(str(out)).quantization == "int8"
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them (orbax needs them made absolute)
+    assert cli_main(["convert", "--model", tiny_gguf, "--output", "cli", "--quantization", "int8", "--quiet"]) == 0
+    assert load_model("cli").quantization == "int8"
     assert cli_main(["convert", "--model", tiny_gguf, "--output", str(out), "--quiet"]) == 2
     assert "--output" in capsys.readouterr().err
 
