@@ -22,6 +22,7 @@ Everything here runs on the server's event loop (loads build their engine on a w
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import collections
 import dataclasses
 import gc
@@ -259,6 +260,16 @@ class ServedModel:
         """The version with the largest share (the first such in the split's order)."""
         live = [(w, -i, v) for i, (v, w) in enumerate(self.split.items()) if w > 0]
         return max(live)[2] if live else None
+
+
+def _collect() -> None:
+    """Free what an unloaded engine held, and hand it back to the OS: glibc keeps freed heap memory (buffers
+    under its mmap threshold, which rises as large blocks are freed) in its arenas until malloc_trim."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _rss_bytes() -> int | None:
@@ -624,7 +635,7 @@ class ModelRegistry:
             v.engine = None
             await asyncio.to_thread(engine.shutdown)
             del engine, stats, card  # the last references here: its weights and pages go with them
-            await asyncio.to_thread(gc.collect)
+            await asyncio.to_thread(_collect)
             rss1 = _rss_bytes()
             if rss0 is not None and rss1 is not None:
                 report["rss_freed_bytes"] = rss0 - rss1
