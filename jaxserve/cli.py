@@ -342,11 +342,10 @@ def cmd_serve(args) -> int:
 
     from jaxserve.api.validation import Limits
     from jaxserve.async_engine import AsyncEngine
-    from jaxserve.llm import build_engine
     from jaxserve.multihost import follow_or_none, release_followers
     from jaxserve.servers import http_server
     from jaxserve.servers.frontend import Frontend, api_keys_from
-    from jaxserve.servers.registry import RollbackPolicy, build_registry, start_specs
+    from jaxserve.servers.registry import build_registry, engine_builder, policy_from_flags, start_specs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = start_specs(args.model, args.model_repository, args.served_model_name)
@@ -362,19 +361,8 @@ def cmd_serve(args) -> int:
     if follow_or_none(engine) is None:  # processes other than 0 replay process 0's steps
         return 0
 
-    def builder(path: str):
-        return AsyncEngine(
-            build_engine(model=path, **options, quiet=True), max_buffered_tokens=args.stream_buffer_tokens
-        )
-
-    policy = RollbackPolicy(
-        window_seconds=args.rollback_window,
-        min_requests=args.rollback_min_requests,
-        error_margin=args.rollback_error_margin,
-        ttft_margin=args.rollback_ttft_margin,
-        ttft_floor_seconds=args.rollback_ttft_floor,
-        enabled=args.auto_rollback,
-    )
+    builder = engine_builder(options, args.stream_buffer_tokens)
+    policy = policy_from_flags(args)
     first, registry = AsyncEngine(engine, max_buffered_tokens=args.stream_buffer_tokens), None
     try:
         registry = build_registry(

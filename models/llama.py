@@ -124,8 +124,8 @@ def params_from_arrays(cfg: LlamaConfig, arrays: dict[str, np.ndarray | HostQuan
     return LlamaParams(embed=dev("embed"), layers=layers, final_norm=dev("final_norm"), lm_head=dev("lm_head"))
 
 
-def init_params(cfg: LlamaConfig, seed: int = 0, dtype=jnp.float32) -> LlamaParams:
-    """Random weights (for tests and benchmarks of the runtime, not for text)."""
+def random_arrays(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random host weights ([in, out], layers stacked; norms near 1, the rest scaled by 1/sqrt(fan-in))."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for name, shape in param_shapes(cfg).items():
@@ -135,7 +135,12 @@ def init_params(cfg: LlamaConfig, seed: int = 0, dtype=jnp.float32) -> LlamaPara
         else:
             fan_in = shape[0] if len(shape) == 2 and name != "embed" else 1
             arrays[name] = rng.standard_normal(full, dtype=np.float32) / np.sqrt(fan_in)
-    return params_from_arrays(cfg, arrays, dtype)
+    return arrays
+
+
+def init_params(cfg: LlamaConfig, seed: int = 0, dtype=jnp.float32) -> LlamaParams:
+    """Random weights (for tests and benchmarks of the runtime, not for text)."""
+    return params_from_arrays(cfg, random_arrays(cfg, seed), dtype)
 
 
 def forward(

@@ -180,7 +180,7 @@ def _model(dtype: str, quantization: str, small: bool):
     import jax.numpy as jnp
 
     from models.config import LlamaConfig
-    from models.llama import LAYER_FIELDS, param_shapes, params_from_arrays
+    from models.llama import params_from_arrays, random_arrays
     from models.loader import LoadedModel, quantize_dense
     from models.tokenizer import Tokenizer
 
@@ -189,16 +189,7 @@ def _model(dtype: str, quantization: str, small: bool):
     cfg = LlamaConfig(**prep["config"])
     if small:  # CPU trial run: the same code path at a size this machine runs in seconds
         cfg = dataclasses.replace(cfg, num_layers=2)
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for name, shape in param_shapes(cfg).items():
-        full = (cfg.num_layers, *shape) if name in LAYER_FIELDS else shape
-        if name.endswith("norm"):
-            arrays[name] = 1.0 + 0.1 * rng.standard_normal(full, dtype=np.float32)
-        else:
-            fan_in = shape[0] if len(shape) == 2 and name != "embed" else 1
-            arrays[name] = rng.standard_normal(full, dtype=np.float32) / np.sqrt(fan_in)
-    params = params_from_arrays(cfg, quantize_dense(arrays, quantization), getattr(jnp, dtype))
+    params = params_from_arrays(cfg, quantize_dense(random_arrays(cfg), quantization), getattr(jnp, dtype))
     tok = Tokenizer.from_gguf_metadata(prep["tokenizer"])
     return LoadedModel("smollm2-135m-shapes-random", cfg, params, tok, dtype, 0.0, quantization)
 

@@ -117,18 +117,14 @@ class Record:
 # ---- clients ----------------------------------------------------------------------------------------------------
 
 
-async def http_request(session: aiohttp.ClientSession, url: str, prompt: str, args) -> Record:
-    rec = Record()
-    body = {
-        "prompt": prompt,
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-    }
+async def post_stream(session: aiohttp.ClientSession, url: str, body: dict, rec: Record, on_open=None, on_chunk=None):
+    """One streamed completion into `rec`: tokens timed as chunks come, the usage's count, or the error kind
+    (HTTP status / an error chunk / a transport error). on_open(response) and on_chunk(chunk) see each as it
+    comes."""
     try:
         async with session.post(url + "/v1/completions", json=body) as resp:
+            if on_open is not None:
+                on_open(resp)
             if resp.status != 200:
                 rec.error, rec.message = f"http {resp.status}", (await resp.text())[:300]
                 return rec
@@ -141,6 +137,8 @@ async def http_request(session: aiohttp.ClientSession, url: str, prompt: str, ar
                 if "error" in chunk:
                     rec.error, rec.message = f"stream {chunk['error'].get('code')}", chunk["error"].get("message")
                     return rec
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 if chunk.get("choices"):
                     rec.token()
                     counted += 1
@@ -148,10 +146,27 @@ async def http_request(session: aiohttp.ClientSession, url: str, prompt: str, ar
                     rec.tokens = chunk["usage"]["completion_tokens"]
             if not rec.tokens:  # no usage chunk: fall back to counting chunks (one per engine step)
                 rec.tokens = counted
-    except (aiohttp.ClientError, ValueError, KeyError) as e:  # ValueError: a bad or overlong SSE line
+    # ValueError: a bad or overlong SSE line; RuntimeError: aiohttp's "Connection closed" mid-stream
+    except (aiohttp.ClientError, ValueError, KeyError, RuntimeError) as e:
         rec.error, rec.message = type(e).__name__, str(e)[:300]
     rec.end = time.perf_counter()
     return rec
+
+
+def completion_body(prompt: str, args, **extra) -> dict:
+    return {
+        "prompt": prompt,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        **extra,
+    }
+
+
+async def http_request(session: aiohttp.ClientSession, url: str, prompt: str, args) -> Record:
+    return await post_stream(session, url, completion_body(prompt, args), Record())
 
 
 async def grpc_request(stub: pb_grpc.JaxServeStub, prompt: str, args) -> Record:
@@ -642,40 +657,15 @@ class SwapRecord(Record):
 
 
 async def swap_request(session, url: str, prompt: str, rec: SwapRecord, args, state: dict) -> SwapRecord:
-    body = {
-        "model": f"{SWAP_NAME}@1" if rec.pinned else SWAP_NAME,
-        "user": rec.user,
-        "prompt": prompt,
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-    }
-    try:
-        async with session.post(url + "/v1/completions", json=body) as resp:
-            rec.phase_answered = state["phase"]  # routed between the send and the response's headers
-            rec.header_version = resp.headers.get("x-jaxserve-model-version")
-            if resp.status != 200:
-                rec.error, rec.message = f"http {resp.status}", (await resp.text())[:300]
-                return rec
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    rec.error, rec.message = f"stream {chunk['error'].get('code')}", chunk["error"].get("message")
-                    return rec
-                rec.versions.add(chunk.get("model_version"))
-                if chunk.get("choices"):
-                    rec.token()
-                if chunk.get("usage"):
-                    rec.tokens = chunk["usage"]["completion_tokens"]
-    except (aiohttp.ClientError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: connection closed
-        rec.error, rec.message = type(e).__name__, str(e)[:300]
-    rec.end = time.perf_counter()
-    return rec
+    body = completion_body(prompt, args, model=f"{SWAP_NAME}@1" if rec.pinned else SWAP_NAME, user=rec.user)
+
+    def opened(resp) -> None:
+        rec.phase_answered = state["phase"]  # routed between the send and the response's headers
+        rec.header_version = resp.headers.get("x-jaxserve-model-version")
+
+    return await post_stream(
+        session, url, body, rec, opened, lambda chunk: rec.versions.add(chunk.get("model_version"))
+    )
 
 
 async def admin_call(session, url: str, key: str, action: str, body: dict | None = None) -> dict:

@@ -612,7 +612,7 @@ def main(argv) -> None:
     from jaxserve.llm import build_engine
     from jaxserve.multihost import follow_or_none, initialize, release_followers
     from jaxserve.config import parse_bytes
-    from jaxserve.servers.registry import RollbackPolicy, build_registry, start_specs
+    from jaxserve.servers.registry import build_registry, engine_builder, policy_from_flags, start_specs
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -636,17 +636,8 @@ def main(argv) -> None:
     if follow_or_none(core) is None:  # processes other than 0 replay process 0's steps
         sys.exit(0)
 
-    def builder(path: str):
-        return AsyncEngine(build_engine(model=path, **options, quiet=True), max_buffered_tokens=fv.stream_buffer_tokens)
-
-    policy = RollbackPolicy(
-        window_seconds=fv.rollback_window,
-        min_requests=fv.rollback_min_requests,
-        error_margin=fv.rollback_error_margin,
-        ttft_margin=fv.rollback_ttft_margin,
-        ttft_floor_seconds=fv.rollback_ttft_floor,
-        enabled=fv.auto_rollback,
-    )
+    builder = engine_builder(options, fv.stream_buffer_tokens)
+    policy = policy_from_flags(fv)
     first, registry = AsyncEngine(core, max_buffered_tokens=fv.stream_buffer_tokens), None
     try:
         registry = build_registry(

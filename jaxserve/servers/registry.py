@@ -701,6 +701,30 @@ def start_specs(models: list[str] | None, repository: str | None, served_model_n
     return specs
 
 
+def policy_from_flags(flags) -> RollbackPolicy:
+    """The rollback policy of a command line (argparse's namespace or absl's flags: the same names)."""
+    return RollbackPolicy(
+        window_seconds=flags.rollback_window,
+        min_requests=flags.rollback_min_requests,
+        error_margin=flags.rollback_error_margin,
+        ttft_margin=flags.rollback_ttft_margin,
+        ttft_floor_seconds=flags.rollback_ttft_floor,
+        enabled=flags.auto_rollback,
+    )
+
+
+def engine_builder(options: dict, max_buffered_tokens: int) -> Callable:
+    """path -> a started AsyncEngine with these engine options (jaxserve.llm.build_engine's): what a server
+    loads its further versions with."""
+    from jaxserve.async_engine import AsyncEngine
+    from jaxserve.llm import build_engine
+
+    def build(path: str):
+        return AsyncEngine(build_engine(model=path, **options, quiet=True), max_buffered_tokens=max_buffered_tokens)
+
+    return build
+
+
 def build_registry(
     specs: list[StartSpec], first_engine, builder: Callable | None, *, rollback: RollbackPolicy, memory_budget=None
 ) -> ModelRegistry:
