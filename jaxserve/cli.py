@@ -412,7 +412,7 @@ def _distributed(args) -> tuple[int, int]:
 def cmd_batch(args) -> int:
     from jaxserve.api.validation import Limits
     from jaxserve.batch import BatchJob, errors_path_for, iter_records, shard_path
-    from jaxserve.servers.frontend import default_model_name
+    from jaxserve.servers.registry import default_model_name
 
     if not os.path.isfile(args.input):
         raise ValueError(f"--input: no such file {args.input!r}")

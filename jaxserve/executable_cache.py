@@ -6,14 +6,15 @@ warm start's compile time). This cache keys an executable on what the program is
 with the compiler's own serialization (jax.experimental.serialize_executable):
 
   * the runtime's sources (every .py/.cc/.h under jaxserve/, models/, kernels_pallas/): any code change misses;
-  * jax and jaxlib versions, the platform and the devices' kinds (and, under a mesh, its devices and axes);
+  * jax and jaxlib versions, the platform and the devices' kinds;
   * the runner's class and step function, the model config, the resolved attention backend;
   * every argument's tree structure, shapes, dtypes and shardings (weights, KV pages, step inputs);
   * the environment's XLA_*/JAX_*/JAXSERVE_* variables and the jax flags that change tracing.
 
 It lives beside the persistent cache (under its directory, `jaxserve-executables/`), is used only when that cache
-is on, and never under jax.distributed (a loaded executable would run on the global default device, which
-may be another process's; multihost compiles agree through the persistent cache). Entries
+is on, for engines on one device (a multi-device executable loaded back ran with another device assignment than
+its mesh's: tensor- and data-parallel engines take the persistent cache's path), and never under jax.distributed
+(a loaded executable would run on the global default device, which may be another process's). Entries
 are pickles of executables: the directory is trusted as JAX's own cache directory is (it holds code either way).
 An entry that does not load (a truncated file, another build) is deleted and the step compiled again.
 JAXSERVE_EXECUTABLE_CACHE=0 turns it off.

@@ -282,7 +282,9 @@ class ModelRunner:
         hits0 = self.counter.snapshot()[1]
         cache, inputs, st = self._specs(num_tokens, num_pages, kv_dtype)
         args = (self.params, cache, inputs, st)
-        path = None if spans_processes(self.mesh) else executable_cache.entry_path(self._what, args)
+        # (one device only: a multi-device executable loaded back ran with a device assignment other than its
+        # mesh's, DP replicas and TP meshes of other sizes alike; those take the persistent cache's path)
+        path = None if self.mesh is not None else executable_cache.entry_path(self._what, args)
         if path is not None and self._what["backend"] == "cpu":  # (tracing registers our FFI kernels; a loaded
             from kernels_pallas.cpu import ensure_registered  # executable calls them without a trace)
 

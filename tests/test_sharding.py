@@ -46,7 +46,8 @@ def test_tiny_model_tp_2_4_8_and_dp2_tp4_match_one_device():
     # The servers' Frontend over 2 replicas x 2 devices: the same tokens; metrics sum the replicas' pages.
     assert r["served"]["tokens"] == base[0]
     pages = r["served"]["replica_pages"]
-    assert len(pages) == 2 and r["served"]["metrics"] == [f"jaxserve_kv_pages_total {float(sum(pages))}"]
+    want = f'jaxserve_kv_pages_total{{model="tiny8",version="1"}} {float(sum(pages))}'
+    assert len(pages) == 2 and r["served"]["metrics"] == [want]
     # The Pallas kernels (interpreted) inside the sharded step: hidden states and K pages as the reference's.
     k = r["kernels"]
     assert k["tp"] == 2 and k["kv_heads"] % 2 == 0
@@ -84,7 +85,9 @@ def test_real_model_tp3_and_dp2_tp3_match_one_device():
     # the int4 self-draft over TP 3 too (its int4 wq split by output rows like the target's, its KV by heads)
     draft = r["draft_1x3"]
     want = [t[:12] for t in r["1x1"]["tokens"][:4]]  # (4 prompts, 12 tokens: the greedy run's prefix)
-    assert draft["tokens"] == want and 0 < draft["accepted"] < draft["proposed"], draft
+    # (accepted may equal proposed: on an AVX-512 host the int4 draft agreed with every one of its 28 proposals;
+    # rejections are covered by test_spec_engine and the n-gram run above)
+    assert draft["tokens"] == want and 0 < draft["accepted"] <= draft["proposed"], draft
     assert draft["draft_wq"][1] == 4 and draft["draft_wq"][0][:2] == [30, 192] and draft["draft_kv"][3] == 1
     # quantization="int8" over TP 3: the same greedy tokens as one device in int8; the int8 values are split
     # ([L, 576 / 3, 576] for wq), not replicated

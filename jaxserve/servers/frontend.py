@@ -40,7 +40,7 @@ from jaxserve.errors import ENGINE_STOPPED
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.servers.metrics import ServerMetrics
-from jaxserve.servers.registry import DEFAULT_VERSION, ModelRegistry, ServedVersion
+from jaxserve.servers.registry import DEFAULT_VERSION, ModelRegistry, ServedVersion, default_model_name
 
 _OUTCOME_OF_KIND = {
     "validation": "invalid",
@@ -470,9 +470,3 @@ DRAIN_TIMED_OUT = "server shutting down: the request did not finish within the d
 def stalled_write(timeout: float) -> APIError:
     """Why a stream ends when a write to its client waited `timeout` s (--stream-write-timeout): it reads nothing."""
     return APIError(SLOW_CLIENT, f"stream: the client read nothing for {timeout:g}s")
-
-
-def default_model_name(path: str) -> str:
-    """The name clients use by default: the model file's stem ('SmolLM2-135M-Instruct.Q4_1') or directory."""
-    base = os.path.basename(os.path.normpath(path))
-    return base[: -len(".gguf")] if base.endswith(".gguf") else base

@@ -51,6 +51,12 @@ _FAILED = frozenset({"error", "deadline", "unavailable"})
 _SUCCEEDED = frozenset({"stop", "length", "abort"})
 
 
+def default_model_name(path: str) -> str:
+    """The name clients use by default: the model file's stem ('SmolLM2-135M-Instruct.Q4_1') or directory."""
+    base = os.path.basename(os.path.normpath(path))
+    return base[: -len(".gguf")] if base.endswith(".gguf") else base
+
+
 def check_name(value, field: str) -> str:
     if not isinstance(value, str) or not _NAME.match(value):  # (a ValueError too: the command line's flags)
         raise ValidationError(field, f"must be 1-128 characters of letters, digits and . _ : / - (got {value!r:.80})")
@@ -670,8 +676,6 @@ def start_specs(models: list[str] | None, repository: str | None, served_model_n
     gets 1, 2, ... in order), and each repository model's versions (the newest loaded, the others available, as
     Triton's default version policy). No model at all: the default model, named --served-model-name or its file's
     stem."""
-    from jaxserve.servers.frontend import default_model_name
-
     specs: list[StartSpec] = []
     seen: set[tuple[str, str]] = set()
 
