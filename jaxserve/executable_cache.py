@@ -6,7 +6,7 @@ warm start's compile time). This cache keys an executable on what the program is
 with the compiler's own serialization (jax.experimental.serialize_executable):
 
   * the runtime's sources (every .py/.cc/.h under jaxserve/, models/, kernels_pallas/): any code change misses;
-  * jax and jaxlib versions, the platform and the devices' kinds;
+  * jax and jaxlib versions, the platform, the devices' kinds and the host CPU's feature flags;
   * the runner's class and step function, the model config, the resolved attention backend;
   * every argument's tree structure, shapes, dtypes and shardings (weights, KV pages, step inputs);
   * the environment's XLA_*/JAX_*/JAXSERVE_* variables and the jax flags that change tracing.
@@ -73,6 +73,14 @@ def directory() -> str | None:
     return os.path.join(os.path.expanduser(base), SUBDIR)
 
 
+def _host_features() -> str:
+    """The CPU's feature flags (XLA:CPU compiles for the host it runs on; a cache dir shared between hosts of
+    other CPUs must not hand one's machine code to the other)."""
+    from kernels_pallas.cpu import cpu_flags
+
+    return hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
+
+
 def _aval(a) -> tuple:
     return (tuple(a.shape), str(a.dtype), str(getattr(a, "sharding", None)))
 
@@ -93,6 +101,7 @@ def entry_path(parts: dict, args) -> str | None:
             jaxlib.__version__,
             jax.default_backend(),
             sorted({d.device_kind for d in jax.devices()}),
+            _host_features(),
             sorted(parts.items()),
             str(jax.tree.structure(args)),
             jax.tree.map(_aval, args),
