@@ -21,6 +21,7 @@ import numpy as np
 from jaxserve.api.validation import (  # noqa: F401  (PromptTooLongError: re-exported)
     PromptTooLongError,
     check_banned,
+    check_logit_bias,
     check_priority,
     check_prompt_tokens,
     check_request_id,
@@ -156,6 +157,7 @@ class LLMEngine:
         check_banned(params, eos)
         text, ids = self.tokenize(prompt)
         self.check_prompt(ids)
+        check_logit_bias(params, self.model.config.vocab_size)
         free_seqs = self.waiting_room
         if params.n > free_seqs:
             raise QueueFullError(f"the waiting queue has room for {free_seqs} sequences; this request needs {params.n}")

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxserve.sampling_params import (  # noqa: F401  (re-exported)
     MAX_BANNED,
+    MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
     MAX_STOP,
@@ -50,6 +51,8 @@ class SamplingTensors:
     history: jax.Array  # i32[S, H]: prompt ids then output ids, -1 padding; all -1 in rows without penalties
     num_prompt: jax.Array  # i32[S]: how many leading history entries are prompt tokens
     num_logprobs: jax.Array  # i32[S]; -1 = none requested
+    bias_ids: jax.Array  # i32[S, MAX_LOGIT_BIAS]: logit_bias's token ids; -1 = padding
+    bias_values: jax.Array  # f32[S, MAX_LOGIT_BIAS]: added to those tokens' logits
 
     @classmethod
     def build(cls, rows: Sequence[SampleRow], num_rows: int, history_len: int) -> "SamplingTensors":
@@ -68,6 +71,8 @@ class SamplingTensors:
             return out
 
         banned = np.full((num_rows, MAX_BANNED), -1, np.int32)
+        bias_ids = np.full((num_rows, MAX_LOGIT_BIAS), -1, np.int32)
+        bias_values = np.zeros((num_rows, MAX_LOGIT_BIAS), np.float32)
         history = np.full((num_rows, history_len), -1, np.int32)
         num_prompt = np.zeros(num_rows, np.int32)
         for i, r in enumerate(rows):
@@ -77,6 +82,10 @@ class SamplingTensors:
                         f"row {i}: {len(r.banned_token_ids)} banned token ids exceed MAX_BANNED={MAX_BANNED}"
                     )
                 banned[i, : len(r.banned_token_ids)] = r.banned_token_ids
+            if r.params.logit_bias:
+                ids, values = zip(*r.params.logit_bias)
+                bias_ids[i, : len(ids)] = ids
+                bias_values[i, : len(ids)] = values
             if r.params.has_penalties:
                 p, o = len(r.prompt_token_ids), len(r.output_token_ids)
                 if p + o > history_len:
@@ -95,6 +104,8 @@ class SamplingTensors:
             frequency=col([p.frequency_penalty for p in params], np.float32, 0.0),
             repetition=col([p.repetition_penalty for p in params], np.float32, 1.0),
             banned=banned,
+            bias_ids=bias_ids,
+            bias_values=bias_values,
             history=history,
             num_prompt=num_prompt,
             num_logprobs=col([-1 if p.logprobs is None else p.logprobs for p in params], np.int32, -1),
@@ -129,7 +140,7 @@ def sample(logits: jax.Array, st: SamplingTensors) -> SamplerOutput:
     """logits: f32[S, V]. Each row's draw depends only on its seed, step and logits, never on the batch."""
     raw = logits = logits.astype(jnp.float32)
     with jax.named_scope("ban"):
-        logits = _ban(logits, st.banned)
+        logits = _ban(_bias(logits, st), st.banned)
     with jax.named_scope("penalties"):
         logits = apply_penalties(logits, st)
     with jax.named_scope("pick"):
@@ -160,6 +171,13 @@ def _logprobs(raw: jax.Array, token_ids: jax.Array, num_logprobs: jax.Array):
         return jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.int32), jnp.full((s, MAX_LOGPROBS), -1, jnp.int32), zeros
 
     return jax.lax.cond(jnp.any(num_logprobs >= 0), compute, nothing)
+
+
+def _bias(logits: jax.Array, st: SamplingTensors) -> jax.Array:
+    """logit_bias: each row's biases added to its tokens' logits (padding -1 -> index V, dropped)."""
+    s, v = logits.shape
+    ids = jnp.where(st.bias_ids >= 0, st.bias_ids, v)
+    return logits.at[jnp.arange(s)[:, None], ids].add(st.bias_values, mode="drop")
 
 
 def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
@@ -237,7 +255,7 @@ def target_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     (unnormalized; a greedy row is 0 at its argmax and -inf elsewhere). Its row softmax is the distribution p a
     speculated token is verified against (jaxserve.rejection_sampler), and categorical(row_keys(st), it) draws
     the very token `sample` draws."""
-    logits = apply_penalties(_ban(logits.astype(jnp.float32), st.banned), st)
+    logits = apply_penalties(_ban(_bias(logits.astype(jnp.float32), st), st.banned), st)
     greedy = argmax(logits)
     onehot = jnp.where(jnp.arange(logits.shape[-1])[None, :] == greedy[:, None], 0.0, -jnp.inf)
     return jnp.where(st.temperature[:, None] > 0, _draw_logits(logits, st), onehot)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -19,6 +19,7 @@ MAX_LOGPROBS = 20  # top alternatives returned per generated token (vLLM's defau
 MAX_STOP = 16  # stop strings, and separately stop token ids, per request
 MAX_STOP_CHARS = 256
 MAX_BANNED = 32  # banned ids per row per step: EOS ids + stop_token_ids while min_tokens is not reached
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request (the OpenAI API's bound; a fixed [S, 300] step input)
 MAX_TOKENS_LIMIT = 1 << 20
 _MAX_TOKEN_ID = 2**31 - 1  # token ids travel as i32
 
@@ -55,6 +56,9 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None  # alternatives per token; 0 = only the sampled token's logprob
+    # OpenAI's: {token id: bias in [-100, 100]} added to that token's logit before sampling (JSON's string keys
+    # taken too); a tuple of (id, bias) pairs, sorted, after __post_init__ (empty: none)
+    logit_bias: Mapping | Sequence | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -113,6 +117,7 @@ class SamplingParams:
         if not all(_is_int(t) and 0 <= t <= _MAX_TOKEN_ID for t in ids):
             bad("stop_token_ids", self.stop_token_ids, f"each id must be an integer in [0, {_MAX_TOKEN_ID}]")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias, bad))
 
     @property
     def greedy(self) -> bool:
@@ -122,6 +127,34 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         """Whether sampling needs the sequence's token history (only then does build() copy it)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _logit_bias(value, bad) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    if isinstance(value, (str, bytes)) or not isinstance(items, (Sequence, type({}.items()))):
+        bad("logit_bias", value, "must map token ids to biases")
+    items = list(items)
+    if len(items) > MAX_LOGIT_BIAS:
+        bad("logit_bias", value, f"at most {MAX_LOGIT_BIAS} token ids, got {len(items)}")
+    out = {}
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            bad("logit_bias", value, "must map token ids to biases")
+        key, bias = item
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10:
+            key = int(key)
+        if not _is_int(key) or not 0 <= key <= _MAX_TOKEN_ID:
+            bad(
+                "logit_bias",
+                value,
+                f"each key must be a token id (an integer in [0, {_MAX_TOKEN_ID}]), got {key!r:.40}",
+            )
+        if not _is_number(bias) or not -100 <= bias <= 100:
+            bad("logit_bias", value, f"each bias must be a number in [-100, 100], got {bias!r:.40}")
+        out[int(key)] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 def _is_number(x) -> bool:

@@ -16,7 +16,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxserve.api.validation import check_banned, check_priority, check_prompt_tokens, check_request_id
+from jaxserve.api.validation import (
+    check_banned,
+    check_logit_bias,
+    check_priority,
+    check_prompt_tokens,
+    check_request_id,
+)
 from jaxserve.engine_api import EngineStats, ModelCard
 from jaxserve.errors import QueueFullError
 from jaxserve.output_processor import OutputProcessor, SequenceTokens
@@ -68,6 +74,7 @@ class FakeEngine:
         self.outputs = OutputProcessor(tokenizer, self._finish)
         self._active: dict[str, tuple[Request, int]] = {}  # sequence id -> (request, its index k)
         self.num_steps = self.num_prompt_tokens = 0
+        self.params_seen: list[SamplingParams] = []
 
     # ---- the Engine interface -------------------------------------------------------------------------------
 
@@ -83,6 +90,7 @@ class FakeEngine:
         params = params or SamplingParams()
         check_request_id(request_id)
         check_priority(priority, policy=self.scheduling_policy)
+        check_logit_bias(params, self.vocab_size)
         check_banned(params or SamplingParams(), self.tokenizer.eos_token_ids)
         if request_id in self.outputs.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
@@ -98,6 +106,7 @@ class FakeEngine:
             Request(rid, ids, params, max_tokens, status=RequestStatus.RUNNING, arrival_time=now) for rid in child_ids
         ]
         self.outputs.new_request(request_id, text, ids, params, RequestMetrics(arrival_time=now), reqs)
+        self.params_seen.append(params)  # (what the front ends made of a request's fields, for their tests)
         for k, req in enumerate(reqs):
             self._active[req.request_id] = (req, k)
         self.num_prompt_tokens += len(ids) * params.n

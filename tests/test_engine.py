@@ -147,6 +147,22 @@ def test_same_seed_same_text_alone_and_in_a_batch(engine):
     assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
 
 
+def test_logit_bias_steers_the_real_step_batched_with_plain_requests(engine):
+    ps = prompts(3, seed=21)
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    plain = run(engine, ps, greedy)
+    first = plain[1].outputs[0].token_ids[0]
+    forced = dataclasses.replace(greedy, logit_bias={77: 100})
+    avoid = dataclasses.replace(greedy, logit_bias={first: -100})
+    out = run(engine, ps, [greedy, avoid, forced])  # one batch: a row's bias touches no other row
+    assert out[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    assert out[1].outputs[0].token_ids[0] != first
+    assert out[2].outputs[0].token_ids == [77] * 6
+    with pytest.raises(ValueError, match=r"logit_bias: token ids out of the vocabulary \[0, 260\)"):
+        engine.add_request("bias-oov", ps[0], dataclasses.replace(greedy, logit_bias={260: 1}))
+    assert not engine.has_unfinished_requests()
+
+
 def test_nothing_compiles_after_warmup(engine):
     base = engine.runner.compiles_since_warmup
     ps = prompts(10, seed=8, lo=1, hi=100)

@@ -214,6 +214,19 @@ def test_logprobs(srv):
     wait_idle(srv.engine, srv.frontend)
 
 
+def test_logit_bias_reaches_the_engine_and_bad_ones_name_the_field(srv):
+    req = long_request(3)
+    req.sampling.logit_bias[65] = 5.0
+    req.sampling.logit_bias[7] = -100.0
+    srv.stub.Complete(req)
+    assert srv.engine.params_seen[-1].logit_bias == ((7, -100.0), (65, 5.0))
+    for key, value, words in ((65, 500.0, "[-100, 100]"), (5000, 1.0, "vocabulary"), (-3, 1.0, "token id")):
+        bad = long_request(3)
+        bad.sampling.logit_bias[key] = value
+        err = rpc_error(lambda bad=bad: srv.stub.Complete(bad))
+        assert err.code() == Code.INVALID_ARGUMENT and err_field(err) == "logit_bias" and words in err.details()
+
+
 def test_n_and_stop_token(srv):
     greedy = srv.stub.Complete(long_request(12)).outputs[0]
     stop_id = greedy.token_ids[5]

@@ -96,6 +96,14 @@ GREEDY = {"model": "tiny", "temperature": 0, "max_tokens": 12, "extra_body": {"i
 # ---- the openai client ------------------------------------------------------------------------------------------
 
 
+def test_logit_bias_reaches_the_engine(server):
+    # (this server's engine is the fake one: tests/test_engine.py shows the bias steering the real sampler)
+    server.client.completions.create(prompt="hi", logit_bias={"65": 5, "7": -100}, **GREEDY)
+    assert server.engine.params_seen[-1].logit_bias == ((7, -100.0), (65, 5.0))
+    server.client.chat.completions.create(messages=MSG, logit_bias={"9": 1.5}, **GREEDY)
+    assert server.engine.params_seen[-1].logit_bias == ((9, 1.5),)
+
+
 def test_completions_streamed_equals_whole(server):
     whole = server.client.completions.create(prompt="hello there", **GREEDY)
     assert whole.choices[0].finish_reason == "length"
@@ -256,6 +264,11 @@ BAD = [
     ("one-prompt-in-list-over-context", C, with_(prompt=["a", "ab " * 700]), None, 400, "prompt", "max_model_len"),
     ("unknown-model", C, with_(model="gpt-4"), None, 404, "model", "not served"),
     ("echo-unsupported", C, with_(echo=True), None, 400, "echo", "not supported"),
+    ("logit-bias-not-an-id", C, with_(logit_bias={"abc": 1}), None, 400, "logit_bias", "token id"),
+    ("logit-bias-over-100", C, with_(logit_bias={"5": 150}), None, 400, "logit_bias", "[-100, 100]"),
+    ("logit-bias-out-of-vocab", C, with_(logit_bias={"5000": 1}), None, 400, "logit_bias", "vocabulary"),
+    ("logit-bias-too-many", C, with_(logit_bias={str(i): 1 for i in range(301)}), None, 400, "logit_bias", "300"),
+    ("logit-bias-not-a-map", C, with_(logit_bias="5"), None, 400, "logit_bias", "map token ids"),
     ("stream-not-bool", C, with_(stream="yes"), None, 400, "stream", "boolean"),
     (
         "stream-options-without-stream",

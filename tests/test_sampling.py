@@ -548,3 +548,47 @@ def test_target_logits_are_what_sample_draws_from(seed):
     assert greedy and np.all(probs[greedy].max(-1) == 1.0)
     for i, r in enumerate(rows):  # banned ids have probability 0
         assert probs[i, list(r.banned_token_ids)].max() == 0.0
+
+
+# ---- logit_bias ---------------------------------------------------------------------------------------------------
+
+
+def test_logit_bias_moves_the_draw_and_leaves_the_raw_logprobs():
+    logits = _logits(40)
+    top = logits.argmax(-1)
+    low = logits.argmin(-1)
+    rows = []
+    for i in range(S):
+        if i % 3 == 0:  # +100 on the least likely token: greedy and random draws both take it
+            rows.append(_row(logit_bias={int(low[i]): 100.0}, temperature=0.0 if i % 2 else 1.0, seed=i, logprobs=1))
+        elif i % 3 == 1:  # -100 on the argmax: greedy takes the runner-up
+            rows.append(_row(logit_bias={str(top[i]): -100}, temperature=0.0, logprobs=1))
+        else:  # no bias: untouched
+            rows.append(_row(temperature=0.0, logprobs=1))
+    out = _run(rows, logits)
+    second = np.argsort(-logits, axis=-1)[:, 1]
+    for i in range(S):
+        want = low[i] if i % 3 == 0 else second[i] if i % 3 == 1 else top[i]
+        assert out.token_ids[i] == want, i
+    # logprobs are the model's own (vLLM's default): the bias is not in them
+    raw = _log_softmax(logits)
+    np.testing.assert_allclose(out.logprobs, raw[np.arange(S), out.token_ids], atol=1e-4)
+    assert list(out.top_ids[:, 0]) == list(top)
+
+
+def test_logit_bias_fields_are_checked():
+    p = SamplingParams(logit_bias={"7": 1, 3: -2.5})
+    assert p.logit_bias == ((3, -2.5), (7, 1.0))  # sorted pairs: hashable
+    assert SamplingParams(logit_bias=[(4, 1)]).logit_bias == ((4, 1.0),) and SamplingParams().logit_bias == ()
+    for bad, words in (
+        ({"x": 1}, "token id"),
+        ({"-1": 1}, "token id"),
+        ({5: 101}, "[-100, 100]"),
+        ({5: float("nan")}, "[-100, 100]"),
+        ({5: "1"}, "[-100, 100]"),
+        ({i: 1 for i in range(301)}, "at most 300"),
+        ("5", "map token ids"),
+        ([5, 6], "map token ids"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            SamplingParams(logit_bias=bad)

@@ -32,7 +32,6 @@ from jaxserve.api.validation import (
 _UNSUPPORTED = {
     "echo": (None, False),
     "suffix": (None, ""),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none", "auto"),

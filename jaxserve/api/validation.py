@@ -277,7 +277,15 @@ def tokenize_request(
         text, ids = None, list(req.prompt_token_ids or ())
     check_prompt_tokens(ids, max_model_len=max_model_len, vocab_size=vocab_size)
     check_context(len(ids), req.params.max_tokens, max_model_len=max_model_len, field=req.max_tokens_field)
+    check_logit_bias(req.params, vocab_size)
     return text, ids
+
+
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    """logit_bias's token ids must be the model's (SamplingParams checked the rest)."""
+    bad = [t for t, _ in params.logit_bias if t >= vocab_size]
+    if bad:
+        raise ValidationError("logit_bias", f"token ids out of the vocabulary [0, {vocab_size}): {bad[:5]}")
 
 
 # ---- sampling parameters ----------------------------------------------------------------------------------------

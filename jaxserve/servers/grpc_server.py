@@ -117,6 +117,8 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             fields["stop"] = list(s.stop)
         if s.stop_token_ids:
             fields["stop_token_ids"] = list(s.stop_token_ids)
+        if s.logit_bias:  # (a map: empty means "none")
+            fields["logit_bias"] = dict(s.logit_bias)
         return GenerateRequest(
             params=sampling_params(fields),
             prompt=prompt,
