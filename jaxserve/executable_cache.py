@@ -112,8 +112,9 @@ def entry_path(parts: dict, args) -> str | None:
     return os.path.join(base, hashlib.sha256(key.encode()).hexdigest() + ".exe")
 
 
-def load(path: str | None):
-    """The executable stored at `path`, or None (no entry, or one that does not load: removed)."""
+def load(path: str | None, device=None):
+    """The executable stored at `path`, loaded onto `device` (None: the default one), or None (no entry, or one
+    that does not load: removed)."""
     if path is None or not os.path.exists(path):
         return None
     from jax.experimental.serialize_executable import deserialize_and_load
@@ -121,7 +122,9 @@ def load(path: str | None):
     try:
         with open(path, "rb") as f:
             payload, in_tree, out_tree = pickle.load(f)
-        return deserialize_and_load(payload, in_tree, out_tree)
+        # (execution_devices left out means every device of the backend: a one-device executable loaded so in a
+        # process with several devices expects an argument shard on each)
+        return deserialize_and_load(payload, in_tree, out_tree, execution_devices=[device or jax.devices()[0]])
     except Exception as e:  # noqa: BLE001 - any broken entry is a miss, compiled again
         log.warning("executable cache: %s does not load (%s: %s); compiling again", path, type(e).__name__, e)
         try:

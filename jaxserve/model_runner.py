@@ -289,7 +289,9 @@ class ModelRunner:
             from kernels_pallas.cpu import ensure_registered  # executable calls them without a trace)
 
             ensure_registered()
-        compiled = executable_cache.load(path)
+        compiled = executable_cache.load(
+            path, None if path is None else next(iter(jax.tree.leaves(self.params)[0].devices()))
+        )
         if compiled is None:
             compiled = self._fn.lower(*args).compile()
             hit = self.counter.snapshot()[1] > hits0

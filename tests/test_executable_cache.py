@@ -92,3 +92,40 @@ def test_eviction_keeps_the_directory_under_its_bound(tmp_path):
         os.utime(tmp_path / f"{i}.exe", (1000 + i, 1000 + i))
     executable_cache.evict(str(tmp_path), max_bytes=2500)
     assert sorted(os.listdir(tmp_path)) == ["3.exe", "4.exe"]  # the two used last
+
+
+_TWO_DEVICES = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+sys.path.insert(0, sys.argv[3])
+from jaxserve.sampling import SamplingParams
+from tests.engine_runs import run_all
+from tests.serving import tiny_engine
+from tests.test_executable_cache import PROMPTS
+engine = tiny_engine(sys.argv[2])
+done = run_all(engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+hits = [r.cache_hit for r in engine.runner.report]
+print("RESULT " + json.dumps({"answers": [list(done[i].outputs[0].token_ids) for i in range(len(PROMPTS))],
+                              "hits": hits, "devices": len(jax.devices())}))
+"""
+
+
+def test_an_entry_loads_onto_one_device_of_a_process_with_several(tmp_path, cache_dir):
+    # A one-device executable deserialized with no devices named is loaded onto every device of the backend,
+    # and then wants an argument shard on each: a process with 2 CPU devices loads this process's entries.
+    import json
+    import subprocess
+    import sys
+
+    path = tiny_gguf(tmp_path)
+    want = _answers(tiny_engine(path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [sys.executable, "-c", _TWO_DEVICES, str(cache_dir.parent), path, root]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT ") :])
+    assert got["devices"] == 2 and all(got["hits"]) and got["answers"] == want
