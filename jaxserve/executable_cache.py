@@ -13,8 +13,9 @@ with the compiler's own serialization (jax.experimental.serialize_executable):
 
 It lives beside the persistent cache (under its directory, `jaxserve-executables/`), is used only when that cache
 is on, for engines on one device (a multi-device executable loaded back ran with another device assignment than
-its mesh's: tensor- and data-parallel engines take the persistent cache's path), and never under jax.distributed
-(a loaded executable would run on the global default device, which may be another process's). Entries
+its mesh's: tensor- and data-parallel engines take the persistent cache's path), and not under jax.distributed
+(loaded onto the default device, another process's: see directory()). An entry is loaded onto the runner's own
+device (deserialize_and_load with no devices named loads onto all of the backend's). Entries
 are pickles of executables: the directory is trusted as JAX's own cache directory is (it holds code either way).
 An entry that does not load (a truncated file, another build) is deleted and the step compiled again.
 JAXSERVE_EXECUTABLE_CACHE=0 turns it off.
@@ -68,8 +69,8 @@ def directory() -> str | None:
     base = jax.config.jax_compilation_cache_dir
     if not base or os.environ.get("JAXSERVE_EXECUTABLE_CACHE", "1") == "0":
         return None
-    if jax.process_count() > 1:  # (a loaded executable takes the global default device: another process's)
-        return None
+    if jax.process_count() > 1:  # (loaded with the default device, a two-process batch job's process 1 ran on
+        return None  # process 0's; with its own device named it should not, but that is untested: left to XLA's)
     return os.path.join(os.path.expanduser(base), SUBDIR)
 
 
