@@ -595,7 +595,7 @@ def _define_lifecycle_flags(fv) -> None:
     flags.DEFINE_float("rollback_error_margin", d.error_margin, "error-rate margin over the stable", flag_values=fv)
     flags.DEFINE_float("rollback_ttft_margin", d.ttft_margin, "TTFT p99 margin over the stable", flag_values=fv)
     flags.DEFINE_float("rollback_ttft_floor", d.ttft_floor_seconds, "... and by at least these seconds", flag_values=fv)
-    flags.DEFINE_bool("auto_rollback", d.enabled, "roll a failing canary back to 0%% by itself", flag_values=fv)
+    flags.DEFINE_bool("auto_rollback", d.enabled, "roll a failing canary back to 0% by itself", flag_values=fv)
 
 
 def engine_options_from_flags(fv) -> dict:
