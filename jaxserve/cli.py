@@ -386,8 +386,10 @@ def cmd_serve(args) -> int:
         )
         return asyncio.run(http_server.serve(frontend, args.host, args.port, drain_timeout=args.drain_timeout))
     finally:
-        for e in [v.engine for v in registry.ready_versions()] if registry else [first]:
-            e.shutdown()
+        if registry is not None:
+            registry.shutdown()
+        else:
+            first.shutdown()
         release_followers(engine)
 
 

@@ -591,6 +591,7 @@ def test_api_keys_on_every_rpc(gguf, loop):
             ):
                 err = rpc_error(call)
                 assert err.code() == Code.UNAUTHENTICATED and err_field(err) == "authorization", err.details()
+        assert served.frontend.primary.inflight == 0  # a refused call holds no version (it could not be unloaded)
         good = (("authorization", "Bearer grpc-key"),)
         assert len(served.stub.Complete(long_request(3), metadata=good).outputs[0].token_ids) == 3
         health = served.health_stub.Check(health_pb2.HealthCheckRequest(service="jaxserve.v1.JaxServe"))

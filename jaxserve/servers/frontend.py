@@ -122,11 +122,7 @@ class Frontend:
 
     @property
     def primary(self) -> ServedVersion:
-        model = self.registry.default
-        stable = model.stable()
-        if stable is not None and model.versions[stable].engine is not None:
-            return model.versions[stable]
-        return next(self.registry.ready_versions())
+        return self.registry.default.stable_loaded() or next(self.registry.ready_versions())
 
     @property
     def engine(self):
@@ -212,9 +208,6 @@ class Frontend:
         """The version that answers (NAME, NAME@VERSION or None: the default model; `key`: sticky)."""
         return self.registry.route(model, key)
 
-    def check_model(self, model: str | None) -> ServedVersion:
-        return self.route(model)
-
     def acquire(self, model: str | None, key: str | None = None) -> ServedVersion:
         """route(), holding the version: it is not stopped (unloaded) until release()."""
         served = self.route(model, key)
@@ -238,12 +231,9 @@ class Frontend:
         """/v1/models and ListModels: every model (its serving version's card) with its versions."""
         out = []
         for model in self.registry.models.values():
-            stable = model.stable()
-            serving = [v for v in model.versions.values() if v.engine is not None]
-            if stable is not None and model.versions[stable].engine is not None:
-                out.append(self.model_card(model.versions[stable]))
-            elif serving:
-                out.append(self.model_card(serving[0]))
+            served = model.stable_loaded() or next((v for v in model.versions.values() if v.engine is not None), None)
+            if served is not None:
+                out.append(self.model_card(served))
             else:  # (nothing loaded: only its versions are known)
                 out.append({"id": model.name, "max_model_len": 0, "vocab_size": 0, "dtype": "", "num_parameters": 0})
                 out[-1].update(architecture="llama", created=int(self._started), versions=self._versions(model))

@@ -211,8 +211,9 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             req = self._parse(request, stream=True)
             num_top = req.params.logprobs or 0
             timeout = self.frontend.limits.stream_write_timeout
+            tenant = self._tenant(context)  # (before the version is held: nothing between acquire and try raises)
             served = self._acquire(req, context)
-            stream = self.frontend.generate(req, id_prefix="grpc", tenant=self._tenant(context), served=served)
+            stream = self.frontend.generate(req, id_prefix="grpc", tenant=tenant, served=served)
             sent_finish: set[int] = set()
             try:
                 async for out in stream:
@@ -259,7 +260,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
 
     async def Tokenize(self, request, context):
         async def body():
-            served = self.frontend.check_model(request.model or None)
+            served = self.frontend.route(request.model or None)
             add = request.add_special_tokens if request.HasField("add_special_tokens") else True
             ids = await asyncio.to_thread(self.frontend.tokenize, request.text, add, "text", served)  # off the loop
             return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=served.card.max_model_len)
@@ -274,7 +275,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
 
     async def ModelInfo(self, request, context):
         async def body():
-            served = self.frontend.check_model(request.model or None)
+            served = self.frontend.route(request.model or None)
             card = served.card
             return pb.ModelInfoResponse(
                 model=_card(self.frontend.model_card(served)),
@@ -679,8 +680,7 @@ def main(argv) -> None:
             )
         )
     finally:
-        for v in list(registry.ready_versions()):
-            v.engine.shutdown()
+        registry.shutdown()
         release_followers(core)
     sys.exit(code)
 

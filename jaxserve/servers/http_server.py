@@ -350,7 +350,7 @@ async def _tokenize(request: web.Request) -> web.Response:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise APIError(VALIDATION, "model: must be a string", "model")
-    served = frontend.check_model(model)
+    served = frontend.route(model)
     add_special = body.get("add_special_tokens", True)
     if not isinstance(add_special, bool):
         raise APIError(VALIDATION, "add_special_tokens: must be a boolean", "add_special_tokens")

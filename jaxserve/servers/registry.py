@@ -32,6 +32,7 @@ import os
 import random
 import re
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -220,6 +221,9 @@ class ServedVersion:
     inflight: int = 0
     report: dict = dataclasses.field(default_factory=dict)  # load / unload figures
     health: HealthWindow | None = None
+    # (the engine's card, fixed while that engine lives: read several times per request. A weak reference to the
+    # engine it came from, so a replaced engine is noticed and an unloaded one is not kept alive by it)
+    _card: tuple[weakref.ref, Any] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def label(self) -> str:
@@ -227,7 +231,9 @@ class ServedVersion:
 
     @property
     def card(self):
-        return self.engine.model_card()
+        if self._card is None or self._card[0]() is not self.engine:
+            self._card = (weakref.ref(self.engine), self.engine.model_card())
+        return self._card[1]
 
     @property
     def tokenizer(self):
@@ -266,6 +272,12 @@ class ServedModel:
         """The version with the largest share (the first such in the split's order)."""
         live = [(w, -i, v) for i, (v, w) in enumerate(self.split.items()) if w > 0]
         return max(live)[2] if live else None
+
+    def stable_loaded(self) -> ServedVersion | None:
+        """The stable version, if its engine is loaded."""
+        stable = self.stable()
+        v = None if stable is None else self.versions[stable]
+        return v if v is not None and v.engine is not None else None
 
 
 def _collect() -> None:
@@ -652,12 +664,16 @@ class ModelRegistry:
         log.info("%s unloaded: %s", v.label, report)
         return report
 
+    def shutdown(self) -> None:
+        """Stop every loaded version's engine (a server's exit)."""
+        for v in list(self.ready_versions()):
+            engine, v.engine, v.state = v.engine, None, "available"
+            engine.shutdown()
+
     async def close(self) -> None:
         for task in list(self._loads):
             task.cancel()
-        for v in list(self.ready_versions()):
-            engine, v.engine, v.state = v.engine, None, "available"
-            await asyncio.to_thread(engine.shutdown)
+        await asyncio.to_thread(self.shutdown)
 
 
 # ---- a server's start-up --------------------------------------------------------------------------------------
