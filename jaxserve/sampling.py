@@ -173,18 +173,19 @@ def _logprobs(raw: jax.Array, token_ids: jax.Array, num_logprobs: jax.Array):
     return jax.lax.cond(jnp.any(num_logprobs >= 0), compute, nothing)
 
 
+def _per_row(ids: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
+    """Index of logits[S, V] at each row's token ids i32[S, K] (-1 padded): the -1s become the out-of-range
+    index V, which an update with mode="drop" skips (a bare -1 would wrap to V - 1)."""
+    return jnp.arange(ids.shape[0])[:, None], jnp.where(ids >= 0, ids, vocab)
+
+
 def _bias(logits: jax.Array, st: SamplingTensors) -> jax.Array:
-    """logit_bias: each row's biases added to its tokens' logits (padding -1 -> index V, dropped)."""
-    s, v = logits.shape
-    ids = jnp.where(st.bias_ids >= 0, st.bias_ids, v)
-    return logits.at[jnp.arange(s)[:, None], ids].add(st.bias_values, mode="drop")
+    """logit_bias: each row's biases added to its tokens' logits."""
+    return logits.at[_per_row(st.bias_ids, logits.shape[1])].add(st.bias_values, mode="drop")
 
 
 def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
-    s, v = logits.shape
-    # -1 padding becomes the out-of-range index v, which mode="drop" skips (a bare -1 would wrap to v - 1).
-    ids = jnp.where(banned >= 0, banned, v)
-    return logits.at[jnp.arange(s)[:, None], ids].set(-jnp.inf, mode="drop")
+    return logits.at[_per_row(banned, logits.shape[1])].set(-jnp.inf, mode="drop")
 
 
 def apply_penalties(logits: jax.Array, st: SamplingTensors) -> jax.Array:

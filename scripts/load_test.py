@@ -60,6 +60,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxserve.servers.metrics import metric_value  # noqa: E402
 from jaxserve.v1 import jaxserve_pb2 as pb  # noqa: E402
 from jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -414,12 +415,15 @@ def _rss_mib(pid: int) -> float | None:
     return None
 
 
-async def _metric(session, url: str, name: str) -> float | None:
+async def _metric(session, url: str, spec: str) -> float | None:
+    """The sum of the server's samples `spec` names ('name' or 'name{k="v"}': every model and version of it,
+    the series being labelled by them), or None if it has none."""
     async with session.get(url + "/metrics") as r:
-        for line in (await r.text()).splitlines():
-            if line.split(" ")[0] == name:
-                return float(line.split(" ")[1])
-    return None
+        text = await r.text()
+    try:
+        return metric_value(text, spec)
+    except KeyError:
+        return None
 
 
 async def run_soak(url: str, pid: int, args) -> dict:
@@ -559,8 +563,8 @@ def soak_failed(r: dict, max_growth: float) -> bool:
     return bool(
         r["failures"]
         or r["health_failures"]
-        or r["kv_pages_in_use_at_end"]
-        or r["running_at_end"]
+        or r["kv_pages_in_use_at_end"] != 0  # (None: the server reported no such metric, so nothing was checked)
+        or r["running_at_end"] != 0
         or not r["good_answered"]
         or growth is None
         or growth > max_growth

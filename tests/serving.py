@@ -8,6 +8,7 @@ import asyncio
 import os
 import threading
 
+from jaxserve.servers.metrics import metric_value  # noqa: F401  (the tests read metrics through it)
 from tests.tiny_models import TINY, random_arrays, write_gguf
 
 PAGE = 8
@@ -64,24 +65,6 @@ def fake_engine(path: str, *, max_waiting_requests: int = 64, max_model_len: int
         page_size=PAGE,
         step_seconds=step_seconds,
     )
-
-
-def metric_value(exposition: str, spec: str) -> float:
-    """The sum of the samples `spec` names in a Prometheus exposition: 'name' or 'name{k="v",...}' (every sample
-    of that name whose labels include these; the servers label most series with model and version)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    name, _, rest = spec.partition("{")
-    want = dict(kv.split("=", 1) for kv in rest.rstrip("}").split(",") if kv) if rest else {}
-    want = {k: v.strip('"') for k, v in want.items()}
-    found, total = False, 0.0
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in want.items()):
-                found, total = True, total + sample.value
-    if not found:
-        raise KeyError(spec)
-    return total
 
 
 def pages_in_use(engine) -> int:

@@ -211,3 +211,21 @@ def _process_families(st):
     g = GaugeMetricFamily("jaxserve_compilations_since_warmup", "Compilations after warm-up (0 in a healthy server)")
     g.add_metric([], st.compilations_since_warmup)
     yield g
+
+
+def metric_value(exposition: str, spec: str) -> float:
+    """The sum of the samples `spec` names in a Prometheus exposition: 'name' or 'name{k="v",...}' (every sample
+    of that name whose labels include these; the servers label most series with model and version)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name, _, rest = spec.partition("{")
+    want = dict(kv.split("=", 1) for kv in rest.rstrip("}").split(",") if kv) if rest else {}
+    want = {k: v.strip('"') for k, v in want.items()}
+    found, total = False, 0.0
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in want.items()):
+                found, total = True, total + sample.value
+    if not found:
+        raise KeyError(spec)
+    return total
